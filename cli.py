@@ -1,0 +1,184 @@
+"""The `hsplit` command line (Typer). Thin: parse, call a library function, render.
+
+Planner commands live here; runtime commands (run, eval, export, demo, ...) are registered from
+hsplit.runtime.commands, which imports torch only inside the commands that need it.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from hsplit import __version__
+from hsplit.planner.errors import ConfigError, InfeasibleError
+
+app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+# Piped output (files, CI logs) is not wrapped at 80 columns: tables stay readable.
+console = Console(width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def parse_ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"{flag}: expected comma-separated whole numbers like 0,2,4,8,16, got {text!r}")
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
+    if version:
+        console.print(__version__)
+        raise typer.Exit()
+
+
+@app.command()
+def plan(
+    fleet: str = typer.Option("example", "--fleet", "-f", help="Fleet YAML path or shipped fleet name."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Shipped model name, HF folder, or config.json."),
+    importance: Optional[Path] = typer.Option(None, "--importance", "-i", help="importance.yaml (default: uniform)."),
+    ranks: str = typer.Option("0,2,4,8,16", help="Allowed LoRA ranks, comma-separated (0 = no adapter)."),
+    modules: Optional[str] = typer.Option(None, help="Adaptable modules, comma-separated (e.g. q_proj,v_proj); default all."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1),
+    seq_len: int = typer.Option(256, "--seq-len", "-T", min=1),
+    local_steps: int = typer.Option(10, "--local-steps", min=1, help="Local steps per round (tau)."),
+    rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds `hsplit run` will train."),
+    dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16: dtype of frozen weights and activations."),
+    server_rank: int = typer.Option(8, "--server-rank", min=0, help="LoRA rank of server-side adapters."),
+    objective: str = typer.Option("utility", help="utility: max adapted importance, then fastest round; "
+                                                  "latency: fastest round reaching --min-utility."),
+    min_utility: Optional[float] = typer.Option(None, "--min-utility", help="Utility floor for --objective latency "
+                                                "(default 90% of the best achievable)."),
+    solver: str = typer.Option("cbc", help="cbc | highs | exhaustive (small instances only)."),
+    method: str = typer.Option("decomposed", help="decomposed (exact, fast) | full (one MILP over all clients)."),
+    time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds for the MILP solver."),
+    strategy: str = typer.Option("hsplitlora", help="hsplitlora | splitlora | hetlora | flexlora | "
+                                                    "hafl-truncation | hafl-freezing | centralized."),
+    data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
+    output: Path = typer.Option(Path("plan.yaml"), "--output", "-o", help="Where to write the plan."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+):
+    """Choose every client's split point and LoRA ranks (an integer program solved to optimality).
+
+    Example: hsplit plan --fleet example --model smollm2-135m -o plan.yaml
+    Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
+    """
+    from hsplit.planner.api import check_plan, make_plan
+    from hsplit.planner.plan import DataSpec, Plan, Training
+    try:
+        if check is not None:
+            p = Plan.load(check)
+            ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
+            _render_check(p, ev, inst, fmt)
+            raise typer.Exit(1 if ev.violations else 0)
+        training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,
+                            dtype=dtype)
+        p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
+                      modules=modules.split(",") if modules else None, training=training, strategy=strategy,
+                      objective=objective, min_utility=min_utility, solver=solver, method=method,
+                      time_limit=time_limit, server_rank=server_rank, data=DataSpec(path=data))
+        p.save(output)
+    except (ConfigError, InfeasibleError) as e:
+        fail(str(e), 1)
+    except ValueError as e:
+        fail(str(e), 1)
+    if fmt == "json":
+        from hsplit.planner.plan import _plain
+        console.print_json(json.dumps(_plain({"plan": str(output), **p.to_dict()})))
+        return
+    _render_plan(p)
+    console.print(f"plan written to [bold]{output}[/]")
+
+
+def _render_plan(p) -> None:
+    t = Table(title=f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)", show_lines=False)
+    for col, just in [("client", "left"), ("device", "left"), ("split", "right"), ("matrices", "right"),
+                      ("Σ rank", "right"), ("step s", "right"), ("round s", "right"),
+                      ("mem/budget GiB", "right"), ("MB/round", "right")]:
+        t.add_column(col, justify=just, no_wrap=True)
+    rows = _group_rows(p)
+    for ids, c in rows:
+        pr = c.predicted
+        t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
+                  f"{pr.get('step_s', 0):.3g}", f"{pr.get('round_s', 0):.4g}",
+                  f"{pr.get('memory_gib', 0):.2f}/{pr.get('memory_budget_gib', 0):.2f}",
+                  f"{pr.get('traffic_mb_per_round', 0):.1f}")
+    console.print(t)
+    s, pr = p.solver, p.predicted
+    gap = s.get("gap")
+    gap_s = "n/a" if gap is None else f"{100 * gap:.3g}%"
+    console.print(f"solver: {s.get('method')} | status {s.get('status')} | utility {pr.get('utility', 0):.4f} | "
+                  f"round {pr.get('round_s', 0):.4g} s (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
+                  f"wall {s.get('wall_s', 0):.3g} s", highlight=False)
+    srv = p.server.get("predicted", {})
+    console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {srv.get('busy_s', 0):.4g} s "
+                  f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
+                  highlight=False)
+
+
+def _group_rows(p):
+    """Consecutive clients with the same device and configuration share one table row."""
+    rows = []
+    for c in p.clients:
+        key = (c.device, c.split_layer, tuple(sorted(c.ranks.items())))
+        if rows and rows[-1][0] == key:
+            rows[-1][1].append(c.id)
+        else:
+            rows.append((key, [c.id], c))
+    return [((ids[0] if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"), c) for _, ids, c in rows]
+
+
+def _render_check(p, ev, inst, fmt) -> None:
+    from hsplit.planner.cost import GIB
+    if fmt == "json":
+        console.print_json(json.dumps({
+            "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
+            "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
+            "server_busy_s": ev.server_busy_s,
+            "clients": [{"id": c.id, "split_layer": e.split, "step_s": e.step_s, "round_s": e.round_s,
+                         "memory_gib": e.memory_bytes / GIB, "utility": e.utility}
+                        for c, e in zip(p.clients, ev.clients)]}))
+        return
+    t = Table(title=f"check of {p.source} against {inst.fleet.source}")
+    for col in ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"):
+        t.add_column(col, justify="left" if col in ("client", "device") else "right", no_wrap=True)
+    class_of = inst.class_of()
+    for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
+        cap = inst.classes[class_of[k]].mem_cap / GIB
+        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(len(c.ranks)), f"{e.step_s:.3g}",
+                  f"{e.round_s:.4g}", f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
+    console.print(t)
+    console.print(f"utility {ev.utility:.4f} | round {ev.round_s:.4g} s (straggler {ev.straggler}) | "
+                  f"server busy {ev.server_busy_s:.4g} s", highlight=False)
+    if ev.violations:
+        console.print(f"[bold red]{len(ev.violations)} violated constraint(s):[/]")
+        for v in ev.violations:
+            console.print(f"  - {v}", highlight=False)
+    else:
+        console.print("[green]all constraints satisfied[/]")
+
+
+def _register_runtime() -> None:
+    try:
+        from hsplit.runtime.commands import register
+    except ImportError:
+        return
+    register(app)
+
+
+_register_runtime()
+
+if __name__ == "__main__":
+    app()

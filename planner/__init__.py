@@ -1,0 +1,1 @@
+"""hsplit.planner: pure-Python planning (file formats, cost model, solvers). Never imports torch."""

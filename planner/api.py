@@ -1,0 +1,234 @@
+"""Library entry points behind `hsplit plan`: make_plan() and check_plan().
+
+make_plan: fleet + model (+ importance) -> Plan. Strategies:
+  hsplitlora                      per-client split and per-matrix ranks (decomposed, full MILP or exhaustive)
+  hetlora, flexlora, hafl-*       per-client split and ONE rank per client on every client-side matrix
+  splitlora                       one split and one rank for the whole fleet (fits the weakest client)
+  centralized                     no split: the reference run on pooled data (nothing to optimise)
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hsplit import __version__
+from hsplit.planner.cost import GIB
+from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.planner.evaluate import Config, FleetEval, evaluate_client, evaluate_fleet
+from hsplit.planner.exhaustive import solve_exhaustive
+from hsplit.planner.fleet import Fleet
+from hsplit.planner.frontier import UTILITY_TOL, min_round_sweep, solve_decomposed
+from hsplit.planner.importance import Importance
+from hsplit.planner.instance import Instance, build_instance, check_feasible
+from hsplit.planner.milp import solve_full
+from hsplit.planner.model import ModelProfile, load_model_profile
+from hsplit.planner.plan import STRATEGIES, ClientPlan, DataSpec, Plan, Training
+from hsplit.planner.yamlio import sha256_file
+
+SOLVERS = ("cbc", "highs", "exhaustive")
+METHODS = ("decomposed", "full")
+OBJECTIVES = ("utility", "latency")
+PER_CLIENT_RANK = ("hetlora", "flexlora", "hafl-truncation", "hafl-freezing")
+
+
+def load_inputs(fleet, model, importance):
+    fleet_obj = fleet if isinstance(fleet, Fleet) else Fleet.load(fleet)
+    model_obj = model if isinstance(model, ModelProfile) else load_model_profile(model)
+    imp = importance if (importance is None or isinstance(importance, Importance)) else Importance.load(importance)
+    return fleet_obj, model_obj, imp
+
+
+def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=None,
+              training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
+              min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
+              time_limit: float | None = None, threads: int | None = None, server_rank: int = 8,
+              data: DataSpec | None = None) -> Plan:
+    """Solve the planning problem and return the Plan (not yet written; call plan.save(path))."""
+    _check_choice("--strategy", strategy, STRATEGIES)
+    _check_choice("--objective", objective, OBJECTIVES)
+    _check_choice("--solver", solver, SOLVERS)
+    _check_choice("--method", method, METHODS)
+    fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
+    training = training or Training()
+    inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
+                          training=training, server_rank=server_rank)
+    check_feasible(inst)
+    t0 = time.perf_counter()
+    gap, status, detail = 0.0, "optimal", {}
+    if strategy == "centralized":
+        configs = [Config(model_obj.layers, np.full((inst.L, len(inst.modules)), server_rank)) for _ in inst.clients]
+        status, label = "not-applicable", "none (centralized reference)"
+    elif strategy == "splitlora":
+        configs, label = _fleet_uniform(inst), "enumeration (one split, one rank)"
+    elif strategy in PER_CLIENT_RANK:
+        configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
+    elif solver == "exhaustive":
+        res = solve_exhaustive(inst, objective, min_utility=min_utility)
+        configs, label, detail = res.configs, "exhaustive enumeration", res.detail
+    elif method == "full":
+        res = solve_full(inst, objective, min_utility=min_utility, engine=solver, time_limit=time_limit,
+                         threads=threads)
+        if res.configs is None:
+            raise RuntimeError(f"{solver} found no plan ({res.status}) within the time limit; "
+                               "raise --time-limit or use --method decomposed")
+        configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
+        label = f"full MILP ({solver})"
+    else:
+        res = solve_decomposed(inst, objective, min_utility=min_utility, engine=solver, time_limit=time_limit)
+        configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
+        label = "decomposed (frontier tables" + (f" + {solver} master)" if objective == "latency" else " + sweep)")
+    wall = time.perf_counter() - t0
+    ev = evaluate_fleet(inst, configs) if strategy != "centralized" else None
+    if ev is not None and ev.violations:
+        raise RuntimeError("internal error: the solver returned a plan that violates constraints:\n"
+                           + "\n".join(ev.violations))
+    return _assemble(inst, configs, ev, fleet, fleet_obj, model, model_obj, importance, imp, strategy,
+                     objective, training, data or DataSpec(), dict(name=solver if strategy == "hsplitlora" else "enumeration",
+                     method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
+
+
+def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEval, Instance]:
+    """Predicted costs and every violated constraint of a (possibly hand-written) plan."""
+    fleet_obj, model_obj, imp = load_inputs(fleet, model or plan.model, importance)
+    plan.validate_for(model_obj)
+    inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
+                          modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank)
+    if len(plan.clients) != len(inst.clients):
+        raise ConfigError(plan.source, [f"clients: the plan has {len(plan.clients)} clients, the fleet "
+                                        f"{fleet_obj.source} has {len(inst.clients)}"])
+    col = {m: j for j, m in enumerate(inst.modules)}
+    configs, problems = [], []
+    for i, c in enumerate(plan.clients):
+        ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
+        for name, r in plan.client_ranks(c, model_obj).items():
+            block, suffix = _split_name(name, model_obj)
+            if suffix not in col:
+                problems.append(f"clients[{i}].ranks.{name}: module {suffix} is not in the plan's modules "
+                                f"({', '.join(inst.modules)})")
+                continue
+            ranks[block, col[suffix]] = r
+        configs.append(Config(c.split_layer, ranks))
+    if problems:
+        raise ConfigError(plan.source, problems)
+    for i, (c, cl) in enumerate(zip(plan.clients, inst.clients)):
+        if c.device and c.device != cl.device.name:
+            problems.append(f"clients[{i}]: plan says device {c.device}, fleet has {cl.device.name} at {cl.id}")
+    ev = evaluate_fleet(inst, configs)
+    ev.violations[:0] = problems
+    return ev, inst
+
+
+def _split_name(name: str, model: ModelProfile) -> tuple[int, str]:
+    rest = name[len(model.family.blocks) + 1:]
+    block, suffix = rest.split(".", 1)
+    return int(block), suffix
+
+
+def _check_choice(flag, value, allowed):
+    if value not in allowed:
+        raise ConfigError(flag, [f"{value!r} is not one of {', '.join(allowed)}"])
+
+
+def _round_detail(detail: dict) -> dict:
+    return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in detail.items()}
+
+
+def _uniform_options(inst: Instance, cls, splits, rank_values):
+    """(utility, round_s, busy_s, config) for every split s and rank r on all client-side matrices."""
+    out = []
+    for s in splits:
+        for r in rank_values:
+            ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
+            ranks[:s] = r
+            cfg = Config(s, ranks)
+            e = evaluate_client(inst, cls, cfg)
+            if e.memory_bytes <= cls.mem_cap * (1 + 1e-12) and e.client_round_s <= cls.round_budget * (1 + 1e-12):
+                out.append((e.utility, e.round_s, e.busy_s, cfg))
+    return out
+
+
+def _per_client_uniform(inst: Instance) -> list[Config]:
+    """One rank per client: max utility per class, then the round-time sweep over its best options."""
+    cand = []
+    for cls in inst.classes:
+        opts = _uniform_options(inst, cls, cls.splits, inst.ranks)
+        top = max(o[0] for o in opts)
+        cand += [(o[1], cls.index, o[2], o[3]) for o in opts if o[0] >= top - UTILITY_TOL]
+    return _expand(inst, min_round_sweep(inst, cand))
+
+
+def _fleet_uniform(inst: Instance) -> list[Config]:
+    """SplitLoRA: the (split, rank) feasible for every client with the best utility, then fastest round."""
+    common = set.intersection(*(set(c.splits) for c in inst.classes))
+    best = None
+    for s in sorted(common):
+        for r in inst.ranks[1:]:
+            per_class = [_uniform_options(inst, c, [s], [r]) for c in inst.classes]
+            if not all(per_class):
+                continue
+            util = sum(c.weight * c.count * o[0][0] for c, o in zip(inst.classes, per_class))
+            busy = sum(c.count * o[0][2] for c, o in zip(inst.classes, per_class))
+            R = max(max(o[0][1] for o in per_class), busy)
+            key = (-round(util / UTILITY_TOL), R)
+            if best is None or key < best[0]:
+                best = (key, s, r)
+    if best is None:
+        raise InfeasibleError(["splitlora: no single (split, rank) fits every client; "
+                               "try strategy hsplitlora, smaller --ranks, or larger budgets"])
+    _, s, r = best
+    ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
+    ranks[:s] = r
+    return [Config(s, ranks) for _ in inst.clients]
+
+
+def _expand(inst: Instance, choice: dict) -> list[Config]:
+    configs: list[Config | None] = [None] * len(inst.clients)
+    for c, assigned in choice.items():
+        members = iter(inst.classes[c].members)
+        for payload, n in assigned:
+            for _ in range(n):
+                configs[next(members)] = payload
+    return configs
+
+
+def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp_ref, imp, strategy, objective,
+              training, data, solver_info) -> Plan:
+    mods = list(inst.modules)
+    clients = []
+    class_of = inst.class_of()
+    for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
+        ranks = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
+                 for l in range(inst.L) for j in range(len(mods)) if cfg.ranks[l, j] > 0}
+        predicted = {}
+        if ev is not None:
+            e = ev.clients[k]
+            predicted = {"step_s": round(e.step_s, 4), "server_step_s": round(e.server_step_s, 4),
+                         "client_round_s": round(e.client_round_s, 3), "round_s": round(e.round_s, 3),
+                         "memory_gib": round(e.memory_bytes / GIB, 3),
+                         "memory_budget_gib": round(inst.classes[class_of[k]].mem_cap / GIB, 3),
+                         "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
+                         "adapter_params": int(e.params), "utility": round(e.utility, 6)}
+        clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=ranks,
+                                  data_weight=round(inst.classes[class_of[k]].weight, 8), predicted=predicted))
+    server = fleet_obj.server
+    server_info = {"device": server.device.name, "count": server.count, "concurrency": server.concurrency}
+    predicted = {}
+    if ev is not None:
+        server_info["predicted"] = {"busy_s": round(ev.server_busy_s, 3),
+                                    "busy_share": round(ev.server_busy_s / ev.round_s, 4) if ev.round_s else 0.0,
+                                    "memory_gib": round(ev.server_memory_bytes / GIB, 3)}
+        predicted = {"round_s": round(ev.round_s, 3), "straggler": ev.straggler, "utility": round(ev.utility, 6),
+                     "server_busy_s": round(ev.server_busy_s, 3)}
+        solver_info["objective"] = {"utility": round(ev.utility, 9), "round_s": round(ev.round_s, 6)}
+    inputs = {"model": str(model_ref if isinstance(model_ref, (str, Path)) else model_obj.name),
+              "model_hash": model_obj.arch_hash(),
+              "fleet": str(fleet_obj.source), "fleet_sha256": fleet_obj.sha256(),
+              "importance": None if imp is None else str(imp.source),
+              "importance_sha256": (sha256_file(imp.source) if imp is not None and Path(imp.source).is_file() else None),
+              "importance_method": "uniform" if imp is None else f"{imp.method} ({imp.normalization})"}
+    return Plan(model=model_obj.name, strategy=strategy, clients=clients, modules=mods,
+                ranks_allowed=list(inst.ranks), server_rank=inst.server_rank, objective=objective,
+                training=training, data=data, inputs=inputs, solver=solver_info, server=server_info,
+                predicted=predicted, hsplit_version=__version__)

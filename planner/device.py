@@ -1,0 +1,137 @@
+"""Device profiles (profiles/devices/*.yaml): memory, throughput per dtype, links.
+
+A shipped profile records the datasheet `peak_flops` and an `efficiency` factor; the planning
+throughput is `peak_flops[dtype] * efficiency`. A profile written by `hsplit profile` records the
+measured sustained `flops` instead (with a `measured:` block), which then takes precedence.
+A dtype missing from both is an error (no silent default).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hsplit.planner.errors import ConfigError, Problems
+from hsplit.planner.yamlio import number, read_yaml
+
+KINDS = ("cpu", "gpu", "soc", "phone")
+DTYPES = ("fp32", "bf16", "fp16")
+PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    kind: str
+    memory_gib: float
+    uplink_mbps: float
+    downlink_mbps: float
+    peak_flops: dict[str, float] = field(default_factory=dict)
+    efficiency: float | None = None
+    flops: dict[str, float] = field(default_factory=dict)  # measured sustained FLOP/s
+    memory_total_gib: float | None = None
+    source: str | None = None
+    measured: dict[str, Any] | None = None
+    notes: str | None = None
+
+    def throughput(self, dtype: str) -> float:
+        """Planning throughput in FLOP/s for `dtype`: measured if present, else peak * efficiency."""
+        if dtype in self.flops:
+            return self.flops[dtype]
+        if dtype in self.peak_flops and self.efficiency is not None:
+            return self.peak_flops[dtype] * self.efficiency
+        have = sorted(set(self.flops) | set(self.peak_flops))
+        raise ConfigError(f"device {self.name}", [
+            f"flops.{dtype}: no throughput for dtype {dtype} (profile has {', '.join(have) or 'none'}); "
+            f"measure it with `hsplit profile` or plan with --dtype {have[0] if have else 'fp32'}"])
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "kind": self.kind}
+        if self.memory_total_gib is not None:
+            out["memory_total_gib"] = self.memory_total_gib
+        out["memory_gib"] = self.memory_gib
+        if self.peak_flops:
+            out["peak_flops"] = dict(self.peak_flops)
+        if self.efficiency is not None:
+            out["efficiency"] = self.efficiency
+        if self.flops:
+            out["flops"] = dict(self.flops)
+        out["uplink_mbps"] = self.uplink_mbps
+        out["downlink_mbps"] = self.downlink_mbps
+        for key in ("source", "measured", "notes"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str, prefix: str = "") -> "DeviceProfile":
+        p = Problems(source)
+        known = {"name", "kind", "memory_gib", "memory_total_gib", "peak_flops", "efficiency", "flops",
+                 "uplink_mbps", "downlink_mbps", "source", "measured", "notes"}
+        for key in data:
+            if key not in known:
+                p.add(prefix + key, f"unknown field; expected one of {', '.join(sorted(known))}")
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            p.add(prefix + "name", "missing: give the device a name (e.g. jetson-orin-nano-8gb)")
+        kind = data.get("kind")
+        if kind not in KINDS:
+            p.add(prefix + "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+        mem = number(data.get("memory_gib"), prefix + "memory_gib", p, positive=True)
+        total = number(data.get("memory_total_gib"), prefix + "memory_total_gib", p, positive=True, required=False)
+        if mem and total and mem > total:
+            p.add(prefix + "memory_gib", f"usable memory {mem:g} GiB exceeds memory_total_gib {total:g}")
+        up = number(data.get("uplink_mbps"), prefix + "uplink_mbps", p, positive=True)
+        down = number(data.get("downlink_mbps"), prefix + "downlink_mbps", p, positive=True)
+        tables = {}
+        for key in ("peak_flops", "flops"):
+            raw = data.get(key) or {}
+            if not isinstance(raw, dict):
+                p.add(prefix + key, "must be a mapping dtype -> FLOP/s, e.g. {fp32: 1.0e12}")
+                raw = {}
+            table = {}
+            for dt, val in raw.items():
+                if dt not in DTYPES:
+                    p.add(f"{prefix}{key}.{dt}", f"unknown dtype; use one of {', '.join(DTYPES)}")
+                    continue
+                v = number(val, f"{prefix}{key}.{dt}", p, positive=True)
+                if v:
+                    table[dt] = v
+            tables[key] = table
+        eff = number(data.get("efficiency"), prefix + "efficiency", p, positive=True, required=False)
+        if eff is not None and eff > 1:
+            p.add(prefix + "efficiency", f"is sustained/peak and must be <= 1, got {eff:g}")
+        if not tables["flops"] and not tables["peak_flops"]:
+            p.add(prefix + "flops", "missing: give measured `flops` or datasheet `peak_flops` with `efficiency`")
+        if tables["peak_flops"] and eff is None and not tables["flops"]:
+            p.add(prefix + "efficiency", "missing: peak_flops needs an efficiency factor (docs/file-formats.md)")
+        measured = data.get("measured")
+        if measured is not None and not isinstance(measured, dict):
+            p.add(prefix + "measured", "must be a mapping (written by `hsplit profile`)")
+        p.raise_if_any()
+        return cls(name=name, kind=kind, memory_gib=mem, uplink_mbps=up, downlink_mbps=down,
+                   peak_flops=tables["peak_flops"], efficiency=eff, flops=tables["flops"],
+                   memory_total_gib=total, source=data.get("source"), measured=measured,
+                   notes=data.get("notes"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "DeviceProfile":
+        return cls.from_dict(read_yaml(path), str(path))
+
+
+def shipped_device_names() -> list[str]:
+    return sorted(p.stem for p in (PROFILE_DIR / "devices").glob("*.yaml"))
+
+
+def resolve_device(ref: str, base_dir: Path | None = None) -> DeviceProfile:
+    """A device by shipped name, or by path (relative to the fleet file's folder)."""
+    candidates = []
+    if base_dir is not None:
+        candidates += [base_dir / ref, base_dir / f"{ref}.yaml"]
+    candidates += [Path(ref), PROFILE_DIR / "devices" / f"{ref}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return DeviceProfile.load(c)
+    raise ConfigError(f"device {ref!r}", [
+        f"device: no profile named {ref!r}; shipped: {', '.join(shipped_device_names())}; "
+        "or give a path to a profile YAML, or an inline mapping"])

@@ -1,0 +1,109 @@
+"""Evaluate configurations with the cost model: per-client memory, times, utility, and every
+violated constraint. Used to fill a plan's `predicted` fields, by `hsplit plan --check`, by the
+exhaustive solver, and by tests that re-check every emitted plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB
+from hsplit.planner.instance import ClientClass, Instance
+
+TOL = 1e-9  # relative slack when comparing a cost to its limit (float rounding only)
+
+
+@dataclass
+class Config:
+    """One client's choice: split s and a rank per (block, module) (0 = no adapter)."""
+    split: int
+    ranks: np.ndarray  # [L, J] ints
+
+    def lowest_adapted(self) -> int | None:
+        rows = np.nonzero(self.ranks.any(axis=1))[0]
+        return int(rows[0]) if len(rows) else None
+
+
+@dataclass
+class ClientEval:
+    split: int
+    zs: int
+    params: int
+    utility: float
+    memory_bytes: float
+    step_s: float
+    client_round_s: float
+    round_s: float
+    server_step_s: float
+    busy_s: float
+    traffic_bytes: float
+
+
+def adapter_params(inst: Instance, ranks: np.ndarray) -> int:
+    return int((ranks * inst.widths[None, :]).sum())
+
+
+def utility_of(inst: Instance, ranks: np.ndarray) -> float:
+    g = dict(zip(inst.ranks, inst.g))
+    lookup = np.vectorize(lambda q: g.get(int(q), np.log2(1 + q) / np.log2(1 + max(inst.ranks))))
+    return float((inst.v * lookup(ranks)).sum()) if ranks.size else 0.0
+
+
+def evaluate_client(inst: Instance, cls: ClientClass, cfg: Config) -> ClientEval:
+    m = cfg.lowest_adapted()
+    zs = 0 if m is None else cfg.split - m
+    P = adapter_params(inst, cfg.ranks)
+    step = cls.step(cfg.split, zs, P)
+    per_step_traffic = 2 * inst.coef.cut_bytes
+    return ClientEval(
+        split=cfg.split, zs=zs, params=P, utility=utility_of(inst, cfg.ranks),
+        memory_bytes=cls.memory(cfg.split, zs, P), step_s=step,
+        client_round_s=inst.client_round(cls, cfg.split, zs, P), round_s=inst.round_time(cls, cfg.split, zs, P),
+        server_step_s=float(inst.server_step_s[cfg.split]), busy_s=float(inst.busy(cfg.split)),
+        traffic_bytes=inst.tau * per_step_traffic + 2 * ADAPTER_WIRE_BYTES * P)
+
+
+@dataclass
+class FleetEval:
+    clients: list[ClientEval]
+    utility: float          # sum_k p_k U_k
+    round_s: float          # R = max(max_k round_k, server busy)
+    straggler: str          # client id, or "server"
+    server_busy_s: float
+    server_memory_bytes: float
+    violations: list[str]
+
+
+def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
+    class_of = inst.class_of()
+    evals, violations = [], []
+    for k, cfg in enumerate(configs):
+        cls = inst.classes[class_of[k]]
+        cid = f"{inst.clients[k].id} ({cls.device})"
+        lo, hi = cls.split_range
+        if not lo <= cfg.split <= hi:
+            violations.append(f"{cid}: split_layer {cfg.split} outside the allowed range {lo}..{hi}")
+        bad = sorted(set(int(q) for q in np.unique(cfg.ranks)) - set(inst.ranks))
+        if bad:
+            violations.append(f"{cid}: ranks {bad} are not in the allowed set {list(inst.ranks)}")
+        if cfg.split < inst.L and cfg.ranks[cfg.split:].any():
+            violations.append(f"{cid}: adapters above split_layer {cfg.split} belong to the server")
+        e = evaluate_client(inst, cls, cfg)
+        evals.append(e)
+        if e.memory_bytes > cls.mem_cap * (1 + TOL):
+            violations.append(f"{cid}: memory {e.memory_bytes / GIB:.2f} GiB exceeds budget {cls.mem_cap / GIB:.2f} GiB")
+        if e.client_round_s > cls.round_budget * (1 + TOL):
+            violations.append(f"{cid}: round time {e.client_round_s:.1f} s exceeds budget {cls.round_budget:.1f} s")
+        slot = inst.concurrency * inst.server_slot[min(cfg.split, inst.L)]
+        if slot > inst.server_mem_free * (1 + TOL):
+            violations.append(f"{cid}: server memory {slot / GIB:.2f} GiB per client in service exceeds the "
+                              f"{inst.server_mem_free / GIB:.2f} GiB the server has left")
+    busy = float(sum(e.busy_s for e in evals))
+    worst = int(np.argmax([e.round_s for e in evals]))
+    round_s = max(evals[worst].round_s, busy)
+    straggler = "server" if busy >= evals[worst].round_s else inst.clients[worst].id
+    utility = float(sum(inst.classes[c].weight * e.utility for c, e in zip(class_of, evals)))
+    server_mem = inst.fleet.server.count * inst.fleet.server.device.memory_gib * GIB - inst.server_mem_free \
+        + inst.concurrency * max(inst.server_slot[min(e.split, inst.L)] for e in evals)
+    return FleetEval(evals, utility, round_s, straggler, busy, server_mem, violations)

@@ -1,0 +1,106 @@
+"""Importance scores (importance.yaml): one non-negative score per adaptable matrix.
+
+Written by `hsplit importance`, read by `hsplit plan --importance`. Absent file = uniform scores.
+The planner normalises the scores of the planned matrices to sum 1 (`weights`).
+
+    schema_version: 1
+    model: smollm2-135m
+    model_hash: <ModelProfile.arch_hash()>
+    method: sensitivity          # how the scores were produced
+    normalization: raw           # raw | per-parameter (importance per adapter parameter)
+    settings: {...}              # steps, data, betas, ...
+    scores: {model.layers.0.self_attn.q_proj: 0.0123, ...}
+    rank1: {module: [per-component scores]}   # optional, for HAFL
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hsplit.planner.errors import ConfigError, Problems
+from hsplit.planner.model import ModelProfile
+from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
+
+HEADER = "# Importance scores: written by `hsplit importance`, read by `hsplit plan --importance` (docs/file-formats.md)."
+
+
+@dataclass(frozen=True)
+class Importance:
+    scores: dict[str, float]
+    model: str = ""
+    model_hash: str = ""
+    method: str = "uniform"
+    normalization: str = "raw"
+    settings: dict[str, Any] = field(default_factory=dict)
+    rank1: dict[str, list[float]] = field(default_factory=dict)
+    source: str = "<uniform>"
+
+    def weights(self, model: ModelProfile, modules: tuple[str, ...]) -> np.ndarray:
+        """Scores of the planned matrices as an array [block, module], normalised to sum 1."""
+        if self.method == "uniform" and not self.scores:
+            w = np.ones((model.layers, len(modules)))
+            return w / w.sum()
+        if self.model_hash and self.model_hash != model.arch_hash():
+            raise ConfigError(self.source, [
+                f"model_hash: these scores were computed for {self.model or 'another model'}, not {model.name}; "
+                f"run `hsplit importance --model {model.name} ...` again"])
+        missing, w = [], np.zeros((model.layers, len(modules)))
+        for l in range(model.layers):
+            for j, m in enumerate(modules):
+                name = model.module_name(l, m)
+                if name not in self.scores:
+                    missing.append(name)
+                else:
+                    w[l, j] = self.scores[name]
+        if missing:
+            more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+            raise ConfigError(self.source, [f"scores: no score for {', '.join(missing[:3])}{more}; "
+                                            "compute importance for the planned --modules"])
+        total = w.sum()
+        if total <= 0:
+            raise ConfigError(self.source, ["scores: all planned matrices have score 0"])
+        return w / total
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"schema_version": 1, "model": self.model, "model_hash": self.model_hash, "method": self.method,
+               "normalization": self.normalization, "settings": self.settings,
+               "scores": {k: float(v) for k, v in self.scores.items()}}
+        if self.rank1:
+            out["rank1"] = {k: [float(x) for x in v] for k, v in self.rank1.items()}
+        return out
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, dump_yaml(self.to_dict(), HEADER))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Importance":
+        data = read_yaml(path)
+        p = Problems(str(path))
+        scores = data.get("scores")
+        if not isinstance(scores, dict) or not scores:
+            p.add("scores", "missing: a mapping module name -> score")
+            scores = {}
+        clean = {}
+        for k, v in scores.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
+                p.add(f"scores.{k}", f"must be a number >= 0, got {v!r}")
+            else:
+                clean[str(k)] = float(v)
+        norm = data.get("normalization", "raw")
+        if norm not in ("raw", "per-parameter"):
+            p.add("normalization", f"must be raw or per-parameter, got {norm!r}")
+        rank1 = data.get("rank1") or {}
+        if not isinstance(rank1, dict):
+            p.add("rank1", "must be a mapping module name -> list of component scores")
+            rank1 = {}
+        p.raise_if_any()
+        return cls(scores=clean, model=str(data.get("model", "")), model_hash=str(data.get("model_hash") or ""),
+                   method=str(data.get("method", "unknown")), normalization=norm,
+                   settings=dict(data.get("settings") or {}), rank1=dict(rank1), source=str(path))
+
+
+def uniform() -> Importance:
+    return Importance(scores={})

@@ -1,0 +1,203 @@
+"""Build a planning instance: the fleet's clients grouped into classes of identical clients, with
+the linear cost coefficients of each class (from hsplit.planner.cost), importance weights v[l, j]
+and the rank utility g(q). All solvers read this object; none recomputes a cost.
+
+A client's configuration is (s, zs, P, ranks): split s (client runs blocks [0, s)), zs = number of
+client blocks that are back-propagated (from the lowest adapted block up to s-1), P = adapter
+parameters. Every cost is linear in (s, zs, P) with the coefficients below (docs/formulation.md).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, GIB, Coefficients, coefficients,
+                                 link_seconds, server_slot_bytes, server_step_flops)
+from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.planner.fleet import Client, Fleet
+from hsplit.planner.importance import Importance, uniform
+from hsplit.planner.model import ModelProfile
+from hsplit.planner.plan import Training
+
+
+def rank_utility(ranks: tuple[int, ...]) -> np.ndarray:
+    """g(q) = log2(1+q) / log2(1+max Q): concave, g(0) = 0, g(max) = 1."""
+    top = math.log2(1 + max(ranks))
+    return np.array([math.log2(1 + q) / top for q in ranks])
+
+
+@dataclass
+class ClientClass:
+    """Identical clients (same device, budget, weight, allowed splits) and their cost coefficients."""
+    index: int
+    device: str
+    members: list[int]
+    weight: float                 # normalised data weight p_k of each member
+    splits: list[int]             # allowed split points (server slot memory already checked)
+    mem_cap: float                # bytes: min(device usable memory, budget)
+    round_budget: float           # seconds for the client's own part of a round (inf if none)
+    mem0: float                   # bytes: embeddings + fixed buffers
+    mem_per_block: float          # bytes per client block (frozen weights)
+    mem_per_zblock: float         # bytes per back-propagated client block (activations)
+    step0: float                  # seconds per step: activations up + gradients down
+    step_per_block: float         # seconds per client block forward
+    step_per_zblock: float        # seconds per back-propagated client block
+    step_per_param: float         # seconds per adapter parameter per step
+    sync_per_param: float         # seconds per adapter parameter per round (upload + download)
+    split_range: tuple[int, int] = (1, 1)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def count(self) -> int:
+        return len(self.members)
+
+    def memory(self, s, zs, P):
+        return self.mem0 + s * self.mem_per_block + zs * self.mem_per_zblock + ADAPTER_STATE_BYTES * P
+
+    def step(self, s, zs, P):
+        return self.step0 + s * self.step_per_block + zs * self.step_per_zblock + P * self.step_per_param
+
+
+@dataclass
+class Instance:
+    model: ModelProfile
+    modules: tuple[str, ...]
+    ranks: tuple[int, ...]
+    training: Training
+    server_rank: int
+    clients: list[Client]
+    classes: list[ClientClass]
+    v: np.ndarray                 # [L, J] importance, sums to 1
+    g: np.ndarray                 # [|Q|] rank utility
+    widths: np.ndarray            # [J] d_in + d_out
+    coef: Coefficients
+    server_step_s: np.ndarray     # [L+1] server seconds per step of a client split at s
+    server_mem_free: float        # bytes of server memory left for client slots
+    server_slot: np.ndarray       # [L+1] bytes one client in service occupies
+    concurrency: int
+    fleet: Fleet
+
+    @property
+    def L(self) -> int:
+        return self.model.layers
+
+    @property
+    def tau(self) -> int:
+        return self.training.local_steps
+
+    def busy(self, s):
+        """Server seconds per round spent on one client split at s."""
+        return self.tau * self.server_step_s[s]
+
+    def client_round(self, cls: ClientClass, s, zs, P):
+        """The client's own time per round: tau steps + adapter upload/download."""
+        return self.tau * cls.step(s, zs, P) + cls.sync_per_param * P
+
+    def round_time(self, cls: ClientClass, s, zs, P):
+        """Round time of one client when served alone: its steps, the server's share, the sync."""
+        return self.client_round(cls, s, zs, P) + self.busy(s)
+
+    def class_of(self) -> np.ndarray:
+        out = np.zeros(len(self.clients), dtype=int)
+        for c in self.classes:
+            out[c.members] = c.index
+        return out
+
+
+def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance | None = None,
+                   ranks=(0, 2, 4, 8, 16), modules=None, training: Training | None = None,
+                   server_rank: int = 8) -> Instance:
+    training = training or Training()
+    ranks = tuple(sorted(set(int(q) for q in ranks) | {0}))
+    if len(ranks) < 2:
+        raise ConfigError("--ranks", ["give at least one rank > 0 (e.g. 0,2,4,8,16)"])
+    mods = model.resolve_modules(modules)
+    clients = fleet.clients()
+    if not clients:
+        raise ConfigError(fleet.source, ["clients: the fleet has no clients (all counts are 0)"])
+    b, T, tau = training.batch_size, training.seq_len, training.local_steps
+    coef = coefficients(model, mods, max(ranks), server_rank, b, T, training.dtype)
+    v = (importance or uniform()).weights(model, mods)
+    shapes = model.module_shapes()
+    widths = np.array([shapes[m][0] + shapes[m][1] for m in mods], dtype=np.int64)
+
+    server = fleet.server
+    phi_s = server.device.throughput(training.dtype) * server.count
+    L = model.layers
+    server_step_s = np.array([server_step_flops(coef, L, s) / phi_s for s in range(L + 1)])
+    server_slot = np.array([server_slot_bytes(coef, L, s) for s in range(L + 1)])
+    server_mem_free = server.device.memory_gib * GIB * server.count - coef.server_frozen_bytes
+
+    total_weight = sum(c.data_weight for c in clients)
+    classes: dict[tuple, ClientClass] = {}
+    for i, c in enumerate(clients):
+        key = (repr(c.device.to_dict()), c.data_weight, c.budget, c.splits)
+        if key in classes:
+            classes[key].members.append(i)
+            continue
+        dev = c.device
+        phi = dev.throughput(training.dtype)
+        lo, hi = c.splits or (1, L - 1)
+        hi = min(hi, L - 1)
+        allowed = [s for s in range(lo, hi + 1)
+                   if server.concurrency * server_slot[s] <= server_mem_free]
+        mem_cap = min(dev.memory_gib, c.budget.memory_gib or math.inf) * GIB
+        classes[key] = ClientClass(
+            index=len(classes), device=dev.name, members=[i], weight=c.data_weight / total_weight,
+            splits=allowed, mem_cap=mem_cap, round_budget=c.budget.round_s or math.inf,
+            mem0=coef.embedding_bytes + coef.client_fixed_bytes,
+            mem_per_block=coef.block_weight_bytes, mem_per_zblock=coef.block_act_bytes,
+            step0=link_seconds(coef.cut_bytes, dev.uplink_mbps, dev.downlink_mbps),
+            step_per_block=coef.forward_flops / phi, step_per_zblock=coef.backward_flops / phi,
+            step_per_param=coef.lora_flops_per_param / phi,
+            sync_per_param=link_seconds(ADAPTER_WIRE_BYTES, dev.uplink_mbps, dev.downlink_mbps),
+            split_range=(lo, hi))
+    return Instance(model=model, modules=mods, ranks=ranks, training=training, server_rank=server_rank,
+                    clients=clients, classes=list(classes.values()), v=v, g=rank_utility(ranks),
+                    widths=widths, coef=coef, server_step_s=server_step_s, server_mem_free=server_mem_free,
+                    server_slot=server_slot, concurrency=server.concurrency, fleet=fleet)
+
+
+def infeasibility_reasons(inst: Instance) -> list[str]:
+    """One line per client class that has no feasible configuration, naming the binding resource."""
+    reasons = []
+    for cls in inst.classes:
+        who = _who(inst, cls)
+        lo, hi = cls.split_range
+        if lo > hi:
+            reasons.append(f"{who}: allowed splits {cls.split_range} are empty for a {inst.L}-block model")
+            continue
+        if not cls.splits:
+            need = inst.concurrency * inst.server_slot[hi] / GIB
+            reasons.append(
+                f"{who}: server memory: even the deepest allowed split ({hi} blocks on the client) needs "
+                f"{need:.1f} GiB per client in service, the server has {inst.server_mem_free / GIB:.1f} GiB "
+                f"left after the frozen model")
+            continue
+        s = cls.splits[0]
+        mem = cls.memory(s, 0, 0)
+        if mem > cls.mem_cap:
+            reasons.append(
+                f"{who}: memory: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) needs "
+                f"{mem / GIB:.2f} GiB, budget {cls.mem_cap / GIB:.2f} GiB")
+            continue
+        t = inst.client_round(cls, s, 0, 0)
+        if t > cls.round_budget:
+            reasons.append(
+                f"{who}: round time: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) takes "
+                f"{t:.1f} s per round ({inst.tau} steps), budget {cls.round_budget:.1f} s")
+    return reasons
+
+
+def check_feasible(inst: Instance) -> None:
+    reasons = infeasibility_reasons(inst)
+    if reasons:
+        raise InfeasibleError(reasons)
+
+
+def _who(inst: Instance, cls: ClientClass) -> str:
+    ids = [inst.clients[i].id for i in cls.members]
+    names = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+    return f"{names} ({cls.device})"

@@ -1,0 +1,76 @@
+"""YAML reading with file-named errors, content hashes, and atomic writes (temp file + rename)."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hsplit.planner.errors import ConfigError
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Parse a YAML mapping; a missing file, a syntax error or a non-mapping is one ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found: check the path"])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), ["top level must be a mapping of fields (key: value)"])
+    return data
+
+
+def sha256_file(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` to `path` so that readers see either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def dump_yaml(data: dict[str, Any], header: str = "") -> str:
+    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    return (header.rstrip() + "\n" if header else "") + body
+
+
+def number(value: Any, field: str, problems, *, minimum: float | None = None,
+           positive: bool = False, required: bool = True) -> float | None:
+    """Validate a numeric field into `problems`; returns the float or None."""
+    if value is None:
+        if required:
+            problems.add(field, "missing: add a number")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        problems.add(field, f"must be a number, got {value!r}")
+        return None
+    value = float(value)
+    if positive and value <= 0:
+        problems.add(field, f"must be > 0, got {value:g}")
+        return None
+    if minimum is not None and value < minimum:
+        problems.add(field, f"must be >= {minimum:g}, got {value:g}")
+        return None
+    return value

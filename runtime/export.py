@@ -1,0 +1,159 @@
+"""`hsplit export RUN --adapter DIR | --merged DIR`: the learned update as a PEFT adapter or full model.
+
+    report = export_run("runs/demo", adapter="out/adapter", rank=16)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
+
+The total learned update of every module is kept in factored form: the exact aggregates merged in
+rounds 1..N (B_cat, A_cat from the checkpoints) plus, for strategies that keep adapters, the
+global adapter (scaling * B, A). Stacked, they are one product B_tot @ A_tot of rank R. It is
+factored by SVD without ever forming the dense matrix (QR of both factors, SVD of the R x R core)
+and cut to `rank` (default: exact, R per module); the relative Frobenius error of the cut is
+reported per module and overall. The adapter uses lora_alpha = r (scaling 1), per-module ranks as
+anchored rank_pattern keys, and base_model_name_or_path = the run's model folder.
+`--merged` adds the exact dense updates to the base weights and saves a plain HF model.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from hsplit.planner.errors import ConfigError
+from hsplit.runtime import checkpoint
+from hsplit.runtime.lora import rank_pattern_key
+from hsplit.runtime.model import load_lm
+
+
+def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, int]:
+    """Module -> (B_tot, A_tot) with B_tot @ A_tot = everything learned; plus config and round."""
+    from hsplit.planner.yamlio import read_yaml
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(str(run_dir), ["not a run folder (no config.yaml); runs are under runs/<name>"])
+    config = read_yaml(run_dir / "config.yaml")
+    done = checkpoint.complete_rounds(run_dir)
+    if not done or done[-1] == 0:
+        raise ConfigError(str(run_dir), ["the run has no trained round yet: nothing to export"])
+    last = done[-1]
+    parts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for r in range(1, last + 1):
+        _, t = checkpoint.load(run_dir, r, ("merged.safetensors",))
+        merged = t["merged.safetensors"]
+        for m in sorted({k[:-2] for k in merged}):
+            parts.setdefault(m, []).append((merged[f"{m}.B"].double(), merged[f"{m}.A"].double()))
+    state, t = checkpoint.load(run_dir, last, ("adapters.safetensors",))
+    adapters = t["adapters.safetensors"]
+    strategy = config["plan"]["strategy"]
+    keep = "global/" if strategy == "splitlora" else ("k0/" if strategy == "centralized" else None)
+    if keep:
+        scaling = float(config["plan"]["training"]["lora_alpha_over_rank"])
+        for k in adapters:
+            if k.startswith(keep) and k.endswith(".lora_A"):
+                m = k[len(keep):-len(".lora_A")]
+                a, b = adapters[k].double(), adapters[f"{keep}{m}.lora_B"].double()
+                parts.setdefault(m, []).append((scaling * b, a))
+    total = {m: (torch.cat([b for b, _ in ps], dim=1), torch.cat([a for _, a in ps], dim=0))
+             for m, ps in parts.items()}
+    return total, config, last
+
+
+def svd_factor(b: torch.Tensor, a: torch.Tensor, rank: int | None):
+    """(B', A', rank, ||b a||_F^2, squared error): B' @ A' is the best rank-r approximation of b @ a."""
+    qb, rb = torch.linalg.qr(b)               # b = qb rb
+    qa, ra = torch.linalg.qr(a.T)             # a = ra^T qa^T
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    full = int((s > s[0] * 1e-12).sum()) if s.numel() and s[0] > 0 else 0
+    r = full if rank is None else min(rank, full)
+    r = max(r, 1)
+    b2 = qb @ (u[:, :r] * s[:r])
+    a2 = vh[:r] @ qa.T
+    return b2, a2, r, float((s ** 2).sum()), float((s[r:] ** 2).sum())
+
+
+def _fresh_target(path: Path) -> Path:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ConfigError(str(path), ["exists and is not empty: choose another folder"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+
+
+def _commit(tmp: Path, path: Path) -> None:
+    if path.exists():
+        path.rmdir()
+    os.replace(tmp, path)
+
+
+def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: str | Path | None = None,
+               rank: int | None = None, progress: bool = False) -> dict:
+    """Write a PEFT adapter folder and/or a merged HF model; returns a report (errors, ranks)."""
+    if adapter is None and merged is None:
+        raise ConfigError("hsplit export", ["pass --adapter DIR and/or --merged DIR"])
+    if rank is not None and rank < 1:
+        raise ConfigError("hsplit export", ["--rank must be >= 1 (leave it out for the exact update)"])
+    total, config, last = total_update(run_dir)
+    model_path = config["run"]["model_path"]
+    report = {"run": str(run_dir), "round": last, "base_model": model_path, "modules": len(total)}
+    if adapter is not None:
+        adapter = Path(adapter)
+        factors, errs, ranks, sq_total, sq_lost = {}, {}, {}, 0.0, 0.0
+        for m, (b, a) in sorted(total.items()):
+            b2, a2, r, norm2, lost2 = svd_factor(b, a, rank)
+            sq_total += norm2
+            sq_lost += lost2
+            factors[m], ranks[m] = (b2, a2), r
+            errs[m] = math.sqrt(lost2 / norm2) if norm2 > 0 else 0.0
+        _write_adapter(adapter, factors, ranks, model_path, progress)
+        report.update(adapter=str(adapter), rank=rank if rank is not None else "exact",
+                      max_rank=max(ranks.values()) if ranks else 0,
+                      relative_error=math.sqrt(sq_lost / sq_total) if sq_total > 0 else 0.0,
+                      max_module_error=max(errs.values()) if errs else 0.0,
+                      worst_module=max(errs, key=errs.get) if errs else None)
+    if merged is not None:
+        merged = Path(merged)
+        tmp = _fresh_target(merged)
+        try:
+            lm = load_lm(model_path, progress=progress)
+            with torch.no_grad():
+                for m, (b, a) in total.items():
+                    w = lm.model.get_submodule(m).weight
+                    delta = (b @ a).to(w.dtype)
+                    w += delta.T if lm.profile.family.name == "gpt2" else delta
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+            _commit(tmp, merged)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        report["merged"] = str(merged)
+    return report
+
+
+def _write_adapter(path: Path, factors, ranks, model_path: str, progress: bool) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    tmp = _fresh_target(path)
+    try:
+        lm = load_lm(model_path, progress=progress)
+        names = sorted(factors)
+        cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=names,
+                         rank_pattern={rank_pattern_key(m): ranks[m] for m in names},
+                         alpha_pattern={rank_pattern_key(m): ranks[m] for m in names},
+                         fan_in_fan_out=lm.profile.family.name == "gpt2", bias="none", lora_dropout=0.0)
+        model = get_peft_model(lm.model, cfg)
+        layers = {n.removeprefix("base_model.model."): mod for n, mod in model.named_modules()
+                  if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})}
+        with torch.no_grad():
+            for m, (b, a) in factors.items():
+                layers[m].lora_A["default"].weight.copy_(a.float())
+                layers[m].lora_B["default"].weight.copy_(b.float())
+        model.peft_config["default"].base_model_name_or_path = model_path
+        model.save_pretrained(tmp)
+        _commit(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

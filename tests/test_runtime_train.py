@@ -1,0 +1,236 @@
+"""The round loop: split training == plain LoRA for one client, resume == uninterrupted, bad input."""
+import csv
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import Plan
+from hsplit.runtime import checkpoint
+from hsplit.runtime.lora import lora_config
+from hsplit.runtime.model import lm_loss, load_lm
+from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.train import RunOptions, build, lr_at, run
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rt")
+    os.environ["HSPLIT_CACHE"] = str(root / "cache")
+    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
+    text = root / "corpus"
+    text.mkdir()
+    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
+             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
+    return root, model, text
+
+
+def make_plan(env, path_name="plan.yaml", strategy="hsplitlora", clients=None, **training):
+    root, model, text = env
+    t = {"batch_size": 2, "seq_len": 32, "local_steps": 3, "rounds": 2, "dtype": "fp32", "learning_rate": 5e-3,
+         "lr_schedule": "cosine", "warmup_steps": 1, "seed": 0}
+    t.update(training)
+    clients = clients or [
+        {"id": "a", "device": "pi", "split_layer": 1, "ranks": {"q_proj": 2}, "data_weight": 1.0,
+         "predicted": {"round_s": 3.0}},
+        {"id": "b", "device": "jetson", "split_layer": 3, "ranks": {"q_proj": 8, "model.layers.1.mlp.down_proj": 4},
+         "data_weight": 2.0, "predicted": {"round_s": 7.5}}]
+    plan = Plan.from_dict({"model": str(model), "strategy": strategy, "server_rank": 4,
+                           "modules": ["q_proj", "v_proj", "down_proj"], "training": t,
+                           "data": {"path": str(text), "partition": "by-source", "eval_fraction": 0.1},
+                           "clients": clients}, path_name)
+    path = root / path_name
+    plan.save(path)
+    return path
+
+
+def opts(env, **kw):
+    return RunOptions(runs_dir=env[0] / "runs", progress=False, **kw)
+
+
+def test_one_client_alone_reproduces_plain_unsplit_lora_training(env):
+    path = make_plan(env, "one.yaml", clients=[{"device": "x", "split_layer": 2, "ranks": {
+        "q_proj": 2, "model.layers.0.mlp.down_proj": 8}}], local_steps=5, rounds=1, max_grad_norm=0.05)
+    plan = Plan.load(path)
+    sim = build(plan, progress=False, device="cpu")
+    party = sim.parties[0]
+    init = sim.bank.state(party.adapter)
+    ranks = dict(party.ranks)
+    assert sum(1 for m in ranks if ".layers.3." in m) == 3          # server side: server_rank on 3 modules
+    sim.train_round(0)
+    trained = sim.bank.state(party.adapter)
+
+    # plain single-process peft LoRA on a fresh copy of the same model, same init, batches and schedule
+    from peft import get_peft_model
+    lm = load_lm(plan.model, progress=False)
+    model = get_peft_model(lm.model, lora_config(ranks, 2.0, 0.0, lm.profile.family))
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if hasattr(m, "lora_A")}
+    with torch.no_grad():
+        for m in ranks:
+            layers[m].lora_A["default"].weight.copy_(init[f"{m}.lora_A"])
+            layers[m].lora_B["default"].weight.copy_(init[f"{m}.lora_B"])
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=plan.training.learning_rate, weight_decay=0.0)
+    model.train()
+    t = plan.training
+    for s in range(t.local_steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, t.local_steps, t.learning_rate, t.warmup_steps, t.lr_schedule)
+        b = sim.data.clients[0].batch(t.batch_size, t.seed, 0, 0, s)
+        loss, _ = lm_loss(model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
+        opt.step()
+        opt.zero_grad()
+    moved = 0.0
+    for m in ranks:
+        for f in ("A", "B"):
+            ref = getattr(layers[m], f"lora_{f}")["default"].weight
+            torch.testing.assert_close(trained[f"{m}.lora_{f}"], ref, rtol=1e-4, atol=1e-6)
+            moved += float((ref - init[f"{m}.lora_{f}"]).abs().sum())
+    assert moved > 1e-3                                              # training really moved the adapters
+
+    # and the aggregated (merged) model is the plain LoRA model merged
+    sim.aggregate(0, [{"bytes_up": 0, "bytes_down": 0}])
+    merged = model.merge_and_unload()
+    for m in ranks:
+        torch.testing.assert_close(sim.bank.base_weight(m), merged.get_submodule(m).weight, rtol=1e-4, atol=1e-6)
+
+
+def test_run_writes_metrics_with_fleet_time_and_traffic(env):
+    res = run(make_plan(env, "metrics.yaml"), opts(env))
+    with open(res.run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["round"], r["client"]) for r in rows] == [
+        ("0", "all"), ("1", "a"), ("1", "b"), ("1", "all"), ("2", "a"), ("2", "b"), ("2", "all")]
+    g = [r for r in rows if r["client"] == "all"]
+    assert float(g[1]["fleet_s"]) == 7.5 and float(g[2]["fleet_total_s"]) == 15.0    # the straggler sets it
+    a = next(r for r in rows if r["client"] == "a")
+    # per step: activations 2x32x32 fp32 + mask + int32 labels up; gradients down (3 steps) + adapters
+    assert int(a["bytes_up"]) > 3 * (2 * 32 * 32 * 4 + 2 * 32 * 5)
+    assert int(a["bytes_down"]) >= 3 * 2 * 32 * 32 * 4
+    assert float(a["train_loss"]) > 0 and int(a["tokens"]) == 3 * 2 * 31
+    assert all(float(r["eval_ppl"]) > 1 for r in g)
+    assert (res.run_dir / "config.yaml").is_file()
+    assert checkpoint.complete_rounds(res.run_dir) == [0, 1, 2]
+
+
+def test_same_seed_same_result_and_another_seed_differs(env):
+    a = run(make_plan(env, "s1.yaml"), opts(env))
+    b = run(make_plan(env, "s1.yaml"), opts(env, name="s1-again"))
+    c = run(make_plan(env, "s2.yaml", seed=1), opts(env))
+    la = [r["train_loss"] for r in a.rows if r["client"] != "all"]
+    assert la == [r["train_loss"] for r in b.rows if r["client"] != "all"]
+    assert la != [r["train_loss"] for r in c.rows if r["client"] != "all"]
+
+
+class Killed(Exception):
+    pass
+
+
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, strategy):
+    clients = None
+    if strategy == "splitlora":           # one split, one rank everywhere (= server_rank)
+        clients = [{"id": c, "device": "d", "split_layer": 2, "ranks": {"q_proj": 4, "v_proj": 4, "down_proj": 4}}
+                   for c in ("a", "b", "c")]
+    path = make_plan(env, f"resume-{strategy}.yaml", strategy=strategy, clients=clients, rounds=3, lora_dropout=0.1)
+    full = run(path, opts(env, name=f"full-{strategy}"))
+
+    def kill(r, k, s):
+        if (r, k, s) == (1, 1, 2):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(path, opts(env, name=f"cut-{strategy}", on_step=kill))
+    cut_dir = env[0] / "runs" / f"cut-{strategy}"
+    assert checkpoint.complete_rounds(cut_dir) == [0, 1]
+    resumed = run(path, opts(env, name=f"cut-{strategy}", resume=True))
+    assert resumed.rows == full.rows or [r["train_loss"] for r in resumed.rows] == [r["train_loss"] for r in full.rows]
+    _, a = checkpoint.load(full.run_dir, 3)
+    _, b = checkpoint.load(cut_dir, 3)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    assert a["merged.safetensors"] or a["optimizer.safetensors"]
+    with open(cut_dir / "metrics.csv") as f1, open(full.run_dir / "metrics.csv") as f2:
+        strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "aggregate_s")} for r in rows]
+        assert strip(list(csv.DictReader(f1))) == strip(list(csv.DictReader(f2)))
+
+
+def test_resume_of_a_corrupt_checkpoint_is_one_clear_error(env):
+    path = make_plan(env, "corrupt.yaml", rounds=1)
+    res = run(path, opts(env))
+    f = checkpoint.round_dir(res.run_dir, 1) / "adapters.safetensors"
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="checkpoint is corrupt") as e:
+        run(path, opts(env, resume=True, rounds=2))
+    assert "round-0001/adapters.safetensors" in str(e.value)
+
+
+def _no_run(env, name):
+    return not (env[0] / "runs" / name).exists()
+
+
+def test_bad_inputs_fail_with_one_clear_error_and_write_nothing(env):
+    root = env[0]
+    # plan made for another architecture
+    p = make_plan(env, "hash.yaml")
+    plan = Plan.load(p)
+    plan.inputs["model_hash"] = "f" * 64
+    plan.save(p)
+    with pytest.raises(ConfigError, match="another model architecture"):
+        run(p, opts(env))
+    assert _no_run(env, "hash")
+    # missing data path
+    p = make_plan(env, "nodata.yaml")
+    plan = Plan.load(p)
+    plan.data.path = str(root / "missing.jsonl")
+    plan.save(p)
+    with pytest.raises(ConfigError, match="no such file"):
+        run(p, opts(env))
+    assert _no_run(env, "nodata")
+    # a module this model lacks
+    p = make_plan(env, "nomod.yaml", clients=[{"device": "x", "split_layer": 2, "ranks": {"c_attn": 4}}])
+    with pytest.raises(ConfigError, match="c_attn"):
+        run(p, opts(env))
+    assert _no_run(env, "nomod")
+    # split beyond the model's blocks (fails validation against the model)
+    p = make_plan(env, "split.yaml", clients=[{"device": "x", "split_layer": 9, "ranks": {"q_proj": 4}}])
+    with pytest.raises(ConfigError, match="outside 1..4"):
+        run(p, opts(env))
+    assert _no_run(env, "split")
+    # a plan file that fails validation on its own
+    bad = root / "bad.yaml"
+    bad.write_text("model: x\nstrategy: nope\nclients: []\n")
+    with pytest.raises(ConfigError, match="strategy"):
+        run(bad, opts(env))
+    assert _no_run(env, "bad")
+    # splitlora with heterogeneous ranks
+    p = make_plan(env, "mixed.yaml", strategy="splitlora")
+    with pytest.raises(ConfigError, match="needs one rank"):
+        run(p, opts(env))
+    assert _no_run(env, "mixed")
+    # an existing run without --resume
+    p = make_plan(env, "twice.yaml", rounds=1)
+    run(p, opts(env))
+    with pytest.raises(ConfigError, match="--resume"):
+        run(p, opts(env))
+
+
+def test_centralized_trains_one_model_on_pooled_data(env):
+    p = make_plan(env, "central.yaml", strategy="centralized", rounds=2, local_steps=4, learning_rate=2e-2)
+    res = run(p, opts(env))
+    rows = [r for r in res.rows if r["client"] == "central"]
+    assert len(rows) == 2 and rows[0]["tokens"] == 2 * 4 * 2 * 31       # local_steps x clients steps
+    assert rows[0]["bytes_up"] == 0
+    assert res.eval_after < res.eval_before
