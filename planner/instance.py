@@ -163,6 +163,12 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
 def infeasibility_reasons(inst: Instance) -> list[str]:
     """One line per client class that has no feasible configuration, naming the binding resource."""
     reasons = []
+    server = inst.fleet.server
+    if inst.server_mem_free < 0:
+        total = server.device.memory_gib * server.count
+        return [f"server ({server.device.name} x{server.count}): memory: the frozen model needs "
+                f"{inst.coef.server_frozen_bytes / GIB:.1f} GiB in {inst.training.dtype}, the server has "
+                f"{total:.1f} GiB; use a larger server, more of them (server.count), or a smaller --dtype"]
     for cls in inst.classes:
         who = _who(inst, cls)
         lo, hi = cls.split_range

@@ -1,0 +1,62 @@
+"""Shared fixtures: seeded random small planning instances and a tiny model profile."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hsplit.planner.cost import GIB  # noqa: E402
+from hsplit.planner.fleet import Fleet  # noqa: E402
+from hsplit.planner.importance import Importance  # noqa: E402
+from hsplit.planner.model import LLAMA, ModelProfile  # noqa: E402
+from hsplit.planner.plan import Training  # noqa: E402
+
+
+def tiny_model(layers: int = 4) -> ModelProfile:
+    return ModelProfile(name="tiny-llama", family=LLAMA, hidden=64, layers=layers, heads=4, kv_heads=2,
+                        intermediate=128, vocab=256, tied_embeddings=True, max_positions=128)
+
+
+def random_instance(seed: int, *, uniform: bool = False, two_clients: bool = False):
+    """A small instance whose budgets bind: 2-3 client groups of 1-2 clients (exactly two clients with
+    `two_clients`), 3-6 blocks, 2 modules, 3-4 ranks."""
+    rng = np.random.default_rng(seed)
+    layers = int(rng.integers(3, 7))
+    ranks = (0, 2, 4, 8) if layers <= 5 else (0, 2, 4)
+    model = tiny_model(layers)
+    modules = ("q_proj", "v_proj")
+    training = Training(batch_size=2, seq_len=16, local_steps=int(rng.integers(1, 4)))
+    # Scale budgets to the model: a client block in memory is ~100 KB, its forward ~ 1 MFLOP.
+    groups = []
+    for g in range(2 if two_clients else int(rng.integers(2, 4))):
+        flops = float(rng.uniform(2e6, 5e7))
+        mem_gib = float(rng.uniform(0.0006, 0.003))
+        device = {"name": f"dev{g}", "kind": "soc", "memory_gib": mem_gib, "flops": {"fp32": flops},
+                  "uplink_mbps": float(rng.uniform(5, 200)), "downlink_mbps": float(rng.uniform(20, 400))}
+        budget = {"memory_gib": float(rng.uniform(0.5, 1.0)) * mem_gib}
+        if rng.random() < 0.8:
+            budget["round_s"] = float(rng.uniform(0.3, 3.0)) * training.local_steps
+        groups.append({"device": device, "count": 1 if two_clients else int(rng.integers(1, 3)),
+                       "data_weight": float(rng.uniform(0.5, 2.0)), "budget": budget})
+    server = {"device": {"name": "srv", "kind": "gpu", "memory_gib": 1.0, "flops": {"fp32": float(rng.uniform(5e7, 5e8))},
+                         "uplink_mbps": 1000, "downlink_mbps": 1000}}
+    fleet = Fleet.from_dict({"name": f"random-{seed}", "server": server, "clients": groups}, f"<random {seed}>")
+    if uniform:
+        importance = None
+    else:
+        scores = {model.module_name(l, m): float(rng.gamma(1.0)) for l in range(layers)
+                  for m in ("self_attn.q_proj", "self_attn.v_proj")}
+        importance = Importance(scores=scores, method="random", source=f"<random {seed}>")
+    return dict(fleet=fleet, model=model, importance=importance, ranks=ranks, modules=list(modules),
+                training=training)
+
+
+@pytest.fixture
+def tiny():
+    return tiny_model()
+
+
+__all__ = ["GIB", "random_instance", "tiny_model"]
