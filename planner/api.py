@@ -198,9 +198,12 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     mods = list(inst.modules)
     clients = []
     class_of = inst.class_of()
+    names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
-        ranks = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
-                 for l in range(inst.L) for j in range(len(mods)) if cfg.ranks[l, j] > 0}
+        if id(cfg) not in names:
+            names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
+                              for l, j in zip(*np.nonzero(cfg.ranks))}
+        ranks = dict(names[id(cfg)])
         predicted = {}
         if ev is not None:
             e = ev.clients[k]

@@ -45,9 +45,8 @@ def adapter_params(inst: Instance, ranks: np.ndarray) -> int:
 
 
 def utility_of(inst: Instance, ranks: np.ndarray) -> float:
-    g = dict(zip(inst.ranks, inst.g))
-    lookup = np.vectorize(lambda q: g.get(int(q), np.log2(1 + q) / np.log2(1 + max(inst.ranks))))
-    return float((inst.v * lookup(ranks)).sum()) if ranks.size else 0.0
+    """sum_{l,j} v[l, j] * g(q[l, j]) with g(q) = log2(1+q) / log2(1+max Q) (hsplit.planner.instance)."""
+    return float((inst.v * (np.log2(1.0 + ranks) / np.log2(1.0 + max(inst.ranks)))).sum())
 
 
 def evaluate_client(inst: Instance, cls: ClientClass, cfg: Config) -> ClientEval:
@@ -78,8 +77,17 @@ class FleetEval:
 def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
     class_of = inst.class_of()
     evals, violations = [], []
+    memo: dict[tuple[int, int], tuple[ClientEval, list[str]]] = {}  # clients of a class share configs
     for k, cfg in enumerate(configs):
         cls = inst.classes[class_of[k]]
+        key = (cls.index, id(cfg))
+        if key in memo:
+            e, problems = memo[key]
+            evals.append(e)
+            cid = f"{inst.clients[k].id} ({cls.device})"
+            violations.extend(f"{cid}: {p}" for p in problems)
+            continue
+        first = len(violations)
         cid = f"{inst.clients[k].id} ({cls.device})"
         lo, hi = cls.split_range
         if not lo <= cfg.split <= hi:
@@ -99,6 +107,7 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
         if slot > inst.server_mem_free * (1 + TOL):
             violations.append(f"{cid}: server memory {slot / GIB:.2f} GiB per client in service exceeds the "
                               f"{inst.server_mem_free / GIB:.2f} GiB the server has left")
+        memo[key] = (e, [v.split(": ", 1)[1] for v in violations[first:]])
     busy = float(sum(e.busy_s for e in evals))
     worst = int(np.argmax([e.round_s for e in evals]))
     round_s = max(evals[worst].round_s, busy)

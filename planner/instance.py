@@ -24,8 +24,8 @@ from hsplit.planner.plan import Training
 
 def rank_utility(ranks: tuple[int, ...]) -> np.ndarray:
     """g(q) = log2(1+q) / log2(1+max Q): concave, g(0) = 0, g(max) = 1."""
-    top = math.log2(1 + max(ranks))
-    return np.array([math.log2(1 + q) / top for q in ranks])
+    q = np.array(ranks, dtype=float)
+    return np.log2(1.0 + q) / np.log2(1.0 + q.max())
 
 
 @dataclass

@@ -1,0 +1,122 @@
+"""Planner benchmark: solve time and objective of the full MILP (CBC, HiGHS) and the decomposed
+exact method on Llama-2-7B (32 blocks x 7 modules, 6 rank levels) for fleets of 10 to 10,000
+clients of a dozen kinds, and 1,000 clients that are all different.
+
+    .venv/bin/python bench/planner.py                      # everything (about 20 minutes)
+    .venv/bin/python bench/planner.py --quick              # decomposed only, all sizes
+    .venv/bin/python bench/planner.py --full-time-limit 120
+
+Writes bench/results/planner.json and prints the markdown table used in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from hsplit.planner.api import make_plan
+from hsplit.planner.fleet import Fleet
+from hsplit.planner.plan import Training
+
+# A dozen client kinds with round budgets (s) sized for Llama-2-7B at b=1, T=512, tau=4, fp32.
+KINDS = {
+    "snapdragon-8-gen3-phone": 400, "pixel-8-pro-tensor-g3": 600, "iphone-15-pro-a17-pro": 400,
+    "raspberry-pi-5-8gb": 1500, "jetson-orin-nano-8gb": 500, "jetson-orin-nx-16gb": 400,
+    "jetson-agx-orin-64gb": 300, "macbook-air-m2-16gb": 300, "laptop-core-i7-1360p-16gb": 900,
+    "rtx-3060-12gb": 60, "rtx-4090-24gb": 30, "l4-24gb": 60,
+}
+TRAINING = Training(batch_size=1, seq_len=512, local_steps=4, dtype="fp32")
+RANKS = (0, 2, 4, 8, 16, 32)
+
+
+def fleet_of_kinds(n: int) -> Fleet:
+    kinds = list(KINDS)
+    counts = [n // len(kinds) + (1 if i < n % len(kinds) else 0) for i in range(len(kinds))]
+    clients = [{"device": k, "count": c, "budget": {"round_s": KINDS[k]}} for k, c in zip(kinds, counts) if c]
+    server = {"device": "h100-80gb", "count": max(1, math.ceil(n / 100))}
+    return Fleet.from_dict({"name": f"kinds-{n}", "server": server, "clients": clients}, f"<{n} clients of 12 kinds>")
+
+
+def fleet_all_different(n: int, seed: int = 0) -> Fleet:
+    """Every client its own profile: a shipped kind with flops, memory, links and budget perturbed."""
+    from hsplit.planner.device import resolve_device
+    rng = np.random.default_rng(seed)
+    kinds = list(KINDS)
+    clients = []
+    for i in range(n):
+        kind = kinds[i % len(kinds)]
+        d = resolve_device(kind).to_dict()
+        d["name"] = f"{kind}-{i}"
+        d["peak_flops"] = {k: v * float(rng.uniform(0.7, 1.3)) for k, v in d["peak_flops"].items()}
+        d["memory_gib"] = d["memory_gib"] * float(rng.uniform(0.6, 1.0))
+        d["uplink_mbps"] *= float(rng.uniform(0.5, 2.0))
+        d["downlink_mbps"] *= float(rng.uniform(0.5, 2.0))
+        clients.append({"device": d, "data_weight": float(rng.uniform(0.5, 2.0)),
+                        "budget": {"round_s": KINDS[kind] * float(rng.uniform(0.7, 1.3))}})
+    server = {"device": "h100-80gb", "count": max(1, math.ceil(n / 100))}
+    return Fleet.from_dict({"name": f"different-{n}", "server": server, "clients": clients}, f"<{n} different clients>")
+
+
+def run(fleet: Fleet, solver: str, method: str, time_limit: float | None) -> dict:
+    t0 = time.perf_counter()
+    try:
+        plan = make_plan(fleet, "llama-2-7b", ranks=RANKS, training=TRAINING, solver=solver, method=method,
+                         time_limit=time_limit)
+    except RuntimeError as e:
+        return {"status": "no solution", "wall_s": time.perf_counter() - t0, "note": str(e)[:200]}
+    s = plan.solver
+    splits = sorted({c.split_layer for c in plan.clients})
+    return {"status": s["status"], "wall_s": time.perf_counter() - t0, "solver_wall_s": s["wall_s"],
+            "utility": s["objective"]["utility"], "round_s": s["objective"]["round_s"], "gap": s.get("gap"),
+            "distinct_splits": len(splits), "straggler": plan.predicted["straggler"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default="10,100,1000,10000")
+    ap.add_argument("--full-up-to", type=int, default=100, help="largest fleet the full MILP is attempted on")
+    ap.add_argument("--full-time-limit", type=float, default=300.0)
+    ap.add_argument("--quick", action="store_true", help="decomposed method only")
+    ap.add_argument("--out", default="bench/results/planner.json")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.sizes.split(",")]
+    cases = [(f"{n} clients, 12 kinds", lambda n=n: fleet_of_kinds(n), n) for n in sizes]
+    cases.append(("1000 clients, all different", lambda: fleet_all_different(1000), 1000))
+    rows = []
+    with Progress() as progress:
+        task = progress.add_task("planning", total=len(cases) * 3)
+        for label, make_fleet, n in cases:
+            fleet = make_fleet()
+            methods = [("decomposed", "highs", "decomposed")]
+            if not args.quick and n <= args.full_up_to:
+                methods += [("full MILP, CBC", "cbc", "full"), ("full MILP, HiGHS", "highs", "full")]
+            for name, solver, method in methods:
+                progress.update(task, description=f"{label}: {name}")
+                res = run(fleet, solver, method, None if method == "decomposed" else args.full_time_limit)
+                rows.append({"case": label, "clients": n, "method": name, **res})
+                progress.advance(task)
+            progress.advance(task, 3 - len(methods))
+    meta = {"machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, python {sys.version.split()[0]}",
+            "model": "llama-2-7b", "ranks": RANKS, "training": TRAINING.__dict__,
+            "full_time_limit_s": args.full_time_limit, "date": time.strftime("%Y-%m-%d")}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
+    print("| case | method | status | wall s | utility | round s | proven gap | distinct splits |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        gap = "n/a" if r.get("gap") is None else f"{100 * r['gap']:.3g}%"
+        util = f"{r['utility']:.6f}" if "utility" in r else "-"
+        rnd = f"{r['round_s']:.2f}" if "round_s" in r else "-"
+        print(f"| {r['case']} | {r['method']} | {r['status']} | {r['wall_s']:.2f} | {util} | {rnd} | {gap} | "
+              f"{r.get('distinct_splits', '-')} |")
+
+
+if __name__ == "__main__":
+    main()
