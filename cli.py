@@ -170,6 +170,63 @@ def _render_check(p, ev, inst, fmt) -> None:
         console.print("[green]all constraints satisfied[/]")
 
 
+@app.command()
+def whatif(
+    fleets: list[str] = typer.Argument(..., help="Fleet YAML paths or shipped fleet names."),
+    vary: list[str] = typer.Option([], "--vary", help="PATH=V1,V2,... (repeatable); e.g. "
+                                   "clients.*.uplink_mbps=10,50,200, server.device=a100-80gb,h100-80gb, "
+                                   "ranks=0,4,8|0,2,4,8,16. Paths: docs/whatif.md."),
+    zip_vary: bool = typer.Option(False, "--zip", help="Walk the --vary lists in lockstep instead of all combinations."),
+    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    importance: Optional[Path] = typer.Option(None, "--importance", "-i"),
+    objective: str = typer.Option("utility", help="utility | latency"),
+    ranks: str = typer.Option("0,2,4,8,16", help="Allowed ranks (when not varied)."),
+    modules: Optional[str] = typer.Option(None, help="Modules (when not varied); default all."),
+    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1),
+    seq_len: int = typer.Option(256, "--seq-len", "-T", min=1),
+    local_steps: int = typer.Option(10, "--local-steps", min=1),
+    dtype: str = typer.Option("fp32"),
+    output: Path = typer.Option(Path("whatif"), "--output", "-o", help="Folder for the table and plots."),
+    fmt: str = typer.Option("table", "--format", help="table | json"),
+):
+    """Plan many fleet scenarios and compare them: a table (CSV, JSON, markdown) and plots.
+
+    Example: hsplit whatif example edge-100 --vary 'clients.*.uplink_mbps=10,50,200' -o whatif/
+    """
+    from rich.progress import Progress
+
+    from hsplit.planner.plan import Training
+    from hsplit.planner.plots import write_plots
+    from hsplit.planner.whatif import run_whatif, write_table
+    training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, dtype=dtype)
+    try:
+        with Progress(console=err, transient=True) as progress:
+            task = progress.add_task("planning scenarios", total=None)
+            df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
+                            ranks=parse_ints(ranks, "--ranks"), modules=modules.split(",") if modules else None,
+                            training=training,
+                            progress=lambda i, n, name: progress.update(task, completed=i, total=n,
+                                                                        description=_short(name)))
+    except (ConfigError, InfeasibleError, ValueError) as e:
+        fail(str(e), 1)
+    files = write_table(df, output) + write_plots(df, output)
+    if fmt == "json":
+        console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
+                                       "scenarios": json.loads(df.to_json(orient="records"))}))
+        return
+    cols = ["scenario", "status", "round_s", "straggler", "utility", "server_busy_share", "headroom_gib_min"]
+    console.print(df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4g"), markup=False,
+                  highlight=False)
+    bad = df[df["status"] == "infeasible"]
+    for _, r in bad.iterrows():
+        console.print(f"{r['scenario']}: infeasible: {r['infeasible']}", markup=False, highlight=False)
+    console.print(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}", markup=False, highlight=False)
+
+
+def _short(text: str, limit: int = 50) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _register_runtime() -> None:
     try:
         from hsplit.runtime.commands import register

@@ -44,8 +44,9 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
               time_limit: float | None = None, threads: int | None = None, server_rank: int = 8,
-              data: DataSpec | None = None) -> Plan:
-    """Solve the planning problem and return the Plan (not yet written; call plan.save(path))."""
+              data: DataSpec | None = None, tables_cache: dict | None = None) -> Plan:
+    """Solve the planning problem and return the Plan (not yet written; call plan.save(path)).
+    `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables."""
     _check_choice("--strategy", strategy, STRATEGIES)
     _check_choice("--objective", objective, OBJECTIVES)
     _check_choice("--solver", solver, SOLVERS)
@@ -76,7 +77,8 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
         configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
         label = f"full MILP ({solver})"
     else:
-        res = solve_decomposed(inst, objective, min_utility=min_utility, engine=solver, time_limit=time_limit)
+        res = solve_decomposed(inst, objective, min_utility=min_utility, engine=solver, time_limit=time_limit,
+                               tables_cache=tables_cache)
         configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
         label = "decomposed (frontier tables" + (f" + {solver} master)" if objective == "latency" else " + sweep)")
     wall = time.perf_counter() - t0

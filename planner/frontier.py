@@ -150,13 +150,23 @@ def _best_per_split(inst, a, tables, round_cap=None):
     return U
 
 
+def tables_for(inst: Instance, cache: dict | None = None) -> FrontierTables:
+    """Frontier tables for the instance; with a cache, built once for every split and re-used by any
+    instance with the same model, modules, ranks and importance (fleets and training may differ)."""
+    if cache is None:
+        return FrontierTables(inst, sorted({s for c in inst.classes for s in c.splits}))
+    key = (inst.model.arch_hash(), inst.modules, inst.ranks, hash(inst.v.tobytes()))
+    if key not in cache:
+        cache[key] = FrontierTables(inst, range(1, inst.L))
+    return cache[key]
+
+
 def solve_decomposed(inst: Instance, objective: str = "utility", *, min_utility: float | None = None,
-                     engine: str = "highs", time_limit: float | None = None, gap: float = 1e-4
-                     ) -> DecomposedResult:
+                     engine: str = "highs", time_limit: float | None = None, gap: float = 1e-4,
+                     tables_cache: dict | None = None) -> DecomposedResult:
     t0 = time.perf_counter()
     a = _class_arrays(inst)
-    splits = sorted({s for c in inst.classes for s in c.splits})
-    tables = FrontierTables(inst, splits)
+    tables = tables_for(inst, tables_cache)
     t_tables = time.perf_counter() - t0
     U = _best_per_split(inst, a, tables)
     Ustar = U.max(axis=1)
@@ -172,14 +182,14 @@ def solve_decomposed(inst: Instance, objective: str = "utility", *, min_utility:
         choice, got_gap = _min_round_with_floor(inst, a, tables, floor, engine, time_limit, gap)
         status = "optimal" if got_gap <= gap else "gap"
     configs: list[Config | None] = [None] * len(inst.clients)
-    cache: dict[tuple[int, int, int], np.ndarray] = {}
+    shared: dict[tuple[int, int, int], Config] = {}  # one Config object per distinct choice
     for c, assigned in choice.items():
         members = iter(inst.classes[c].members)
         for (s, m, p), n in assigned:
-            if (s, m, p) not in cache:
-                cache[(s, m, p)] = tables.ranks(s, m, p)
+            if (s, m, p) not in shared:
+                shared[(s, m, p)] = Config(s, tables.ranks(s, m, p))
             for _ in range(n):
-                configs[next(members)] = Config(s, cache[(s, m, p)])
+                configs[next(members)] = shared[(s, m, p)]
     return DecomposedResult(configs, status, got_gap, time.perf_counter() - t0,
                             {"tables_s": t_tables, "lattice_unit": tables.unit, "tables": len(tables.tables)})
 
