@@ -228,11 +228,12 @@ def _short(text: str, limit: int = 50) -> str:
 
 
 def _register_runtime() -> None:
-    try:
-        from hsplit.runtime.commands import register
-    except ImportError:
-        return
-    register(app)
+    """Add the runtime's commands (their modules import torch only inside the commands)."""
+    import importlib
+    import importlib.util
+    for name in ("hsplit.runtime.commands", "hsplit.runtime.measure_commands"):
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
 
 
 _register_runtime()
