@@ -91,6 +91,29 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
                      method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
 
 
+def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
+    """Re-solve `plan` with new importance scores and everything else unchanged (fleet, model,
+    training, ranks, modules, strategy, objective). The fleet is `plan.inputs["fleet"]` unless given;
+    a fleet whose content changed since the plan was made is refused."""
+    fleet_ref = fleet if fleet is not None else plan.inputs.get("fleet")
+    if not fleet_ref:
+        raise ConfigError(plan.source, ["inputs.fleet: the plan does not say which fleet it was made for; "
+                                        "pass the fleet explicitly"])
+    fleet_obj = fleet_ref if isinstance(fleet_ref, Fleet) else Fleet.load(fleet_ref)
+    expected = plan.inputs.get("fleet_sha256")
+    if expected and fleet_obj.sha256() != expected:
+        raise ConfigError(plan.source, [f"inputs.fleet_sha256: the fleet {fleet_obj.source} changed since this "
+                                        "plan was made; plan again with `hsplit plan`"])
+    solver = plan.solver.get("name", "cbc")
+    new = make_plan(fleet_obj, model or plan.model, importance=importance, ranks=tuple(plan.ranks_allowed),
+                    modules=plan.modules or None, training=plan.training, strategy=plan.strategy,
+                    objective=plan.objective, solver=solver if solver in SOLVERS else "cbc",
+                    server_rank=plan.server_rank, data=plan.data)
+    new.replan = plan.replan
+    new.inputs["fleet"] = plan.inputs.get("fleet", new.inputs["fleet"])
+    return new
+
+
 def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEval, Instance]:
     """Predicted costs and every violated constraint of a (possibly hand-written) plan."""
     fleet_obj, model_obj, imp = load_inputs(fleet, model or plan.model, importance)

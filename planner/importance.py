@@ -104,3 +104,9 @@ class Importance:
 
 def uniform() -> Importance:
     return Importance(scores={})
+
+
+def shift(old: Importance, new: Importance, model: ModelProfile, modules: tuple[str, ...]) -> float:
+    """How far importance moved: total-variation distance 0.5 * sum |v_old - v_new| between the
+    normalised scores of the planned matrices, in [0, 1]. `replan: {threshold: t}` compares this to t."""
+    return float(0.5 * np.abs(old.weights(model, modules) - new.weights(model, modules)).sum())

@@ -90,3 +90,27 @@ def test_importance_for_another_model_is_refused(tmp_path):
 def test_unknown_module_names_the_choices():
     with pytest.raises(ConfigError, match="does not exist in smollm2-135m"):
         make_plan("example", "smollm2-135m", modules=["c_attn"])
+
+
+def test_replan_resolves_with_new_importance_and_refuses_a_changed_fleet(tmp_path):
+    import shutil
+
+    from hsplit.planner.api import replan
+    from hsplit.planner.device import PROFILE_DIR
+    from hsplit.planner.importance import shift
+    fleet = tmp_path / "fleet.yaml"
+    shutil.copy(PROFILE_DIR / "fleets" / "example.yaml", fleet)
+    model = load_model_profile("smollm2-135m")
+    plan = make_plan(fleet, "smollm2-135m", modules=["q_proj", "v_proj"])
+    # Importance concentrated in the top blocks pulls the Pis' adapters upwards.
+    scores = {model.module_name(l, m): (10.0 if l >= 20 else 0.1) for l in range(30)
+              for m in ("self_attn.q_proj", "self_attn.v_proj")}
+    imp = Importance(scores=scores, method="test", model_hash=model.arch_hash(), source="<drift>")
+    assert shift(Importance(scores={}), imp, model, ("self_attn.q_proj", "self_attn.v_proj")) > 0.5
+    new = replan(plan, imp)
+    assert new.inputs["importance_method"].startswith("test")
+    assert [c.ranks for c in new.clients] != [c.ranks for c in plan.clients]
+    assert new.training == plan.training and new.modules == plan.modules
+    fleet.write_text(fleet.read_text().replace("count: 2", "count: 3", 1))
+    with pytest.raises(ConfigError, match="changed since this plan was made"):
+        replan(plan, imp)
