@@ -137,17 +137,23 @@ def _caps(inst: Instance, a, tables: FrontierTables, s: int, zs: int, round_cap:
 
 
 def _best_per_split(inst, a, tables, round_cap=None):
-    """U[c, s] = best utility of class c at split s (and the m achieving it)."""
+    """U[c, s]: best utility of class c at split s (round time <= round_cap when given), with
+    M[c, s] the lowest adapted block and P[c, s] the smallest lattice cost achieving it."""
     C = len(inst.classes)
     U = np.full((C, inst.L + 1), -np.inf)
+    M = np.zeros((C, inst.L + 1), dtype=np.int64)
+    P = np.zeros((C, inst.L + 1), dtype=np.int64)
     for s in range(1, inst.L):
         if not a["allowed"][:, s].any():
             continue
         for m in range(s, -1, -1):
             units, _, _ = _caps(inst, a, tables, s, s - m, round_cap)
             val = tables.lookup(s, m, units)
-            U[:, s] = np.maximum(U[:, s], val)
-    return U
+            better = val > U[:, s]
+            U[better, s] = val[better]
+            M[better, s] = m
+            P[better, s] = np.minimum(tables.min_units(s, m, val), np.maximum(units, 0))[better]
+    return U, M, P
 
 
 def tables_for(inst: Instance, cache: dict | None = None) -> FrontierTables:
@@ -168,8 +174,7 @@ def solve_decomposed(inst: Instance, objective: str = "utility", *, min_utility:
     a = _class_arrays(inst)
     tables = tables_for(inst, tables_cache)
     t_tables = time.perf_counter() - t0
-    U = _best_per_split(inst, a, tables)
-    Ustar = U.max(axis=1)
+    Ustar = _best_per_split(inst, a, tables)[0].max(axis=1)
     if np.isneginf(Ustar).any():
         raise RuntimeError("a class has no feasible configuration; check_feasible() should have caught it")
     if objective == "utility":
@@ -254,7 +259,7 @@ def min_round_sweep(inst: Instance, cand: list[tuple[float, int, float, object]]
 def _min_round_with_floor(inst, a, tables, floor, engine, time_limit, gap):
     """Latency objective: smallest R whose best utility reaches `floor`, by bisection on R.
     V(R) solves an integer master over counts n[c, s] (clients of class c at split s)."""
-    util_choice = _min_round_at_max_utility(inst, a, tables, _best_per_split(inst, a, tables).max(axis=1))
+    util_choice = _min_round_at_max_utility(inst, a, tables, _best_per_split(inst, a, tables)[0].max(axis=1))
     hi = _round_of_choice(inst, a, tables, util_choice)
     lo = 0.0
     best_choice = util_choice
@@ -290,17 +295,8 @@ def _round_of_choice(inst, a, tables, choice) -> float:
 def _master(inst, a, tables, R, floor, engine):
     """Can utility `floor` be reached with round time <= R? Returns (feasible, choice)."""
     C = len(inst.classes)
-    best = {}  # (c, s) -> (value, m, p)
-    for s in range(1, inst.L):
-        if not a["allowed"][:, s].any():
-            continue
-        for m in range(s, -1, -1):
-            units, _, _ = _caps(inst, a, tables, s, s - m, R)
-            val = tables.lookup(s, m, units)
-            p = np.minimum(tables.min_units(s, m, val), np.maximum(units, 0))
-            for c in np.nonzero(np.isfinite(val))[0]:
-                if (c, s) not in best or val[c] > best[(c, s)][0]:
-                    best[(c, s)] = (float(val[c]), m, int(p[c]))
+    U, M, P = _best_per_split(inst, a, tables, R)
+    best = {(int(c), int(s)): (float(U[c, s]), int(M[c, s]), int(P[c, s])) for c, s in zip(*np.nonzero(np.isfinite(U)))}
     if any(not any((c, s) in best for s in range(inst.L)) for c in range(C)):
         return False, None
     prob = pulp.LpProblem("master", pulp.LpMaximize)
