@@ -11,6 +11,10 @@ import yaml
 
 from hsplit.planner.errors import ConfigError
 
+# libyaml's C loader/dumper when available: large plans (thousands of clients) load and save ~10x faster.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_Dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML mapping; a missing file, a syntax error or a non-mapping is one ConfigError."""
@@ -18,7 +22,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(str(path), ["file not found: check the path"])
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as e:
         raise ConfigError(str(path), [f"not valid YAML: {e}"]) from None
     if not isinstance(data, dict):
@@ -40,6 +44,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -52,7 +59,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def dump_yaml(data: dict[str, Any], header: str = "") -> str:
-    body = yaml.safe_dump(data, sort_keys=False, default_flow_style=False, width=100)
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100)
     return (header.rstrip() + "\n" if header else "") + body
 
 
