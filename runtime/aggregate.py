@@ -15,6 +15,8 @@ holders. Adding a strategy = one small class with `aggregate` (see DESIGN.md's s
 - splitlora (FedAvg): A = sum_k p_k A_k and B = sum_k p_k B_k separately (needs one rank per
   module), which is (sum p B)(sum p A) = sum p B A + cross terms B_k A_l: the aggregation noise.
 - centralized (NoAggregation): one model, nothing to aggregate.
+- hetlora, flexlora, hafl-truncation, hafl-freezing: strategies_het.py (global adapter kept by the
+  server, per-holder assignment in RoundUpdate.assign_party / global_factors).
 """
 from __future__ import annotations
 
@@ -31,6 +33,10 @@ class ClientFactors:
     A: torch.Tensor        # (r_k, d_in)
     B: torch.Tensor        # (d_out, r_k)
     scaling: float         # alpha / r
+    party: str = ""        # the holder's adapter name (per-party strategies: strategies_het.py)
+    components: list[int] | None = None   # hafl: global component index of each row of A / column of B
+    updated: list[int] | None = None      # hafl: the slots (rows of A) this holder updated
+    scores: torch.Tensor | None = None    # hafl: importance of each slot
 
 
 @dataclass
@@ -38,6 +44,11 @@ class RoundUpdate:
     merge: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     assign: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     reinit: bool = False
+    # strategies that keep a global adapter (strategies_het.py):
+    global_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
+    assign_party: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    global_scores: dict[str, torch.Tensor] = field(default_factory=dict)       # hafl: module -> (R,)
+    local_scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # hafl-freezing
 
 
 def _normalised(weights: list[float]) -> list[float]:
@@ -48,6 +59,7 @@ def _normalised(weights: list[float]) -> list[float]:
 class ExactMerge:
     """hsplitlora: noise-free sum_k p_k B_k A_k (heterogeneous ranks), merged into the base."""
     name = "hsplitlora"
+    resets_adapters = True      # optimizer state need not outlive a client's local steps
 
     def aggregate(self, updates: dict[str, list[ClientFactors]]) -> RoundUpdate:
         out = RoundUpdate(reinit=True)
@@ -62,6 +74,7 @@ class ExactMerge:
 class FedAvg:
     """splitlora: average A and B separately (one rank per module across its holders)."""
     name = "splitlora"
+    resets_adapters = False
 
     def aggregate(self, updates: dict[str, list[ClientFactors]]) -> RoundUpdate:
         out = RoundUpdate()
@@ -84,12 +97,18 @@ class FedAvg:
 class NoAggregation:
     """centralized: a single model trained on pooled data; nothing to aggregate."""
     name = "centralized"
+    resets_adapters = False
 
     def aggregate(self, updates: dict[str, list[ClientFactors]]) -> RoundUpdate:
         return RoundUpdate()
 
 
 STRATEGIES = {"hsplitlora": ExactMerge(), "splitlora": FedAvg(), "centralized": NoAggregation()}
+# hetlora, flexlora, hafl-truncation, hafl-freezing keep a global adapter between rounds
+from hsplit.runtime.strategies_het import HAFL, FlexLoRA, HetLoRA  # noqa: E402
+
+STRATEGIES.update({"hetlora": HetLoRA(), "flexlora": FlexLoRA(), "hafl-truncation": HAFL(freezing=False),
+                   "hafl-freezing": HAFL(freezing=True)})
 
 
 def strategy_for(name: str, source: str = "<plan>"):

@@ -51,11 +51,15 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | N
 
     sim, config, r = load_run(run_dir, progress=progress)
     if data:
-        eval_set = load_eval_data(data, sim.lm.tokenizer, sim.t.seq_len)
+        from hsplit.runtime.generate import split_data_ref
+        path, fmt = split_data_ref(data)        # `e2e:PATH` names the format explicitly
+        eval_set = load_eval_data(path, sim.lm.tokenizer, sim.t.seq_len, fmt)
         source = data
     else:
         eval_set = sim.data.eval
         source = "held-out split"
+        if max_seqs is None:                    # the same sequences the run reported after each round
+            max_seqs = config.get("run", {}).get("eval_max_seqs")
     loss = evaluate(sim, eval_set, max_seqs)
     return {"run": str(run_dir), "round": r, "data": source, "sequences": min(len(eval_set), max_seqs or len(eval_set)),
             "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}

@@ -49,7 +49,8 @@ def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, tor
     state, t = checkpoint.load(run_dir, last, ("adapters.safetensors",))
     adapters = t["adapters.safetensors"]
     strategy = config["plan"]["strategy"]
-    keep = "global/" if strategy == "splitlora" else ("k0/" if strategy == "centralized" else None)
+    with_global = ("splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing")
+    keep = "global/" if strategy in with_global else ("k0/" if strategy == "centralized" else None)
     if keep:
         scaling = float(config["plan"]["training"]["lora_alpha_over_rank"])
         for k in adapters:

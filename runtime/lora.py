@@ -130,12 +130,12 @@ class AdapterBank:
                 out += [a, b]
         return out
 
-    def state(self, name: str) -> dict[str, torch.Tensor]:
-        """Copies of the adapter's tensors, keyed `<module>.lora_A` / `<module>.lora_B`."""
+    def state(self, name: str, copy: bool = True) -> dict[str, torch.Tensor]:
+        """The adapter's tensors (copies unless copy=False), keyed `<module>.lora_A` / `<module>.lora_B`."""
         out = {}
         for m, (a, b) in self.factors(name).items():
-            out[f"{m}.lora_A"] = a.detach().clone()
-            out[f"{m}.lora_B"] = b.detach().clone()
+            out[f"{m}.lora_A"] = a.detach().clone() if copy else a.detach()
+            out[f"{m}.lora_B"] = b.detach().clone() if copy else b.detach()
         return out
 
     @torch.no_grad()

@@ -75,6 +75,7 @@ def default_model_dir(progress: bool = True) -> Path:
         if target.exists():          # another process finished first
             shutil.rmtree(tmp)
         else:
+            os.chmod(tmp, 0o755)
             os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -105,8 +106,11 @@ class LoadedLM:
 def load_lm(ref: str, progress: bool = True) -> LoadedLM:
     """Load model + tokenizer in fp32 (compute dtype is applied with autocast while training)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = resolve_model_path(ref, progress)
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -42,6 +42,7 @@ from hsplit.planner.plan import ClientPlan, Plan, _plain
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint
 from hsplit.runtime.aggregate import ClientFactors, RoundUpdate, strategy_for
+from hsplit.runtime.strategies_het import HETEROGENEOUS, HetState
 from hsplit.runtime.data import FederatedData, TokenSet, load_federated_data
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.lora import AdapterBank
@@ -63,6 +64,7 @@ class RunOptions:
     progress: bool = True
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch CPU threads (1 is fastest on a busy machine)
+    compute_dtype: str = "auto"        # auto (plan dtype; fp32 on CPUs without fast bf16) | fp32 | bf16 | fp16
     on_step: Callable[[int, int, int], None] | None = None   # (round, client index, step): test hook
 
 
@@ -73,6 +75,27 @@ class RunResult:
     rows: list[dict]
     eval_before: float
     eval_after: float
+
+
+def compute_dtype(plan_dtype: str, device: torch.device, override: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for the simulation (None = fp32).
+
+    `auto` follows the plan's dtype, except on a CPU without native bf16/fp16 matmuls (no AVX512-BF16
+    or AMX), where low-precision autocast is emulated and ~8x slower than fp32: there it computes in fp32.
+    Master weights are always fp32 (merged updates are exact); the dtype only affects compute.
+    """
+    name = plan_dtype if override == "auto" else override
+    if name not in DTYPES:
+        raise ConfigError("--compute-dtype", [f"must be auto, fp32, bf16 or fp16, got {override!r}"])
+    if override == "auto" and device.type == "cpu" and name != "fp32" and not _cpu_has_fast_bf16():
+        return None
+    return DTYPES[name]
+
+
+def _cpu_has_fast_bf16() -> bool:
+    cpu = getattr(torch._C, "_cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return bool(cpu) and any(getattr(cpu, c, lambda: False)() for c in checks)
 
 
 def derive_seed(*parts: int) -> int:
@@ -119,21 +142,24 @@ def _predicted_round(c: ClientPlan) -> float | None:
 class Simulation:
     """Everything a run holds: ONE base model, per-client adapters and optimizers, data."""
 
-    def __init__(self, plan: Plan, lm: LoadedLM, data: FederatedData, device: torch.device):
+    def __init__(self, plan: Plan, lm: LoadedLM, data: FederatedData, device: torch.device,
+                 compute: str = "auto"):
         self.plan, self.lm, self.data, self.device = plan, lm, data, device
         t = plan.training
         self.t = t
         self.strategy = strategy_for(plan.strategy, plan.source)
-        self.autocast_dtype = DTYPES[t.dtype]
+        self.autocast_dtype = compute_dtype(t.dtype, device, compute)
         self.split = SplitLM(lm.model, lm.profile.family)
         self.bank = AdapterBank(lm.model, lm.profile.family, t.lora_alpha_over_rank, t.lora_dropout, plan.source)
         self.parties = self._make_parties()
         self.steps_per_round = t.local_steps * (len(plan.clients) if plan.strategy == "centralized" else 1)
         self.total_rounds = t.rounds
         torch.manual_seed(derive_seed(t.seed, 1))
+        # hetlora / flexlora / hafl-*: the server's global adapter, selections, importance
+        self.het = HetState(self, plan.strategy) if plan.strategy in HETEROGENEOUS else None
         for p in self.parties:
-            self.bank.add(p.adapter, p.ranks)
-        self.global_ranks = self._global_ranks()
+            self.bank.add(p.adapter, self.het.held_ranks(p) if self.het else p.ranks)
+        self.global_ranks = self.het.global_ranks if self.het else self._global_ranks()
         if self.global_ranks is not None:
             self.bank.add(GLOBAL, self.global_ranks)
         for p in self.parties:
@@ -141,6 +167,8 @@ class Simulation:
             self._new_optimizers(p)
         if self.global_ranks:
             self.bank.reinit(GLOBAL, derive_seed(t.seed, 2, 0))
+        if self.het:
+            self.het.start()
 
     # ---- setup ----
     def _make_parties(self) -> list[Party]:
@@ -221,12 +249,15 @@ class Simulation:
         # --- activation gradients cross back ---
         if h.requires_grad:
             h.backward(h_server.grad)
+        snap = self.het.before_step(p, step_idx) if self.het else None    # hafl: importance, freezing
         params = [q for o in opts for g in o.param_groups for q in g["params"]]
         if t.max_grad_norm > 0 and params:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
         for o in opts:
             o.step()
             o.zero_grad(set_to_none=True)
+        if snap:
+            self.het.after_step(p, snap)
         # traffic: activations + mask (1 byte/token) + labels (int32) up, activation gradients down
         act = h.numel() * h.element_size()
         up, down = (0, 0) if self.plan.strategy == "centralized" else (act + mask.numel() + 4 * labels.numel(), act)
@@ -252,6 +283,11 @@ class Simulation:
                 lr = out["lr"]
                 if progress:
                     progress.advance()
+            if self.strategy.resets_adapters:
+                # adapters restart after aggregation: this client's AdamW moments are dead weight now
+                for o in (p.opt_client, p.opt_server):
+                    if o is not None:
+                        o.state.clear()
             rows.append({"round": r + 1, "client": p.id, "device": p.device, "split_layer": p.split,
                          "train_loss": float(np.mean(losses)), "tokens": toks,
                          "wall_s": time.perf_counter() - start, "fleet_s": p.predicted_round_s,
@@ -266,17 +302,26 @@ class Simulation:
         updates: dict[str, list[ClientFactors]] = {}
         for p in self.parties:
             for m, (a, b) in self.bank.factors(p.adapter).items():
-                updates.setdefault(m, []).append(ClientFactors(p.weight, a, b, self.t.lora_alpha_over_rank))
+                updates.setdefault(m, []).append(ClientFactors(p.weight, a, b, self.t.lora_alpha_over_rank,
+                                                               party=p.adapter))
         return updates
 
     def aggregate(self, r: int, rows: list[dict]) -> RoundUpdate:
-        update = self.strategy.aggregate(self.collect())
+        update = (self.het.aggregate(self.strategy, self.collect()) if self.het
+                  else self.strategy.aggregate(self.collect()))
         self.apply(update, r)
         # traffic of the aggregation step: clients upload their own adapters, download the result
         for p, row in zip(self.parties, rows):
             if self.plan.strategy == "centralized":
                 continue
             own = self.bank.factors(p.adapter)
+            if self.het:      # up: the components it updated; down: what it holds next round
+                up = self.het.updated_ranks(p)
+                row["bytes_up"] += sum(4 * up[m] * (a.shape[1] + b.shape[0]) for m, (a, b) in own.items()
+                                       if m in p.client_modules)
+                row["bytes_down"] += sum(4 * (a.numel() + b.numel()) for m, (a, b) in own.items()
+                                         if m in p.client_modules)
+                continue
             row["bytes_up"] += sum(4 * (a.numel() + b.numel()) for m, (a, b) in own.items() if m in p.client_modules)
             got = update.merge if update.merge else update.assign
             row["bytes_down"] += sum(4 * (x.numel() + y.numel()) for m, (x, y) in got.items() if m in p.client_modules)
@@ -293,6 +338,8 @@ class Simulation:
                 if f is not None:
                     f[0].copy_(a)
                     f[1].copy_(b)
+        if self.het and (update.global_factors or update.assign_party):
+            self.het.apply(update)
         if update.reinit:
             for p in self.parties:
                 self.bank.reinit(p.adapter, derive_seed(self.t.seed, 2, r + 1))
@@ -309,7 +356,7 @@ class Simulation:
         adapters, optim = {}, {}
         names = [(p.adapter, p) for p in self.parties] + ([(GLOBAL, None)] if self.global_ranks else [])
         for name, p in names:
-            for k, v in self.bank.state(name).items():
+            for k, v in self.bank.state(name, copy=False).items():
                 adapters[f"{name}/{k}"] = v
             if p is None:
                 continue
@@ -324,6 +371,8 @@ class Simulation:
             for m, (b, a) in update.merge.items():
                 merged[f"{m}.B"] = b
                 merged[f"{m}.A"] = a
+        if self.het:
+            optim.update(self.het.state_tensors())      # hafl: importance scores (selections follow)
         return {"adapters.safetensors": adapters, "optimizer.safetensors": optim, "merged.safetensors": merged}
 
     def load_tensors(self, adapters: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
@@ -345,6 +394,8 @@ class Simulation:
                         state.setdefault(int(i), {})[key] = v
                 sd["state"] = state
                 opt.load_state_dict(sd)
+        if self.het:
+            self.het.load_state_tensors(optim)
 
     def replay_merge(self, merged: dict[str, torch.Tensor]) -> None:
         mods = sorted({k[:-2] for k in merged})
@@ -359,7 +410,7 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build(plan: Plan, progress: bool = True, device: str = "auto") -> Simulation:
+def build(plan: Plan, progress: bool = True, device: str = "auto", compute: str = "auto") -> Simulation:
     """Load and check everything a run needs (raises ConfigError before anything is written)."""
     lm = load_lm(plan.model, progress=progress)
     check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
@@ -370,7 +421,7 @@ def build(plan: Plan, progress: bool = True, device: str = "auto") -> Simulation
     lm.model.requires_grad_(False)
     weights = [c.data_weight for c in plan.clients]
     data = load_federated_data(plan.data, lm.tokenizer, plan.training.seq_len, weights, plan.training.seed)
-    return Simulation(plan, lm, data, dev)
+    return Simulation(plan, lm, data, dev, compute)
 
 
 def _run_dir(plan_path: Path, opts: RunOptions) -> Path:
@@ -414,11 +465,12 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
     if rounds < 1:
         raise ConfigError(str(plan_path), ["--rounds must be >= 1"])
 
-    sim = build(plan, progress=opts.progress, device=opts.device)       # every input check happens here
+    sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
     config = {"plan": Plan.load(plan_path).to_dict(),
               "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path,
                       "model_hash": sim.lm.profile.arch_hash(), "eval_max_seqs": opts.eval_max_seqs,
-                      "device": str(sim.device), "torch": str(torch.__version__)},
+                      "device": str(sim.device), "torch": str(torch.__version__),
+                      "compute_dtype": str(sim.autocast_dtype or torch.float32).removeprefix("torch.")},
               "data": sim.data.summary}
     rows: list[dict] = []
     if opts.resume:

@@ -20,6 +20,7 @@ from hsplit.runtime.train import RunOptions, build, lr_at, run
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("rt")
+    old = os.environ.get("HSPLIT_CACHE")
     os.environ["HSPLIT_CACHE"] = str(root / "cache")
     model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
     text = root / "corpus"
@@ -28,7 +29,11 @@ def env(tmp_path_factory):
              "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
     for i, name in enumerate(["alpha", "beta", "gamma"]):
         (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
-    return root, model, text
+    yield root, model, text
+    if old is None:
+        os.environ.pop("HSPLIT_CACHE", None)
+    else:
+        os.environ["HSPLIT_CACHE"] = old
 
 
 def make_plan(env, path_name="plan.yaml", strategy="hsplitlora", clients=None, **training):
@@ -134,7 +139,8 @@ class Killed(Exception):
     pass
 
 
-@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation",
+                                      "hafl-freezing"])
 def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, strategy):
     clients = None
     if strategy == "splitlora":           # one split, one rank everywhere (= server_rank)
@@ -159,7 +165,8 @@ def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, 
         assert a[f].keys() == b[f].keys()
         for k in a[f]:
             assert torch.equal(a[f][k], b[f][k]), (f, k)
-    assert a["merged.safetensors"] or a["optimizer.safetensors"]
+    # state that matters was compared: merged factors, optimizer moments, or (flexlora) the global adapter
+    assert a["merged.safetensors"] or a["optimizer.safetensors"] or any(k.startswith("global/") for k in a["adapters.safetensors"])
     with open(cut_dir / "metrics.csv") as f1, open(full.run_dir / "metrics.csv") as f2:
         strip = lambda rows: [{k: v for k, v in r.items() if k not in ("wall_s", "aggregate_s")} for r in rows]
         assert strip(list(csv.DictReader(f1))) == strip(list(csv.DictReader(f2)))

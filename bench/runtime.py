@@ -1,0 +1,258 @@
+"""Runtime benchmark: split step vs plain PEFT step, peak memory vs simulated clients, aggregation time.
+
+    .venv/bin/python bench/runtime.py                   # default model (SmolLM2-135M), ~5-10 min on 2 cores
+    .venv/bin/python bench/runtime.py --model tiny      # seconds; smoke test of the script
+
+1. Throughput: tokens/s of one hsplit client+server step (split at --split, rank --rank on every
+   module, client and server side) vs one plain single-process peft LoRA step of the same model,
+   ranks, batch and data, in the same process, steps interleaved (A B A B ...) so machine noise hits
+   both alike; medians over --steps. Target ratio >= 0.95.
+2. Peak memory (ru_maxrss of a fresh subprocess) of build + one round (1 local step per client) +
+   hsplitlora aggregation, for 1, 2, 5, 10 simulated clients. Target: 10 clients <= 1.3x one client.
+3. Aggregation time (exact merge incl. merging into the base; FedAvg) for 10 clients.
+Writes bench/results/runtime.json and replaces the "## Runtime" section of docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HEADING = "## Runtime (bench/runtime.py)"
+
+
+def _plan(model: str, clients: int, split: int, rank: int, batch: int, seq: int, strategy="hsplitlora"):
+    from hsplit.planner.plan import Plan
+    return Plan.from_dict({
+        "model": model, "strategy": strategy, "server_rank": rank,
+        "training": {"batch_size": batch, "seq_len": seq, "local_steps": 1, "rounds": 1, "dtype": "fp32",
+                     "learning_rate": 1e-4, "max_grad_norm": 1.0},
+        "data": {"path": "shakespeare", "partition": "iid"},
+        "clients": [{"id": f"c{i}", "device": "bench", "split_layer": split, "ranks": {"all_modules": rank}}
+                    for i in range(clients)]}, "<bench>")
+
+
+def _model_ref(args) -> str:
+    if args.model != "tiny":
+        return args.model
+    from hsplit.runtime.tiny import save_tiny_model
+    path = Path(tempfile.gettempdir()) / "hsplit-bench-tiny"
+    if not (path / "config.json").is_file():
+        save_tiny_model(path, "llama", layers=8, hidden=64)
+    return str(path)
+
+
+def _expand_all(plan, profile):
+    """'all_modules: r' shorthand for the bench: rank r on every module of the client's blocks."""
+    for c in plan.clients:
+        r = c.ranks.pop("all_modules")
+        c.ranks.update({m: r for m in profile.family.modules})
+    return plan
+
+
+def throughput(args) -> dict:
+    import torch
+    from peft import get_peft_model
+
+    from hsplit.runtime.lora import lora_config
+    from hsplit.runtime.model import lm_loss, load_lm
+    from hsplit.runtime.train import build
+
+    model = _model_ref(args)
+    lm0 = load_lm(model, progress=False)
+    split = args.split or lm0.profile.layers // 2
+    plan = _expand_all(_plan(model, 1, split, args.rank, args.batch, args.seq), lm0.profile)
+    sim = build(plan, progress=False, device="cpu")
+    party = sim.parties[0]
+    sim.bank.activate(party.adapter)
+    sim.lm.model.train()
+    # plain peft: the same model (a second copy), the same ranks, one AdamW, the unsplit forward
+    ranks = dict(party.ranks)
+    plain = get_peft_model(lm0.model, lora_config(ranks, 2.0, 0.0, lm0.profile.family))
+    plain.train()
+    params = [p for p in plain.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def plain_step(b):
+        loss, _ = lm_loss(plain(input_ids=b.input_ids, attention_mask=b.attention_mask).logits, b.labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {"hsplit": [], "peft": []}
+    for s in range(args.steps + 1):                       # step 0 is warm-up
+        b = party.data.batch(args.batch, 0, 0, 0, s)
+        order = ("hsplit", "peft") if s % 2 == 0 else ("peft", "hsplit")
+        for which in order:
+            t = time.perf_counter()
+            if which == "hsplit":
+                sim.step(party, b, s, 0, s)
+            else:
+                plain_step(b)
+            if s > 0:
+                times[which].append(time.perf_counter() - t)
+    tokens = args.batch * args.seq
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"model": args.model, "split": split, "rank": args.rank, "batch": args.batch, "seq_len": args.seq,
+            "adapted_modules": len(ranks), "steps": args.steps,
+            "hsplit_step_s": med["hsplit"], "peft_step_s": med["peft"],
+            "hsplit_tokens_per_s": tokens / med["hsplit"], "peft_tokens_per_s": tokens / med["peft"],
+            "ratio": med["peft"] / med["hsplit"]}
+
+
+def memory_child(args) -> dict:
+    """One subprocess: build K clients, one round, exact aggregation; peak RSS."""
+    from hsplit.runtime.aggregate import FedAvg
+    from hsplit.runtime.model import load_lm
+    from hsplit.runtime.train import build
+
+    model = _model_ref(args)
+    profile = load_lm(model, progress=False).profile if args.model == "tiny" else None
+    if profile is None:
+        from hsplit.planner.model import load_model_profile
+        profile = load_model_profile(model)
+    split = args.split or profile.layers // 2
+    plan = _expand_all(_plan(model, args.clients, split, args.rank, args.batch, args.seq), profile)
+    t0 = time.perf_counter()
+    sim = build(plan, progress=False, device="cpu")
+    t1 = time.perf_counter()
+    _reset_peak()                          # measure the training phase separately from loading
+    rows = sim.train_round(0)
+    t2 = time.perf_counter()
+    fed = time.perf_counter()
+    FedAvg().aggregate(sim.collect())
+    fed = time.perf_counter() - fed
+    t3 = time.perf_counter()
+    sim.aggregate(0, rows)
+    t4 = time.perf_counter()
+    return {"clients": args.clients, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "train_peak_rss_gib": _vm_hwm_gib(),
+            "build_s": t1 - t0, "round_s": t2 - t1, "exact_aggregate_s": t4 - t3, "fedavg_s": fed,
+            "adapter_params_per_client": sum(a.numel() + b.numel() for a, b in sim.bank.factors("k0").values())}
+
+
+def _reset_peak() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _vm_hwm_gib() -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        return None
+    return None
+
+
+def memory(args) -> list[dict]:
+    out = []
+    for k in args.clients_list:
+        cmd = [sys.executable, __file__, "--child-memory", "--clients", str(k), "--model", args.model,
+               "--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--split", str(args.split or 0), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if res.returncode != 0:
+            raise SystemExit(f"memory child failed for {k} clients:\n{res.stderr[-3000:]}")
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"  {k} clients: peak {out[-1]['peak_rss_gib']:.2f} GiB, training-phase peak "
+              f"{out[-1]['train_peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    for key in ("peak_rss_gib", "train_peak_rss_gib"):
+        base = out[0][key]
+        for r in out:
+            r[key.replace("_rss_gib", "") + "_ratio_vs_1"] = r[key] / base if base else None
+    return out
+
+
+def write_section(result: dict, command: str) -> None:
+    t, mem = result["throughput"], result["memory"]
+    lines = [HEADING, "",
+             f"Command: `{command}`  ",
+             f"Machine: {result['machine']}; torch {result['torch']}, {result['threads']} thread(s); "
+             f"date {result['date']}. Timings are noisy on a shared machine.", "",
+             "**Split step vs plain PEFT step** (same process, same model, ranks, batch and data; "
+             "steps interleaved; medians):", "",
+             "| model | split | rank (all modules) | batch x seq | hsplit tokens/s | peft tokens/s | ratio (target >= 0.95) |",
+             "|---|---|---|---|---|---|---|",
+             f"| {t['model']} | {t['split']} | {t['rank']} ({t['adapted_modules']} modules) | {t['batch']} x {t['seq_len']} "
+             f"| {t['hsplit_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} | {t['ratio']:.3f} |", "",
+             "**Peak memory vs simulated clients** (fresh process: build + one round of 1 local step per "
+             "client + hsplitlora aggregation; one copy of the base weights):", "",
+             "| clients | peak RSS (GiB) | vs 1 client (target 10 <= 1.3x) | training-phase peak (GiB) | vs 1 client "
+             "| round (s) | exact aggregation (s) | FedAvg (s) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in mem:
+        lines.append(f"| {m['clients']} | {m['peak_rss_gib']:.2f} | {m['peak_ratio_vs_1']:.2f}x "
+                     f"| {m['train_peak_rss_gib']:.2f} | {m['train_peak_ratio_vs_1']:.2f}x | {m['round_s']:.1f} "
+                     f"| {m['exact_aggregate_s']:.3f} | {m['fedavg_s']:.3f} |")
+    lines += ["", "Peak RSS is the whole process (dominated by loading the model and data); the "
+              "training-phase peak resets the kernel's high-water mark (VmHWM) after loading and covers "
+              "the round and the aggregation, where per-client state lives.",
+              "", f"Adapter parameters per client: {mem[0]['adapter_params_per_client']:,}. Exact aggregation "
+              "= stacking the factors, forming sum_k p_k B_k A_k per module and adding it to the base weight.", ""]
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    start = text.find(HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + len(HEADING))
+        text = text[:start] + "\n".join(lines) + (text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m (default) | tiny | HF folder")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--split", type=int, default=0, help="split layer (default: half the blocks)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--clients-list", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 5, 10])
+    ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
+    ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    torch.set_num_threads(args.threads)
+    if args.child_memory:
+        print(json.dumps(memory_child(args)))
+        return
+    print("throughput ...", file=sys.stderr)
+    thr = throughput(args)
+    print(f"  hsplit {thr['hsplit_tokens_per_s']:.1f} tok/s, peft {thr['peft_tokens_per_s']:.1f} tok/s, "
+          f"ratio {thr['ratio']:.3f}", file=sys.stderr)
+    print("memory ...", file=sys.stderr)
+    mem = memory(args)
+    result = {"throughput": thr, "memory": mem, "torch": torch.__version__, "threads": args.threads,
+              "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
+              "date": time.strftime("%Y-%m-%d")}
+    out = ROOT / "bench" / "results" / "runtime.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    command = "python bench/runtime.py " + " ".join(sys.argv[1:])
+    if not args.no_docs:
+        write_section(result, command.strip())
+    print(json.dumps(result, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

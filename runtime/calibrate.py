@@ -1,0 +1,236 @@
+"""Calibration (`hsplit calibrate`): the planner's predicted step times next to measured ones.
+
+    res = calibrate("smollm2-135m", "profiles/devices/this-machine.yaml", batch_size=4, seq_len=64)
+    res.write_csv("calibration.csv"); res.plot("calibration.png")
+
+For every split point s in 1..L-1 (and a few LoRA ranks r), on this machine:
+
+- predicted, from the planner (hsplit.planner.instance.build_instance with a one-client fleet whose
+  client and server are the measured device): client seconds per step = `cls.step(s, s, P) -
+  cls.step0` (compute only, the link part removed) with P = r * s * sum_j (d_in + d_out) (rank r on
+  every planned matrix of the client's blocks, so all s blocks are back-propagated), server seconds
+  per step = `inst.server_step_s[s]` with server rank r;
+- predicted from the profile's measured per-block times (`measured.block_times`, when present):
+  client = embed + s*(forward + backward) + P*lora_per_param, server = (L-s)*(forward + backward)
+  + (L-s)*r*sum_j w_j*lora_per_param + head -- the refinement proposed to the planner;
+- measured: one LoRA training step of the real model (rank r on every module of every block; the
+  client's adapters on blocks [0, s), the server's on [s, L)), timed in parts: client = embeddings
+  + blocks [0, s) forward + backward through them from the cut gradient; server = blocks [s, L) +
+  norm + head + loss forward and backward to the cut. Optimizer steps are not timed (the planner
+  does not model them). Median of `repetitions` after warm-up; repetitions are interleaved across
+  splits so that a change in machine load spreads over all splits instead of biasing some.
+
+Error = (predicted - measured) / measured.
+"""
+from __future__ import annotations
+
+import csv
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hsplit.planner.device import DeviceProfile
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.fleet import Fleet
+from hsplit.planner.instance import build_instance
+from hsplit.planner.plan import Training
+
+COLUMNS = ("split", "rank", "predicted_client_s", "measured_client_s", "error_client",
+           "predicted_server_s", "measured_server_s", "error_server",
+           "blocks_client_s", "blocks_error_client", "blocks_server_s", "blocks_error_server",
+           "spread_client", "spread_server")
+
+
+@dataclass
+class Calibration:
+    rows: list[dict]
+    settings: dict
+    summary: dict = field(default_factory=dict)
+
+    def write_csv(self, path) -> None:
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=COLUMNS)
+            w.writeheader()
+            for r in self.rows:
+                w.writerow({k: r.get(k) for k in COLUMNS})
+
+    def plot(self, path) -> None:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+        for ax, part in zip(axes, ("client", "server")):
+            for rank in sorted({r["rank"] for r in self.rows}):
+                rows = sorted((r for r in self.rows if r["rank"] == rank), key=lambda r: r["split"])
+                xs = [r["split"] for r in rows]
+                line, = ax.plot(xs, [r[f"measured_{part}_s"] for r in rows], "o-", ms=3, label=f"measured r={rank}")
+                ax.plot(xs, [r[f"predicted_{part}_s"] for r in rows], "--", color=line.get_color(),
+                        label=f"planner (FLOPs) r={rank}")
+                if rows and rows[0].get(f"blocks_{part}_s") is not None:
+                    ax.plot(xs, [r[f"blocks_{part}_s"] for r in rows], ":", color=line.get_color(),
+                            label=f"per-block profile r={rank}")
+            ax.set_title(f"{part} seconds per step")
+            ax.set_xlabel("split point s (client runs blocks [0, s))")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("seconds")
+        axes[1].legend(fontsize=7)
+        s = self.settings
+        fig.suptitle(f"{s['model']} b={s['batch_size']} T={s['seq_len']} on {s['device']}: "
+                     f"planner median |err| {self.summary['median_abs_error']:.0%}, worst {self.summary['worst_abs_error']:.0%}",
+                     fontsize=10)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+
+
+def _errors(rows, prefix_pred: str) -> list[float]:
+    out = []
+    for r in rows:
+        for part in ("client", "server"):
+            p = r.get(f"{prefix_pred}_{part}_s")
+            m = r[f"measured_{part}_s"]
+            if p is not None and m > 0:
+                out.append((p - m) / m)
+    return out
+
+
+def summarise(rows: list[dict]) -> dict:
+    out = {}
+    for key, prefix in (("", "predicted"), ("blocks_", "blocks")):
+        errs = _errors(rows, prefix)
+        if not errs:
+            continue
+        worst = max(errs, key=abs)
+        out[f"{key}median_abs_error"] = statistics.median(abs(e) for e in errs)
+        out[f"{key}worst_abs_error"] = abs(worst)
+        out[f"{key}worst_signed_error"] = worst
+        out[f"{key}mean_signed_error"] = statistics.fmean(errs)
+        for part in ("client", "server"):
+            pe = [(r[f"{'blocks' if key else 'predicted'}_{part}_s"] - r[f"measured_{part}_s"]) / r[f"measured_{part}_s"]
+                  for r in rows if r.get(f"{'blocks' if key else 'predicted'}_{part}_s") is not None]
+            out[f"{key}median_abs_error_{part}"] = statistics.median(abs(e) for e in pe)
+            out[f"{key}worst_abs_error_{part}"] = max(abs(e) for e in pe)
+    return out
+
+
+def predicted_times(device: DeviceProfile, model_profile, batch_size: int, seq_len: int, rank: int, dtype: str = "fp32"):
+    """[(client_s, server_s)] for s = 0..L from the planner's cost model (one client, server = device)."""
+    dev = device.to_dict()
+    fleet = Fleet.from_dict({"name": "calibrate", "server": {"device": dev}, "clients": [{"device": dev, "count": 1}]},
+                            "<calibrate>")
+    inst = build_instance(fleet, model_profile, ranks=(0, rank), training=Training(
+        batch_size=batch_size, seq_len=seq_len, local_steps=1, dtype=dtype), server_rank=rank)
+    cls = inst.classes[0]
+    width = int(inst.widths.sum())
+    out = []
+    for s in range(model_profile.layers + 1):
+        P = rank * s * width
+        out.append((cls.step(s, s, P) - cls.step0, float(inst.server_step_s[s])))
+    return out, width
+
+
+def block_model_times(bt: dict, L: int, s: int, rank: int, width: int) -> tuple[float, float]:
+    """The proposed per-block model: seconds per step from measured block times (same b, T)."""
+    fb = bt["forward_s"] + bt["backward_s"]
+    lora = bt["lora_s_per_param"]
+    client = bt["embed_s"] + s * fb + rank * s * width * lora
+    server = (L - s) * fb + (L - s) * rank * width * lora + bt["head_s"]
+    return client, server
+
+
+def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int = 64, ranks=(8,),
+              splits=None, extra_ranks=(), extra_splits=None, reps: int = 3, warmup: int = 1,
+              on_step: Callable[[int, int], None] | None = None, lm=None) -> Calibration:
+    """Measure and predict every (split, rank); `ranks` at every split in `splits` (default 1..L-1),
+    `extra_ranks` only at `extra_splits` (default: 1, L/2, L-1)."""
+    from peft import get_peft_model
+
+    from hsplit.runtime.lora import lora_config
+    from hsplit.runtime.model import SplitLM, lm_loss, load_lm
+
+    device = DeviceProfile.load(profile_path)
+    lm = lm or load_lm(model_ref, progress=False)
+    profile = lm.profile
+    L = profile.layers
+    splits = list(splits or range(1, L))
+    extra_splits = list(extra_splits or sorted({1, L // 2, L - 1}))
+    bad = [s for s in splits + extra_splits if not 1 <= s <= L - 1]
+    if bad:
+        raise ConfigError("--splits", [f"split points must be in 1..{L - 1} for {profile.name}, got {bad}"])
+    bt = (device.measured or {}).get("block_times")
+    if bt and (bt.get("model_hash") != profile.arch_hash() or bt.get("batch_size") != batch_size
+               or bt.get("seq_len") != seq_len):
+        bt = None                                    # measured for another model or shape: not used
+    jobs = [(s, r) for r in ranks for s in splits] + [(s, r) for r in extra_ranks for s in extra_splits
+                                                       if (s, r) not in {(a, b) for b in ranks for a in splits}]
+    by_rank: dict[int, list] = {}
+    for s, r in jobs:
+        by_rank.setdefault(r, []).append(s)
+    total = sum(len(v) * reps + warmup for v in by_rank.values())
+    done = 0
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, profile.vocab, (batch_size, seq_len), generator=gen)
+    mask = torch.ones_like(ids)
+    model = lm.model
+    for p in model.parameters():
+        p.requires_grad_(False)
+    samples: dict[tuple[int, int], list[tuple[float, float]]] = {}
+    for r, ss in by_rank.items():
+        names = {profile.module_name(l, m): r for l in range(L) for m in profile.family.default_modules}
+        peft_model = get_peft_model(model, lora_config(names, 2.0, 0.0, profile.family))
+        peft_model.train()
+        split = SplitLM(peft_model.base_model.model, profile.family)
+
+        def step(s):
+            t0 = time.perf_counter()
+            h = split.client_forward(ids, mask, s)
+            t1 = time.perf_counter()
+            hs = h.detach().requires_grad_(True)
+            loss, _ = lm_loss(split.server_forward(hs, mask, s), ids)
+            loss.backward()
+            t2 = time.perf_counter()
+            h.backward(hs.grad)
+            t3 = time.perf_counter()
+            peft_model.zero_grad(set_to_none=True)
+            return (t1 - t0) + (t3 - t2), t2 - t1
+        for _ in range(warmup):
+            step(ss[len(ss) // 2])
+            done += 1
+            if on_step:
+                on_step(done, total)
+        for _ in range(reps):
+            for s in ss:
+                samples.setdefault((s, r), []).append(step(s))
+                done += 1
+                if on_step:
+                    on_step(done, total)
+        peft_model.unload()
+    rows = []
+    for r in sorted(by_rank):
+        pred, width = predicted_times(device, profile, batch_size, seq_len, r)
+        for s in sorted(by_rank[r]):
+            smp = samples[(s, r)]
+            mc = statistics.median(c for c, _ in smp)
+            ms = statistics.median(v for _, v in smp)
+            pc, ps = pred[s]
+            row = {"split": s, "rank": r, "predicted_client_s": pc, "measured_client_s": mc,
+                   "error_client": (pc - mc) / mc, "predicted_server_s": ps, "measured_server_s": ms,
+                   "error_server": (ps - ms) / ms,
+                   "spread_client": (max(c for c, _ in smp) - min(c for c, _ in smp)) / mc,
+                   "spread_server": (max(v for _, v in smp) - min(v for _, v in smp)) / ms}
+            if bt:
+                bc, bs = block_model_times(bt, L, s, r, width)
+                row.update(blocks_client_s=bc, blocks_error_client=(bc - mc) / mc, blocks_server_s=bs,
+                           blocks_error_server=(bs - ms) / ms)
+            rows.append(row)
+    settings = {"model": profile.name, "model_hash": profile.arch_hash(), "profile": str(profile_path),
+                "device": device.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": "fp32",
+                "repetitions": reps, "warmup": warmup, "threads": torch.get_num_threads(),
+                "torch": str(torch.__version__), "flops_fp32": device.throughput("fp32"),
+                "block_times_used": bool(bt)}
+    return Calibration(rows=rows, settings=settings, summary=summarise(rows))

@@ -1,0 +1,180 @@
+"""Runtime commands of the `hsplit` CLI: run, eval, export, demo.
+
+cli.py calls `register(app)`. Nothing here imports torch at module level (each command imports
+the runtime inside its body), so `hsplit --help` stays fast. Commands print a short human summary,
+or one JSON object with `--format json`; bad input is one `error:` line and exit code 2.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, width=None if (sys.stderr if stderr else sys.stdout).isatty() else 160)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    _console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        _fail(f"--format must be text or json, got {fmt!r}")
+
+
+def _ppl(loss) -> str:
+    return f"{math.exp(loss):.2f}" if loss is not None and loss == loss else "n/a"
+
+
+def register(app: typer.Typer) -> None:
+    """Add `run`, `eval`, `export` and `demo` to the hsplit Typer app."""
+
+    @app.command("run")
+    def run_cmd(
+        plan: Path = typer.Argument(..., help="plan.yaml written by `hsplit plan` (or by hand)."),
+        rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Rounds to train (default: the plan's)."),
+        name: Optional[str] = typer.Option(None, "--name", help="Run folder name under --runs-dir (default: plan file stem)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete round."),
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are written."),
+        eval_seqs: int = typer.Option(64, "--eval-seqs", min=1, help="Held-out sequences evaluated after each round."),
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+        fmt: str = typer.Option("text", "--format", help="text | json"),
+    ):
+        """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
+
+        Writes runs/NAME/: metrics.csv, config.yaml (resolved), checkpoints/round-NNNN/.
+
+        Example: hsplit run plan.yaml --rounds 2 --name first   (then: hsplit run plan.yaml --name first --resume)
+        """
+        _check_format(fmt)
+        from hsplit.planner.errors import ConfigError
+        from hsplit.runtime.train import RunOptions, run
+
+        try:
+            res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
+                                       eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,
+                                       threads=threads))
+        except ConfigError as e:
+            _fail(str(e))
+        out = {"run": str(res.run_dir), "rounds": res.rounds_done, "eval_loss_before": res.eval_before,
+               "eval_loss_after": res.eval_after, "metrics": str(res.run_dir / "metrics.csv")}
+        if fmt == "json":
+            print(json.dumps(out))
+        else:
+            _console().print(f"held-out perplexity {_ppl(res.eval_before)} -> {_ppl(res.eval_after)}; "
+                             f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)")
+
+    @app.command("eval")
+    def eval_cmd(
+        run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
+        data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data file instead of the held-out split (FORMAT:PATH names the format, e.g. e2e:test.csv)."),
+        max_seqs: Optional[int] = typer.Option(None, "--max-seqs", min=1, help="Evaluate at most this many sequences (default: held-out split: the run's --eval-seqs; --data: all)."),
+        generate: bool = typer.Option(False, "--generate", help="Decode every MR of --data e2e:PATH: BLEU, ROUGE-L against all its references, perplexity."),
+        beams: int = typer.Option(1, "--beams", min=1, help="--generate: 1 = greedy, >1 = beam search."),
+        max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="--generate: longest output."),
+        max_mrs: Optional[int] = typer.Option(None, "--max-mrs", min=1, help="--generate: only the first N MRs."),
+        device: str = typer.Option("cpu", "--device", help="--generate: cpu | cuda"),
+        fmt: str = typer.Option("text", "--format", help="text | json"),
+    ):
+        """Held-out perplexity of a run's aggregated model (latest checkpoint); --generate: BLEU/ROUGE-L.
+
+        Example: hsplit eval runs/demo --format json
+        Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
+        (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json})
+        """
+        _check_format(fmt)
+        from hsplit.planner.errors import ConfigError
+        from hsplit.runtime.evaluate import evaluate_run
+
+        if generate:
+            if not data:
+                _fail("--generate needs --data e2e:PATH (an E2E CSV with mr, ref columns)")
+            from hsplit.runtime.generate import generate_run
+            try:
+                rep = generate_run(run_dir, data, max_mrs=max_mrs, beams=beams, max_new_tokens=max_new_tokens,
+                                   device=device)
+            except ConfigError as e:
+                _fail(str(e))
+            if fmt == "json":
+                print(json.dumps(rep))
+            else:
+                _console().print(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): BLEU "
+                                 f"{rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity {rep['perplexity']:.2f}; "
+                                 f"outputs {', '.join(rep['outputs'])}")
+            return
+        try:
+            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs)
+        except ConfigError as e:
+            _fail(str(e))
+        if fmt == "json":
+            print(json.dumps(rep))
+        else:
+            _console().print(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences): "
+                             f"loss {rep['eval_loss']:.4f}, perplexity {rep['perplexity']:.2f}")
+
+    @app.command("export")
+    def export_cmd(
+        run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
+        adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write a PEFT adapter folder here."),
+        merged: Optional[Path] = typer.Option(None, "--merged", help="Write a full merged HF model here."),
+        rank: Optional[int] = typer.Option(None, "--rank", min=1, help="SVD rank of the adapter (default: exact)."),
+        fmt: str = typer.Option("text", "--format", help="text | json"),
+    ):
+        """Export the learned update as a PEFT adapter (SVD-factored) and/or a merged model.
+
+        Example: hsplit export runs/demo --adapter out/adapter --rank 16
+        Load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "out/adapter")
+        """
+        _check_format(fmt)
+        from hsplit.planner.errors import ConfigError
+        from hsplit.runtime.export import export_run
+
+        try:
+            rep = export_run(run_dir, adapter=adapter, merged=merged, rank=rank)
+        except ConfigError as e:
+            _fail(str(e))
+        if fmt == "json":
+            print(json.dumps(rep))
+            return
+        c = _console()
+        if "adapter" in rep:
+            c.print(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {rep['rank']}, max {rep['max_rank']}); "
+                    f"relative error {rep['relative_error']:.3g} (worst {rep['worst_module']}: "
+                    f"{rep['max_module_error']:.3g}); base model {rep['base_model']}")
+        if "merged" in rep:
+            c.print(f"merged model: {rep['merged']}")
+
+    @app.command("demo")
+    def demo_cmd(
+        runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the plan and run folder go."),
+        rounds: int = typer.Option(2, "--rounds", min=1),
+        local_steps: int = typer.Option(2, "--local-steps", min=1),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+        fmt: str = typer.Option("text", "--format", help="text | json"),
+    ):
+        """Plan the example fleet for SmolLM2-135M, train 2 short rounds on Shakespeare, report perplexity.
+
+        Everything is embedded (no downloads). Takes a few minutes on a laptop CPU.
+
+        Example: hsplit demo
+        """
+        _check_format(fmt)
+        from hsplit.planner.errors import ConfigError, InfeasibleError
+        from hsplit.runtime.demo import demo
+
+        try:
+            rep = demo(runs_dir=runs_dir, rounds=rounds, local_steps=local_steps, threads=threads,
+                       progress=fmt == "text", say=None if fmt == "json" else _console().print)
+        except (ConfigError, InfeasibleError) as e:
+            _fail(str(e))
+        if fmt == "json":
+            print(json.dumps(rep))

@@ -1,0 +1,150 @@
+"""hsplit importance: AdaLoRA-smoothed sensitivity scores per matrix, computed group by group.
+
+Tiny Llama built from a config, random tokens; no hub, no downloads."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from hsplit.planner.api import make_plan
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.fleet import Fleet
+from hsplit.planner.importance import Importance
+from hsplit.planner.model import ModelProfile
+from hsplit.planner.plan import Training
+from hsplit.runtime.data import TokenSet
+from hsplit.runtime.importance import (ImportanceSettings, auto_blocks_per_pass, build_importance, normalise,
+                                       reference_scores, sensitivity_scores)
+from hsplit.runtime.measure_commands import register
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one thread avoids OpenMP spin contention with other processes on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from transformers import AutoModelForCausalLM, LlamaConfig
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=128)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    profile = ModelProfile.from_config(cfg.to_dict(), name="tiny-llama", source="<config>")
+    return model, profile, cfg
+
+
+def batches(seed: int, n: int = 4, b: int = 2, T: int = 16) -> list[TokenSet]:
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids = torch.randint(0, 128, (b, T), generator=g)
+        out.append(TokenSet(ids, torch.ones_like(ids), ids.clone()))
+    return out
+
+
+def all_names(profile):
+    return {profile.module_name(l, m) for l in range(profile.layers) for m in profile.family.default_modules}
+
+
+@pytest.mark.parametrize("bpp", [1, 2, 3])
+def test_group_by_group_scores_equal_the_all_at_once_reference(tiny, bpp):
+    model, profile, _ = tiny
+    mods = profile.family.default_modules
+    ref = reference_scores(model, profile, batches(0), mods)
+    got, info = sensitivity_scores(model, profile, batches(0), mods, blocks_per_pass=bpp, head_chunk_tokens=7)
+    assert info["passes"] == -(-3 // bpp)
+    assert set(got) == set(ref) == all_names(profile)
+    for k in ref:
+        assert got[k] == pytest.approx(ref[k], rel=1e-4, abs=1e-12), k
+    assert all(p.grad is None for p in model.parameters())          # nothing left behind
+
+
+def test_auto_grouping_scores_block_by_block_when_states_would_not_fit(tiny):
+    model, profile, _ = tiny
+    # two fp32 states per weight of all 3 blocks exceed half of this model's weight bytes
+    assert auto_blocks_per_pass(model, profile, profile.family.default_modules) < profile.layers
+
+
+def test_scores_are_deterministic_for_a_seed_and_depend_on_the_data(tiny):
+    model, profile, _ = tiny
+    mods = profile.family.default_modules
+    a, _ = sensitivity_scores(model, profile, batches(1), mods)
+    b, _ = sensitivity_scores(model, profile, batches(1), mods)
+    c, _ = sensitivity_scores(model, profile, batches(2), mods)
+    assert a == b
+    assert a != c
+    assert all(v > 0 for v in a.values())
+
+
+def test_smoothing_uses_the_uncertainty_term(tiny):
+    model, profile, _ = tiny
+    mods = ("self_attn.q_proj",)
+    # beta = 0: Ibar = I_t and Ubar = |I_t - Ibar_t| = 0 -> every score 0; with smoothing they are > 0
+    zero, _ = sensitivity_scores(model, profile, batches(0), mods, beta1=0.0, beta2=0.0)
+    smooth, _ = sensitivity_scores(model, profile, batches(0), mods)
+    assert all(v == 0 for v in zero.values())
+    assert all(v > 0 for v in smooth.values())
+
+
+def test_per_parameter_normalisation_divides_by_adapter_width(tiny):
+    model, profile, _ = tiny
+    raw, _ = sensitivity_scores(model, profile, batches(0), profile.family.default_modules)
+    per = normalise(raw, profile, "per-parameter")
+    shapes = profile.module_shapes()
+    for name, v in raw.items():
+        suffix = name.split(".", 3)[3]
+        assert per[name] == pytest.approx(v / sum(shapes[suffix]))
+    # q_proj (32+32) and k_proj (32+16) have different widths: the planner's weights change
+    mods = profile.family.default_modules
+    w_raw = Importance(scores=raw, method="sensitivity").weights(profile, mods)
+    w_per = Importance(scores=per, method="sensitivity").weights(profile, mods)
+    assert not np.allclose(w_raw, w_per)
+    assert w_per[0, 1] / w_per[0, 0] == pytest.approx(w_raw[0, 1] / w_raw[0, 0] * 64 / 48)
+
+
+def test_importance_file_loads_and_plan_accepts_it(tiny, tmp_path):
+    model, profile, cfg = tiny
+    settings = ImportanceSettings(steps=4, batch_size=2, seq_len=16, normalization="per-parameter")
+    raw, _ = sensitivity_scores(model, profile, batches(0), profile.family.default_modules)
+    path = tmp_path / "importance.yaml"
+    build_importance(raw, profile, settings, {"data": {"path": "random"}}).save(path)
+    imp = Importance.load(path)
+    assert set(imp.scores) == all_names(profile)
+    assert imp.model_hash == ModelProfile.from_config(cfg.to_dict(), "x", "y").arch_hash()
+    assert imp.normalization == "per-parameter" and imp.settings["steps"] == 4
+    dev = {"name": "d", "kind": "cpu", "memory_gib": 1.0, "flops": {"fp32": 1e9}, "uplink_mbps": 100, "downlink_mbps": 100}
+    fleet = Fleet.from_dict({"server": {"device": dev}, "clients": [{"device": dev, "count": 1}]}, "<t>")
+    plan = make_plan(fleet, profile, importance=path, training=Training(batch_size=2, seq_len=16, local_steps=1))
+    assert plan.inputs["importance_method"] == "sensitivity (per-parameter)"
+    other = ModelProfile.from_config({**cfg.to_dict(), "num_hidden_layers": 4}, "other", "<config>")
+    with pytest.raises(ConfigError, match="model_hash"):
+        make_plan(fleet, other, importance=path, training=Training(batch_size=2, seq_len=16, local_steps=1))
+
+
+def test_cli_importance_writes_a_file_for_every_matrix(tmp_path):
+    from hsplit.runtime.tiny import save_tiny_model
+    folder = save_tiny_model(tmp_path / "tiny", layers=2)
+    text = tmp_path / "data.txt"
+    text.write_text(" ".join(f"To be or not to be, line {i}, that is the question." for i in range(200)))
+    app = typer.Typer()
+    register(app)
+    out = tmp_path / "imp.yaml"
+    res = CliRunner().invoke(app, ["importance", "--model", str(folder), "--data", str(text), "--steps", "2",
+                                   "--batch-size", "2", "--seq-len", "16", "-o", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    imp = Importance.load(out)
+    assert info["matrices"] == len(imp.scores) == 2 * 7
+    assert imp.settings["steps"] == 2 and imp.settings["data"]["path"] == str(text)
+    bad = CliRunner().invoke(app, ["importance", "--model", str(folder), "--data", str(text), "--beta1", "1.5"])
+    assert bad.exit_code == 2 and "beta1" in bad.output

@@ -1,0 +1,124 @@
+"""hsplit profile and hsplit calibrate on a tiny model (few repetitions, tiny shapes)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from hsplit.planner.cost import block_backward_flops_frozen, block_forward_flops, head_flops
+from hsplit.planner.device import DeviceProfile
+from hsplit.planner.model import load_model_profile
+from hsplit.runtime.calibrate import predicted_times
+from hsplit.runtime.measure_commands import register
+from hsplit.runtime.profiling import matmul_throughput, summary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def app():
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from hsplit.runtime.tiny import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", layers=3)
+
+
+@pytest.fixture(scope="module")
+def measured(app, tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("p") / "this.yaml"
+    res = CliRunner().invoke(app, ["profile", "--name", "this", "--dtypes", "fp32", "--repetitions", "2",
+                                   "--warmup", "1", "--model", str(tiny_dir), "-b", "2", "-T", "16",
+                                   "-o", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    return out, json.loads(res.stdout)
+
+
+def test_summary_is_median_and_relative_iqr():
+    s = summary([1.0, 2.0, 3.0, 4.0, 100.0])
+    assert s["median_s"] == 3.0 and s["n"] == 5
+    assert s["spread"] == pytest.approx((4.0 - 2.0) / 3.0)
+
+
+def test_matmul_throughput_is_flops_over_median_time():
+    r = matmul_throughput("fp32", shapes=((64, 64, 64),), warmup=1, reps=3)
+    assert r["flops"] > 1e6 and r["flops_min"] <= r["flops"] <= r["flops_max"]
+    assert r["shapes"] == [[64, 64, 64]] and r["repetitions"] == 3
+
+
+def test_profile_writes_a_loadable_measured_device_profile(measured):
+    path, info = measured
+    prof = DeviceProfile.load(path)
+    assert prof.kind == "cpu" and prof.flops["fp32"] > 0 and prof.throughput("fp32") == prof.flops["fp32"]
+    assert 0 < prof.memory_gib <= prof.memory_total_gib
+    m = prof.measured
+    for key in ("date", "torch", "threads", "repetitions", "warmup", "matmul"):
+        assert key in m, key
+    assert m["matmul"]["fp32"]["repetitions"] == 2 and "spread" in m["matmul"]["fp32"]
+    bt = m["block_times"]
+    assert bt["batch_size"] == 2 and bt["seq_len"] == 16 and bt["forward_s"] > 0 and bt["head_s"] > 0
+    assert info["output"] == str(path)
+
+
+def test_profile_rejects_unknown_dtype(app, tmp_path):
+    res = CliRunner().invoke(app, ["profile", "--dtypes", "fp8", "-o", str(tmp_path / "x.yaml")])
+    assert res.exit_code == 2 and "--dtypes" in res.output
+
+
+def test_predicted_times_are_the_planner_cost_model(tiny_dir):
+    model = load_model_profile(tiny_dir)
+    dev = DeviceProfile.from_dict({"name": "d", "kind": "cpu", "memory_gib": 1, "flops": {"fp32": 1e9},
+                                   "uplink_mbps": 10, "downlink_mbps": 10}, "<t>")
+    pred, width = predicted_times(dev, model, 2, 16, rank=4)
+    s = 2
+    client = (s * (block_forward_flops(model, 2, 16) + block_backward_flops_frozen(model, 2, 16))
+              + 6 * 2 * 16 * 4 * s * width) / 1e9
+    assert pred[s][0] == pytest.approx(client)          # link time removed
+    L = model.layers
+    server = ((L - s) * (block_forward_flops(model, 2, 16) + block_backward_flops_frozen(model, 2, 16)
+                         + 6 * 2 * 16 * 4 * width) + head_flops(model, 2, 16)) / 1e9
+    assert pred[s][1] == pytest.approx(server)
+
+
+def test_calibrate_writes_one_row_per_split_and_a_png(app, measured, tiny_dir, tmp_path):
+    path, _ = measured
+    out = tmp_path / "cal"
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", str(path), "-b", "2", "-T", "16",
+                                   "--ranks", "4", "--extra-ranks", "8", "--extra-splits", "1", "--repetitions", "2",
+                                   "-o", str(out), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    rows = info["rows"]
+    assert sorted((r["split"], r["rank"]) for r in rows) == [(1, 4), (1, 8), (2, 4)]
+    for r in rows:
+        assert r["measured_client_s"] > 0 and r["measured_server_s"] > 0 and r["predicted_server_s"] > 0
+        assert r["error_client"] == pytest.approx((r["predicted_client_s"] - r["measured_client_s"]) / r["measured_client_s"])
+        assert r["blocks_client_s"] is not None          # the profile's block times match (model, b, T)
+    assert info["settings"]["block_times_used"] is True
+    assert "median_abs_error" in info["summary"] and "worst_abs_error" in info["summary"]
+    png = (tmp_path / "cal.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    csv_lines = (tmp_path / "cal.csv").read_text().strip().splitlines()
+    assert len(csv_lines) == 1 + 3
+
+
+def test_calibrate_rejects_a_split_outside_the_model(app, measured, tiny_dir, tmp_path):
+    path, _ = measured
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", str(path), "--splits", "3",
+                                   "-o", str(tmp_path / "c")])
+    assert res.exit_code == 2 and "1..2" in res.output
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "no such file" in res.output
