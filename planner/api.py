@@ -237,11 +237,13 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
                          "memory_gib": round(e.memory_bytes / GIB, 3),
                          "memory_budget_gib": round(inst.classes[class_of[k]].mem_cap / GIB, 3),
                          "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
-                         "adapter_params": int(e.params), "utility": round(e.utility, 6)}
+                         "adapter_params": int(e.params), "utility": round(e.utility, 6),
+                         "time_model": inst.classes[class_of[k]].time_model}
         clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=ranks,
                                   data_weight=round(inst.classes[class_of[k]].weight, 8), predicted=predicted))
     server = fleet_obj.server
-    server_info = {"device": server.device.name, "count": server.count, "concurrency": server.concurrency}
+    server_info = {"device": server.device.name, "count": server.count, "concurrency": server.concurrency,
+                   "time_model": inst.server_time_model}
     predicted = {}
     if ev is not None:
         server_info["predicted"] = {"busy_s": round(ev.server_busy_s, 3),

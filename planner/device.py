@@ -20,6 +20,32 @@ PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
 
 @dataclass(frozen=True)
+class BlockTimes:
+    """Measured seconds per training step of one model's parts on this device (`hsplit profile --model`),
+    at batch `batch_size` x `seq_len` tokens. The planner scales them linearly in tokens (b*T)."""
+    model: str
+    model_hash: str
+    batch_size: int
+    seq_len: int
+    dtype: str
+    forward_s: float          # one block, forward
+    backward_s: float         # one block, backward with frozen weights (input gradients)
+    lora_s_per_param: float   # LoRA forward + backward, per adapter parameter
+    embed_s: float            # embedding lookup
+    head_s: float             # final norm + LM head + loss, forward and backward
+    extra: dict = field(default_factory=dict)  # how it was measured (repetitions, blocks timed, ...)
+
+    FIELDS = ("model", "model_hash", "batch_size", "seq_len", "dtype", "forward_s", "backward_s",
+              "lora_s_per_param", "embed_s", "head_s")
+
+    def scale(self, batch_size: int, seq_len: int) -> float:
+        return (batch_size * seq_len) / (self.batch_size * self.seq_len)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**{k: getattr(self, k) for k in self.FIELDS}, **self.extra}
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     name: str
     kind: str
@@ -33,6 +59,14 @@ class DeviceProfile:
     source: str | None = None
     measured: dict[str, Any] | None = None
     notes: str | None = None
+    block_times: tuple[BlockTimes, ...] = ()
+
+    def block_times_for(self, model_hash: str, dtype: str) -> BlockTimes | None:
+        """Measured block times for this model and dtype, if this profile has them."""
+        for bt in self.block_times:
+            if bt.model_hash == model_hash and bt.dtype == dtype:
+                return bt
+        return None
 
     def throughput(self, dtype: str) -> float:
         """Planning throughput in FLOP/s for `dtype`: measured if present, else peak * efficiency."""
@@ -61,13 +95,15 @@ class DeviceProfile:
         for key in ("source", "measured", "notes"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.block_times:
+            out["block_times"] = [bt.to_dict() for bt in self.block_times]
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str, prefix: str = "") -> "DeviceProfile":
         p = Problems(source)
         known = {"name", "kind", "memory_gib", "memory_total_gib", "peak_flops", "efficiency", "flops",
-                 "uplink_mbps", "downlink_mbps", "source", "measured", "notes"}
+                 "uplink_mbps", "downlink_mbps", "source", "measured", "notes", "block_times"}
         for key in data:
             if key not in known:
                 p.add(prefix + key, f"unknown field; expected one of {', '.join(sorted(known))}")
@@ -108,15 +144,48 @@ class DeviceProfile:
         measured = data.get("measured")
         if measured is not None and not isinstance(measured, dict):
             p.add(prefix + "measured", "must be a mapping (written by `hsplit profile`)")
+        block_times = _block_times(data.get("block_times"), prefix, p)
         p.raise_if_any()
         return cls(name=name, kind=kind, memory_gib=mem, uplink_mbps=up, downlink_mbps=down,
                    peak_flops=tables["peak_flops"], efficiency=eff, flops=tables["flops"],
                    memory_total_gib=total, source=data.get("source"), measured=measured,
-                   notes=data.get("notes"))
+                   notes=data.get("notes"), block_times=block_times)
 
     @classmethod
     def load(cls, path: str | Path) -> "DeviceProfile":
         return cls.from_dict(read_yaml(path), str(path))
+
+
+def _block_times(raw, prefix: str, p: Problems) -> tuple[BlockTimes, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        p.add(prefix + "block_times", "must be a list of measurements (written by `hsplit profile --model`)")
+        return ()
+    out = []
+    for i, entry in enumerate(raw):
+        f = f"{prefix}block_times[{i}]"
+        if not isinstance(entry, dict):
+            p.add(f, "must be a mapping")
+            continue
+        missing = [k for k in BlockTimes.FIELDS if k not in entry]
+        if missing:
+            p.add(f, f"missing {', '.join(missing)}; re-run `hsplit profile --model ...`")
+            continue
+        vals = {}
+        for k in BlockTimes.FIELDS[5:]:
+            vals[k] = number(entry[k], f"{f}.{k}", p, minimum=0.0)
+        for k in ("batch_size", "seq_len"):
+            if not isinstance(entry[k], int) or entry[k] < 1:
+                p.add(f"{f}.{k}", f"must be a whole number >= 1, got {entry[k]!r}")
+        if entry["dtype"] not in DTYPES:
+            p.add(f"{f}.dtype", f"must be one of {', '.join(DTYPES)}")
+        if None in vals.values() or p.items:
+            continue
+        out.append(BlockTimes(model=str(entry["model"]), model_hash=str(entry["model_hash"]),
+                              batch_size=entry["batch_size"], seq_len=entry["seq_len"], dtype=entry["dtype"],
+                              extra={k: v for k, v in entry.items() if k not in BlockTimes.FIELDS}, **vals))
+    return tuple(out)
 
 
 def shipped_device_names() -> list[str]:

@@ -41,13 +41,14 @@ class ClientClass:
     mem0: float                   # bytes: embeddings + fixed buffers
     mem_per_block: float          # bytes per client block (frozen weights)
     mem_per_zblock: float         # bytes per back-propagated client block (activations)
-    step0: float                  # seconds per step: activations up + gradients down
+    step0: float                  # seconds per step whatever the split: link (link_s) + measured embedding time
     step_per_block: float         # seconds per client block forward
     step_per_zblock: float        # seconds per back-propagated client block
     step_per_param: float         # seconds per adapter parameter per step
     sync_per_param: float         # seconds per adapter parameter per round (upload + download)
     split_range: tuple[int, int] = (1, 1)
-    notes: list[str] = field(default_factory=list)
+    link_s: float = 0.0           # seconds per step on the link: activations up + gradients down
+    time_model: str = "flops"     # "flops" (FLOPs / throughput) or "measured" (profile block_times)
 
     @property
     def count(self) -> int:
@@ -78,6 +79,7 @@ class Instance:
     server_slot: np.ndarray       # [L+1] bytes one client in service occupies
     concurrency: int
     fleet: Fleet
+    server_time_model: str = "flops"
 
     @property
     def L(self) -> int:
@@ -124,9 +126,17 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
     widths = np.array([shapes[m][0] + shapes[m][1] for m in mods], dtype=np.int64)
 
     server = fleet.server
-    phi_s = server.device.throughput(training.dtype) * server.count
     L = model.layers
-    server_step_s = np.array([server_step_flops(coef, L, s) / phi_s for s in range(L + 1)])
+    mhash = model.arch_hash()
+    server_bt = server.device.block_times_for(mhash, training.dtype)
+    if server_bt is not None:
+        k = server_bt.scale(b, T) / server.count
+        per_block = server_bt.forward_s + server_bt.backward_s \
+            + server_bt.lora_s_per_param * coef.server_adapter_params_per_block
+        server_step_s = np.array([k * ((L - s) * per_block + server_bt.head_s) for s in range(L + 1)])
+    else:
+        phi_s = server.device.throughput(training.dtype) * server.count
+        server_step_s = np.array([server_step_flops(coef, L, s) / phi_s for s in range(L + 1)])
     server_slot = np.array([server_slot_bytes(coef, L, s) for s in range(L + 1)])
     server_mem_free = server.device.memory_gib * GIB * server.count - coef.server_frozen_bytes
 
@@ -138,26 +148,36 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
             classes[key].members.append(i)
             continue
         dev = c.device
-        phi = dev.throughput(training.dtype)
         lo, hi = c.splits or (1, L - 1)
         hi = min(hi, L - 1)
         allowed = [s for s in range(lo, hi + 1)
                    if server.concurrency * server_slot[s] <= server_mem_free]
         mem_cap = min(dev.memory_gib, c.budget.memory_gib or math.inf) * GIB
+        link = link_seconds(coef.cut_bytes, dev.uplink_mbps, dev.downlink_mbps)
+        bt = dev.block_times_for(mhash, training.dtype)
+        if bt is not None:  # measured seconds, scaled linearly in tokens (docs/formulation.md)
+            k = bt.scale(b, T)
+            times = dict(step0=link + k * bt.embed_s, step_per_block=k * bt.forward_s,
+                         step_per_zblock=k * bt.backward_s, step_per_param=k * bt.lora_s_per_param,
+                         time_model="measured")
+        else:
+            phi = dev.throughput(training.dtype)
+            times = dict(step0=link, step_per_block=coef.forward_flops / phi,
+                         step_per_zblock=coef.backward_flops / phi,
+                         step_per_param=coef.lora_flops_per_param / phi, time_model="flops")
         classes[key] = ClientClass(
             index=len(classes), device=dev.name, members=[i], weight=c.data_weight / total_weight,
             splits=allowed, mem_cap=mem_cap, round_budget=c.budget.round_s or math.inf,
             mem0=coef.embedding_bytes + coef.client_fixed_bytes,
             mem_per_block=coef.block_weight_bytes, mem_per_zblock=coef.block_act_bytes,
-            step0=link_seconds(coef.cut_bytes, dev.uplink_mbps, dev.downlink_mbps),
-            step_per_block=coef.forward_flops / phi, step_per_zblock=coef.backward_flops / phi,
-            step_per_param=coef.lora_flops_per_param / phi,
             sync_per_param=link_seconds(ADAPTER_WIRE_BYTES, dev.uplink_mbps, dev.downlink_mbps),
+            link_s=link, **times,
             split_range=(lo, hi))
     return Instance(model=model, modules=mods, ranks=ranks, training=training, server_rank=server_rank,
                     clients=clients, classes=list(classes.values()), v=v, g=rank_utility(ranks),
                     widths=widths, coef=coef, server_step_s=server_step_s, server_mem_free=server_mem_free,
-                    server_slot=server_slot, concurrency=server.concurrency, fleet=fleet)
+                    server_slot=server_slot, concurrency=server.concurrency, fleet=fleet,
+                    server_time_model="measured" if server_bt is not None else "flops")
 
 
 def infeasibility_reasons(inst: Instance) -> list[str]:

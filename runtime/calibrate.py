@@ -10,7 +10,7 @@ For every split point s in 1..L-1 (and a few LoRA ranks r), on this machine:
   cls.step0` (compute only, the link part removed) with P = r * s * sum_j (d_in + d_out) (rank r on
   every planned matrix of the client's blocks, so all s blocks are back-propagated), server seconds
   per step = `inst.server_step_s[s]` with server rank r;
-- predicted from the profile's measured per-block times (`measured.block_times`, when present):
+- predicted from the profile's measured per-block times (the profile's top-level `block_times`, when present):
   client = embed + s*(forward + backward) + P*lora_per_param, server = (L-s)*(forward + backward)
   + (L-s)*r*sum_j w_j*lora_per_param + head -- the refinement proposed to the planner;
 - measured: one LoRA training step of the real model (rank r on every module of every block; the
@@ -130,16 +130,16 @@ def predicted_times(device: DeviceProfile, model_profile, batch_size: int, seq_l
     out = []
     for s in range(model_profile.layers + 1):
         P = rank * s * width
-        out.append((cls.step(s, s, P) - cls.step0, float(inst.server_step_s[s])))
+        out.append((cls.step(s, s, P) - cls.link_s, float(inst.server_step_s[s])))
     return out, width
 
 
-def block_model_times(bt: dict, L: int, s: int, rank: int, width: int) -> tuple[float, float]:
-    """The proposed per-block model: seconds per step from measured block times (same b, T)."""
-    fb = bt["forward_s"] + bt["backward_s"]
-    lora = bt["lora_s_per_param"]
-    client = bt["embed_s"] + s * fb + rank * s * width * lora
-    server = (L - s) * fb + (L - s) * rank * width * lora + bt["head_s"]
+def block_model_times(bt, L: int, s: int, rank: int, width: int) -> tuple[float, float]:
+    """The per-block model (what the planner uses when a profile has block_times): seconds per step
+    from measured block times at the same (b, T). `bt` is a hsplit.planner.device.BlockTimes."""
+    fb = bt.forward_s + bt.backward_s
+    client = bt.embed_s + s * fb + rank * s * width * bt.lora_s_per_param
+    server = (L - s) * fb + (L - s) * rank * width * bt.lora_s_per_param + bt.head_s
     return client, server
 
 
@@ -162,10 +162,9 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
     bad = [s for s in splits + extra_splits if not 1 <= s <= L - 1]
     if bad:
         raise ConfigError("--splits", [f"split points must be in 1..{L - 1} for {profile.name}, got {bad}"])
-    bt = (device.measured or {}).get("block_times")
-    if bt and (bt.get("model_hash") != profile.arch_hash() or bt.get("batch_size") != batch_size
-               or bt.get("seq_len") != seq_len):
-        bt = None                                    # measured for another model or shape: not used
+    bt = device.block_times_for(profile.arch_hash(), "fp32")
+    if bt and (bt.batch_size, bt.seq_len) != (batch_size, seq_len):
+        bt = None                                    # measured at another shape: not compared here
     jobs = [(s, r) for r in ranks for s in splits] + [(s, r) for r in extra_ranks for s in extra_splits
                                                        if (s, r) not in {(a, b) for b in ranks for a in splits}]
     by_rank: dict[int, list] = {}

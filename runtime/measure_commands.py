@@ -184,8 +184,7 @@ def register(app: typer.Typer) -> None:
         for dt, v in data["flops"].items():
             c.print(f"  {dt}: {v / 1e9:.1f} GFLOP/s (spread {data['measured']['matmul'][dt]['spread']:.1%})")
         c.print(f"  memory: {data['memory_gib']} GiB usable of {data['memory_total_gib']} GiB")
-        bt = data["measured"].get("block_times")
-        if bt:
+        for bt in data.get("block_times", []):
             c.print(f"  {bt['model']} block at b={bt['batch_size']} T={bt['seq_len']}: forward {bt['forward_s'] * 1e3:.1f} ms, "
                     f"backward {bt['backward_s'] * 1e3:.1f} ms, head {bt['head_s'] * 1e3:.1f} ms")
 

@@ -243,13 +243,12 @@ def profile_device(name: str, *, model: str | None = None, batch_size: int = 4, 
     if model:
         if on_step:
             on_step(f"blocks of {model}")
-        measured["block_times"] = {k: (float(f"{v:.5g}") if isinstance(v, float) else v)
-                                   for k, v in block_times(model, batch_size, seq_len, device=device,
-                                                           reps=block_reps, warmup=1).items()}
+        timed = [{k: (float(f"{v:.5g}") if isinstance(v, float) else v)
+                  for k, v in block_times(model, batch_size, seq_len, device=device, reps=block_reps, warmup=1).items()}]
     data = {"name": name, "kind": "gpu" if device.startswith("cuda") else "cpu",
             "memory_total_gib": round(total, 2), "memory_gib": round(min(usable, total), 2),
             "flops": flops, "uplink_mbps": uplink_mbps, "downlink_mbps": downlink_mbps,
-            "measured": measured,
+            "measured": measured, **({"block_times": timed} if model else {}),
             "notes": (f"measured on {measured['processor']} with {measured['threads']} threads; memory_gib = "
                       f"memory available when measured ({how}); links not measured (given: "
                       f"--uplink-mbps {uplink_mbps:g}, --downlink-mbps {downlink_mbps:g})")}

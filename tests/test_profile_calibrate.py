@@ -68,8 +68,8 @@ def test_profile_writes_a_loadable_measured_device_profile(measured):
     for key in ("date", "torch", "threads", "repetitions", "warmup", "matmul"):
         assert key in m, key
     assert m["matmul"]["fp32"]["repetitions"] == 2 and "spread" in m["matmul"]["fp32"]
-    bt = m["block_times"]
-    assert bt["batch_size"] == 2 and bt["seq_len"] == 16 and bt["forward_s"] > 0 and bt["head_s"] > 0
+    (bt,) = prof.block_times
+    assert bt.batch_size == 2 and bt.seq_len == 16 and bt.forward_s > 0 and bt.head_s > 0
     assert info["output"] == str(path)
 
 
@@ -107,6 +107,9 @@ def test_calibrate_writes_one_row_per_split_and_a_png(app, measured, tiny_dir, t
         assert r["measured_client_s"] > 0 and r["measured_server_s"] > 0 and r["predicted_server_s"] > 0
         assert r["error_client"] == pytest.approx((r["predicted_client_s"] - r["measured_client_s"]) / r["measured_client_s"])
         assert r["blocks_client_s"] is not None          # the profile's block times match (model, b, T)
+        # ...and the planner itself predicts from them (docs/formulation.md, measured block times).
+        assert r["predicted_client_s"] == pytest.approx(r["blocks_client_s"], rel=1e-6)
+        assert r["predicted_server_s"] == pytest.approx(r["blocks_server_s"], rel=1e-6)
     assert info["settings"]["block_times_used"] is True
     assert "median_abs_error" in info["summary"] and "worst_abs_error" in info["summary"]
     png = (tmp_path / "cal.png").read_bytes()
