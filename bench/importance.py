@@ -13,10 +13,14 @@ single-process peft LoRA for the same number of steps and evaluated on held-out 
 3 seeds each (seed = LoRA init + batch order (+ random scores)); mean and spread of the final
 held-out loss. It also records the scorer's time and peak memory on the default model.
 
-    .venv/bin/python bench/importance.py                      # ~30 min on 2 CPU cores
+    nohup .venv/bin/python bench/importance.py > bench/results/importance.log 2>&1 &   # ~30 min, 2 loaded cores
+    .venv/bin/python bench/importance.py --resume             # finish an interrupted run (skips done runs)
     .venv/bin/python bench/importance.py --steps 10 --seeds 1 # quick look
 
-Writes bench/results/importance.json and prints the markdown table used in docs/benchmarks.md.
+Writes bench/results/importance.json and bench/results/importance.md (the markdown table used in
+docs/benchmarks.md) after EVERY run, so an interrupted benchmark leaves its partial table. One torch
+thread by default: on a CPU shared with other jobs, more threads oversubscribe the cores (a step was
+~45 s with 2 threads on the loaded 2-core machine, ~5 s with 1).
 """
 from __future__ import annotations
 
@@ -95,23 +99,30 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="shakespeare")
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--eval-seqs", type=int, default=48)
-    ap.add_argument("--importance-steps", type=int, default=16)
+    ap.add_argument("--eval-seqs", type=int, default=32)
+    ap.add_argument("--importance-steps", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --out, do the rest")
     ap.add_argument("--methods", default="importance,uniform,random")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "importance.json"))
     args = ap.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
-
-    settings = ImportanceSettings(steps=args.importance_steps, batch_size=args.batch_size, seq_len=args.seq_len)
-    imp, info = compute_importance(args.model, settings, data=args.data, progress=False)
-    print(f"importance: {info}", file=sys.stderr)
-    imp_path = Path(args.out).with_suffix(".importance.yaml")
-    imp.save(imp_path)
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    imp_path = out.with_suffix(".importance.yaml")
+    previous = json.loads(out.read_text()) if args.resume and out.is_file() else None
+    if previous is not None and imp_path.is_file():
+        info = previous["importance_info"]
+    else:
+        previous = None
+        settings = ImportanceSettings(steps=args.importance_steps, batch_size=args.batch_size, seq_len=args.seq_len)
+        imp, info = compute_importance(args.model, settings, data=args.data, progress=False)
+        print(f"importance: {info}", file=sys.stderr)
+        imp.save(imp_path)
 
     lm = load_lm(args.model, progress=False)
     profile = lm.profile
@@ -124,10 +135,12 @@ def main() -> None:
     budget = UNIFORM_RANK * profile.layers * widths
     results = {"settings": vars(args), "budget_params": budget, "importance_info": info,
                "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                           "threads": torch.get_num_threads()}, "runs": []}
+                           "threads": torch.get_num_threads()}, "runs": previous["runs"] if previous else []}
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     for seed in range(args.seeds):
         for method in names:
+            if any(r["method"] == method and r["seed"] == seed for r in results["runs"]):
+                continue
             if method == "importance":
                 ranks = allocate(profile, Importance.load(imp_path), budget)
             elif method == "uniform":
@@ -148,15 +161,30 @@ def main() -> None:
             results["runs"].append(row)
             print(f"{method:>10} seed {seed}: eval loss {loss:.4f} ({used} params, {len(ranks)} matrices, "
                   f"{wall:.0f} s)", file=sys.stderr)
-            Path(args.out).write_text(json.dumps(results, indent=1))
-    print("| allocation | held-out loss (mean ± sd, 3 seeds) | per seed | adapted matrices | adapter params |")
-    print("|---|---|---|---|---|")
+            tmp = out.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(results, indent=1))
+            tmp.replace(out)
+            write_table(results, names, args.seeds)
+    print(write_table(results, names, args.seeds))
+
+
+def write_table(results: dict, names: list[str], seeds: int) -> str:
+    """Markdown table (mean ± sample sd over the seeds done so far); also written next to the json."""
+    lines = [f"| allocation | held-out loss (mean ± sd) | seeds done | per seed | adapted matrices | adapter params |",
+             "|---|---|---|---|---|---|"]
     for method in names:
         rows = [r for r in results["runs"] if r["method"] == method]
+        if not rows:
+            lines.append(f"| {method} | pending | 0/{seeds} | | | |")
+            continue
         losses = [r["eval_loss"] for r in rows]
         sd = statistics.stdev(losses) if len(losses) > 1 else 0.0
-        print(f"| {method} | {statistics.mean(losses):.4f} ± {sd:.4f} | "
-              f"{', '.join(f'{x:.4f}' for x in losses)} | {rows[0]['matrices_adapted']} | {rows[0]['adapter_params']:,} |")
+        lines.append(f"| {method} | {statistics.mean(losses):.4f} ± {sd:.4f} | {len(rows)}/{seeds} | "
+                     f"{', '.join(f'{x:.4f}' for x in losses)} | {rows[0]['matrices_adapted']} | "
+                     f"{rows[0]['adapter_params']:,} |")
+    text = "\n".join(lines) + "\n"
+    Path(results["settings"]["out"]).with_suffix(".md").write_text(text)
+    return text
 
 
 if __name__ == "__main__":

@@ -48,6 +48,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
         fmt: str = typer.Option("text", "--format", help="text | json"),
+        distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
+        min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
+        timeout: float = typer.Option(300.0, "--timeout", min=1, help="--distributed: seconds to wait for a process before naming it lost."),
     ):
         """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
 
@@ -59,6 +62,11 @@ def register(app: typer.Typer) -> None:
         from hsplit.planner.errors import ConfigError
         from hsplit.runtime.train import RunOptions, run
 
+        if distributed:
+            from hsplit.runtime.distributed import run_local_cli
+            raise typer.Exit(run_local_cli(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
+                                                            eval_max_seqs=eval_seqs, device=device, threads=threads),
+                                           min_clients, timeout, fmt))
         try:
             res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
                                        eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,

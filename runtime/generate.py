@@ -78,7 +78,7 @@ def generate_texts(sim, prompts: list[str], max_new_tokens: int = 64, beams: int
                                      eos_token_id=eos, pad_token_id=pad, use_cache=True)
             for row, i in enumerate(chunk):
                 text = tok.decode(gen[row, width:], skip_special_tokens=True)
-                out[i] = text.split("\n")[0].strip()
+                out[i] = text.strip().split("\n")[0].strip()     # first non-empty line
     finally:
         sim.bank.activate(None)
     return out

@@ -18,12 +18,14 @@ parameters per unit of rank, d_in + d_out: importance per adapter parameter, HSp
 
 Memory. Gradients of the whole model are never held: a post-accumulate-grad hook folds each
 matrix's gradient into its smoothing state and frees it at once. The two smoothing states (fp32)
-are held only for a group of `blocks_per_pass` blocks at a time; blocks are scored group by group,
-bottom-up, and the input of the next group (the frozen model's hidden state at that block, for each
-batch) is cached so no forward below a group is repeated. Blocks run under activation
-checkpointing and the LM head + loss in token chunks, so activations and logits stay small. With
-`blocks_per_pass=None` the group size is chosen so that the states take at most half of the
-weights' bytes. `reference_scores` is the plain all-at-once computation (whole-model forward and
+are held only for a group of `blocks_per_pass` blocks at a time. One no-grad forward pass caches
+the input of every group (the frozen model's hidden state at the group boundary, per batch); groups
+are then scored top-down, each group's backward seeded by dL/dh at its upper boundary, which the
+group above produced (the weights are frozen, so it does not depend on which group is scored):
+every block runs forward twice and backward once in all, whatever the group size. Blocks run under
+activation checkpointing and the LM head + loss in 64-token chunks, so activations and logits stay
+small. With `blocks_per_pass=None` the group size minimises smoothing states + boundary cache
+(states capped at half of the weights' bytes). `reference_scores` is the plain all-at-once computation (whole-model forward and
 backward, every gradient held) that the tests compare the grouped computation with.
 """
 from __future__ import annotations
@@ -57,7 +59,7 @@ class ImportanceSettings:
     normalization: str = "raw"          # raw | per-parameter
     modules: tuple[str, ...] | None = None   # None = every adaptable module of the family
     blocks_per_pass: int | None = None  # None = auto (memory); 1 = strictly block by block
-    head_chunk_tokens: int = 256        # tokens per LM-head/loss chunk
+    head_chunk_tokens: int = 64         # tokens per LM-head/loss chunk
 
     def check(self) -> None:
         problems = []
@@ -106,12 +108,18 @@ def adaptable_matrices(model: torch.nn.Module, profile: ModelProfile, modules) -
     return out
 
 
-def auto_blocks_per_pass(model: torch.nn.Module, profile: ModelProfile, modules) -> int:
-    """Most blocks whose two fp32 smoothing states fit in STATE_SHARE_OF_WEIGHTS of the weight bytes."""
+def auto_blocks_per_pass(model: torch.nn.Module, profile: ModelProfile, modules, boundary_bytes: int = 0) -> int:
+    """Blocks per group. At most as many blocks as fit their two fp32 smoothing states in
+    STATE_SHARE_OF_WEIGHTS of the weight bytes; with `boundary_bytes` (the cached hidden states of
+    one group boundary, all batches), the group size that minimises states + boundary cache."""
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     shapes = profile.module_shapes()
     per_block = 8 * sum(shapes[m][0] * shapes[m][1] for m in modules)
-    return max(1, min(profile.layers, int(STATE_SHARE_OF_WEIGHTS * weight_bytes // per_block)))
+    L = profile.layers
+    cap = max(1, min(L, int(STATE_SHARE_OF_WEIGHTS * weight_bytes // per_block)))
+    if not boundary_bytes:
+        return cap
+    return min(range(1, cap + 1), key=lambda g: (g * per_block + -(-L // g) * boundary_bytes, g))
 
 
 def _chunked_head_loss(split: SplitLM, hidden: torch.Tensor, labels: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -133,12 +141,19 @@ def _chunked_head_loss(split: SplitLM, hidden: torch.Tensor, labels: torch.Tenso
 
 def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,
                        beta1: float = 0.85, beta2: float = 0.85, blocks_per_pass: int | None = None,
-                       head_chunk_tokens: int = 256,
+                       head_chunk_tokens: int = 64,
                        on_step: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], dict]:
-    """Raw scores (sum over each matrix of Ibar*Ubar), grouped computation; (scores, info)."""
+    """Raw scores (sum over each matrix of Ibar*Ubar), grouped computation; (scores, info).
+
+    One no-grad forward pass caches the input of every group, per batch. Groups are then scored
+    top-down: group [a, b) runs forward from its cached input and backward, seeded at the top by the
+    loss and below by dL/dh at its output boundary, which the group above produced (the weights are
+    frozen, so that gradient does not depend on which group is being scored). Every block runs
+    forward twice and backward once in all, whatever the group size."""
     split = SplitLM(model, profile.family)
     L = profile.layers
-    g = blocks_per_pass or auto_blocks_per_pass(model, profile, modules)
+    boundary = sum(b.input_ids.numel() for b in batches) * profile.hidden * 4
+    g = blocks_per_pass or auto_blocks_per_pass(model, profile, modules, boundary)
     g = min(g, L)
     groups = [(a, min(a + g, L)) for a in range(0, L, g)]
     weights = adaptable_matrices(model, profile, modules)
@@ -147,13 +162,22 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
     saved_flags = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    cache: list[torch.Tensor | None] = [None] * len(batches)   # input of the current group, per batch
     scores: dict[str, float] = {}
     handles = []
     total_work = len(groups) * len(batches)
     done = 0
     try:
-        for a, b in groups:
+        inputs: dict[int, list[torch.Tensor | None]] = {a: [None] * len(batches) for a, _ in groups}
+        with torch.no_grad():
+            for i, batch in enumerate(batches):
+                h = split.embed(batch.input_ids)
+                for a, b in groups[:-1]:
+                    inputs[a][i] = h
+                    h = split._run_blocks(h, batch.attention_mask, a, b)
+                inputs[groups[-1][0]][i] = h
+                del h
+        upstream: list[torch.Tensor | None] = [None] * len(batches)   # dL/d(output of the group being scored)
+        for a, b in reversed(groups):
             smoothers = {}
             for l in range(a, b):
                 for m in modules:
@@ -169,17 +193,17 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
                     handles.append(w.register_post_accumulate_grad_hook(hook))
             for i, batch in enumerate(batches):
                 mask = batch.attention_mask
-                if a == 0:
-                    with torch.no_grad():
-                        h = split.embed(batch.input_ids)
-                else:
-                    h = cache[i]
-                for l in range(a, L):
-                    if l == b:
-                        cache[i] = h.detach().clone()
+                x = inputs[a][i].detach().requires_grad_(a > 0)
+                inputs[a][i] = None
+                h = x
+                for l in range(a, b):
                     h = checkpoint(split._run_blocks, h, mask, l, l + 1, use_reentrant=False)
-                loss = _chunked_head_loss(split, h, batch.labels, head_chunk_tokens)
-                loss.backward()
+                if b == L:
+                    _chunked_head_loss(split, h, batch.labels, head_chunk_tokens).backward()
+                else:
+                    h.backward(upstream[i])
+                upstream[i] = x.grad if a > 0 else None
+                del x, h
                 done += 1
                 if on_step:
                     on_step(done, total_work)
@@ -299,6 +323,18 @@ class PeakRSS:
         return False
 
 
+def release_free_memory() -> None:
+    """Collect garbage and return freed heap pages to the OS (glibc malloc_trim; no-op elsewhere)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def compute_importance(model_ref: str, settings: ImportanceSettings, data: str = "shakespeare",
                        data_format: str = "auto", progress: bool = True,
                        on_step: Callable[[int, int], None] | None = None) -> tuple[Importance, dict]:
@@ -313,6 +349,7 @@ def compute_importance(model_ref: str, settings: ImportanceSettings, data: str =
     settings.modules = tuple(modules)
     batches, data_info = training_batches(data, lm.tokenizer, settings, data_format)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    release_free_memory()          # loader transients: freed, but still resident until trimmed
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         raw, info = sensitivity_scores(lm.model, profile, batches, modules, settings.beta1, settings.beta2,

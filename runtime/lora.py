@@ -15,6 +15,7 @@ lora_alpha = alpha_over_rank * rank: the scaling alpha/r is the same constant fo
 from __future__ import annotations
 
 import re
+import warnings
 import zlib
 
 import torch
@@ -22,6 +23,10 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import GPT2, Family
+
+# peft asks transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a warning
+# about peft's internals that users cannot act on.
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 NO_ADAPTER = "__none__"   # activating this name switches every LoRA layer off
 
@@ -161,7 +166,11 @@ class AdapterBank:
     @torch.no_grad()
     def merge_into_base(self, module: str, b_cat: torch.Tensor, a_cat: torch.Tensor) -> None:
         """W += B_cat @ A_cat (the exact aggregated update) in the base layer of `module`."""
-        base = self.layers()[module].get_base_layer()
+        layer = self.layers().get(module)
+        if layer is None:          # no adapter on it now (resume replays merges of an earlier plan)
+            from operator import attrgetter
+            layer = attrgetter(module)(self.model)
+        base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
         delta = b_cat.to(base.weight.dtype) @ a_cat.to(base.weight.dtype)
         base.weight += delta.T if self.family is GPT2 else delta
 

@@ -47,10 +47,12 @@ from hsplit.runtime.data import FederatedData, TokenSet, load_federated_data
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.lora import AdapterBank
 from hsplit.runtime.model import LoadedLM, SplitLM, check_model_hash, lm_loss, load_lm
+from hsplit.runtime import replan as replanning
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 METRIC_FIELDS = ["round", "client", "device", "split_layer", "train_loss", "eval_loss", "eval_ppl", "tokens",
-                 "wall_s", "fleet_s", "fleet_total_s", "bytes_up", "bytes_down", "lr", "aggregate_s"]
+                 "wall_s", "fleet_s", "fleet_total_s", "bytes_up", "bytes_down", "lr", "aggregate_s",
+                 "replan_shift", "replan"]
 GLOBAL = "global"
 
 
@@ -466,6 +468,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
         raise ConfigError(str(plan_path), ["--rounds must be >= 1"])
 
     sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
+    replanner = replanning.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
     config = {"plan": Plan.load(plan_path).to_dict(),
               "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path,
                       "model_hash": sim.lm.profile.arch_hash(), "eval_max_seqs": opts.eval_max_seqs,
@@ -500,7 +503,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
         for r in range(start, rounds):
             t0 = time.perf_counter()
             bar.start_round(r, len(sim.parties) * sim.steps_per_round)
-            client_rows = sim.train_round(r, bar, opts.on_step)
+            client_rows = sim.train_round(r, bar, replanner.begin_round(r, opts.on_step) if replanner else opts.on_step)
             t1 = time.perf_counter()
             update = sim.aggregate(r, client_rows)
             agg_s = time.perf_counter() - t1
@@ -511,7 +514,10 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
             for row in client_rows:
                 row.update(eval_loss=None, eval_ppl=None, fleet_total_s=None, aggregate_s=None)
             new_rows = client_rows + [g]
-            checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy})
+            if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
+                replanner.end_round(r, update, g)
+            checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy,
+                                                                 **(replanner.state() if replanner else {})})
             rows += new_rows
             write_metrics(run_dir, rows)
             bar.end_round(g)
@@ -549,6 +555,7 @@ def _restore(sim: Simulation, run_dir: Path, last: int) -> list[dict]:
             sim.replay_merge(tensors["merged.safetensors"])
         rows += state.get("metrics", [])
         if r == last:
+            replanning.restore(sim, run_dir, state, r)      # the plan in force after re-plans
             sim.load_tensors(tensors["adapters.safetensors"], tensors["optimizer.safetensors"])
     return rows
 

@@ -1,0 +1,1184 @@
+"""Distributed execution of a plan: the server and every client as separate processes (torch.distributed).
+
+    torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml --name demo   # 2 clients
+    hsplit run plan.yaml --distributed --name demo          # the same, launched locally by hsplit
+
+Rank 0 is the server, rank k (1..K) runs the plan's k-th client. Each process loads only its own
+part of the model (partial_load.py) but builds the same `train.Simulation` object around it, so the
+step arithmetic, aggregation (`Simulation.aggregate` / `apply`, every strategy of aggregate.py),
+checkpoints and metrics are the in-process code paths, and the result equals the in-process
+simulation's (tests/test_distributed.py, every strategy, within 1e-5).
+
+Wire protocol (point-to-point on a gloo process group; every message is an int64 header
+[MAGIC, kind, n_ints, n_tensors, payload bytes, ints..., (dtype, ndim, shape...) per tensor] and one
+uint8 payload with the tensors' bytes, 8-byte aligned):
+    client -> server  HELLO   plan sha256 + HMAC-SHA256(HSPLIT_TOKEN, plan sha256 | rank)
+    server -> client  VERDICT ok, or refused (the client prints why and exits 2)
+    client -> server  ACT     (round, step) activations h, attention mask, labels [, CPU RNG state]
+    server -> client  GRAD    dL/dh
+    client -> server  NORM    per-parameter gradient norms of its side (global-norm clipping)
+    server -> client  TOTAL   the global gradient norm; both sides clip with it and step
+    server -> client  ROUND / AGG / EVAL / RESTORE / FINISH / ABORT   (control)
+    client -> server  EVAL_H  activations of the held-out batches (evaluation after a round)
+Aggregation uses collectives on a process group of the live ranks: `gather` of every client's
+client-side adapters (+ AdamW moments, hafl importance EMAs) to the server, which runs
+`Simulation.aggregate`, then `broadcast` of the RoundUpdate (safetensors bytes, never pickle), which
+every client applies with `Simulation.apply`.
+
+The server serves clients concurrently: one reader thread per client queues its messages and the
+server handles whichever arrives first, keeping one adapter set and optimizer state per client (the
+Simulation's parties). A client that dies (connection lost) or does not answer within `--timeout`
+seconds is named; the round finishes with the remaining clients if at least `--min-clients` are
+left (aggregation re-weighted over them, recorded in faults.json and the metrics), otherwise the
+server keeps the last complete checkpoint, tells the other clients to stop and exits 3 printing the
+exact `--resume` command. Every wait has a deadline; no process waits forever.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import Plan, _plain
+from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
+from hsplit.runtime import checkpoint
+from hsplit.runtime.aggregate import RoundUpdate, strategy_for
+from hsplit.runtime.data import load_federated_data
+from hsplit.runtime.model import check_model_hash, lm_loss
+from hsplit.runtime.partial_load import is_placeholder, load_part
+from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _fleet_round, _global_row, _restore,
+                                  _run_dir, derive_seed, lr_at, pick_device, write_metrics)
+
+TOKEN_ENV = "HSPLIT_TOKEN"
+MAGIC = 0x5053504C   # "PSPL"
+HDR = 96
+(HELLO, VERDICT, ACT, GRAD, NORM, TOTAL, ROUND, AGG, EVAL, EVAL_H, RESTORE, FINISH, ABORT) = range(1, 14)
+KIND_NAMES = {v: k for k, v in dict(HELLO=HELLO, VERDICT=VERDICT, ACT=ACT, GRAD=GRAD, NORM=NORM, TOTAL=TOTAL,
+                                    ROUND=ROUND, AGG=AGG, EVAL=EVAL, EVAL_H=EVAL_H, RESTORE=RESTORE,
+                                    FINISH=FINISH, ABORT=ABORT).items()}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool,
+          torch.float64]
+EXIT_REFUSED, EXIT_FAULT = 2, 3
+
+
+@dataclass
+class DistOptions:
+    timeout_s: float = 300.0          # longest wait for any message from a peer
+    min_clients: int | None = None    # finish a round with this many clients left (default: all)
+    bind: str = "127.0.0.1"           # address this process's gloo device binds to
+    connect_timeout_s: float = 120.0  # rendezvous + handshake
+
+
+class PeerLost(Exception):
+    def __init__(self, rank: int, reason: str):
+        super().__init__(reason)
+        self.rank, self.reason = rank, reason
+
+
+class Refused(Exception):
+    pass
+
+
+# ------------------------------------------------------------------ messages
+
+@dataclass
+class Msg:
+    src: int
+    kind: int
+    ints: list[int]
+    tensors: list[torch.Tensor]
+    nbytes: int
+
+
+def _pack(kind: int, ints, tensors) -> tuple[torch.Tensor, torch.Tensor]:
+    ints = [int(i) for i in ints]
+    head = [MAGIC, kind, len(ints), len(tensors), 0] + ints
+    chunks, off = [], 0
+    for t in tensors:
+        t = t.detach().contiguous().cpu()
+        head += [DTYPES.index(t.dtype), t.dim(), *t.shape]
+        raw = t.reshape(-1).view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+        pad = (-raw.numel()) % 8
+        chunks.append(raw)
+        if pad:
+            chunks.append(torch.zeros(pad, dtype=torch.uint8))
+        off += raw.numel() + pad
+    if len(head) > HDR:
+        raise ValueError("message header too long")
+    head[4] = off
+    header = torch.zeros(HDR, dtype=torch.int64)
+    header[:len(head)] = torch.tensor(head, dtype=torch.int64)
+    payload = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8)
+    return header, payload
+
+
+def _unpack(src: int, header: torch.Tensor, payload: torch.Tensor) -> Msg:
+    h = header.tolist()
+    kind, n_ints, n_t = h[1], h[2], h[3]
+    ints = h[5:5 + n_ints]
+    i, off, tensors = 5 + n_ints, 0, []
+    for _ in range(n_t):
+        dtype, ndim = DTYPES[h[i]], h[i + 1]
+        shape = h[i + 2:i + 2 + ndim]
+        i += 2 + ndim
+        n = int(np.prod(shape)) * torch.empty((), dtype=dtype).element_size()
+        raw = payload[off:off + n]
+        tensors.append(raw.view(dtype).reshape(shape).clone() if n else torch.empty(shape, dtype=dtype))
+        off += n + (-n) % 8
+    return Msg(src, kind, ints, tensors, HDR * 8 + payload.numel())
+
+
+class Link:
+    """Point-to-point messages on a gloo process group, with deadlines; one reader thread per peer."""
+
+    def __init__(self, pg, rank: int, peers: list[int], timeout_s: float):
+        self.pg, self.rank, self.timeout_s = pg, rank, timeout_s
+        self.inbox: queue.Queue = queue.Queue()
+        self.held: list[Msg] = []                 # received but not yet asked for
+        self.bytes_sent = self.bytes_received = 0
+        self.by_kind: dict[str, int] = {}         # bytes per message kind, both directions
+        for p in peers:
+            threading.Thread(target=self._reader, args=(p,), daemon=True, name=f"hsplit-recv-{p}").start()
+
+    def _reader(self, src: int) -> None:
+        try:
+            while True:
+                header = torch.zeros(HDR, dtype=torch.int64)
+                self.pg.recv([header], src, 0).wait()
+                if int(header[0]) != MAGIC:
+                    raise RuntimeError("bad message header (not an hsplit peer?)")
+                payload = torch.empty(int(header[4]), dtype=torch.uint8)
+                if payload.numel():
+                    self.pg.recv([payload], src, 1).wait()
+                self.inbox.put(_unpack(src, header, payload))
+        except Exception as e:      # connection closed, process group torn down
+            self.inbox.put(PeerLost(src, _why(e)))
+
+    def pending_abort(self) -> str | None:
+        """The reason of an ABORT that arrived but was not read yet (the peer may be gone since)."""
+        for m in self.held:
+            if m.kind == ABORT:
+                return _text(m)
+        while True:
+            try:
+                m = self.inbox.get_nowait()
+            except queue.Empty:
+                return None
+            if isinstance(m, Msg) and m.kind == ABORT:
+                return _text(m)
+
+    def send(self, dst: int, kind: int, ints=(), tensors=()) -> int:
+        header, payload = _pack(kind, ints, tensors)
+        try:
+            works = [self.pg.send([header], dst, 0)]
+            if payload.numel():
+                works.append(self.pg.send([payload], dst, 1))
+            for w in works:
+                w.wait(datetime.timedelta(seconds=self.timeout_s))
+        except Exception as e:
+            raise PeerLost(dst, _why(e)) from None
+        n = HDR * 8 + payload.numel()
+        self.bytes_sent += n
+        self.by_kind[KIND_NAMES[kind]] = self.by_kind.get(KIND_NAMES[kind], 0) + n
+        return n
+
+    def next(self, deadline: float, want=None) -> Msg:
+        """The next message (from `want` ranks if given) before `deadline`, else PeerLost."""
+        for i, m in enumerate(self.held):
+            if want is None or m.src in want:
+                return self.held.pop(i)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            try:
+                m = self.inbox.get(timeout=min(left, 1.0))
+            except queue.Empty:
+                continue
+            if isinstance(m, PeerLost):
+                if want is None or m.rank in want:
+                    raise m
+                continue
+            self.bytes_received += m.nbytes
+            self.by_kind[KIND_NAMES[m.kind]] = self.by_kind.get(KIND_NAMES[m.kind], 0) + m.nbytes
+            if want is None or m.src in want:
+                return m
+            self.held.append(m)
+
+    def expect(self, src: int, kind: int) -> Msg:
+        try:
+            m = self.next(time.monotonic() + self.timeout_s, {src})
+        except TimeoutError:
+            raise PeerLost(src, f"no answer within {self.timeout_s:g} s") from None
+        if m.kind == ABORT:
+            raise Refused(_text(m))
+        if m.kind != kind:
+            raise PeerLost(src, f"protocol error: expected {KIND_NAMES[kind]}, got {KIND_NAMES.get(m.kind)}")
+        return m
+
+
+def _why(e: Exception) -> str:
+    text = str(e)
+    if "Connection" in text or "closed" in text or "reset" in text:
+        return "its connection closed (the process died or its machine went away)"
+    if "Timed out" in text or "timeout" in text.lower():
+        return "it did not answer in time"
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _text_tensor(s: str) -> torch.Tensor:
+    return torch.frombuffer(bytearray(s.encode() or b" "), dtype=torch.uint8).clone()
+
+
+def _text(m: Msg) -> str:
+    return bytes(m.tensors[0].tolist()).decode(errors="replace").strip() if m.tensors else ""
+
+
+# ------------------------------------------------------------------ tree <-> safetensors bytes (no pickle)
+
+def encode_tree(obj) -> torch.Tensor:
+    """Nested dicts/lists/tuples of tensors and plain values (or a dataclass of them) -> uint8 tensor."""
+    from safetensors.torch import save
+
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            key = str(len(tensors))
+            tensors[key] = x.detach().cpu().contiguous().clone()
+            return {"t": key}
+        if dataclasses.is_dataclass(x):
+            return {"c": {f.name: walk(getattr(x, f.name)) for f in dataclasses.fields(x)}}
+        if isinstance(x, dict):
+            return {"d": [[k, walk(v)] for k, v in x.items()]}
+        if isinstance(x, (list, tuple)):
+            return {"l" if isinstance(x, list) else "u": [walk(v) for v in x]}
+        if x is None or isinstance(x, (bool, int, float, str)):
+            return {"v": x}
+        raise TypeError(f"cannot send a {type(x).__name__}")
+
+    tree = walk(obj)
+    data = save(tensors, metadata={"tree": json.dumps(tree)})
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def decode_tree(buf: torch.Tensor, dataclass_type=None):
+    from safetensors import safe_open  # noqa: F401  (format check)
+    from safetensors.torch import load
+
+    raw = bytes(buf.numpy().tobytes())
+    tensors = load(raw)
+    n = int.from_bytes(raw[:8], "little")
+    tree = json.loads(json.loads(raw[8:8 + n])["__metadata__"]["tree"])
+
+    def build(node):
+        (k, v), = node.items()
+        if k == "t":
+            return tensors[v]
+        if k == "c":
+            return dataclass_type(**{name: build(x) for name, x in v.items()})
+        if k == "d":
+            return {key: build(x) for key, x in v}
+        if k == "l":
+            return [build(x) for x in v]
+        if k == "u":
+            return tuple(build(x) for x in v)
+        return v
+
+    return build(tree)
+
+
+# ------------------------------------------------------------------ identity and access
+
+def plan_hash(plan: Plan) -> str:
+    return hashlib.sha256(json.dumps(_plain(plan.to_dict()), sort_keys=True).encode()).hexdigest()
+
+
+def token_mac(token: str, phash: str, rank: int) -> bytes:
+    return hmac.new(token.encode(), f"{phash}|rank={rank}".encode(), hashlib.sha256).digest()
+
+
+def _bytes_tensor(b: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(b), dtype=torch.uint8).clone()
+
+
+def connect(bind: str, timeout_s: float):
+    """Rendezvous through torchrun's env:// variables (MASTER_ADDR/PORT, RANK, WORLD_SIZE) and build
+    a gloo process group whose device binds to `bind`. Returns (store, pg, rank, world)."""
+    import torch.distributed as dist
+
+    td = datetime.timedelta(seconds=timeout_s)
+    store, rank, world = next(dist.rendezvous("env://", timeout=td))
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = td
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+    pg = dist.ProcessGroupGloo(dist.PrefixStore("hsplit/p2p", store), rank, world, opts)
+    return store, pg, rank, world
+
+
+def _subgroup(store, ranks: list[int], rank: int, gen: str, timeout_s: float):
+    """A gloo group of `ranks` for collectives (only its members take part in creating it)."""
+    import torch.distributed as dist
+
+    opts = dist.ProcessGroupGloo._Options()
+    opts._timeout = datetime.timedelta(seconds=timeout_s)
+    opts._devices = [dist.ProcessGroupGloo.create_device(hostname=_BIND[0])]
+    prefix = f"hsplit/agg/{gen}/{'-'.join(map(str, ranks))}"
+    return dist.ProcessGroupGloo(dist.PrefixStore(prefix, store), ranks.index(rank), len(ranks), opts)
+
+
+_BIND = ["127.0.0.1"]
+
+
+def _gather_bytes(pg, blob: torch.Tensor, n: int, timeout_s: float) -> list[torch.Tensor] | None:
+    """Collective gather of variable-size uint8 blobs to group rank 0 (sizes first, then padded data)."""
+    td = datetime.timedelta(seconds=timeout_s)
+    size = torch.tensor([blob.numel()], dtype=torch.int64)
+    sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(n)] if pg.rank() == 0 else []
+    pg.gather([sizes] if sizes else [], [size], _gopts(0)).wait(td)
+    if pg.rank() == 0:
+        m = max(int(s) for s in sizes)
+    else:
+        m = None
+    mt = torch.tensor([m or 0], dtype=torch.int64)
+    pg.broadcast([mt], _bopts(0)).wait(td)
+    m = int(mt)
+    padded = torch.zeros(m, dtype=torch.uint8)
+    padded[:blob.numel()] = blob
+    outs = [torch.zeros(m, dtype=torch.uint8) for _ in range(n)] if pg.rank() == 0 else []
+    pg.gather([outs] if outs else [], [padded], _gopts(0)).wait(td)
+    if pg.rank() != 0:
+        return None
+    return [o[:int(s)] for o, s in zip(outs, sizes)]
+
+
+def _broadcast_bytes(pg, blob: torch.Tensor | None, timeout_s: float) -> torch.Tensor:
+    td = datetime.timedelta(seconds=timeout_s)
+    size = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
+    pg.broadcast([size], _bopts(0)).wait(td)
+    buf = blob if pg.rank() == 0 else torch.zeros(int(size), dtype=torch.uint8)
+    pg.broadcast([buf], _bopts(0)).wait(td)
+    return buf
+
+
+def _gopts(root):
+    import torch.distributed as dist
+    o = dist.GatherOptions()
+    o.rootRank = root
+    return o
+
+
+def _bopts(root):
+    import torch.distributed as dist
+    o = dist.BroadcastOptions()
+    o.rootRank = root
+    o.rootTensor = 0
+    return o
+
+
+# ------------------------------------------------------------------ building one process's Simulation
+
+def build_part(plan: Plan, rank: int, device: str = "cpu", compute: str = "auto") -> Simulation:
+    """The Simulation of one process, around only its part of the model (rank 0: the server)."""
+    if plan.strategy == "centralized":
+        raise ConfigError(plan.source, ["strategy centralized has no split: run it in-process (hsplit run)"])
+    strategy_for(plan.strategy, plan.source)
+    if rank == 0:
+        lo = min(c.split_layer for c in plan.clients)
+        lm = _load(plan, lambda L: range(lo, L), embeddings=False, head=True, device=device)
+    else:
+        s = plan.clients[rank - 1].split_layer
+        lm = _load(plan, lambda L: range(0, s), embeddings=True, head=False, device=device)
+    check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
+    plan.validate_for(lm.profile)
+    lm.model.requires_grad_(False)
+    weights = [c.data_weight for c in plan.clients]
+    data = load_federated_data(plan.data, lm.tokenizer, plan.training.seq_len, weights, plan.training.seed)
+    sim = Simulation(plan, lm, data, pick_device(device), compute)
+    bank = sim.bank
+    owned_merge = bank.merge_into_base
+
+    def merge_owned(module, b_cat, a_cat):       # a merge into a block this process does not hold: skip
+        if not is_placeholder(bank.layers()[module].get_base_layer().weight):
+            owned_merge(module, b_cat, a_cat)
+
+    bank.merge_into_base = merge_owned
+    return sim
+
+
+def _load(plan: Plan, blocks, embeddings: bool, head: bool, device: str):
+    from transformers import AutoConfig
+    from hsplit.runtime.model import resolve_model_path
+    path = resolve_model_path(plan.model, progress=False)
+    layers = AutoConfig.from_pretrained(path).num_hidden_layers
+    return load_part(path, blocks(layers), embeddings=embeddings, head=head, device=pick_device(device))
+
+
+def _set_lr(sim: Simulation, opts, r: int, s: int) -> float:
+    t = sim.t
+    lr = lr_at(r * sim.steps_per_round + s, sim.total_rounds * sim.steps_per_round, t.learning_rate,
+               t.warmup_steps, t.lr_schedule)
+    for o in opts:
+        for g in o.param_groups:
+            g["lr"] = lr
+    return lr
+
+
+def _grads(opt) -> list[torch.Tensor]:
+    if opt is None:
+        return []
+    return [q.grad for g in opt.param_groups for q in g["params"] if q.grad is not None]
+
+
+def _norms(opt) -> torch.Tensor:
+    gs = _grads(opt)
+    return torch.stack(torch._foreach_norm(gs, 2.0)) if gs else torch.zeros(0)
+
+
+def _clip(opt, max_norm: float, total: torch.Tensor) -> None:
+    if opt is None:
+        return
+    params = [q for g in opt.param_groups for q in g["params"]]
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+
+
+def _upload(sim: Simulation, p) -> torch.Tensor:
+    """A client's round result for the server: its client-side factors, AdamW state, hafl EMAs."""
+    own = {m: (a.detach(), b.detach()) for m, (a, b) in sim.bank.factors(p.adapter).items() if m in p.client_modules}
+    opt = {}
+    if p.opt_client is not None:
+        for i, st in p.opt_client.state_dict()["state"].items():
+            opt[str(i)] = {k: torch.as_tensor(v) for k, v in st.items()}
+    ema = {}
+    if sim.het is not None:
+        for (m, key), pair in sim.het._ema.get(p.adapter, {}).items():
+            if m in p.client_modules:
+                ema.setdefault(m, {})[key] = list(pair)
+    return encode_tree({"factors": own, "opt": opt, "ema": ema})
+
+
+@torch.no_grad()
+def _absorb(sim: Simulation, p, blob: torch.Tensor) -> None:
+    """The server side of _upload: the client's state into the server's copy of that party."""
+    up = decode_tree(blob)
+    f = sim.bank.factors(p.adapter)
+    for m, (a, b) in up["factors"].items():
+        f[m][0].copy_(a)
+        f[m][1].copy_(b)
+    if p.opt_client is not None:
+        sd = p.opt_client.state_dict()
+        sd["state"] = {int(i): dict(st) for i, st in up["opt"].items()}
+        p.opt_client.load_state_dict(sd)
+    if sim.het is not None:
+        ema = sim.het._ema.setdefault(p.adapter, {})
+        for m, keys in up["ema"].items():
+            for key, pair in keys.items():
+                ema[(m, key)] = list(pair)
+
+
+def _eval_subset(sim: Simulation, max_seqs: int | None):
+    data = sim.data.eval
+    if max_seqs and len(data) > max_seqs:
+        data = data.subset(np.linspace(0, len(data) - 1, max_seqs).round().astype(int))
+    return data
+
+
+# ------------------------------------------------------------------ the client process
+
+def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOptions, device: str, compute: str,
+                say, seq: int = 0) -> int:
+    plan = Plan.load(plan_path)
+    phash = plan_hash(plan)
+    token = os.environ.get(TOKEN_ENV, "")
+    mac = token_mac(token, phash, rank) if token else b""
+    link.send(0, HELLO, [1 if token else 0], [_bytes_tensor(phash.encode()), _bytes_tensor(mac or b"\0")])
+    try:
+        verdict = link.expect(0, VERDICT)
+    except Refused as e:
+        say(f"error: the server refused rank {rank}: {e}")
+        return EXIT_REFUSED
+    if verdict.ints[0] != 1:
+        say(f"error: the server refused rank {rank}: {_text(verdict)}")
+        return EXIT_REFUSED
+    sim = build_part(plan, rank, device, compute)
+    p = sim.parties[rank - 1]
+    group, members, gen = None, None, 0
+    while True:
+        try:
+            m = link.next(time.monotonic() + dopts.timeout_s, {0})
+        except TimeoutError:
+            say(f"error: client {p.id} (rank {rank}): the server sent nothing for {dopts.timeout_s:g} s; exiting")
+            return EXIT_FAULT
+        except PeerLost as e:
+            say(f"error: client {p.id} (rank {rank}): lost the server: {e.reason}")
+            return EXIT_FAULT
+        if m.kind == FINISH:
+            return 0
+        if m.kind == ABORT:
+            say(f"error: client {p.id} (rank {rank}): the server stopped the run: {_text(m)}")
+            return EXIT_FAULT
+        try:
+            if m.kind == ROUND:
+                _client_round(sim, p, link, m.ints[0])
+            elif m.kind == AGG:
+                live = m.tensors[0].tolist()
+                if live != members:
+                    gen += 1
+                    group, members = _subgroup(store, live, rank, f"{seq}.{gen}", dopts.timeout_s), live
+                _gather_bytes(group, _upload(sim, p), len(live), dopts.timeout_s)
+                blob = _broadcast_bytes(group, None, dopts.timeout_s)
+                update = decode_tree(blob, RoundUpdate)
+                live_parties = [q for q in sim.parties if q.index + 1 in live]
+                with _parties(sim, live_parties):
+                    sim.apply(update, m.ints[0])
+            elif m.kind == EVAL:
+                _client_eval(sim, p, link, m.ints[0] or None)
+            elif m.kind == RESTORE:
+                _client_restore(sim, decode_tree(m.tensors[0]))
+            else:
+                raise PeerLost(0, f"protocol error: unexpected {KIND_NAMES.get(m.kind)}")
+        except PeerLost as e:
+            why = link.pending_abort()
+            if why is not None:
+                say(f"error: client {p.id} (rank {rank}): the server stopped the run: {why}")
+            else:
+                say(f"error: client {p.id} (rank {rank}): lost the server: {e.reason}")
+            return EXIT_FAULT
+        except Refused as e:
+            say(f"error: client {p.id} (rank {rank}): the server stopped the run: {e}")
+            return EXIT_FAULT
+
+
+class _parties:
+    """Temporarily restrict sim.parties (aggregation over the live clients only)."""
+
+    def __init__(self, sim, parties):
+        self.sim, self.parties = sim, parties
+
+    def __enter__(self):
+        self.saved = self.sim.parties
+        self.sim.parties = self.parties
+
+    def __exit__(self, *exc):
+        self.sim.parties = self.saved
+        return False
+
+
+def _client_round(sim: Simulation, p, link: Link, r: int) -> None:
+    t = sim.t
+    sim.lm.model.train()
+    sim.bank.activate(p.adapter)
+    clip = t.max_grad_norm > 0 and (p.opt_client is not None or p.opt_server is not None)
+    send_rng = t.lora_dropout > 0
+    for s in range(sim.steps_per_round):
+        batch = p.data.batch(t.batch_size, t.seed, r, p.index, s)
+        _set_lr(sim, [o for o in (p.opt_client,) if o is not None], r, s)
+        torch.manual_seed(derive_seed(t.seed, 3, r, p.index, s))      # dropout, as Simulation.step
+        ids = batch.input_ids.to(sim.device)
+        mask = batch.attention_mask.to(sim.device)
+        labels = batch.labels.to(sim.device)
+        with sim._autocast():
+            h = sim.split.client_forward(ids, mask, p.split)
+        tensors = [h.detach(), mask, labels] + ([torch.get_rng_state()] if send_rng else [])
+        link.send(0, ACT, [r, s, int(h.requires_grad), int(send_rng)], tensors)
+        if h.requires_grad:
+            g = link.expect(0, GRAD).tensors[0]
+            h.backward(g.to(h.device, h.dtype))
+        snap = sim.het.before_step(p, s) if sim.het else None
+        if clip:
+            link.send(0, NORM, [r, s], [_norms(p.opt_client)])
+            total = link.expect(0, TOTAL).tensors[0]
+            _clip(p.opt_client, t.max_grad_norm, total)
+        if p.opt_client is not None:
+            p.opt_client.step()
+            p.opt_client.zero_grad(set_to_none=True)
+        if snap:
+            sim.het.after_step(p, snap)
+    if sim.strategy.resets_adapters and p.opt_client is not None:
+        p.opt_client.state.clear()
+    sim.lm.model.eval()
+    sim.bank.activate(None)
+
+
+@torch.no_grad()
+def _client_eval(sim: Simulation, p, link: Link, max_seqs: int | None) -> None:
+    data = _eval_subset(sim, max_seqs)
+    sim.lm.model.eval()
+    sim.bank.activate(sim.eval_adapter())
+    bs = max(1, sim.t.batch_size)
+    for i in range(0, len(data), bs):
+        ids = data.input_ids[i:i + bs].to(sim.device)
+        mask = data.attention_mask[i:i + bs].to(sim.device)
+        with sim._autocast():
+            h = sim.split.client_forward(ids, mask, p.split)
+        link.send(0, EVAL_H, [i], [h])
+    sim.bank.activate(None)
+
+
+def _client_restore(sim: Simulation, blob: dict) -> None:
+    with tempfile.TemporaryDirectory(prefix="hsplit-restore-") as tmp:
+        for rel, data in blob["files"].items():
+            f = Path(tmp) / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_bytes(bytes(data.numpy().tobytes()))
+        _restore(sim, Path(tmp), int(blob["last"]))
+
+
+# ------------------------------------------------------------------ the server process
+
+@dataclass
+class _Serving:
+    party: object
+    rank: int
+    step: int = 0
+    waiting: str = "ACT"
+    losses: list = field(default_factory=list)
+    tokens: int = 0
+    up: int = 0
+    down: int = 0
+    lr: float = 0.0
+    start: float = 0.0
+    wall: float = 0.0
+    pending: dict = field(default_factory=dict)
+
+
+class Server:
+    def __init__(self, plan_path: Path, opts: RunOptions, dopts: DistOptions, link: Link, store, world: int, say,
+                 seq: int = 0):
+        self.seq = seq
+        self.plan_path, self.opts, self.dopts, self.link, self.store, self.say = plan_path, opts, dopts, link, store, say
+        self.world = world
+        self.plan = Plan.load(plan_path)
+        self.live = list(range(1, world))
+        self.group, self.members, self.gen = None, None, 0
+        self.faults: list[dict] = []
+        self.sim: Simulation | None = None
+
+    # -- handshake --
+    def handshake(self) -> None:
+        phash = plan_hash(self.plan)
+        token = os.environ.get(TOKEN_ENV, "")
+        deadline = time.monotonic() + self.dopts.connect_timeout_s
+        hellos, problems = {}, []
+        while len(hellos) < len(self.live):
+            try:
+                m = self.link.next(deadline, set(self.live) - set(hellos))
+            except TimeoutError:
+                missing = sorted(set(self.live) - set(hellos))
+                raise ConfigError("distributed", [f"rank(s) {missing} did not say hello within "
+                                                  f"{self.dopts.connect_timeout_s:g} s"]) from None
+            except PeerLost as e:
+                raise ConfigError("distributed", [f"rank {e.rank} left during the handshake: {e.reason}"]) from None
+            hellos[m.src] = m
+        for k in self.live:
+            m = hellos[k]
+            name = self._name(k)
+            their_hash = bytes(m.tensors[0].tolist()).decode(errors="replace")
+            if m.kind != HELLO:
+                problems.append((k, f"{name}: protocol error (expected HELLO)"))
+            elif their_hash != phash:
+                problems.append((k, f"{name} runs a different plan (sha256 {their_hash[:12]}.. vs the server's "
+                                    f"{phash[:12]}..): start every process with the same plan.yaml"))
+            elif not token:
+                problems.append((k, f"the server has no token: set {TOKEN_ENV} (the same secret in every process)"))
+            elif m.ints[0] == 0:
+                problems.append((k, f"{name} presented no token: set {TOKEN_ENV} to the run's shared token"))
+            elif not hmac.compare_digest(bytes(m.tensors[1].tolist()), token_mac(token, phash, k)):
+                problems.append((k, f"{name} presented a wrong token ({TOKEN_ENV} differs from the server's)"))
+        bad = {k: why for k, why in problems}
+        for k in self.live:
+            if bad:
+                why = bad.get(k) or ("another process was refused: " + "; ".join(bad.values()))
+                self._try_send(k, VERDICT, [0], [_text_tensor(why)])
+            else:
+                self._try_send(k, VERDICT, [1], [_text_tensor("ok")])
+        if bad:
+            raise Refused("; ".join(bad.values()))
+
+    def _name(self, k: int) -> str:
+        c = self.plan.clients[k - 1] if 0 < k <= len(self.plan.clients) else None
+        cid = c.id if c is not None else "?"
+        return f"client {cid} (rank {k}{', ' + c.device if c is not None else ''})"
+
+    def _try_send(self, k, kind, ints=(), tensors=()) -> bool:
+        try:
+            self.link.send(k, kind, ints, tensors)
+            return True
+        except PeerLost:
+            return False
+
+    # -- the run --
+    def run(self) -> RunResult:
+        opts, plan, plan_path = self.opts, self.plan, self.plan_path
+        if len(plan.clients) != self.world - 1:
+            raise ConfigError(str(plan_path), [f"the plan has {len(plan.clients)} clients but {self.world} processes "
+                                               f"were started: start {len(plan.clients) + 1} (rank 0 = server)"])
+        run_dir = _run_dir(plan_path, opts)
+        done = checkpoint.complete_rounds(run_dir)
+        if opts.resume:
+            if not (run_dir / "config.yaml").is_file() or not done:
+                raise ConfigError(str(run_dir), ["--resume: no run with a complete checkpoint here; start it "
+                                                 "without --resume"])
+            config = read_yaml(run_dir / "config.yaml")
+            if config.get("plan") != _plain(plan.to_dict()):
+                raise ConfigError(str(plan_path), [f"--resume: the plan differs from the one {run_dir} was started "
+                                                   "with (config.yaml); resume with that plan or use a new --name"])
+            rounds = opts.rounds or int(config["run"]["rounds"])
+        else:
+            if run_dir.exists() and any(run_dir.iterdir()):
+                raise ConfigError(str(run_dir), ["a run with this name exists: pass --resume to continue it, "
+                                                 "or --name NEW to start another"])
+            rounds = opts.rounds or plan.training.rounds
+        plan.training.rounds = rounds
+        self.handshake()
+        self.run_dir = run_dir
+        sim = self.sim = build_part(plan, 0, opts.device, opts.compute_dtype)
+        self.min_clients = self.dopts.min_clients or len(sim.parties)
+        rows: list[dict] = []
+        if opts.resume:
+            checkpoint.remove_stale(run_dir)
+            start = done[-1]
+            rows = _restore(sim, run_dir, start)
+            blob = encode_tree({"last": start, "files": _checkpoint_files(run_dir, start)})
+            self._each(lambda k: self.link.send(k, RESTORE, [start], [blob]))
+            old = read_yaml(run_dir / "config.yaml")
+            old["run"]["rounds"] = rounds
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(old, "# Resolved run configuration (hsplit run)."))
+        else:
+            start = 0
+            ev = self.evaluate()
+            rows = [_global_row(0, [], ev, 0.0, 0.0, 0.0, None)]
+            config = {"plan": Plan.load(plan_path).to_dict(),
+                      "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path,
+                              "model_hash": sim.lm.profile.arch_hash(), "eval_max_seqs": opts.eval_max_seqs,
+                              "device": str(sim.device), "torch": str(torch.__version__),
+                              "compute_dtype": str(sim.autocast_dtype or torch.float32).removeprefix("torch."),
+                              "distributed": {"processes": self.world, "backend": "gloo",
+                                              "min_clients": self.min_clients, "timeout_s": self.dopts.timeout_s}},
+                      "data": sim.data.summary}
+            run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(config, "# Resolved run configuration (hsplit run)."))
+            checkpoint.save(run_dir, 0, sim.tensors(None), {"metrics": rows, "strategy": plan.strategy})
+        write_metrics(run_dir, rows)
+        fleet_total = next((r["fleet_total_s"] for r in reversed(rows) if r.get("fleet_total_s") is not None), 0.0)
+        for r in range(start, rounds):
+            self.round = r
+            t0 = time.perf_counter()
+            client_rows = self.train_round(r)
+            t1 = time.perf_counter()
+            update_rows = self.aggregate(r, client_rows)
+            agg_s = time.perf_counter() - t1
+            ev = self.evaluate()
+            fleet = _fleet_round(sim, update_rows)
+            fleet_total = fleet_total + fleet if fleet is not None and fleet_total is not None else None
+            g = _global_row(r + 1, update_rows, ev, time.perf_counter() - t0, agg_s, fleet_total, fleet)
+            for row in update_rows:
+                row.update(eval_loss=None, eval_ppl=None, fleet_total_s=None, aggregate_s=None)
+            new_rows = update_rows + [g]
+            checkpoint.save(run_dir, r + 1, sim.tensors(self.last_update),
+                            {"metrics": new_rows, "strategy": plan.strategy,
+                             "live_clients": [self._party(k).id for k in self.live]})
+            rows += new_rows
+            write_metrics(run_dir, rows)
+            self.say(f"round {r + 1}: train loss {g['train_loss']:.4f}, eval loss {g['eval_loss']:.4f}, "
+                     f"wall {g['wall_s']:.1f} s, clients {len(self.live)}/{len(sim.parties)}")
+        for k in self.live:
+            self._try_send(k, FINISH)
+        steps = (rounds - start) * sim.steps_per_round * len(sim.parties)
+        atomic_write_text(run_dir / "traffic.json", json.dumps(
+            {"training_steps": steps, "bytes_by_message": self.link.by_kind,
+             "step_bytes": sum(self.link.by_kind.get(k, 0) for k in ("ACT", "GRAD", "NORM", "TOTAL"))}, indent=1))
+        final = [r for r in rows if r["client"] == "all"]
+        return RunResult(run_dir=run_dir, rounds_done=rounds, rows=rows, eval_before=final[0]["eval_loss"],
+                         eval_after=final[-1]["eval_loss"])
+
+    def _party(self, k: int):
+        return self.sim.parties[k - 1]
+
+    def _each(self, fn) -> None:
+        for k in list(self.live):
+            try:
+                fn(k)
+            except PeerLost as e:
+                self.lose(e.rank, e.reason)
+
+    def lose(self, k: int, reason: str) -> None:
+        """A client is gone: continue without it when --min-clients allows, else stop with --resume."""
+        if k not in self.live:
+            return
+        self.live.remove(k)
+        r = getattr(self, "round", 0) + 1
+        name = self._name(k)
+        self.faults.append({"round": r, "client": self._party(k).id if self.sim else str(k), "rank": k,
+                            "reason": reason, "remaining": [self._party(j).id for j in self.live] if self.sim else []})
+        if self.sim is not None and hasattr(self, "run_dir"):
+            atomic_write_text(self.run_dir / "faults.json", json.dumps(self.faults, indent=1) + "\n")
+        self.say(f"error: {name} was lost in round {r}: {reason}")
+        if len(self.live) >= self.min_clients and self.live:
+            self.say(f"continuing round {r} with {len(self.live)} client(s) (--min-clients {self.min_clients}); "
+                     "aggregation is re-weighted over them")
+            return
+        raise _Stop(k, f"{name} was lost: {reason}")
+
+    def train_round(self, r: int) -> list[dict]:
+        sim, link, t = self.sim, self.link, self.sim.t
+        sim.lm.model.train()
+        state = {k: _Serving(self._party(k), k) for k in self.live}
+        now = time.perf_counter()
+        for k in list(self.live):
+            state[k].start = now
+            try:
+                link.send(k, ROUND, [r])
+            except PeerLost as e:
+                self.lose(e.rank, e.reason)
+        active = {k for k in self.live}
+        last = {k: time.monotonic() for k in active}
+        while active:
+            deadline = min(last[k] for k in active) + self.dopts.timeout_s
+            try:
+                m = link.next(deadline, active)
+            except TimeoutError:
+                k = min(active, key=lambda j: last[j])
+                active.discard(k)
+                self.lose(k, f"no answer within {self.dopts.timeout_s:g} s (round {r + 1}, step "
+                              f"{state[k].step + 1} of {sim.steps_per_round})")
+                continue
+            except PeerLost as e:
+                active.discard(e.rank)
+                self.lose(e.rank, e.reason)
+                continue
+            k = m.src
+            last[k] = time.monotonic()
+            try:
+                if self._serve(state[k], m, r):
+                    active.discard(k)
+                    state[k].wall = time.perf_counter() - state[k].start
+                last[k] = time.monotonic()
+            except PeerLost as e:
+                active.discard(e.rank)
+                self.lose(e.rank, e.reason)
+        sim.lm.model.eval()
+        sim.bank.activate(None)
+        rows = []
+        for k in self.live:
+            st, p = state[k], self._party(k)
+            rows.append({"round": r + 1, "client": p.id, "device": p.device, "split_layer": p.split,
+                         "train_loss": float(np.mean(st.losses)), "tokens": st.tokens, "wall_s": st.wall,
+                         "fleet_s": p.predicted_round_s, "bytes_up": st.up, "bytes_down": st.down, "lr": st.lr})
+        return rows
+
+    def _serve(self, st: _Serving, m: Msg, r: int) -> bool:
+        """Handle one message of a client's local steps; True when its round is complete."""
+        sim, t, p = self.sim, self.sim.t, st.party
+        clip = t.max_grad_norm > 0 and (p.opt_client is not None or p.opt_server is not None)
+        if m.kind == ACT and st.waiting == "ACT" and m.ints[:2] == [r, st.step]:
+            _, s, needs_grad, has_rng = m.ints
+            h, mask, labels = m.tensors[:3]
+            h, mask, labels = h.to(sim.device), mask.to(sim.device), labels.to(sim.device)
+            st.lr = _set_lr(sim, [o for o in (p.opt_server,) if o is not None], r, s)
+            sim.bank.activate(p.adapter)
+            if has_rng:
+                torch.set_rng_state(m.tensors[3])
+            h_server = h.detach().requires_grad_(bool(needs_grad))
+            with sim._autocast():
+                logits = sim.split.server_forward(h_server, mask, p.split)
+            loss, n_tok = lm_loss(logits, labels)
+            loss.backward()
+            if needs_grad:
+                self.link.send(st.rank, GRAD, [r, s], [h_server.grad])
+            st.losses.append(float(loss.detach()))
+            st.tokens += n_tok
+            act = h.numel() * h.element_size()
+            st.up += act + mask.numel() + 4 * labels.numel()
+            st.down += act
+            if clip:
+                st.waiting = "NORM"
+                return False
+            return self._finish_step(st, None, r)
+        if m.kind == NORM and st.waiting == "NORM" and m.ints[:2] == [r, st.step]:
+            return self._finish_step(st, m.tensors[0], r)
+        raise PeerLost(st.rank, f"protocol error: unexpected {KIND_NAMES.get(m.kind)} {m.ints} while waiting "
+                                f"for {st.waiting} of round {r + 1} step {st.step}")
+
+    def _finish_step(self, st: _Serving, client_norms, r: int) -> bool:
+        sim, t, p = self.sim, self.sim.t, st.party
+        snap = sim.het.before_step(p, st.step) if sim.het else None
+        if client_norms is not None:
+            total = torch.linalg.vector_norm(torch.cat([client_norms, _norms(p.opt_server)]), 2.0)
+            self.link.send(st.rank, TOTAL, [r, st.step], [total])
+            _clip(p.opt_server, t.max_grad_norm, total)
+        if p.opt_server is not None:
+            p.opt_server.step()
+            p.opt_server.zero_grad(set_to_none=True)
+        if snap:
+            sim.het.after_step(p, snap)
+        st.step += 1
+        st.waiting = "ACT"
+        if st.step == sim.steps_per_round:
+            if sim.strategy.resets_adapters and p.opt_server is not None:
+                p.opt_server.state.clear()
+            return True
+        return False
+
+    def aggregate(self, r: int, rows: list[dict]) -> list[dict]:
+        sim = self.sim
+        while True:
+            live = [0] + list(self.live)
+            ok = True
+            for k in list(self.live):
+                try:
+                    self.link.send(k, AGG, [r], [torch.tensor(live, dtype=torch.int64)])
+                except PeerLost as e:
+                    self.lose(e.rank, e.reason)
+                    ok = False
+            if not ok:
+                continue
+            if live != self.members:
+                self.gen += 1
+                self.group, self.members = _subgroup(self.store, live, 0, f"{self.seq}.{self.gen}",
+                                                     self.dopts.timeout_s), live
+            try:
+                blobs = _gather_bytes(self.group, torch.empty(0, dtype=torch.uint8), len(live),
+                                      self.dopts.timeout_s)
+            except Exception as e:
+                raise _Stop(None, f"aggregation (gather) failed: {str(e).splitlines()[0][:200]}") from None
+            break
+        parties = [self._party(k) for k in self.live]
+        for p, blob in zip(parties, blobs[1:]):
+            _absorb(sim, p, blob)
+        rows = [row for row in rows if row["client"] in {p.id for p in parties}]
+        with _parties(sim, parties):
+            update = sim.aggregate(r, rows)
+        self.last_update = update
+        try:
+            _broadcast_bytes(self.group, encode_tree(update), self.dopts.timeout_s)
+        except Exception as e:
+            raise _Stop(None, f"aggregation (broadcast) failed: {str(e).splitlines()[0][:200]}") from None
+        return rows
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Held-out loss of the aggregated model: a live client runs its part, the server the rest."""
+        sim = self.sim
+        while self.live:
+            k = self.live[0]
+            p = self._party(k)
+            data = _eval_subset(sim, self.opts.eval_max_seqs)
+            if len(data) == 0:
+                return float("nan")
+            try:
+                self.link.send(k, EVAL, [self.opts.eval_max_seqs or 0])
+                sim.lm.model.eval()
+                sim.bank.activate(sim.eval_adapter())
+                bs = max(1, sim.t.batch_size)
+                total, n = 0.0, 0
+                for i in range(0, len(data), bs):
+                    h = self.link.expect(k, EVAL_H).tensors[0].to(sim.device)
+                    mask = data.attention_mask[i:i + bs].to(sim.device)
+                    labels = data.labels[i:i + bs].to(sim.device)
+                    with sim._autocast():
+                        logits = sim.split.server_forward(h, mask, p.split)
+                    loss, c = lm_loss(logits, labels)
+                    total += float(loss) * c
+                    n += c
+                sim.bank.activate(None)
+                return total / max(n, 1)
+            except PeerLost as e:
+                sim.bank.activate(None)
+                self.lose(e.rank, e.reason)
+        return float("nan")
+
+
+class _Stop(Exception):
+    def __init__(self, rank, reason):
+        super().__init__(reason)
+        self.rank, self.reason = rank, reason
+
+
+def _checkpoint_files(run_dir: Path, last: int) -> dict[str, torch.Tensor]:
+    """What a client needs to replay the run: merged factors of rounds 1..last, everything of round last."""
+    out = {}
+    for r in range(0, last + 1):
+        d = checkpoint.round_dir(run_dir, r)
+        names = ["state.json"] + (["merged.safetensors"] if r < last else list(checkpoint.FILES))
+        for n in names:
+            out[str((d / n).relative_to(run_dir))] = _bytes_tensor((d / n).read_bytes())
+    return out
+
+
+# ------------------------------------------------------------------ the worker (one process)
+
+def resume_command(argv: list[str]) -> str:
+    args = [a for a in argv if a != "--resume"]
+    return " ".join(args + ["--resume"])
+
+
+def worker(plan_paths, opts: RunOptions, dopts: DistOptions, argv: list[str] | None = None) -> int:
+    """One process of a distributed run (rank from torchrun's environment). Returns the exit code.
+
+    Several plans run one after the other on the same processes (each in runs/<plan stem>/ unless
+    --name is given for a single plan): start-up (imports, rendezvous) is paid once, e.g. to compare
+    strategies on one fleet."""
+    rank = int(os.environ.get("RANK", "0"))
+    say = lambda s: print(f"[hsplit rank {rank}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if isinstance(plan_paths, (str, Path)):
+        plan_paths = [plan_paths]
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    _BIND[0] = dopts.bind
+    try:
+        store, pg, rank, world = connect(dopts.bind, dopts.connect_timeout_s)
+    except Exception as e:
+        say(f"error: cannot join the run (rendezvous at {os.environ.get('MASTER_ADDR')}:"
+            f"{os.environ.get('MASTER_PORT')}): {str(e).splitlines()[0][:300]}")
+        return EXIT_FAULT
+    link = Link(pg, rank, [0] if rank else list(range(1, world)), dopts.timeout_s)
+    for seq, plan_path in enumerate(plan_paths):
+        o = opts if len(plan_paths) == 1 else dataclasses.replace(opts, name=None)
+        code = _one_plan(Path(plan_path), o, dopts, link, store, rank, world, say, argv, seq)
+        if code != 0:
+            return code
+    return 0
+
+
+def _one_plan(plan_path: Path, opts: RunOptions, dopts: DistOptions, link: Link, store, rank: int, world: int,
+              say, argv, seq: int) -> int:
+    if rank != 0:
+        try:
+            return client_main(plan_path, link, store, rank, dopts, opts.device, opts.compute_dtype, say, seq)
+        except ConfigError as e:
+            say(f"error: {e}")
+            return EXIT_REFUSED
+    server = Server(plan_path, opts, dopts, link, store, world, say, seq)
+    try:
+        res = server.run()
+        say(f"done: {res.rounds_done} rounds, held-out loss {res.eval_before:.4f} -> {res.eval_after:.4f}; "
+            f"outputs in {res.run_dir}/")
+        return 0
+    except Refused as e:
+        say(f"error: refused: {e}")
+        return EXIT_REFUSED
+    except ConfigError as e:
+        say(f"error: {e}")
+        for k in server.live:
+            server._try_send(k, ABORT, [], [_text_tensor(str(e))])
+        return EXIT_REFUSED
+    except _Stop as e:
+        done = checkpoint.complete_rounds(_run_dir(plan_path, opts))
+        cmd = os.environ.get("HSPLIT_RESUME_CMD") or resume_command(argv or [])
+        say(f"error: stopping: {e.reason}. The last complete checkpoint is round {done[-1] if done else 0} "
+            f"in {_run_dir(plan_path, opts)}; resume every process with:\n    {TOKEN_ENV}=... {cmd}")
+        for k in server.live:
+            server._try_send(k, ABORT, [], [_text_tensor(e.reason)])
+        time.sleep(1.0)           # let the clients read why before this process's sockets close
+        return EXIT_FAULT
+
+
+# ------------------------------------------------------------------ launching the local processes
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def worker_args(plan_paths, opts: RunOptions, dopts: DistOptions) -> list[str]:
+    args = [str(p) for p in ([plan_paths] if isinstance(plan_paths, (str, Path)) else plan_paths)]
+    if opts.name:
+        args += ["--name", opts.name]
+    args += ["--runs-dir", str(opts.runs_dir), "--eval-seqs", str(opts.eval_max_seqs),
+             "--timeout", f"{dopts.timeout_s:g}", "--bind", dopts.bind, "--device", opts.device,
+             "--compute-dtype", opts.compute_dtype]
+    if opts.rounds:
+        args += ["--rounds", str(opts.rounds)]
+    if dopts.min_clients:
+        args += ["--min-clients", str(dopts.min_clients)]
+    if opts.threads:
+        args += ["--threads", str(opts.threads)]
+    if opts.resume:
+        args += ["--resume"]
+    return args
+
+
+def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int | None = None,
+                 env: dict | None = None, logs: Path | None = None, deadline_s: float | None = None,
+                 on_start=None, resume_cmd: str | None = None, rank_env: dict | None = None,
+                 rank_plans: dict | None = None) -> int:
+    """Start the server and every client as local processes on `dopts.bind` (what `hsplit run
+    --distributed` does); returns the server's exit code. Every process is killed on the way out.
+    rank_env / rank_plans: per-rank environment changes (value None: unset) and plan files (tests)."""
+    first = plan_paths if isinstance(plan_paths, (str, Path)) else plan_paths[0]
+    n = nprocs or len(Plan.load(first).clients) + 1
+    port = free_port(dopts.bind)
+    base = dict(os.environ if env is None else env)
+    base.setdefault(TOKEN_ENV, os.urandom(16).hex())
+    base.update(MASTER_ADDR=dopts.bind, MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n))
+    if resume_cmd:
+        base["HSPLIT_RESUME_CMD"] = resume_cmd
+    procs = []
+    args = worker_args(plan_paths, opts, dopts)
+    try:
+        for rank in range(n):
+            e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
+            for key, value in (rank_env or {}).get(rank, {}).items():
+                if value is None:
+                    e.pop(key, None)
+                else:
+                    e[key] = value
+            a = args if rank not in (rank_plans or {}) else worker_args(rank_plans[rank], opts, dopts)
+            out = open(logs / f"rank{rank}.log", "w") if logs else None
+            procs.append(subprocess.Popen([sys.executable, "-m", "hsplit.runtime.worker", *a], env=e,
+                                          stdout=out, stderr=subprocess.STDOUT if out else None))
+        if on_start:
+            on_start(procs)
+        limit = None if deadline_s is None else time.monotonic() + deadline_s
+        while procs[0].poll() is None:
+            if limit is not None and time.monotonic() > limit:
+                raise TimeoutError(f"the distributed run did not finish within {deadline_s:g} s")
+            time.sleep(0.1)
+        grace = time.monotonic() + 30
+        while any(p.poll() is None for p in procs) and time.monotonic() < grace:
+            time.sleep(0.1)
+        return procs[0].returncode
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_s: float, fmt: str = "text") -> int:
+    """`hsplit run plan.yaml --distributed`: launch the server and every client locally; the exit code."""
+    import shlex
+    dopts = DistOptions(timeout_s=timeout_s, min_clients=min_clients)
+    cmd = ["hsplit", "run", str(plan_path), "--distributed", "--name", opts.name or Path(plan_path).stem,
+           "--runs-dir", str(opts.runs_dir), "--timeout", f"{timeout_s:g}"]
+    if min_clients:
+        cmd += ["--min-clients", str(min_clients)]
+    code = launch_local(plan_path, opts, dopts, resume_cmd=shlex.join(cmd + ["--resume"]))
+    if code == 0:
+        run_dir = _run_dir(Path(plan_path), opts)
+        summary = {"run": str(run_dir), "metrics": str(run_dir / "metrics.csv"), "distributed": True}
+        print(json.dumps(summary) if fmt == "json" else f"outputs in {run_dir}/ (metrics.csv, checkpoints/)")
+    return code

@@ -1,0 +1,279 @@
+"""Re-planning during a run (`replan: {every: N, threshold: t}` in the plan; DESIGN.md "Importance
+drifts while training").
+
+Scoring. In the last round of every window of N rounds (rounds N, 2N, ...), the base weight of
+every planned matrix (all blocks x the plan's `modules`) gets a post-accumulate-grad hook for the
+local steps of that round: the clients' (client-side blocks) and the server's (blocks above each
+client's cut) backward passes also produce dL/dW, the hook folds AdaLoRA's sensitivity
+I = sum_w |w * dL/dw| of the matrix into one scalar and frees the gradient at once (one matrix's
+gradient exists at a time, no per-weight state). No extra pass over data: the gradients are those
+of the round's training steps. Window score of matrix j = sum_k p_k * mean over k's steps of I_j,
+normalised to sum 1 over the planned matrices (p_k: data weights renormalised over the clients).
+It is AdaLoRA's I_t reduced per matrix and averaged over the window; the uncertainty term U of
+`hsplit importance` needs per-weight state and is left out. In a deployment, a client reports one
+scalar per matrix of its blocks, and in a scoring round runs its backward through all its blocks
+(weight gradients of frozen matrices: extra compute in 1 round of N only).
+
+Smoothing: S <- beta * S + (1 - beta) * window (beta = BETA = 0.5; the first window initialises S).
+The reference is S at the last re-plan; the first window sets it (the plan's own scores were
+measured differently - frozen base model, Ibar*Ubar - so comparing them with S would count a
+change of method as drift). When shift(reference, S) > threshold (total-variation distance of the
+normalised scores, `hsplit.planner.importance.shift`), the plan is re-solved with
+`hsplit.planner.api.replan(plan, S)` on the plan's fleet (`inputs.fleet`) and the adapters move:
+
+- hsplitlora: the round's aggregate was already merged into the base weights and adapters
+  re-initialised, so the new adapters (new splits / ranks, fresh init with the round's seed) just
+  take effect in the next round.
+- splitlora: the FedAvg global adapter keeps its first min(r_old, r_new) components; components
+  beyond a smaller new rank (or of a module that lost its adapter) are merged into the base weights
+  (W += s B[:, r:] A[r:], recorded in the round's merged.safetensors so resume replays it), so the
+  aggregated model is unchanged; components beyond the old rank are padded with a fresh A row and a
+  zero B column (zero update, trainable). AdamW moments restart.
+- other strategies: refused at start-up (not implemented).
+
+Every scoring round writes `replan_shift` on the round's `client=all` metrics row; a re-plan also
+writes `replan` ("c0: split 1->3, rank 6->30; ...", total client-side rank) and the new plan,
+atomically, as `plan-round-<r>.yaml` in the run folder. The smoothed scores, the reference and the
+plan in force are kept in every checkpoint's state.json (floats round-trip exactly), so a resumed
+run re-plans exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from operator import attrgetter
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.importance import Importance, shift
+from hsplit.planner.plan import Plan
+
+BETA = 0.5
+SUPPORTED = ("hsplitlora", "splitlora")
+# Test hook: (round, 1-based; window scores) -> scores used instead (e.g. a forced drift).
+score_transform: Callable[[int, dict[str, float]], dict[str, float]] | None = None
+
+
+def check(plan: Plan) -> tuple[int, float] | None:
+    """(every, threshold) of a plan that re-plans, None otherwise; a clear error when it cannot."""
+    cfg = plan.replan
+    if not cfg:
+        return None
+    problems = []
+    every, threshold = cfg.get("every", 1), cfg.get("threshold", 0.1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        problems.append(f"replan.every: must be an integer >= 1, got {every!r}")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        problems.append(f"replan.threshold: must be a number in [0, 1] (total-variation distance), got {threshold!r}")
+    if not plan.inputs.get("fleet"):
+        problems.append("replan: re-planning needs the fleet the plan was made for, and inputs.fleet is missing "
+                        "(a hand-written plan); make the plan with `hsplit plan --fleet ...`, add inputs.fleet, "
+                        "or remove replan")
+    if plan.strategy not in SUPPORTED:
+        problems.append(f"replan: not supported with strategy {plan.strategy} (supported: {', '.join(SUPPORTED)})")
+    if problems:
+        raise ConfigError(plan.source, problems)
+    return int(every), float(threshold)
+
+
+def _base_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
+    mod = attrgetter(name)(model)
+    if hasattr(mod, "get_base_layer"):
+        mod = mod.get_base_layer()
+    return mod.weight
+
+
+def _delete_adapter(bank, name: str) -> None:
+    if bank.ranks.get(name):
+        bank.peft_model.delete_adapter(name)
+        # peft re-activates what the layers had active (bank.activate(None): a dummy name); point the
+        # model-level active adapter at a real one so that add_adapter works again
+        left = list(bank.peft_model.peft_config)
+        bank.peft_model.base_model.active_adapter = left[0] if left else []
+    bank.ranks.pop(name, None)
+    bank._layers = None
+
+
+def _total_rank(plan: Plan, c, profile) -> int:
+    return sum(plan.client_ranks(c, profile).values())
+
+
+def describe(old: Plan, new: Plan, profile) -> str:
+    parts = []
+    for a, b in zip(old.clients, new.clients):
+        ra, rb = _total_rank(old, a, profile), _total_rank(new, b, profile)
+        if a.split_layer == b.split_layer and old.client_ranks(a, profile) == new.client_ranks(b, profile):
+            parts.append(f"{a.id}: unchanged")
+        else:
+            parts.append(f"{a.id}: split {a.split_layer}->{b.split_layer}, rank {ra}->{rb}")
+    return "; ".join(parts)
+
+
+@torch.no_grad()
+def apply_plan(sim, new: Plan, r: int, update=None) -> None:
+    """Move every adapter of the simulation to `new`'s splits and ranks after round r (0-based).
+    With `update` (a live re-plan), splitlora's global adapter is carried over (see module doc) and
+    merged residuals are added to update.merge; without it (resume) only the structure is rebuilt,
+    the values come from the checkpoint."""
+    from hsplit.runtime.train import GLOBAL, _predicted_round, derive_seed
+
+    bank, prof, t = sim.bank, sim.lm.profile, sim.t
+    old_global = None
+    if sim.global_ranks and update is not None:
+        old_global = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in bank.factors(GLOBAL).items()}
+    for p in sim.parties:
+        _delete_adapter(bank, p.adapter)
+    if sim.global_ranks is not None:
+        _delete_adapter(bank, GLOBAL)
+    new.training.rounds = sim.plan.training.rounds
+    sim.plan = new
+    for p, c in zip(sim.parties, new.clients):
+        cr, sr = new.client_ranks(c, prof), new.server_ranks(c, prof)
+        p.split, p.ranks, p.client_modules, p.server_modules = c.split_layer, {**cr, **sr}, set(cr), set(sr)
+        p.predicted_round_s = _predicted_round(c)
+        bank.add(p.adapter, p.ranks)
+    sim.global_ranks = sim._global_ranks()
+    if sim.global_ranks is not None:
+        bank.add(GLOBAL, sim.global_ranks)
+    seed = derive_seed(t.seed, 2, r + 1)
+    for p in sim.parties:
+        bank.reinit(p.adapter, seed)
+    if sim.global_ranks:
+        bank.reinit(GLOBAL, seed)
+    if old_global is not None:
+        s = t.lora_alpha_over_rank
+        new_f = bank.factors(GLOBAL)
+        for m, (a, b) in old_global.items():
+            keep = min(a.shape[0], sim.global_ranks.get(m, 0))
+            if keep:
+                new_f[m][0][:keep].copy_(a[:keep])
+                new_f[m][1][:, :keep].copy_(b[:, :keep])
+            if a.shape[0] > keep:                  # truncated components: into the base weights
+                rb, ra = s * b[:, keep:], a[keep:]
+                bank.merge_into_base(m, rb, ra)
+                if m in update.merge:
+                    ob, oa = update.merge[m]
+                    rb, ra = torch.cat([ob, rb.to(ob.dtype)], 1), torch.cat([oa, ra.to(oa.dtype)], 0)
+                update.merge[m] = (rb, ra)
+        for p in sim.parties:
+            for m, (a, b) in bank.factors(p.adapter).items():
+                a.copy_(new_f[m][0])
+                b.copy_(new_f[m][1])
+    for p in sim.parties:
+        sim._new_optimizers(p)
+    bank.activate(None)
+
+
+def restore(sim, run_dir: Path, state: dict, r: int) -> None:
+    """On resume (before loading round r's tensors): rebuild the adapters of the plan in force."""
+    rp = state.get("replan") or {}
+    if rp.get("plan_file"):
+        apply_plan(sim, Plan.load(Path(run_dir) / rp["plan_file"]), r - 1)
+
+
+class Replanner:
+    """Scores importance in the last round of every window and re-plans when it drifted."""
+
+    def __init__(self, sim, run_dir: Path, every: int, threshold: float):
+        self.sim, self.run_dir, self.every, self.threshold = sim, Path(run_dir), every, threshold
+        prof = sim.lm.profile
+        self.modules = tuple(prof.resolve_modules(sim.plan.modules or None))
+        self.names = [prof.module_name(l, m) for l in range(prof.layers) for m in self.modules]
+        self.smoothed: dict[str, float] | None = None
+        self.reference: dict[str, float] | None = None
+        self.plan_file: str | None = None
+        self._handles, self._acc, self._party = [], {}, None
+
+    @classmethod
+    def start(cls, sim, run_dir: Path, resume_round: int | None = None) -> "Replanner | None":
+        """None when the plan does not re-plan; raises ConfigError before anything is written."""
+        cfg = check(sim.plan)
+        if cfg is None:
+            return None
+        rp = cls(sim, run_dir, *cfg)
+        if resume_round is not None:
+            from hsplit.runtime import checkpoint
+            st = checkpoint.read_state(run_dir, resume_round).get("replan") or {}
+            rp.smoothed, rp.reference, rp.plan_file = st.get("smoothed"), st.get("reference"), st.get("plan_file")
+        return rp
+
+    def scoring(self, r: int) -> bool:
+        return (r + 1) % self.every == 0
+
+    def state(self) -> dict:
+        return {"replan": {"smoothed": self.smoothed, "reference": self.reference, "plan_file": self.plan_file}}
+
+    # ---- scoring during the round's own training steps ----
+    def begin_round(self, r: int, on_step=None):
+        """Install the gradient hooks when round r scores; returns the on_step callback to use."""
+        if not self.scoring(r):
+            return on_step
+        sim = self.sim
+        total_w = sum(p.weight for p in sim.parties)
+        self._acc = {n: 0.0 for n in self.names}
+        for n in self.names:
+            w = _base_weight(sim.lm.model, n)
+            w.requires_grad_(True)
+
+            def hook(param, n=n):
+                p = self._party
+                k = p.weight / total_w / sim.steps_per_round if p is not None else 0.0
+                self._acc[n] += k * float((param.detach().double() * param.grad.double()).abs().sum())
+                param.grad = None
+            self._handles.append((w, w.register_post_accumulate_grad_hook(hook)))
+
+        def step_hook(rr, i, s):
+            self._party = sim.parties[i]
+            if on_step:
+                on_step(rr, i, s)
+        return step_hook
+
+    def _stop(self) -> None:
+        for w, h in self._handles:
+            h.remove()
+            w.requires_grad_(False)
+            w.grad = None
+        self._handles.clear()
+        self._party = None
+
+    # ---- between rounds ----
+    def end_round(self, r: int, update, row: dict) -> None:
+        """After round r's aggregation: smooth, compare, maybe re-plan (row: the round's `all` row)."""
+        if not self.scoring(r):
+            return
+        self._stop()
+        window = dict(self._acc)
+        if score_transform is not None:
+            window = score_transform(r + 1, window)
+        total = sum(window.values())
+        if total <= 0:
+            return
+        window = {n: v / total for n, v in window.items()}
+        if self.smoothed is None:
+            self.smoothed = window
+        else:
+            self.smoothed = {n: BETA * self.smoothed[n] + (1 - BETA) * window[n] for n in self.names}
+        if self.reference is None:
+            self.reference = dict(self.smoothed)
+            return
+        sim, prof = self.sim, self.sim.lm.profile
+        h = prof.arch_hash()
+        moved = shift(Importance(scores=self.reference, method="runtime", model_hash=h),
+                      Importance(scores=self.smoothed, method="runtime", model_hash=h), prof, self.modules)
+        row["replan_shift"] = moved
+        if not moved > self.threshold:
+            return
+        from hsplit.planner.api import replan
+        imp = Importance(scores=dict(self.smoothed), model=prof.name, model_hash=h, method="runtime-sensitivity",
+                         settings={"round": r + 1, "beta": BETA, "every": self.every}, source=f"<round {r + 1}>")
+        old = sim.plan
+        new = replan(old, imp)
+        row["replan"] = describe(old, new, prof)
+        apply_plan(sim, new, r, update)
+        self.plan_file = f"plan-round-{r + 1}.yaml"
+        new.save(self.run_dir / self.plan_file)
+        self.reference = dict(self.smoothed)
+
+
+__all__ = ["Replanner", "check", "apply_plan", "restore", "describe", "BETA", "score_transform"]
