@@ -24,16 +24,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 _MEM = r"""
-import resource, sys, torch, transformers
+import sys, torch, transformers
 from hsplit.runtime.partial_load import load_part, held_bytes
 from hsplit.runtime.model import load_lm
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm():   # peak RSS of this process image in KiB (VmHWM resets on exec, unlike ru_maxrss)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
+base = hwm()
 if sys.argv[1] == "whole":
     m = load_lm(sys.argv[2], progress=False).model
 else:
     m = load_part(sys.argv[2], range(0, int(sys.argv[3])), embeddings=True, head=False).model
-params = sum(p.numel() * p.element_size() for p in m.parameters())
-print(base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, held_bytes(m))
+with torch.no_grad():      # touch every weight, as the first forward would (from_pretrained mmaps the file)
+    for p in m.parameters():
+        p.sum()
+print(base, hwm(), held_bytes(m))
 """
 
 

@@ -350,13 +350,15 @@ def compute_importance(model_ref: str, settings: ImportanceSettings, data: str =
     batches, data_info = training_batches(data, lm.tokenizer, settings, data_format)
     weight_bytes = sum(p.numel() * p.element_size() for p in lm.model.parameters())
     release_free_memory()          # loader transients: freed, but still resident until trimmed
+    loaded_rss = PeakRSS.rss()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
         raw, info = sensitivity_scores(lm.model, profile, batches, modules, settings.beta1, settings.beta2,
                                        settings.blocks_per_pass, settings.head_chunk_tokens, on_step)
     wall = time.perf_counter() - t0
     info.update(wall_s=round(wall, 2), weight_bytes=weight_bytes, peak_rss_bytes=mem.peak,
-                peak_over_weights=round((mem.peak - base_rss) / weight_bytes, 3))
+                peak_over_weights=round((mem.peak - base_rss) / weight_bytes, 3),
+                loaded_over_weights=round((loaded_rss - base_rss) / weight_bytes, 3))
     imp = build_importance(raw, profile, settings, {"data": data_info, "blocks_per_pass": info["blocks_per_pass"],
                                                     "model_path": lm.path})
     return imp, info

@@ -1,0 +1,222 @@
+"""Distributed runs (server + 2 clients as processes on loopback) agree with the in-process simulation;
+a killed client is named and handled; a process without the token or with another plan is refused.
+
+Every test that starts processes goes through `launch_local(..., deadline_s=...)`, which kills every
+process it started on the way out (no process outlives a test).
+"""
+import json
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from hsplit.planner.plan import Plan
+from hsplit.runtime import checkpoint
+from hsplit.runtime.aggregate import STRATEGIES
+from hsplit.runtime.distributed import (EXIT_FAULT, EXIT_REFUSED, DistOptions, decode_tree, encode_tree,
+                                        launch_local)
+from hsplit.runtime.partial_load import held_bytes, load_part
+from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.train import RunOptions, run
+
+DEADLINE = 150
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    old = os.environ.get("HSPLIT_CACHE")
+    os.environ["HSPLIT_CACHE"] = str(root / "cache")
+    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
+    text = root / "corpus"
+    text.mkdir()
+    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
+             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
+    for i, name in enumerate(["alpha", "beta", "gamma"]):
+        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
+    yield root, model, text
+    if old is None:
+        os.environ.pop("HSPLIT_CACHE", None)
+    else:
+        os.environ["HSPLIT_CACHE"] = old
+
+
+def make_plan(env, name, strategy="hsplitlora", **training):
+    root, model, text = env
+    t = {"batch_size": 2, "seq_len": 32, "local_steps": 3, "rounds": 2, "dtype": "fp32", "learning_rate": 5e-3,
+         "lr_schedule": "cosine", "warmup_steps": 1, "seed": 0, "lora_dropout": 0.1, "max_grad_norm": 0.5}
+    t.update(training)
+    if strategy == "splitlora":      # one split, one rank everywhere
+        clients = [{"id": c, "device": "d", "split_layer": 2, "ranks": {"q_proj": 4, "v_proj": 4, "down_proj": 4},
+                    "data_weight": w} for c, w in (("a", 1.0), ("b", 2.0))]
+    else:
+        clients = [
+            {"id": "a", "device": "pi", "split_layer": 1, "ranks": {"q_proj": 2}, "data_weight": 1.0,
+             "predicted": {"round_s": 3.0}},
+            {"id": "b", "device": "jetson", "split_layer": 3,
+             "ranks": {"q_proj": 8, "model.layers.1.mlp.down_proj": 4}, "data_weight": 2.0,
+             "predicted": {"round_s": 7.5}}]
+    plan = Plan.from_dict({"model": str(model), "strategy": strategy, "server_rank": 4,
+                           "modules": ["q_proj", "v_proj", "down_proj"], "training": t,
+                           "data": {"path": str(text), "partition": "by-source", "eval_fraction": 0.1},
+                           "clients": clients}, name)
+    path = root / name
+    plan.save(path)
+    return path
+
+
+def dist_run(env, path, name, token="s3cret", logs_name=None, dopts=None, **kw):
+    root = env[0]
+    logs = root / "logs" / (logs_name or name)
+    logs.mkdir(parents=True, exist_ok=True)
+    envv = dict(os.environ, HSPLIT_TOKEN=token, OMP_NUM_THREADS="1")
+    if token is None:
+        envv.pop("HSPLIT_TOKEN")
+    opts = RunOptions(runs_dir=root / "runs", name=name, progress=False, threads=1, eval_max_seqs=8,
+                      **{k: v for k, v in kw.items() if k in ("rounds", "resume")})
+    code = launch_local(path, opts, dopts or DistOptions(timeout_s=60), env=envv, logs=logs,
+                        deadline_s=DEADLINE, on_start=kw.get("on_start"))
+    out = {f.stem: f.read_text() for f in sorted(logs.iterdir())}
+    return code, out
+
+
+def _close(a: dict, b: dict, tol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=tol, msg=lambda m: f"{k}: {m}")
+
+
+SPLIT_STRATEGIES = [s for s in STRATEGIES if s != "centralized"]     # whatever aggregate.py registers
+
+
+@pytest.fixture(scope="module")
+def dist_runs(env):
+    """Every split strategy, distributed, in ONE launch of 3 processes (plans run one after the other)."""
+    paths = [make_plan(env, f"eq-{s}.yaml", s) for s in SPLIT_STRATEGIES]
+    root = env[0]
+    logs = root / "logs" / "eq"
+    logs.mkdir(parents=True, exist_ok=True)
+    opts = RunOptions(runs_dir=root / "runs-dist", progress=False, threads=1, eval_max_seqs=8)
+    code = launch_local(paths, opts, DistOptions(timeout_s=60), env=dict(os.environ, HSPLIT_TOKEN="s3cret"),
+                        logs=logs, deadline_s=DEADLINE)
+    return code, {f.stem: f.read_text() for f in sorted(logs.iterdir())}, paths
+
+
+@pytest.mark.parametrize("strategy", SPLIT_STRATEGIES)
+def test_distributed_run_equals_the_in_process_simulation(env, dist_runs, strategy):
+    code, logs, _ = dist_runs
+    assert code == 0, logs
+    path = env[0] / f"eq-{strategy}.yaml"
+    ref = run(path, RunOptions(runs_dir=env[0] / "runs", name=f"ref-{strategy}", progress=False, eval_max_seqs=8))
+    run_dir = env[0] / "runs-dist" / f"eq-{strategy}"
+    assert checkpoint.complete_rounds(run_dir) == [0, 1, 2]
+    _, a = checkpoint.load(ref.run_dir, 2)
+    _, b = checkpoint.load(run_dir, 2)
+    for f in checkpoint.FILES:              # every party's adapters (both sides), AdamW moments, merges
+        _close(a[f], b[f])
+    assert a["merged.safetensors"] or a["optimizer.safetensors"] or any(
+        k.startswith("global/") for k in a["adapters.safetensors"])
+    import csv
+    with open(run_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["round"], r["client"]) for r in rows] == [(str(r["round"]), r["client"]) for r in ref.rows]
+    for got, want in zip(rows, ref.rows):
+        for key in ("train_loss", "eval_loss", "tokens", "bytes_up", "bytes_down"):
+            if want.get(key) is not None:
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (key, got, want)
+
+
+def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
+    path = make_plan(env, "kill.yaml", "hsplitlora", rounds=2, local_steps=40)
+    killed = {}
+
+    def kill_client_2(procs):
+        # wait until training has started (the server has written round 0), then kill rank 2
+        run_dir = env[0] / "runs" / "kill"
+        t0 = time.monotonic()
+        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        procs[2].send_signal(signal.SIGKILL)
+        killed["at"] = time.monotonic()
+
+    code, logs = dist_run(env, path, "kill", dopts=DistOptions(timeout_s=30, min_clients=1), on_start=kill_client_2)
+    assert code == 0, logs
+    assert "client b (rank 2, jetson) was lost in round 1" in logs["rank0"]
+    faults = json.loads((env[0] / "runs" / "kill" / "faults.json").read_text())
+    assert faults[0]["client"] == "b" and faults[0]["remaining"] == ["a"]
+    assert checkpoint.complete_rounds(env[0] / "runs" / "kill") == [0, 1, 2]
+    state = checkpoint.read_state(env[0] / "runs" / "kill", 1)
+    assert state["live_clients"] == ["a"]
+    assert [r["client"] for r in state["metrics"]] == ["a", "all"]
+
+
+def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
+    path = make_plan(env, "stop.yaml", "hsplitlora", rounds=2, local_steps=40)
+
+    def kill_client_1(procs):
+        run_dir = env[0] / "runs" / "stop"
+        t0 = time.monotonic()
+        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        procs[1].send_signal(signal.SIGKILL)
+
+    code, logs = dist_run(env, path, "stop", dopts=DistOptions(timeout_s=30), on_start=kill_client_1)
+    assert code == EXIT_FAULT, logs
+    assert "client a (rank 1, pi) was lost in round 1" in logs["rank0"]
+    assert "--resume" in logs["rank0"] and "hsplit.runtime.worker" in logs["rank0"]
+    assert checkpoint.complete_rounds(env[0] / "runs" / "stop") == [0]
+    assert "the server stopped the run" in logs["rank2"]
+
+
+def test_processes_without_the_token_or_with_another_plan_are_refused(env):
+    path = make_plan(env, "tok.yaml", rounds=1)
+    other = make_plan(env, "tok-other.yaml", rounds=1, learning_rate=1e-3)     # same clients, another plan
+    root = env[0]
+    logs = root / "logs" / "tok"
+    logs.mkdir(parents=True, exist_ok=True)
+    opts = RunOptions(runs_dir=root / "runs", name="tok", progress=False, threads=1)
+    code = launch_local(path, opts, DistOptions(timeout_s=60), env=dict(os.environ, HSPLIT_TOKEN="s3cret"),
+                        logs=logs, deadline_s=DEADLINE, rank_env={1: {"HSPLIT_TOKEN": None}},
+                        rank_plans={2: other})
+    out = {f.stem: f.read_text() for f in sorted(logs.iterdir())}
+    assert code == EXIT_REFUSED, out
+    assert "client a (rank 1, pi) presented no token: set HSPLIT_TOKEN" in out["rank0"]
+    assert "client b (rank 2, jetson) runs a different plan" in out["rank0"]
+    assert "the server refused rank 1: client a (rank 1, pi) presented no token" in out["rank1"]
+    assert "the server refused rank 2: client b (rank 2, jetson) runs a different plan" in out["rank2"]
+    assert not (root / "runs" / "tok").exists()
+
+
+def test_a_wrong_token_gives_another_mac():
+    from hsplit.runtime.distributed import token_mac
+    assert token_mac("s3cret", "h", 1) == token_mac("s3cret", "h", 1)
+    assert token_mac("s3cret", "h", 1) != token_mac("guess", "h", 1) != token_mac("s3cret", "h", 2)
+
+
+def test_update_messages_round_trip_without_pickle():
+    from hsplit.runtime.aggregate import RoundUpdate
+    u = RoundUpdate(merge={"m.q": (torch.ones(3, 2), torch.zeros(2, 4))}, reinit=True,
+                    assign_party={"k0": {"m.q": (torch.ones(1, 4), torch.ones(3, 1))}})
+    v = decode_tree(encode_tree(u), RoundUpdate)
+    assert v.reinit is True and torch.equal(v.merge["m.q"][0], torch.ones(3, 2))
+    assert torch.equal(v.assign_party["k0"]["m.q"][1], torch.ones(3, 1)) and v.assign == {}
+
+
+def test_a_client_process_loads_only_its_part_of_the_model(env):
+    model = env[1]
+    whole = load_part(str(model), range(0, 4), embeddings=True, head=True)
+    client = load_part(str(model), range(0, 1), embeddings=True, head=False)
+    server = load_part(str(model), range(1, 4), embeddings=False, head=True)
+    w, c, s = held_bytes(whole.model), held_bytes(client.model), held_bytes(server.model)
+    cfg = whole.model.config
+    emb, norm = cfg.vocab_size * cfg.hidden_size * 4, cfg.hidden_size * 4
+    block = (w - emb - norm) // 4
+    assert c == emb + block                       # embeddings + exactly one of the four blocks
+    assert s == emb + 3 * block + norm            # tied head (the embedding tensor) + three blocks + norm
