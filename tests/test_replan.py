@@ -1,0 +1,204 @@
+"""Re-planning during a run (runtime/replan.py): a forced importance drift re-plans, moves the
+adapters, is recorded, training goes on, and resume after a re-plan is exact."""
+import csv
+import os
+
+import pytest
+import torch
+import yaml
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(1)
+
+from hsplit.planner.api import make_plan
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.importance import Importance
+from hsplit.planner.model import load_model_profile
+from hsplit.planner.plan import DataSpec, Plan, Training
+from hsplit.runtime import checkpoint
+from hsplit.runtime import replan as replanning
+from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.evaluate import evaluate
+from hsplit.runtime.train import RunOptions, load_run, run
+
+MODULES = ["q_proj", "v_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("replan")
+    old = os.environ.get("HSPLIT_CACHE")
+    os.environ["HSPLIT_CACHE"] = str(root / "cache")
+    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
+    text = root / "corpus"
+    text.mkdir()
+    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
+             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
+    for i, name in enumerate(["alpha", "beta"]):
+        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
+    # slow devices + a round-time budget: only some adapters fit, so importance decides which
+    dev = {"name": "slow", "kind": "cpu", "memory_gib": 1.0, "flops": {"fp32": 1e6},
+           "uplink_mbps": 1000, "downlink_mbps": 1000}
+    fleet = {"name": "tiny", "server": {"device": {**dev, "name": "srv", "flops": {"fp32": 1e12}}},
+             "clients": [{"device": dev, "count": 1, "data_weight": 1.0, "budget": {"round_s": 20.0}},
+                         {"device": {**dev, "name": "slow2", "flops": {"fp32": 2e6}}, "count": 1,
+                          "data_weight": 2.0, "budget": {"round_s": 20.0}}]}
+    (root / "fleet.yaml").write_text(yaml.safe_dump(fleet))
+    yield root, model, text
+    replanning.score_transform = None
+    if old is None:
+        os.environ.pop("HSPLIT_CACHE", None)
+    else:
+        os.environ["HSPLIT_CACHE"] = old
+
+
+def concentrated(prof, on_high: bool) -> dict[str, float]:
+    mods = prof.resolve_modules(MODULES)
+    return {prof.module_name(l, m): (1.0 if (l >= 2) == on_high else 1e-3) for l in range(prof.layers) for m in mods}
+
+
+def plan_file(env, name, threshold=0.2, every=1, rounds=3):
+    root, model, text = env
+    prof = load_model_profile(str(model))
+    imp = Importance(scores=concentrated(prof, on_high=False), method="test", model_hash=prof.arch_hash())
+    plan = make_plan(root / "fleet.yaml", str(model), importance=imp, modules=MODULES, server_rank=4,
+                     training=Training(batch_size=2, seq_len=32, local_steps=2, rounds=rounds, dtype="fp32",
+                                       learning_rate=5e-3, warmup_steps=0, seed=0),
+                     data=DataSpec(path=str(text), partition="by-source", eval_fraction=0.1))
+    plan.replan = {"every": every, "threshold": threshold}
+    path = root / f"{name}.yaml"
+    plan.save(path)
+    return path, prof
+
+
+@pytest.fixture
+def drift(env):
+    """From round 2 on, the clients' importance concentrates on blocks 2-3 (the plan favours 0-1)."""
+    prof = load_model_profile(str(env[1]))
+    high = concentrated(prof, on_high=True)
+    replanning.score_transform = lambda r, scores: scores if r < 2 else dict(high)
+    yield
+    replanning.score_transform = None
+
+
+def opts(env, **kw):
+    return RunOptions(runs_dir=env[0] / "runs", progress=False, **kw)
+
+
+def global_rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return [r for r in csv.DictReader(f) if r["client"] == "all"]
+
+
+def test_drift_replans_moves_adapters_records_it_and_training_goes_on(env, drift):
+    path, prof = plan_file(env, "drift")
+    before = Plan.load(path)
+    res = run(path, opts(env, name="drift"))
+    g = global_rows(res.run_dir)
+    assert [r["round"] for r in g] == ["0", "1", "2", "3"]
+    assert g[1]["replan_shift"] == "" and g[1]["replan"] == ""      # round 1 sets the reference
+    assert float(g[2]["replan_shift"]) > 0.2 and "split" in g[2]["replan"]
+    new = Plan.load(res.run_dir / "plan-round-2.yaml")
+    old_ranks = [before.client_ranks(c, prof) for c in before.clients]
+    new_ranks = [new.client_ranks(c, prof) for c in new.clients]
+    assert new_ranks != old_ranks
+    assert any(int(n.split(".")[2]) >= 2 for r in new_ranks for n in r)        # adapters moved up
+    assert new.inputs["importance_method"].startswith("runtime-sensitivity")
+    assert new.replan == before.replan
+    # round 3 trained with the new adapters: the checkpoint has their shapes
+    state, t = checkpoint.load(res.run_dir, 3)
+    assert state["replan"]["plan_file"] == "plan-round-2.yaml"
+    keys = {k.split("/", 1)[1].rsplit(".", 1)[0] for k in t["adapters.safetensors"] if k.startswith("k0/")}
+    assert keys == set(new.client_ranks(new.clients[0], prof)) | set(new.server_ranks(new.clients[0], prof))
+    assert float(g[3]["train_loss"]) > 0 and g[3]["eval_loss"] != ""
+
+
+@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
+def test_resume_after_a_replan_equals_an_uninterrupted_run(env, drift, strategy):
+    path, prof = plan_file(env, f"res-{strategy}", rounds=3)
+    if strategy == "splitlora":
+        plan = Plan.load(path)
+        plan.strategy = "splitlora"
+        # splitlora needs one rank per module everywhere: one split, rank 4 on every planned matrix
+        for c in plan.clients:
+            c.split_layer = 2
+            c.ranks = {m: 4 for m in MODULES}
+        plan.save(path)
+        replanning.score_transform = lambda r, s: s if r < 2 else {n: (1.0 if ".layers.0." in n else 1e-3)
+                                                                      for n in s}
+    full = run(path, opts(env, name=f"full-{strategy}"))
+    assert global_rows(full.run_dir)[2]["replan"] != ""         # re-planned at round 2
+
+    class Stop(Exception):
+        pass
+
+    def kill(r, k, s):
+        if r == 2:
+            raise Stop
+    with pytest.raises(Stop):
+        run(path, opts(env, name=f"cut-{strategy}", on_step=kill))
+    assert checkpoint.complete_rounds(full.run_dir.parent / f"cut-{strategy}")[-1] == 2
+    resumed = run(path, opts(env, name=f"cut-{strategy}", resume=True))
+    _, a = checkpoint.load(full.run_dir, 3)
+    _, b = checkpoint.load(resumed.run_dir, 3)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            assert torch.equal(a[f][k], b[f][k]), (f, k)
+    assert [r["eval_loss"] for r in global_rows(full.run_dir)] == [r["eval_loss"] for r in global_rows(resumed.run_dir)]
+    # the run folder alone rebuilds the model in force after the re-plan (eval / export path)
+    sim, _, last = load_run(resumed.run_dir)
+    assert last == 3
+    ev = evaluate(sim, sim.data.eval, 64)
+    assert ev == pytest.approx(float(global_rows(full.run_dir)[3]["eval_loss"]), rel=1e-5)
+    print(strategy, global_rows(full.run_dir)[2]["replan"])
+
+
+def test_threshold_one_never_replans(env, drift):
+    path, _ = plan_file(env, "never", threshold=1.0)
+    res = run(path, opts(env, name="never"))
+    g = global_rows(res.run_dir)
+    assert float(g[2]["replan_shift"]) > 0.2 and all(r["replan"] == "" for r in g)
+    assert not list(res.run_dir.glob("plan-round-*.yaml"))
+
+
+def test_a_hand_written_plan_without_a_fleet_is_refused_at_start(env):
+    path, _ = plan_file(env, "nofleet")
+    plan = Plan.load(path)
+    plan.inputs.pop("fleet")
+    plan.save(path)
+    with pytest.raises(ConfigError, match=r"replan.*inputs\.fleet"):
+        run(path, opts(env, name="nofleet"))
+    assert not (env[0] / "runs" / "nofleet").exists()
+
+
+def test_splitlora_truncation_merges_the_cut_components_so_the_model_is_unchanged(env):
+    from hsplit.runtime.aggregate import RoundUpdate
+    from hsplit.runtime.train import build
+    path, prof = plan_file(env, "trunc")
+    plan = Plan.load(path)
+    plan.strategy = "splitlora"
+    for c in plan.clients:
+        c.split_layer, c.ranks = 2, {m: 8 for m in MODULES}
+    sim = build(plan, progress=False, device="cpu")
+    rows = sim.train_round(0)
+    sim.aggregate(0, rows)
+    ids = sim.data.eval.input_ids[:2]
+
+    def logits():
+        sim.bank.activate(sim.eval_adapter())
+        with torch.no_grad():
+            out = sim.lm.model(input_ids=ids).logits
+        sim.bank.activate(None)
+        return out
+    before = logits()
+    new = Plan.from_dict(plan.to_dict(), "new")
+    for c in new.clients:
+        c.ranks = {m: 2 for m in MODULES}
+    new.server_rank = 2
+    update = RoundUpdate()
+    replanning.apply_plan(sim, new, 0, update)
+    assert all(a.shape[0] == 2 for a, _ in sim.bank.factors("global").values())
+    # client side rank 8, server side rank 4 -> 2: the 6 / 2 cut components are merged
+    assert update.merge and {a.shape[0] for _, a in update.merge.values()} == {6, 2}
+    torch.testing.assert_close(logits(), before, rtol=1e-5, atol=1e-5)
