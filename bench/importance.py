@@ -170,7 +170,7 @@ def main() -> None:
 
 def write_table(results: dict, names: list[str], seeds: int) -> str:
     """Markdown table (mean ± sample sd over the seeds done so far); also written next to the json."""
-    lines = [f"| allocation | held-out loss (mean ± sd) | seeds done | per seed | adapted matrices | adapter params |",
+    lines = ["| allocation | held-out loss (mean ± sd) | seeds done | per seed | adapted matrices | adapter params |",
              "|---|---|---|---|---|---|"]
     for method in names:
         rows = [r for r in results["runs"] if r["method"] == method]

@@ -9,7 +9,7 @@ parameters. Every cost is linear in (s, zs, P) with the coefficients below (docs
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -119,7 +119,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
     clients = fleet.clients()
     if not clients:
         raise ConfigError(fleet.source, ["clients: the fleet has no clients (all counts are 0)"])
-    b, T, tau = training.batch_size, training.seq_len, training.local_steps
+    b, T = training.batch_size, training.seq_len
     coef = coefficients(model, mods, max(ranks), server_rank, b, T, training.dtype)
     v = (importance or uniform()).weights(model, mods)
     shapes = model.module_shapes()

@@ -28,7 +28,6 @@ import csv
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch

@@ -42,7 +42,6 @@ import hmac
 import json
 import os
 import queue
-import shutil
 import socket
 import subprocess
 import sys
@@ -64,7 +63,7 @@ from hsplit.runtime.data import load_federated_data
 from hsplit.runtime.model import check_model_hash, lm_loss
 from hsplit.runtime.partial_load import is_placeholder, load_part
 from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _fleet_round, _global_row, _restore,
-                                  _run_dir, derive_seed, lr_at, pick_device, write_metrics)
+                                  _run_dir, derive_seed, lr_at, pick_device, prepare_run_dir, write_metrics)
 
 TOKEN_ENV = "HSPLIT_TOKEN"
 MAGIC = 0x5053504C   # "PSPL"
@@ -730,22 +729,7 @@ class Server:
         if len(plan.clients) != self.world - 1:
             raise ConfigError(str(plan_path), [f"the plan has {len(plan.clients)} clients but {self.world} processes "
                                                f"were started: start {len(plan.clients) + 1} (rank 0 = server)"])
-        run_dir = _run_dir(plan_path, opts)
-        done = checkpoint.complete_rounds(run_dir)
-        if opts.resume:
-            if not (run_dir / "config.yaml").is_file() or not done:
-                raise ConfigError(str(run_dir), ["--resume: no run with a complete checkpoint here; start it "
-                                                 "without --resume"])
-            config = read_yaml(run_dir / "config.yaml")
-            if config.get("plan") != _plain(plan.to_dict()):
-                raise ConfigError(str(plan_path), [f"--resume: the plan differs from the one {run_dir} was started "
-                                                   "with (config.yaml); resume with that plan or use a new --name"])
-            rounds = opts.rounds or int(config["run"]["rounds"])
-        else:
-            if run_dir.exists() and any(run_dir.iterdir()):
-                raise ConfigError(str(run_dir), ["a run with this name exists: pass --resume to continue it, "
-                                                 "or --name NEW to start another"])
-            rounds = opts.rounds or plan.training.rounds
+        run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
         plan.training.rounds = rounds
         self.handshake()
         self.run_dir = run_dir
@@ -838,7 +822,7 @@ class Server:
         raise _Stop(k, f"{name} was lost: {reason}")
 
     def train_round(self, r: int) -> list[dict]:
-        sim, link, t = self.sim, self.link, self.sim.t
+        sim, link = self.sim, self.link
         sim.lm.model.train()
         state = {k: _Serving(self._party(k), k) for k in self.live}
         now = time.perf_counter()

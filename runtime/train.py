@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -440,13 +439,9 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
-def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
-    """Execute a plan (or resume it) and return where the outputs are."""
-    opts = opts or RunOptions()
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
-    plan_path = Path(plan_path)
-    plan = Plan.load(plan_path)
+def prepare_run_dir(plan: Plan, plan_path: Path, opts: RunOptions) -> tuple[Path, list[int], int]:
+    """The run folder, its complete rounds and the number of rounds to train. Refuses to resume a run
+    that has no complete checkpoint or was started with another plan, and to overwrite a run."""
     run_dir = _run_dir(plan_path, opts)
     done = checkpoint.complete_rounds(run_dir)
     if opts.resume:
@@ -457,12 +452,21 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
         if config.get("plan") != _plain(plan.to_dict()):
             raise ConfigError(str(plan_path), [f"--resume: the plan differs from the one {run_dir} was started "
                                                "with (config.yaml); resume with that plan or use a new --name"])
-        rounds = opts.rounds or int(config["run"]["rounds"])
-    else:
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ConfigError(str(run_dir), ["a run with this name exists: pass --resume to continue it, "
-                                             "or --name NEW to start another"])
-        rounds = opts.rounds or plan.training.rounds
+        return run_dir, done, opts.rounds or int(config["run"]["rounds"])
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise ConfigError(str(run_dir), ["a run with this name exists: pass --resume to continue it, "
+                                         "or --name NEW to start another"])
+    return run_dir, done, opts.rounds or plan.training.rounds
+
+
+def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
+    """Execute a plan (or resume it) and return where the outputs are."""
+    opts = opts or RunOptions()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    plan_path = Path(plan_path)
+    plan = Plan.load(plan_path)
+    run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
     plan.training.rounds = rounds
     if rounds < 1:
         raise ConfigError(str(plan_path), ["--rounds must be >= 1"])

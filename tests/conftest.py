@@ -59,4 +59,24 @@ def tiny():
     return tiny_model()
 
 
-__all__ = ["GIB", "random_instance", "tiny_model"]
+CORPUS_LINES = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
+                "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
+
+
+def tiny_runtime_env(tmp_path_factory, prefix: str, sources=("alpha", "beta", "gamma")):
+    """For module-scoped runtime fixtures (`yield from tiny_runtime_env(...)`): a tiny Llama saved to
+    disk, a text corpus with one file per data source, and HSPLIT_CACHE inside the temp folder
+    (restored afterwards). Yields (root, model_dir, corpus_dir)."""
+    from hsplit.runtime.tiny import save_tiny_model
+    root = tmp_path_factory.mktemp(prefix)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HSPLIT_CACHE", str(root / "cache"))
+        model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
+        text = root / "corpus"
+        text.mkdir()
+        for i, name in enumerate(sources):
+            (text / f"{name}.txt").write_text(" ".join(CORPUS_LINES[(i + j) % 4] for j in range(120)))
+        yield root, model, text
+
+
+__all__ = ["GIB", "random_instance", "tiny_model", "tiny_runtime_env"]

@@ -10,6 +10,7 @@ import signal
 import time
 
 import pytest
+from conftest import tiny_runtime_env
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +22,6 @@ from hsplit.runtime.aggregate import STRATEGIES
 from hsplit.runtime.distributed import (EXIT_FAULT, EXIT_REFUSED, DistOptions, decode_tree, encode_tree,
                                         launch_local)
 from hsplit.runtime.partial_load import held_bytes, load_part
-from hsplit.runtime.tiny import save_tiny_model
 from hsplit.runtime.train import RunOptions, run
 
 DEADLINE = 150
@@ -29,21 +29,7 @@ DEADLINE = 150
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("dist")
-    old = os.environ.get("HSPLIT_CACHE")
-    os.environ["HSPLIT_CACHE"] = str(root / "cache")
-    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
-    text = root / "corpus"
-    text.mkdir()
-    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
-             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
-    for i, name in enumerate(["alpha", "beta", "gamma"]):
-        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
-    yield root, model, text
-    if old is None:
-        os.environ.pop("HSPLIT_CACHE", None)
-    else:
-        os.environ["HSPLIT_CACHE"] = old
+    yield from tiny_runtime_env(tmp_path_factory, "dist")
 
 
 def make_plan(env, name, strategy="hsplitlora", **training):

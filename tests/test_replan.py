@@ -4,6 +4,7 @@ import csv
 import os
 
 import pytest
+from conftest import tiny_runtime_env
 import torch
 import yaml
 
@@ -17,7 +18,6 @@ from hsplit.planner.model import load_model_profile
 from hsplit.planner.plan import DataSpec, Plan, Training
 from hsplit.runtime import checkpoint
 from hsplit.runtime import replan as replanning
-from hsplit.runtime.tiny import save_tiny_model
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.train import RunOptions, load_run, run
 
@@ -26,16 +26,8 @@ MODULES = ["q_proj", "v_proj", "down_proj"]
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("replan")
-    old = os.environ.get("HSPLIT_CACHE")
-    os.environ["HSPLIT_CACHE"] = str(root / "cache")
-    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
-    text = root / "corpus"
-    text.mkdir()
-    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
-             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
-    for i, name in enumerate(["alpha", "beta"]):
-        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
+    gen = tiny_runtime_env(tmp_path_factory, "replan", sources=("alpha", "beta"))
+    root, model, text = next(gen)
     # slow devices + a round-time budget: only some adapters fit, so importance decides which
     dev = {"name": "slow", "kind": "cpu", "memory_gib": 1.0, "flops": {"fp32": 1e6},
            "uplink_mbps": 1000, "downlink_mbps": 1000}
@@ -46,10 +38,7 @@ def env(tmp_path_factory):
     (root / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     yield root, model, text
     replanning.score_transform = None
-    if old is None:
-        os.environ.pop("HSPLIT_CACHE", None)
-    else:
-        os.environ["HSPLIT_CACHE"] = old
+    next(gen, None)
 
 
 def concentrated(prof, on_high: bool) -> dict[str, float]:

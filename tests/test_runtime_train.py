@@ -3,6 +3,7 @@ import csv
 import os
 
 import pytest
+from conftest import tiny_runtime_env
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,27 +14,12 @@ from hsplit.planner.plan import Plan
 from hsplit.runtime import checkpoint
 from hsplit.runtime.lora import lora_config
 from hsplit.runtime.model import lm_loss, load_lm
-from hsplit.runtime.tiny import save_tiny_model
 from hsplit.runtime.train import RunOptions, build, lr_at, run
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rt")
-    old = os.environ.get("HSPLIT_CACHE")
-    os.environ["HSPLIT_CACHE"] = str(root / "cache")
-    model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
-    text = root / "corpus"
-    text.mkdir()
-    lines = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
-             "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
-    for i, name in enumerate(["alpha", "beta", "gamma"]):
-        (text / f"{name}.txt").write_text(" ".join(lines[(i + j) % 4] for j in range(120)))
-    yield root, model, text
-    if old is None:
-        os.environ.pop("HSPLIT_CACHE", None)
-    else:
-        os.environ["HSPLIT_CACHE"] = old
+    yield from tiny_runtime_env(tmp_path_factory, "rt")
 
 
 def make_plan(env, path_name="plan.yaml", strategy="hsplitlora", clients=None, **training):
