@@ -6,27 +6,21 @@ hsplit.runtime.commands, which imports torch only inside the commands that need 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from hsplit import __version__
+from hsplit.cliutil import check_format, console_for, fail
 from hsplit.planner.errors import ConfigError, InfeasibleError
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 # Piped output (files, CI logs) is not wrapped at 80 columns: tables stay readable.
-console = Console(width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-
-
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
+console = console_for()
+err = console_for(stderr=True)
 
 
 def parse_ints(text: str, flag: str) -> tuple[int, ...]:
@@ -77,6 +71,7 @@ def plan(
     """
     from hsplit.planner.api import check_plan, make_plan
     from hsplit.planner.plan import DataSpec, Plan, Training
+    check_format(fmt)
     try:
         if check is not None:
             p = Plan.load(check)
@@ -198,6 +193,7 @@ def whatif(
     from hsplit.planner.plan import Training
     from hsplit.planner.plots import write_plots
     from hsplit.planner.whatif import run_whatif, write_table
+    check_format(fmt)
     training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, dtype=dtype)
     try:
         with Progress(console=err, transient=True) as progress:

@@ -8,26 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-
-def _console(stderr: bool = False):
-    from rich.console import Console
-    return Console(stderr=stderr, width=None if (sys.stderr if stderr else sys.stdout).isatty() else 160)
-
-
-def _fail(message: str, code: int = 2) -> None:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _check_format(fmt: str) -> None:
-    if fmt not in ("text", "json"):
-        _fail(f"--format must be text or json, got {fmt!r}")
+from hsplit.cliutil import check_format as _check_format
+from hsplit.cliutil import console_for as _console
+from hsplit.cliutil import fail as _fail
 
 
 def _ppl(loss) -> str:
