@@ -30,9 +30,11 @@ backward, every gradient held) that the tests compare the grouped computation wi
 """
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from operator import attrgetter
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -142,18 +144,22 @@ def _chunked_head_loss(split: SplitLM, hidden: torch.Tensor, labels: torch.Tenso
 def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,
                        beta1: float = 0.85, beta2: float = 0.85, blocks_per_pass: int | None = None,
                        head_chunk_tokens: int = 64,
-                       on_step: Callable[[int, int], None] | None = None) -> tuple[dict[str, float], dict]:
+                       on_step: Callable[[int, int], None] | None = None, *,
+                       spill: bool = True) -> tuple[dict[str, float], dict]:
     """Raw scores (sum over each matrix of Ibar*Ubar), grouped computation; (scores, info).
 
     One no-grad forward pass caches the input of every group, per batch. Groups are then scored
     top-down: group [a, b) runs forward from its cached input and backward, seeded at the top by the
     loss and below by dL/dh at its output boundary, which the group above produced (the weights are
     frozen, so that gradient does not depend on which group is being scored). Every block runs
-    forward twice and backward once in all, whatever the group size."""
+    forward twice and backward once in all, whatever the group size.
+
+    With `spill` (default) the cached group inputs go to a temporary folder instead of memory, so
+    the group size costs nothing but smoothing states and the smallest groups (one block) are used."""
     split = SplitLM(model, profile.family)
     L = profile.layers
     boundary = sum(b.input_ids.numel() for b in batches) * profile.hidden * 4
-    g = blocks_per_pass or auto_blocks_per_pass(model, profile, modules, boundary)
+    g = blocks_per_pass or (1 if spill else auto_blocks_per_pass(model, profile, modules, boundary))
     g = min(g, L)
     groups = [(a, min(a + g, L)) for a in range(0, L, g)]
     weights = adaptable_matrices(model, profile, modules)
@@ -166,15 +172,33 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
     handles = []
     total_work = len(groups) * len(batches)
     done = 0
+    spill_dir = tempfile.TemporaryDirectory(prefix="hsplit-importance-") if spill else None
     try:
-        inputs: dict[int, list[torch.Tensor | None]] = {a: [None] * len(batches) for a, _ in groups}
+        inputs: dict[int, list] = {a: [None] * len(batches) for a, _ in groups}
+
+        def keep(a: int, i: int, h: torch.Tensor) -> None:
+            if spill_dir is None:
+                inputs[a][i] = h
+            else:
+                path = Path(spill_dir.name) / f"{a}-{i}.pt"
+                torch.save(h, path)
+                inputs[a][i] = path
+
+        def take(a: int, i: int) -> torch.Tensor:
+            item, inputs[a][i] = inputs[a][i], None
+            if isinstance(item, Path):
+                h = torch.load(item)
+                item.unlink()
+                return h
+            return item
+
         with torch.no_grad():
             for i, batch in enumerate(batches):
                 h = split.embed(batch.input_ids)
                 for a, b in groups[:-1]:
-                    inputs[a][i] = h
+                    keep(a, i, h)
                     h = split._run_blocks(h, batch.attention_mask, a, b)
-                inputs[groups[-1][0]][i] = h
+                keep(groups[-1][0], i, h)
                 del h
         upstream: list[torch.Tensor | None] = [None] * len(batches)   # dL/d(output of the group being scored)
         for a, b in reversed(groups):
@@ -193,8 +217,7 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
                     handles.append(w.register_post_accumulate_grad_hook(hook))
             for i, batch in enumerate(batches):
                 mask = batch.attention_mask
-                x = inputs[a][i].detach().requires_grad_(a > 0)
-                inputs[a][i] = None
+                x = take(a, i).detach().requires_grad_(a > 0)
                 h = x
                 for l in range(a, b):
                     h = checkpoint(split._run_blocks, h, mask, l, l + 1, use_reentrant=False)
@@ -216,13 +239,15 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
                 weights[name].requires_grad_(False)
             del smoothers
     finally:
+        if spill_dir is not None:
+            spill_dir.cleanup()
         for hd in handles:
             hd.remove()
         for p in model.parameters():
             p.requires_grad_(saved_flags[id(p)])
             p.grad = None
         model.train(was_training)
-    return scores, {"blocks_per_pass": g, "passes": len(groups)}
+    return scores, {"blocks_per_pass": g, "passes": len(groups), "boundary_cache": "disk" if spill else "memory"}
 
 
 def reference_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,

@@ -56,12 +56,14 @@ def all_names(profile):
     return {profile.module_name(l, m) for l in range(profile.layers) for m in profile.family.default_modules}
 
 
-@pytest.mark.parametrize("bpp", [1, 2, 3])
-def test_group_by_group_scores_equal_the_all_at_once_reference(tiny, bpp):
+@pytest.mark.parametrize("bpp,spill", [(1, True), (2, True), (3, True), (2, False)])
+def test_group_by_group_scores_equal_the_all_at_once_reference(tiny, bpp, spill):
     model, profile, _ = tiny
     mods = profile.family.default_modules
     ref = reference_scores(model, profile, batches(0), mods)
-    got, info = sensitivity_scores(model, profile, batches(0), mods, blocks_per_pass=bpp, head_chunk_tokens=7)
+    got, info = sensitivity_scores(model, profile, batches(0), mods, blocks_per_pass=bpp, head_chunk_tokens=7,
+                                   spill=spill)
+    assert info["boundary_cache"] == ("disk" if spill else "memory")
     assert info["passes"] == -(-3 // bpp)
     assert set(got) == set(ref) == all_names(profile)
     for k in ref:
