@@ -60,7 +60,7 @@ class ImportanceSettings:
     seed: int = 0
     normalization: str = "raw"          # raw | per-parameter
     modules: tuple[str, ...] | None = None   # None = every adaptable module of the family
-    blocks_per_pass: int | None = None  # None = auto (memory); 1 = strictly block by block
+    blocks_per_pass: int | None = None  # None = auto (1 block: the boundary cache is on disk)
     head_chunk_tokens: int = 64         # tokens per LM-head/loss chunk
 
     def check(self) -> None:
