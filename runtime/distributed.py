@@ -605,11 +605,7 @@ def _client_round(sim: Simulation, p, link: Link, r: int) -> None:
             link.send(0, NORM, [r, s], [_norms(p.opt_client)])
             total = link.expect(0, TOTAL).tensors[0]
             _clip(p.opt_client, t.max_grad_norm, total)
-        if p.opt_client is not None:
-            p.opt_client.step()
-            p.opt_client.zero_grad(set_to_none=True)
-        if snap:
-            sim.het.after_step(p, snap)
+        sim.finish_step(p, [p.opt_client], snap)
     if sim.strategy.resets_adapters and p.opt_client is not None:
         p.opt_client.state.clear()
     sim.lm.model.eval()
@@ -908,11 +904,7 @@ class Server:
             total = torch.linalg.vector_norm(torch.cat([client_norms, _norms(p.opt_server)]), 2.0)
             self.link.send(st.rank, TOTAL, [r, st.step], [total])
             _clip(p.opt_server, t.max_grad_norm, total)
-        if p.opt_server is not None:
-            p.opt_server.step()
-            p.opt_server.zero_grad(set_to_none=True)
-        if snap:
-            sim.het.after_step(p, snap)
+        sim.finish_step(p, [p.opt_server], snap)
         st.step += 1
         st.waiting = "ACT"
         if st.step == sim.steps_per_round:

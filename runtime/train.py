@@ -254,15 +254,21 @@ class Simulation:
         params = [q for o in opts for g in o.param_groups for q in g["params"]]
         if t.max_grad_norm > 0 and params:
             torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm)
-        for o in opts:
-            o.step()
-            o.zero_grad(set_to_none=True)
-        if snap:
-            self.het.after_step(p, snap)
+        self.finish_step(p, opts, snap)
         # traffic: activations + mask (1 byte/token) + labels (int32) up, activation gradients down
         act = h.numel() * h.element_size()
         up, down = (0, 0) if self.plan.strategy == "centralized" else (act + mask.numel() + 4 * labels.numel(), act)
         return {"loss": float(loss.detach()), "tokens": n_tok, "lr": lr, "bytes_up": up, "bytes_down": down}
+
+    def finish_step(self, p: Party, opts, snap) -> None:
+        """Optimizer step(s), then the strategy's post-step hook (hafl: restore frozen components).
+        Shared by the in-process step and both sides of the distributed one."""
+        for o in opts:
+            if o is not None:
+                o.step()
+                o.zero_grad(set_to_none=True)
+        if snap:
+            self.het.after_step(p, snap)
 
     def train_round(self, r: int, progress=None, on_step=None) -> list[dict]:
         """Every client's local steps of round r; one metrics row per client."""

@@ -59,6 +59,17 @@ def tiny():
     return tiny_model()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny torch ops: one thread avoids OpenMP spin contention with other processes on a shared CPU
+    (use with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 CORPUS_LINES = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
                 "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
 

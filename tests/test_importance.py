@@ -23,13 +23,7 @@ from hsplit.runtime.importance import (ImportanceSettings, auto_blocks_per_pass,
 from hsplit.runtime.measure_commands import register
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one thread avoids OpenMP spin contention with other processes on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
