@@ -543,10 +543,7 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
                     group, members = _subgroup(store, live, rank, f"{seq}.{gen}", dopts.timeout_s), live
                 _gather_bytes(group, _upload(sim, p), len(live), dopts.timeout_s)
                 blob = _broadcast_bytes(group, None, dopts.timeout_s)
-                update = decode_tree(blob, RoundUpdate)
-                live_parties = [q for q in sim.parties if q.index + 1 in live]
-                with _parties(sim, live_parties):
-                    sim.apply(update, m.ints[0])
+                sim.apply(decode_tree(blob, RoundUpdate), m.ints[0])
             elif m.kind == EVAL:
                 _client_eval(sim, p, link, m.ints[0] or None)
             elif m.kind == RESTORE:
@@ -661,6 +658,7 @@ class Server:
         self.plan_path, self.opts, self.dopts, self.link, self.store, self.say = plan_path, opts, dopts, link, store, say
         self.world = world
         self.plan = Plan.load(plan_path)
+        self.phash = plan_hash(self.plan)       # of the file as every process reads it (before --rounds)
         self.live = list(range(1, world))
         self.group, self.members, self.gen = None, None, 0
         self.faults: list[dict] = []
@@ -668,7 +666,7 @@ class Server:
 
     # -- handshake --
     def handshake(self) -> None:
-        phash = plan_hash(self.plan)
+        phash = self.phash
         token = os.environ.get(TOKEN_ENV, "")
         deadline = time.monotonic() + self.dopts.connect_timeout_s
         hellos, problems = {}, []
@@ -940,8 +938,11 @@ class Server:
         for p, blob in zip(parties, blobs[1:]):
             _absorb(sim, p, blob)
         rows = [row for row in rows if row["client"] in {p.id for p in parties}]
-        with _parties(sim, parties):
-            update = sim.aggregate(r, rows)
+        with _parties(sim, parties):        # aggregate over the live clients (re-weighted) ...
+            update = sim.combine()
+        sim.apply(update, r)                # ... applied to every party: a lost client that comes back
+        with _parties(sim, parties):        # (--resume) starts from the aggregate, not its stale adapters
+            sim.count_traffic(update, rows)
         self.last_update = update
         try:
             _broadcast_bytes(self.group, encode_tree(update), self.dopts.timeout_s)

@@ -330,8 +330,11 @@ class HetState:
                             self._zero_moments(p, a, b, changed)
             return
         for p in sim.parties:
-            mods = update.assign_party.get(p.adapter, {})
             f = sim.bank.factors(p.adapter)
+            mods = update.assign_party.get(p.adapter)
+            if mods is None:    # a holder that was not aggregated (a lost client): the global at its rank
+                mods = {m: (g[m][0][:a.shape[0]], g[m][1][:, :a.shape[0]]) for m, (a, _) in f.items()
+                        if m in update.global_factors}
             for m, (a, b) in mods.items():
                 f[m][0].copy_(a)
                 f[m][1].copy_(b)

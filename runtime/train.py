@@ -314,10 +314,18 @@ class Simulation:
         return updates
 
     def aggregate(self, r: int, rows: list[dict]) -> RoundUpdate:
-        update = (self.het.aggregate(self.strategy, self.collect()) if self.het
-                  else self.strategy.aggregate(self.collect()))
+        update = self.combine()
         self.apply(update, r)
-        # traffic of the aggregation step: clients upload their own adapters, download the result
+        self.count_traffic(update, rows)
+        return update
+
+    def combine(self) -> RoundUpdate:
+        """The strategy's aggregate of every party's factors (nothing is changed yet)."""
+        return (self.het.aggregate(self.strategy, self.collect()) if self.het
+                else self.strategy.aggregate(self.collect()))
+
+    def count_traffic(self, update: RoundUpdate, rows: list[dict]) -> None:
+        """Bytes of the aggregation step: clients upload their own adapters, download the result."""
         for p, row in zip(self.parties, rows):
             if self.plan.strategy == "centralized":
                 continue
@@ -332,7 +340,6 @@ class Simulation:
             row["bytes_up"] += sum(4 * (a.numel() + b.numel()) for m, (a, b) in own.items() if m in p.client_modules)
             got = update.merge if update.merge else update.assign
             row["bytes_down"] += sum(4 * (x.numel() + y.numel()) for m, (x, y) in got.items() if m in p.client_modules)
-        return update
 
     @torch.no_grad()
     def apply(self, update: RoundUpdate, r: int) -> None:

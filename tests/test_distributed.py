@@ -140,6 +140,38 @@ def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
     state = checkpoint.read_state(env[0] / "runs" / "kill", 1)
     assert state["live_clients"] == ["a"]
     assert [r["client"] for r in state["metrics"]] == ["a", "all"]
+    # the aggregate reached the lost client's state too: hsplitlora re-initialises every adapter after a
+    # merge, so b's factors (trained for a few steps on the server side before the kill) are fresh again
+    _, t = checkpoint.load(env[0] / "runs" / "kill", 2)
+    b_keys = [k for k in t["adapters.safetensors"] if k.startswith("k1/") and k.endswith("lora_B")]
+    assert b_keys and all(not t["adapters.safetensors"][k].any() for k in b_keys)
+
+    # --resume with one more round brings b back: both clients train round 3
+    code, logs = dist_run(env, path, "kill", logs_name="kill-resume", rounds=3, resume=True,
+                          dopts=DistOptions(timeout_s=30, min_clients=1))
+    assert code == 0, logs
+    state = checkpoint.read_state(env[0] / "runs" / "kill", 3)
+    assert state["live_clients"] == ["a", "b"]
+    assert [r["client"] for r in state["metrics"]] == ["a", "b", "all"]
+
+
+def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(env):
+    """splitlora/hetlora: a holder left out of the aggregation still receives the aggregate at its rank."""
+    from hsplit.runtime.distributed import _parties
+    from hsplit.runtime.train import GLOBAL, build
+    for strategy in ("splitlora", "hetlora", "flexlora"):
+        sim = build(Plan.load(make_plan(env, f"lost-{strategy}.yaml", strategy)), progress=False, device="cpu")
+        sim.train_round(0)
+        live = [sim.parties[0]]
+        with _parties(sim, live):
+            update = sim.combine()
+        sim.apply(update, 0)
+        a, b = sim.bank.factors("k0"), sim.bank.factors("k1")
+        for m, (a1, b1) in b.items():
+            ref = sim.bank.factors(GLOBAL)[m] if sim.global_ranks else a[m]
+            r = a1.shape[0]
+            torch.testing.assert_close(a1, ref[0][:r], rtol=0, atol=0)
+            torch.testing.assert_close(b1, ref[1][:, :r], rtol=0, atol=0)
 
 
 def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
@@ -159,6 +191,39 @@ def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
     assert "--resume" in logs["rank0"] and "hsplit.runtime.worker" in logs["rank0"]
     assert checkpoint.complete_rounds(env[0] / "runs" / "stop") == [0]
     assert "the server stopped the run" in logs["rank2"]
+
+    # the printed --resume: every process starts again, and the run ends where an uninterrupted one does
+    code, logs = dist_run(env, path, "stop", logs_name="stop-resume", resume=True, dopts=DistOptions(timeout_s=30))
+    assert code == 0, logs
+    assert checkpoint.complete_rounds(env[0] / "runs" / "stop") == [0, 1, 2]
+    ref = run(path, RunOptions(runs_dir=env[0] / "runs", name="stop-ref", progress=False, eval_max_seqs=8))
+    _, a = checkpoint.load(ref.run_dir, 2)
+    _, b = checkpoint.load(env[0] / "runs" / "stop", 2)
+    for f in checkpoint.FILES:
+        _close(a[f], b[f])
+
+
+def test_a_hung_client_is_named_after_the_timeout_and_exits_itself(env):
+    """SIGSTOP (a client that stops answering without closing its connection): the server names it after
+    --timeout and finishes the run with the other; once the client runs again it times out too and exits."""
+    path = make_plan(env, "hung.yaml", "splitlora", rounds=2, local_steps=200)
+    run_dir = env[0] / "runs" / "hung"
+
+    def stop_client_2(procs):
+        t0 = time.monotonic()
+        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
+            time.sleep(0.05)
+        procs[2].send_signal(signal.SIGSTOP)
+        while not (run_dir / "faults.json").exists() and time.monotonic() - t0 < 120:
+            time.sleep(0.1)
+        procs[2].send_signal(signal.SIGCONT)
+
+    code, logs = dist_run(env, path, "hung", dopts=DistOptions(timeout_s=6, min_clients=1), on_start=stop_client_2)
+    assert code == 0, logs
+    assert "client b (rank 2, d) was lost in round 1: no answer within 6 s" in logs["rank0"]
+    assert json.loads((run_dir / "faults.json").read_text())[0]["client"] == "b"
+    assert checkpoint.complete_rounds(run_dir) == [0, 1, 2]
+    assert "client b (rank 2)" in logs["rank2"] and "error:" in logs["rank2"]
 
 
 def test_processes_without_the_token_or_with_another_plan_are_refused(env):
@@ -206,3 +271,24 @@ def test_a_client_process_loads_only_its_part_of_the_model(env):
     block = (w - emb - norm) // 4
     assert c == emb + block                       # embeddings + exactly one of the four blocks
     assert s == emb + 3 * block + norm            # tied head (the embedding tensor) + three blocks + norm
+
+
+def test_hsplit_run_distributed_launches_the_processes_itself(env):
+    """The user-facing command: `hsplit run plan.yaml --distributed` (no token set: it makes one)."""
+    import subprocess
+    import sys
+    path = make_plan(env, "cli.yaml", "hsplitlora", rounds=1)
+    runs = env[0] / "runs-cli"
+    e = {k: v for k, v in os.environ.items() if k != "HSPLIT_TOKEN"}
+    e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
+                          str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60"],
+                         env=e, capture_output=True, text=True, timeout=DEADLINE)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"outputs in {runs / 'cli'}" in out.stdout
+    assert checkpoint.complete_rounds(runs / "cli") == [0, 1]
+    ref = run(path, RunOptions(runs_dir=env[0] / "runs", name="cli-ref", progress=False, eval_max_seqs=8))
+    _, a = checkpoint.load(ref.run_dir, 1)
+    _, b = checkpoint.load(runs / "cli", 1)
+    for f in checkpoint.FILES:
+        _close(a[f], b[f])
