@@ -1,6 +1,6 @@
 """Distributed (server + clients as processes on loopback) vs the in-process simulation, on this machine.
 
-    .venv/bin/python bench/distributed.py [--steps 4] [--seq-len 64] [--model smollm2-135m]
+    .venv/bin/python bench/distributed.py [--steps 4] [--seq-len 64] [--model smollm2-135m] [--device cpu]
     # -> bench/results/distributed.json (summarised in docs/benchmarks.md "Distributed vs in-process")
 
 Measures, for one hand-written 2-client plan (splits 2 and 4, q_proj/v_proj rank 8, server rank 8):
@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (every process on this device; messages via gloo)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "distributed.json"))
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -89,7 +90,7 @@ def main() -> None:
         "bench.yaml")
     path = work / "bench.yaml"
     plan.save(path)
-    opts = RunOptions(runs_dir=work / "runs", progress=False, threads=1, eval_max_seqs=4)
+    opts = RunOptions(runs_dir=work / "runs", progress=False, threads=1, eval_max_seqs=4, device=a.device)
 
     t0 = time.perf_counter()
     ref = run(path, RunOptions(**{**opts.__dict__, "name": "inproc"}))
