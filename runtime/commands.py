@@ -103,6 +103,7 @@ def register(app: typer.Typer) -> None:
             if fmt == "json":
                 print(json.dumps(rep))
             else:
+                _console().print(_samples_table(rep["outputs"][0], 3))
                 _console().print(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): BLEU "
                                  f"{rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity {rep['perplexity']:.2f}; "
                                  f"outputs {', '.join(rep['outputs'])}")
@@ -174,3 +175,16 @@ def register(app: typer.Typer) -> None:
             _fail(str(e))
         if fmt == "json":
             print(json.dumps(rep))
+
+
+def _samples_table(jsonl: str, n: int):
+    """The first n decoded MRs next to one of their references (the rest are in the .jsonl file)."""
+    from rich.table import Table
+    with open(jsonl) as fh:
+        rows = [json.loads(line) for line, _ in zip(fh, range(n))]
+    table = Table(title=f"first {len(rows)} outputs (all in {Path(jsonl).name})", show_lines=True)
+    for col in ("MR", "output", "a reference"):
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(row["mr"], row["hypothesis"], row["references"][0] if row["references"] else "")
+    return table
