@@ -489,7 +489,7 @@ def _absorb(sim: Simulation, p, blob: torch.Tensor) -> None:
         ema = sim.het._ema.setdefault(p.adapter, {})
         for m, keys in up["ema"].items():
             for key, pair in keys.items():
-                ema[(m, key)] = list(pair)
+                ema[(m, key)] = [x.to(sim.device) for x in pair]
 
 
 def _eval_subset(sim: Simulation, max_seqs: int | None):
@@ -899,7 +899,8 @@ class Server:
         sim, t, p = self.sim, self.sim.t, st.party
         snap = sim.het.before_step(p, st.step) if sim.het else None
         if client_norms is not None:
-            total = torch.linalg.vector_norm(torch.cat([client_norms, _norms(p.opt_server)]), 2.0)
+            server_norms = _norms(p.opt_server).to(client_norms.device)       # messages arrive on the CPU
+            total = torch.linalg.vector_norm(torch.cat([client_norms, server_norms]), 2.0)
             self.link.send(st.rank, TOTAL, [r, st.step], [total])
             _clip(p.opt_server, t.max_grad_norm, total)
         sim.finish_step(p, [p.opt_server], snap)
