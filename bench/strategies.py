@@ -135,26 +135,29 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip([s for s in ALL if s != "centralized"], plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
     for s, r in results.items():
         c = r["curve"]
         ppl = [x["eval_ppl"] for x in c]
-        if s == "centralized":
+        if s == "centralized":      # no fleet time: its final perplexity as a reference line
             ax[0].axhline(ppl[-1], color="k", ls=":", label=f"centralized (final, {len(c) - 1} rounds)")
-        else:
-            ax[0].plot([x["fleet_s"] or 0.0 for x in c], ppl, marker="o", label=s)
-        ax[1].plot([x["round"] for x in c], ppl, marker="o", label=s)
+            ax[1].plot([x["round"] for x in c], ppl, color="k", ls=":", marker=".", label=s)
+            continue
+        ax[0].plot([x["fleet_s"] or 0.0 for x in c], ppl, marker="o", color=colors.get(s), label=s)
+        ax[1].plot([x["round"] for x in c], ppl, marker="o", color=colors.get(s), label=s)
     ax[0].set(xlabel="fleet time (s, predicted from device profiles)", ylabel="held-out perplexity", yscale="log")
     ax[1].set(xlabel="round", ylabel="held-out perplexity", yscale="log")
     ax[0].legend(fontsize=7)
+    ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--train", required=True, help="E2E CSV the clients train on (e.g. devset.csv)")
-    ap.add_argument("--test", required=True, help="E2E CSV with all references (e.g. testset_w_refs.csv)")
+    ap.add_argument("--train", help="E2E CSV the clients train on (e.g. devset.csv); required")
+    ap.add_argument("--test", help="E2E CSV with all references (e.g. testset_w_refs.csv); required")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--strategies", default=",".join(ALL))
     ap.add_argument("--rounds", type=int, default=8)
@@ -181,10 +184,18 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "strategies"))
+    ap.add_argument("--summarise-only", action="store_true",
+                    help="rewrite summary.md and the plot from --out's results.json (no training)")
     args = ap.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
+    if args.summarise_only:
+        saved = json.loads((out / "results.json").read_text())
+        print(summarise(saved["results"], args, out))
+        return 0
+    if not (args.train and args.test):
+        ap.error("--train and --test are required (the E2E devset and test set with references)")
     out.mkdir(parents=True, exist_ok=True)
     plans = make_plans(args, out)
     results = {}
