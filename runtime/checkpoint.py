@@ -6,6 +6,10 @@
         merged.safetensors     this round's exact aggregate factors merged into the base (hsplitlora)
         state.json             round, metrics rows, AdamW hyper-parameters, sha256 of each file
 
+With `hsplit run --keep-checkpoints K` only the newest K rounds keep adapters.safetensors and
+optimizer.safetensors (the only ones read back); merged.safetensors and state.json of every round
+stay, because resuming and exporting replay every round's merge.
+
 A checkpoint directory is first written as `.tmp-round-0003-<pid>` and renamed into place: a run
 killed at any moment leaves either a complete checkpoint or none (stale temp dirs are removed on
 resume). `round-0000` is the initial state. Resuming replays the merged factors of rounds 1..N
@@ -89,6 +93,33 @@ def remove_stale(run_dir: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+PRUNABLE = ("adapters.safetensors", "optimizer.safetensors")
+
+
+def prune(run_dir: Path, keep: int | None) -> list[int]:
+    """Drop adapters + optimizer state of all but the newest `keep` complete rounds (None: keep all).
+
+    Nothing but the last round's adapters/optimizer is ever read back (resume, eval, export replay
+    every round's merged factors, which are kept with state.json). The rounds pruned are recorded in
+    their state.json (atomically) so that reading one says why it is gone. Returns the rounds pruned."""
+    if keep is None:
+        return []
+    done = complete_rounds(run_dir)
+    pruned = []
+    for r in done[:max(0, len(done) - keep)]:
+        d = round_dir(run_dir, r)
+        state = read_state(run_dir, r)
+        if state.get("pruned"):
+            continue
+        tmp = d / ".state.json.tmp"
+        tmp.write_text(json.dumps({**state, "pruned": list(PRUNABLE)}, indent=1))
+        os.replace(tmp, d / "state.json")
+        for name in PRUNABLE:
+            (d / name).unlink(missing_ok=True)
+        pruned.append(r)
+    return pruned
+
+
 def read_state(run_dir: Path, r: int) -> dict:
     path = round_dir(run_dir, r) / "state.json"
     try:
@@ -108,6 +139,9 @@ def load(run_dir: Path, r: int, files=FILES) -> tuple[dict, dict[str, dict[str, 
     out = {}
     for name in files:
         path = d / name
+        if name in state.get("pruned", []):
+            raise ConfigError(str(path), [f"round {r}'s {name} was pruned (--keep-checkpoints); only the newest "
+                                          "rounds keep adapters and optimizer state"])
         expected = state.get("files", {}).get(name)
         if not path.is_file() or expected is None or _sha(path) != expected:
             raise ConfigError(str(path), [

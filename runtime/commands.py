@@ -35,6 +35,7 @@ def register(app: typer.Typer) -> None:
         eval_seqs: int = typer.Option(64, "--eval-seqs", min=1, help="Held-out sequences evaluated after each round."),
         device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
+        keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", min=1, help="Keep adapters + optimizer state of only the newest K rounds (merged factors and metrics of every round stay; default: all)."),
         fmt: str = typer.Option("text", "--format", help="text | json"),
         distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
         min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
@@ -53,12 +54,13 @@ def register(app: typer.Typer) -> None:
         if distributed:
             from hsplit.runtime.distributed import run_local_cli
             raise typer.Exit(run_local_cli(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
-                                                            eval_max_seqs=eval_seqs, device=device, threads=threads),
+                                                            eval_max_seqs=eval_seqs, device=device, threads=threads,
+                                                            keep_checkpoints=keep_checkpoints),
                                            min_clients, timeout, fmt))
         try:
             res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
                                        eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,
-                                       threads=threads))
+                                       threads=threads, keep_checkpoints=keep_checkpoints))
         except ConfigError as e:
             _fail(str(e))
         out = {"run": str(res.run_dir), "rounds": res.rounds_done, "eval_loss_before": res.eval_before,

@@ -773,6 +773,7 @@ class Server:
             checkpoint.save(run_dir, r + 1, sim.tensors(self.last_update),
                             {"metrics": new_rows, "strategy": plan.strategy,
                              "live_clients": [self._party(k).id for k in self.live]})
+            checkpoint.prune(run_dir, opts.keep_checkpoints)
             rows += new_rows
             write_metrics(run_dir, rows)
             self.say(f"round {r + 1}: train loss {g['train_loss']:.4f}, eval loss {g['eval_loss']:.4f}, "
@@ -1090,6 +1091,8 @@ def worker_args(plan_paths, opts: RunOptions, dopts: DistOptions) -> list[str]:
         args += ["--min-clients", str(dopts.min_clients)]
     if opts.threads:
         args += ["--threads", str(opts.threads)]
+    if opts.keep_checkpoints is not None:
+        args += ["--keep-checkpoints", str(opts.keep_checkpoints)]
     if opts.resume:
         args += ["--resume"]
     return args
@@ -1154,6 +1157,8 @@ def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_
            "--runs-dir", str(opts.runs_dir), "--timeout", f"{timeout_s:g}"]
     if min_clients:
         cmd += ["--min-clients", str(min_clients)]
+    if opts.keep_checkpoints is not None:
+        cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
     code = launch_local(plan_path, opts, dopts, resume_cmd=shlex.join(cmd + ["--resume"]))
     if code == 0:
         run_dir = _run_dir(Path(plan_path), opts)

@@ -66,6 +66,7 @@ class RunOptions:
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch CPU threads (1 is fastest on a busy machine)
     compute_dtype: str = "auto"        # auto (plan dtype; fp32 on CPUs without fast bf16) | fp32 | bf16 | fp16
+    keep_checkpoints: int | None = None   # newest rounds that keep adapters + optimizer files (None: all)
     on_step: Callable[[int, int, int], None] | None = None   # (round, client index, step): test hook
 
 
@@ -535,6 +536,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
                 replanner.end_round(r, update, g)
             checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy,
                                                                  **(replanner.state() if replanner else {})})
+            checkpoint.prune(run_dir, opts.keep_checkpoints)
             rows += new_rows
             write_metrics(run_dir, rows)
             bar.end_round(g)

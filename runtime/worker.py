@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--compute-dtype", default="auto")
     ap.add_argument("--threads", type=int)
+    ap.add_argument("--keep-checkpoints", type=int, help="newest rounds that keep adapters + optimizer state")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any peer message")
     ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds for rendezvous + handshake")
     ap.add_argument("--min-clients", type=int, help="finish a round with this many clients (default: all)")
@@ -39,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     from hsplit.runtime.train import RunOptions
 
     opts = RunOptions(rounds=a.rounds, name=a.name, runs_dir=a.runs_dir, resume=a.resume, eval_max_seqs=a.eval_seqs,
-                      progress=False, device=a.device, threads=a.threads, compute_dtype=a.compute_dtype)
+                      progress=False, device=a.device, threads=a.threads, compute_dtype=a.compute_dtype,
+                      keep_checkpoints=a.keep_checkpoints)
     dopts = DistOptions(timeout_s=a.timeout, min_clients=a.min_clients, bind=a.bind,
                         connect_timeout_s=a.connect_timeout)
     shown = ["torchrun", "--nnodes", "1", "--nproc-per-node", os.environ.get("WORLD_SIZE", "?"), "-m",

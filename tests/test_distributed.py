@@ -282,11 +282,12 @@ def test_hsplit_run_distributed_launches_the_processes_itself(env):
     e = {k: v for k, v in os.environ.items() if k != "HSPLIT_TOKEN"}
     e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
-                          str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60"],
+                          str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60", "--keep-checkpoints", "1"],
                          env=e, capture_output=True, text=True, timeout=DEADLINE)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"outputs in {runs / 'cli'}" in out.stdout
     assert checkpoint.complete_rounds(runs / "cli") == [0, 1]
+    assert not (checkpoint.round_dir(runs / "cli", 0) / "adapters.safetensors").exists()     # --keep-checkpoints 1
     ref = run(path, RunOptions(runs_dir=env[0] / "runs", name="cli-ref", progress=False, eval_max_seqs=8))
     _, a = checkpoint.load(ref.run_dir, 1)
     _, b = checkpoint.load(runs / "cli", 1)

@@ -158,6 +158,42 @@ def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, 
         assert strip(list(csv.DictReader(f1))) == strip(list(csv.DictReader(f2)))
 
 
+def test_keep_checkpoints_prunes_old_rounds_and_resume_eval_export_still_work(env):
+    """--keep-checkpoints 1: only the newest round keeps adapters + optimizer state; a killed run still
+    resumes to the uninterrupted run's state, and export/eval (which replay every merge) still work."""
+    from hsplit.runtime.evaluate import evaluate_run
+    from hsplit.runtime.export import total_update
+
+    path = make_plan(env, "keep.yaml", rounds=3)
+    full = run(path, opts(env, name="keep-full"))
+
+    def kill(r, k, s):
+        if (r, k, s) == (2, 0, 1):
+            raise Killed
+
+    with pytest.raises(Killed):
+        run(path, opts(env, name="keep-cut", on_step=kill, keep_checkpoints=1))
+    cut = env[0] / "runs" / "keep-cut"
+    assert checkpoint.complete_rounds(cut) == [0, 1, 2]
+    for r in (0, 1):
+        d = checkpoint.round_dir(cut, r)
+        assert sorted(f.name for f in d.iterdir()) == ["merged.safetensors", "state.json"]
+        assert checkpoint.read_state(cut, r)["pruned"] == list(checkpoint.PRUNABLE)
+    with pytest.raises(ConfigError, match="pruned"):
+        checkpoint.load(cut, 1)
+    run(path, opts(env, name="keep-cut", resume=True, keep_checkpoints=1))
+    _, a = checkpoint.load(full.run_dir, 3)
+    _, b = checkpoint.load(cut, 3)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys() and all(torch.equal(a[f][k], b[f][k]) for k in a[f]), f
+    assert not (checkpoint.round_dir(cut, 2) / "adapters.safetensors").exists()
+    # every round's merge is still there: the exported update and the evaluation equal the full run's
+    ua, _, _ = total_update(full.run_dir)
+    ub, _, _ = total_update(cut)
+    assert ua.keys() == ub.keys() and all(torch.equal(ua[m][0], ub[m][0]) for m in ua)
+    assert evaluate_run(cut)["eval_loss"] == evaluate_run(full.run_dir)["eval_loss"]
+
+
 def test_resume_of_a_corrupt_checkpoint_is_one_clear_error(env):
     path = make_plan(env, "corrupt.yaml", rounds=1)
     res = run(path, opts(env))
