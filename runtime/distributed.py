@@ -5,7 +5,7 @@
 
 Rank 0 is the server, rank k (1..K) runs the plan's k-th client. Each process loads only its own
 part of the model (partial_load.py) but builds the same `train.Simulation` object around it, so the
-step arithmetic, aggregation (`Simulation.aggregate` / `apply`, every strategy of aggregate.py),
+step arithmetic, aggregation (`Simulation.combine` / `apply`, every strategy of aggregate.py),
 checkpoints and metrics are the in-process code paths, and the result equals the in-process
 simulation's (tests/test_distributed.py, every strategy, within 1e-5).
 
@@ -21,9 +21,10 @@ uint8 payload with the tensors' bytes, 8-byte aligned):
     server -> client  ROUND / AGG / EVAL / RESTORE / FINISH / ABORT   (control)
     client -> server  EVAL_H  activations of the held-out batches (evaluation after a round)
 Aggregation uses collectives on a process group of the live ranks: `gather` of every client's
-client-side adapters (+ AdamW moments, hafl importance EMAs) to the server, which runs
-`Simulation.aggregate`, then `broadcast` of the RoundUpdate (safetensors bytes, never pickle), which
-every client applies with `Simulation.apply`.
+client-side adapters (+ AdamW moments, hafl importance EMAs) to the server, which combines them
+(`Simulation.combine`, over the live clients) and applies the result to every party it keeps (a lost
+client included, so it rejoins from the aggregate on --resume), then `broadcast` of the RoundUpdate
+(safetensors bytes, never pickle), which every client applies with `Simulation.apply`.
 
 The server serves clients concurrently: one reader thread per client queues its messages and the
 server handles whichever arrives first, keeping one adapter set and optimizer state per client (the
