@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.yamlio import atomic_write_text
 
 FILES = ("adapters.safetensors", "optimizer.safetensors", "merged.safetensors")
 
@@ -43,8 +44,10 @@ def _sha(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: Path, r: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict) -> Path:
-    """Write checkpoint `r` (tensors: file name -> flat tensor dict) atomically."""
+def save(run_dir: Path, r: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+         keep: int | None = None) -> Path:
+    """Write checkpoint `r` (tensors: file name -> flat tensor dict) atomically, then prune older
+    rounds to the newest `keep` (None: keep every round's files)."""
     from safetensors.torch import save_file
 
     final = round_dir(run_dir, r)
@@ -67,6 +70,7 @@ def save(run_dir: Path, r: int, tensors: dict[str, dict[str, torch.Tensor]], sta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune(run_dir, keep)
     return final
 
 
@@ -96,28 +100,23 @@ def remove_stale(run_dir: Path) -> None:
 PRUNABLE = ("adapters.safetensors", "optimizer.safetensors")
 
 
-def prune(run_dir: Path, keep: int | None) -> list[int]:
+def prune(run_dir: Path, keep: int | None) -> None:
     """Drop adapters + optimizer state of all but the newest `keep` complete rounds (None: keep all).
 
     Nothing but the last round's adapters/optimizer is ever read back (resume, eval, export replay
     every round's merged factors, which are kept with state.json). The rounds pruned are recorded in
-    their state.json (atomically) so that reading one says why it is gone. Returns the rounds pruned."""
+    their state.json (atomically, before the files go) so that reading one says why it is gone."""
     if keep is None:
-        return []
+        return
     done = complete_rounds(run_dir)
-    pruned = []
     for r in done[:max(0, len(done) - keep)]:
         d = round_dir(run_dir, r)
+        if not any((d / name).exists() for name in PRUNABLE):
+            continue        # pruned after an earlier round
         state = read_state(run_dir, r)
-        if state.get("pruned"):
-            continue
-        tmp = d / ".state.json.tmp"
-        tmp.write_text(json.dumps({**state, "pruned": list(PRUNABLE)}, indent=1))
-        os.replace(tmp, d / "state.json")
+        atomic_write_text(d / "state.json", json.dumps({**state, "pruned": list(PRUNABLE)}, indent=1))
         for name in PRUNABLE:
             (d / name).unlink(missing_ok=True)
-        pruned.append(r)
-    return pruned
 
 
 def read_state(run_dir: Path, r: int) -> dict:

@@ -63,8 +63,8 @@ from hsplit.runtime.aggregate import RoundUpdate, strategy_for
 from hsplit.runtime.data import load_federated_data
 from hsplit.runtime.model import check_model_hash, lm_loss
 from hsplit.runtime.partial_load import is_placeholder, load_part
-from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _fleet_round, _global_row, _restore,
-                                  _run_dir, derive_seed, lr_at, pick_device, prepare_run_dir, write_metrics)
+from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _global_row, _restore, _run_dir, derive_seed,
+                                  lr_at, pick_device, prepare_run_dir, round_rows, write_metrics)
 
 TOKEN_ENV = "HSPLIT_TOKEN"
 MAGIC = 0x5053504C   # "PSPL"
@@ -765,16 +765,11 @@ class Server:
             update_rows = self.aggregate(r, client_rows)
             agg_s = time.perf_counter() - t1
             ev = self.evaluate()
-            fleet = _fleet_round(sim, update_rows)
-            fleet_total = fleet_total + fleet if fleet is not None and fleet_total is not None else None
-            g = _global_row(r + 1, update_rows, ev, time.perf_counter() - t0, agg_s, fleet_total, fleet)
-            for row in update_rows:
-                row.update(eval_loss=None, eval_ppl=None, fleet_total_s=None, aggregate_s=None)
-            new_rows = update_rows + [g]
+            new_rows, fleet_total = round_rows(sim, r, update_rows, ev, time.perf_counter() - t0, agg_s, fleet_total)
+            g = new_rows[-1]
             checkpoint.save(run_dir, r + 1, sim.tensors(self.last_update),
                             {"metrics": new_rows, "strategy": plan.strategy,
-                             "live_clients": [self._party(k).id for k in self.live]})
-            checkpoint.prune(run_dir, opts.keep_checkpoints)
+                             "live_clients": [self._party(k).id for k in self.live]}, keep=opts.keep_checkpoints)
             rows += new_rows
             write_metrics(run_dir, rows)
             self.say(f"round {r + 1}: train loss {g['train_loss']:.4f}, eval loss {g['eval_loss']:.4f}, "
@@ -785,9 +780,7 @@ class Server:
         atomic_write_text(run_dir / "traffic.json", json.dumps(
             {"training_steps": steps, "bytes_by_message": self.link.by_kind,
              "step_bytes": sum(self.link.by_kind.get(k, 0) for k in ("ACT", "GRAD", "NORM", "TOTAL"))}, indent=1))
-        final = [r for r in rows if r["client"] == "all"]
-        return RunResult(run_dir=run_dir, rounds_done=rounds, rows=rows, eval_before=final[0]["eval_loss"],
-                         eval_after=final[-1]["eval_loss"])
+        return RunResult.from_rows(run_dir, rounds, rows)
 
     def _party(self, k: int):
         return self.sim.parties[k - 1]

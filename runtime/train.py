@@ -78,6 +78,12 @@ class RunResult:
     eval_before: float
     eval_after: float
 
+    @classmethod
+    def from_rows(cls, run_dir: Path, rounds: int, rows: list[dict]) -> "RunResult":
+        final = [r for r in rows if r["client"] == "all"]
+        return cls(run_dir=run_dir, rounds_done=rounds, rows=rows, eval_before=final[0]["eval_loss"],
+                   eval_after=final[-1]["eval_loss"])
+
 
 def compute_dtype(plan_dtype: str, device: torch.device, override: str = "auto") -> torch.dtype | None:
     """Autocast dtype for the simulation (None = fp32).
@@ -526,23 +532,17 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
             update = sim.aggregate(r, client_rows)
             agg_s = time.perf_counter() - t1
             ev = evaluate(sim, sim.data.eval, opts.eval_max_seqs)
-            fleet = _fleet_round(sim, client_rows)
-            fleet_total = fleet_total + fleet if fleet is not None and fleet_total is not None else None
-            g = _global_row(r + 1, client_rows, ev, time.perf_counter() - t0, agg_s, fleet_total, fleet)
-            for row in client_rows:
-                row.update(eval_loss=None, eval_ppl=None, fleet_total_s=None, aggregate_s=None)
-            new_rows = client_rows + [g]
+            new_rows, fleet_total = round_rows(sim, r, client_rows, ev, time.perf_counter() - t0, agg_s, fleet_total)
+            g = new_rows[-1]
             if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
                 replanner.end_round(r, update, g)
             checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy,
-                                                                 **(replanner.state() if replanner else {})})
-            checkpoint.prune(run_dir, opts.keep_checkpoints)
+                                                                 **(replanner.state() if replanner else {})},
+                            keep=opts.keep_checkpoints)
             rows += new_rows
             write_metrics(run_dir, rows)
             bar.end_round(g)
-    final = [r for r in rows if r["client"] == "all"]
-    return RunResult(run_dir=run_dir, rounds_done=rounds, rows=rows, eval_before=final[0]["eval_loss"],
-                     eval_after=final[-1]["eval_loss"])
+    return RunResult.from_rows(run_dir, rounds, rows)
 
 
 def _fleet_round(sim: Simulation, rows: list[dict]) -> float | None:
@@ -551,6 +551,17 @@ def _fleet_round(sim: Simulation, rows: list[dict]) -> float | None:
         return float(planned)
     times = [r["fleet_s"] for r in rows if r.get("fleet_s") is not None]
     return max(times) if times else None
+
+
+def round_rows(sim: Simulation, r: int, client_rows: list[dict], eval_loss: float, wall: float, agg_s: float,
+               fleet_total: float | None) -> tuple[list[dict], float | None]:
+    """Round r's metrics rows (every client's, then the fleet's "all" row, last) and the new fleet total."""
+    fleet = _fleet_round(sim, client_rows)
+    fleet_total = fleet_total + fleet if fleet is not None and fleet_total is not None else None
+    g = _global_row(r + 1, client_rows, eval_loss, wall, agg_s, fleet_total, fleet)
+    for row in client_rows:
+        row.update(eval_loss=None, eval_ppl=None, fleet_total_s=None, aggregate_s=None)
+    return client_rows + [g], fleet_total
 
 
 def _global_row(r, client_rows, eval_loss, wall, agg_s, fleet_total, fleet) -> dict:

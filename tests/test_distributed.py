@@ -71,6 +71,15 @@ def dist_run(env, path, name, token="s3cret", logs_name=None, dopts=None, **kw):
     return code, out
 
 
+def _after_round_0(run_dir, proc, sig, settle_s=0.5):
+    """Once training has started (the server has written checkpoint 0), send `sig` to `proc`."""
+    t0 = time.monotonic()
+    while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
+        time.sleep(0.05)
+    time.sleep(settle_s)
+    proc.send_signal(sig)
+
+
 def _close(a: dict, b: dict, tol=1e-5):
     assert a.keys() == b.keys()
     for k in a:
@@ -119,18 +128,7 @@ def test_distributed_run_equals_the_in_process_simulation(env, dist_runs, strate
 
 def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
     path = make_plan(env, "kill.yaml", "hsplitlora", rounds=2, local_steps=40)
-    killed = {}
-
-    def kill_client_2(procs):
-        # wait until training has started (the server has written round 0), then kill rank 2
-        run_dir = env[0] / "runs" / "kill"
-        t0 = time.monotonic()
-        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        procs[2].send_signal(signal.SIGKILL)
-        killed["at"] = time.monotonic()
-
+    kill_client_2 = lambda procs: _after_round_0(env[0] / "runs" / "kill", procs[2], signal.SIGKILL)  # noqa: E731
     code, logs = dist_run(env, path, "kill", dopts=DistOptions(timeout_s=30, min_clients=1), on_start=kill_client_2)
     assert code == 0, logs
     assert "client b (rank 2, jetson) was lost in round 1" in logs["rank0"]
@@ -156,7 +154,7 @@ def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
 
 
 def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(env):
-    """splitlora/hetlora: a holder left out of the aggregation still receives the aggregate at its rank."""
+    """splitlora/hetlora/flexlora: a holder left out of the aggregation still receives the aggregate at its rank."""
     from hsplit.runtime.distributed import _parties
     from hsplit.runtime.train import GLOBAL, build
     for strategy in ("splitlora", "hetlora", "flexlora"):
@@ -177,14 +175,7 @@ def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(e
 def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
     path = make_plan(env, "stop.yaml", "hsplitlora", rounds=2, local_steps=40)
 
-    def kill_client_1(procs):
-        run_dir = env[0] / "runs" / "stop"
-        t0 = time.monotonic()
-        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
-            time.sleep(0.05)
-        time.sleep(0.5)
-        procs[1].send_signal(signal.SIGKILL)
-
+    kill_client_1 = lambda procs: _after_round_0(env[0] / "runs" / "stop", procs[1], signal.SIGKILL)  # noqa: E731
     code, logs = dist_run(env, path, "stop", dopts=DistOptions(timeout_s=30), on_start=kill_client_1)
     assert code == EXIT_FAULT, logs
     assert "client a (rank 1, pi) was lost in round 1" in logs["rank0"]
@@ -210,10 +201,8 @@ def test_a_hung_client_is_named_after_the_timeout_and_exits_itself(env):
     run_dir = env[0] / "runs" / "hung"
 
     def stop_client_2(procs):
+        _after_round_0(run_dir, procs[2], signal.SIGSTOP, settle_s=0.0)
         t0 = time.monotonic()
-        while not checkpoint.complete_rounds(run_dir) and time.monotonic() - t0 < 90:
-            time.sleep(0.05)
-        procs[2].send_signal(signal.SIGSTOP)
         while not (run_dir / "faults.json").exists() and time.monotonic() - t0 < 120:
             time.sleep(0.1)
         procs[2].send_signal(signal.SIGCONT)
