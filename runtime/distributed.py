@@ -192,8 +192,8 @@ class Link:
                 works.append(self.pg.send([payload], dst, 1))
             for w in works:
                 w.wait(datetime.timedelta(seconds=self.timeout_s))
-        except Exception as e:
-            raise PeerLost(dst, _why(e)) from None
+        except Exception as e:      # a send to a peer that stopped reading times out like a missing answer
+            raise PeerLost(dst, _why(e, self.timeout_s)) from None
         n = HDR * 8 + payload.numel()
         self.bytes_sent += n
         self.by_kind[KIND_NAMES[kind]] = self.by_kind.get(KIND_NAMES[kind], 0) + n
@@ -234,12 +234,12 @@ class Link:
         return m
 
 
-def _why(e: Exception) -> str:
+def _why(e: Exception, timeout_s: float | None = None) -> str:
     text = str(e)
     if "Connection" in text or "closed" in text or "reset" in text:
         return "its connection closed (the process died or its machine went away)"
     if "Timed out" in text or "timeout" in text.lower():
-        return "it did not answer in time"
+        return f"no answer within {timeout_s:g} s" if timeout_s else "it did not answer in time"
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
