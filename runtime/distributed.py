@@ -20,6 +20,8 @@ uint8 payload with the tensors' bytes, 8-byte aligned):
     server -> client  TOTAL   the global gradient norm; both sides clip with it and step
     server -> client  ROUND / AGG / EVAL / RESTORE / FINISH / ABORT   (control)
     client -> server  EVAL_H  activations of the held-out batches (evaluation after a round)
+    server -> client  PING    every --timeout/4 s (at most 30 s) to a client with nothing queued: a
+                              client waiting for a slower client's round knows the server is alive
 Aggregation uses collectives on a process group of the live ranks: `gather` of every client's
 client-side adapters (+ AdamW moments, hafl importance EMAs) to the server, which combines them
 (`Simulation.combine`, over the live clients) and applies the result to every party it keeps (a lost
@@ -33,6 +35,12 @@ seconds is named; the round finishes with the remaining clients if at least `--m
 left (aggregation re-weighted over them, recorded in faults.json and the metrics), otherwise the
 server keeps the last complete checkpoint, tells the other clients to stop and exits 3 printing the
 exact `--resume` command. Every wait has a deadline; no process waits forever.
+
+Deadlines are kept in Python, never by gloo: a gloo send/recv whose wait times out closes every
+connection of the process group (gloo signals the timeout to all its pairs), which would turn one
+silent client into the loss of all of them. So each peer has a reader and a sender thread that wait
+without limit, sending never blocks the server's loop (a client that stopped reading holds up only its
+own queue), and the waiting side names a peer that has not answered within --timeout.
 """
 from __future__ import annotations
 
@@ -69,10 +77,10 @@ from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _global_row
 TOKEN_ENV = "HSPLIT_TOKEN"
 MAGIC = 0x5053504C   # "PSPL"
 HDR = 96
-(HELLO, VERDICT, ACT, GRAD, NORM, TOTAL, ROUND, AGG, EVAL, EVAL_H, RESTORE, FINISH, ABORT) = range(1, 14)
+(HELLO, VERDICT, ACT, GRAD, NORM, TOTAL, ROUND, AGG, EVAL, EVAL_H, RESTORE, FINISH, ABORT, PING) = range(1, 15)
 KIND_NAMES = {v: k for k, v in dict(HELLO=HELLO, VERDICT=VERDICT, ACT=ACT, GRAD=GRAD, NORM=NORM, TOTAL=TOTAL,
                                     ROUND=ROUND, AGG=AGG, EVAL=EVAL, EVAL_H=EVAL_H, RESTORE=RESTORE,
-                                    FINISH=FINISH, ABORT=ABORT).items()}
+                                    FINISH=FINISH, ABORT=ABORT, PING=PING).items()}
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.uint8, torch.bool,
           torch.float64]
 EXIT_REFUSED, EXIT_FAULT = 2, 3
@@ -145,31 +153,62 @@ def _unpack(src: int, header: torch.Tensor, payload: torch.Tensor) -> Msg:
     return Msg(src, kind, ints, tensors, HDR * 8 + payload.numel())
 
 
+# A gloo wait that times out closes EVERY connection of its process group (gloo signals the timeout to
+# all pairs of the context), so point-to-point waits never time out in gloo: readers and senders wait
+# without limit on their own threads, and every deadline is kept here, in Python.
+_FOREVER = datetime.timedelta(days=30)
+
+
 class Link:
-    """Point-to-point messages on a gloo process group, with deadlines; one reader thread per peer."""
+    """Point-to-point messages on a gloo process group, with deadlines kept in Python: one reader and one
+    sender thread per peer, so sending never blocks the caller (a peer that stopped reading holds up
+    only its own queue) and a silent peer is found by the deadline of whoever waits for its answer."""
 
     def __init__(self, pg, rank: int, peers: list[int], timeout_s: float):
         self.pg, self.rank, self.timeout_s = pg, rank, timeout_s
         self.inbox: queue.Queue = queue.Queue()
         self.held: list[Msg] = []                 # received but not yet asked for
+        self.dead: dict[int, str] = {}            # peer -> why its connection failed
+        self.lock = threading.Lock()
+        self.outbox = {p: queue.Queue() for p in peers}
         self.bytes_sent = self.bytes_received = 0
         self.by_kind: dict[str, int] = {}         # bytes per message kind, both directions
         for p in peers:
             threading.Thread(target=self._reader, args=(p,), daemon=True, name=f"hsplit-recv-{p}").start()
+            threading.Thread(target=self._sender, args=(p,), daemon=True, name=f"hsplit-send-{p}").start()
 
     def _reader(self, src: int) -> None:
         try:
             while True:
                 header = torch.zeros(HDR, dtype=torch.int64)
-                self.pg.recv([header], src, 0).wait()
+                self.pg.recv([header], src, 0).wait(_FOREVER)
                 if int(header[0]) != MAGIC:
                     raise RuntimeError("bad message header (not an hsplit peer?)")
                 payload = torch.empty(int(header[4]), dtype=torch.uint8)
                 if payload.numel():
-                    self.pg.recv([payload], src, 1).wait()
+                    self.pg.recv([payload], src, 1).wait(_FOREVER)
                 self.inbox.put(_unpack(src, header, payload))
         except Exception as e:      # connection closed, process group torn down
-            self.inbox.put(PeerLost(src, _why(e)))
+            self._fail(src, _why(e))
+
+    def _sender(self, dst: int) -> None:
+        q = self.outbox[dst]
+        while True:
+            header, payload = q.get()
+            try:
+                if dst not in self.dead:
+                    self.pg.send([header], dst, 0).wait(_FOREVER)
+                    if payload.numel():
+                        self.pg.send([payload], dst, 1).wait(_FOREVER)
+            except Exception as e:
+                self._fail(dst, _why(e))
+            finally:
+                q.task_done()
+
+    def _fail(self, peer: int, why: str) -> None:
+        if peer not in self.dead:
+            self.dead[peer] = why
+            self.inbox.put(PeerLost(peer, why))
 
     def pending_abort(self) -> str | None:
         """The reason of an ABORT that arrived but was not read yet (the peer may be gone since)."""
@@ -185,22 +224,30 @@ class Link:
                 return _text(m)
 
     def send(self, dst: int, kind: int, ints=(), tensors=()) -> int:
+        """Queue a message for `dst` and return at once; PeerLost if `dst`'s connection already failed."""
+        if dst in self.dead:
+            raise PeerLost(dst, self.dead[dst])
         header, payload = _pack(kind, ints, tensors)
-        try:
-            works = [self.pg.send([header], dst, 0)]
-            if payload.numel():
-                works.append(self.pg.send([payload], dst, 1))
-            for w in works:
-                w.wait(datetime.timedelta(seconds=self.timeout_s))
-        except Exception as e:      # a send to a peer that stopped reading times out like a missing answer
-            raise PeerLost(dst, _why(e, self.timeout_s)) from None
+        self.outbox[dst].put((header, payload))
         n = HDR * 8 + payload.numel()
-        self.bytes_sent += n
-        self.by_kind[KIND_NAMES[kind]] = self.by_kind.get(KIND_NAMES[kind], 0) + n
+        with self.lock:                           # the heartbeat thread sends too
+            self.bytes_sent += n
+            self.by_kind[KIND_NAMES[kind]] = self.by_kind.get(KIND_NAMES[kind], 0) + n
         return n
 
+    def idle(self, dst: int) -> bool:
+        """Nothing queued for `dst` (it read everything sent to it so far)."""
+        return self.outbox[dst].unfinished_tasks == 0
+
+    def flush(self, peers, timeout_s: float) -> None:
+        """Wait (at most timeout_s) until everything queued for `peers` went out, e.g. FINISH before exit."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(not self.idle(p) and p not in self.dead for p in peers):
+            time.sleep(0.02)
+
     def next(self, deadline: float, want=None) -> Msg:
-        """The next message (from `want` ranks if given) before `deadline`, else PeerLost."""
+        """The next message (from `want` ranks if given) before `deadline`, else TimeoutError (PeerLost if
+        a wanted peer's connection failed). A PING from a wanted peer moves the deadline: it is alive."""
         for i, m in enumerate(self.held):
             if want is None or m.src in want:
                 return self.held.pop(i)
@@ -216,8 +263,13 @@ class Link:
                 if want is None or m.rank in want:
                     raise m
                 continue
-            self.bytes_received += m.nbytes
-            self.by_kind[KIND_NAMES[m.kind]] = self.by_kind.get(KIND_NAMES[m.kind], 0) + m.nbytes
+            with self.lock:
+                self.bytes_received += m.nbytes
+                self.by_kind[KIND_NAMES[m.kind]] = self.by_kind.get(KIND_NAMES[m.kind], 0) + m.nbytes
+            if m.kind == PING:
+                if want is None or m.src in want:
+                    deadline = max(deadline, time.monotonic() + self.timeout_s)
+                continue
             if want is None or m.src in want:
                 return m
             self.held.append(m)
@@ -233,13 +285,20 @@ class Link:
             raise PeerLost(src, f"protocol error: expected {KIND_NAMES[kind]}, got {KIND_NAMES.get(m.kind)}")
         return m
 
+    def heartbeat(self, peers, stop: threading.Event) -> None:
+        """Until `stop`: PING every peer in peers() whose queue is empty, every timeout/4 s (at most 30 s),
+        so a client that waits for a slower client's round does not take the server for dead."""
+        interval = max(0.2, min(self.timeout_s / 4, 30.0))
+        while not stop.wait(interval):
+            for p in list(peers()):
+                if p not in self.dead and self.idle(p):
+                    self.send(p, PING)
 
-def _why(e: Exception, timeout_s: float | None = None) -> str:
+
+def _why(e: Exception) -> str:
     text = str(e)
     if "Connection" in text or "closed" in text or "reset" in text:
         return "its connection closed (the process died or its machine went away)"
-    if "Timed out" in text or "timeout" in text.lower():
-        return f"no answer within {timeout_s:g} s" if timeout_s else "it did not answer in time"
     return text.splitlines()[0][:200] if text else type(e).__name__
 
 
@@ -704,6 +763,7 @@ class Server:
             else:
                 self._try_send(k, VERDICT, [1], [_text_tensor("ok")])
         if bad:
+            self.link.flush(self.live, 10.0)        # the refused learn why before this process exits
             raise Refused("; ".join(bad.values()))
 
     def _name(self, k: int) -> str:
@@ -727,6 +787,16 @@ class Server:
         run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
         plan.training.rounds = rounds
         self.handshake()
+        stop = threading.Event()
+        threading.Thread(target=self.link.heartbeat, args=(lambda: self.live, stop), daemon=True,
+                         name="hsplit-heartbeat").start()
+        try:
+            return self._run(run_dir, done, rounds)
+        finally:
+            stop.set()
+
+    def _run(self, run_dir: Path, done: list[int], rounds: int) -> RunResult:
+        opts, plan, plan_path = self.opts, self.plan, self.plan_path
         self.run_dir = run_dir
         sim = self.sim = build_part(plan, 0, opts.device, opts.compute_dtype)
         self.min_clients = self.dopts.min_clients or len(sim.parties)
@@ -776,6 +846,7 @@ class Server:
                      f"wall {g['wall_s']:.1f} s, clients {len(self.live)}/{len(sim.parties)}")
         for k in self.live:
             self._try_send(k, FINISH)
+        self.link.flush(self.live, self.dopts.timeout_s)
         steps = (rounds - start) * sim.steps_per_round * len(sim.parties)
         atomic_write_text(run_dir / "traffic.json", json.dumps(
             {"training_steps": steps, "bytes_by_message": self.link.by_kind,
@@ -1052,6 +1123,7 @@ def _one_plan(plan_path: Path, opts: RunOptions, dopts: DistOptions, link: Link,
         say(f"error: {e}")
         for k in server.live:
             server._try_send(k, ABORT, [], [_text_tensor(str(e))])
+        server.link.flush(server.live, 10.0)
         return EXIT_REFUSED
     except _Stop as e:
         done = checkpoint.complete_rounds(_run_dir(plan_path, opts))
@@ -1060,7 +1132,8 @@ def _one_plan(plan_path: Path, opts: RunOptions, dopts: DistOptions, link: Link,
             f"in {_run_dir(plan_path, opts)}; resume every process with:\n    {TOKEN_ENV}=... {cmd}")
         for k in server.live:
             server._try_send(k, ABORT, [], [_text_tensor(e.reason)])
-        time.sleep(1.0)           # let the clients read why before this process's sockets close
+        server.link.flush(server.live, 10.0)
+        time.sleep(0.5)           # let the clients read why before this process's sockets close
         return EXIT_FAULT
 
 

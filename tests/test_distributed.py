@@ -215,6 +215,35 @@ def test_a_hung_client_is_named_after_the_timeout_and_exits_itself(env):
     assert "client b (rank 2)" in logs["rank2"] and "error:" in logs["rank2"]
 
 
+def test_a_fast_client_waits_for_a_slow_one_longer_than_the_timeout(env):
+    """A heterogeneous fleet: client a finishes its round and waits for b's (slowed down by being stopped
+    1 s in every 1.25 s, like a throttled phone) for longer than --timeout. b answers every step in time,
+    and a is not taken for lost nor takes the server for dead: the server's PINGs show it is alive."""
+    path = make_plan(env, "slow.yaml", "splitlora", rounds=1, local_steps=40)
+    run_dir = env[0] / "runs" / "slow"
+    timeout = 4
+
+    def throttle_client_2(procs):
+        _after_round_0(run_dir, procs[2], signal.SIGCONT, settle_s=0.0)
+        t0 = time.monotonic()
+        while 1 not in checkpoint.complete_rounds(run_dir) and procs[2].poll() is None and time.monotonic() - t0 < 120:
+            procs[2].send_signal(signal.SIGSTOP)
+            time.sleep(1.0)
+            procs[2].send_signal(signal.SIGCONT)
+            time.sleep(0.25)
+
+    code, logs = dist_run(env, path, "slow", dopts=DistOptions(timeout_s=timeout, min_clients=1),
+                          on_start=throttle_client_2)
+    assert code == 0, logs
+    assert not (run_dir / "faults.json").exists(), logs
+    import csv
+    with open(run_dir / "metrics.csv") as fh:
+        wall = {r["client"]: float(r["wall_s"]) for r in csv.DictReader(fh) if r["round"] == "1"}
+    assert wall["b"] - wall["a"] > timeout, wall          # a really waited longer than --timeout
+    traffic = json.loads((run_dir / "traffic.json").read_text())
+    assert traffic["bytes_by_message"].get("PING", 0) > 0
+
+
 def test_processes_without_the_token_or_with_another_plan_are_refused(env):
     path = make_plan(env, "tok.yaml", rounds=1)
     other = make_plan(env, "tok-other.yaml", rounds=1, learning_rate=1e-3)     # same clients, another plan
