@@ -49,6 +49,7 @@ import datetime
 import hashlib
 import hmac
 import json
+import math
 import os
 import queue
 import socket
@@ -786,6 +787,7 @@ class Server:
                                                f"were started: start {len(plan.clients) + 1} (rank 0 = server)"])
         run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
         plan.training.rounds = rounds
+        self.warn_timeout()
         self.handshake()
         stop = threading.Event()
         threading.Thread(target=self.link.heartbeat, args=(lambda: self.live, stop), daemon=True,
@@ -794,6 +796,16 @@ class Server:
             return self._run(run_dir, done, rounds)
         finally:
             stop.set()
+
+    def warn_timeout(self) -> None:
+        """--timeout bounds the wait for a client's next message, i.e. one of its steps: say so when the plan
+        predicts steps close to it (the prediction is for the real device; a local run may differ)."""
+        steps = {c.id: float(c.predicted.get("step_s") or 0) for c in self.plan.clients}
+        slow = max(steps, key=steps.get, default=None)
+        if slow is not None and self.dopts.timeout_s < 3 * steps[slow]:
+            self.say(f"warning: the plan predicts steps of {steps[slow]:.3g} s for client {slow}; with --timeout "
+                     f"{self.dopts.timeout_s:g} s a slow step may be taken for a lost client: use --timeout "
+                     f"{math.ceil(5 * steps[slow])} or more")
 
     def _run(self, run_dir: Path, done: list[int], rounds: int) -> RunResult:
         opts, plan, plan_path = self.opts, self.plan, self.plan_path

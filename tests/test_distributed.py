@@ -311,3 +311,15 @@ def test_hsplit_run_distributed_launches_the_processes_itself(env):
     _, b = checkpoint.load(runs / "cli", 1)
     for f in checkpoint.FILES:
         _close(a[f], b[f])
+
+
+def test_a_timeout_close_to_the_planned_step_time_is_warned_about(env):
+    from hsplit.runtime.distributed import Server
+    plan = Plan.load(make_plan(env, "steps.yaml", "splitlora"))
+    plan.clients[1].predicted["step_s"] = 90.0
+    plan.save(env[0] / "steps.yaml")
+    said = []
+    for timeout in (600, 200):
+        Server(env[0] / "steps.yaml", RunOptions(), DistOptions(timeout_s=timeout), None, None, 3, said.append).warn_timeout()
+    assert said == ["warning: the plan predicts steps of 90 s for client b; with --timeout 200 s a slow step may be "
+                    "taken for a lost client: use --timeout 450 or more"]
