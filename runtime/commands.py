@@ -53,10 +53,14 @@ def register(app: typer.Typer) -> None:
 
         if distributed:
             from hsplit.runtime.distributed import run_local_cli
-            raise typer.Exit(run_local_cli(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
-                                                            eval_max_seqs=eval_seqs, device=device, threads=threads,
-                                                            keep_checkpoints=keep_checkpoints),
-                                           min_clients, timeout, fmt))
+            try:
+                code = run_local_cli(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
+                                                      eval_max_seqs=eval_seqs, device=device, threads=threads,
+                                                      keep_checkpoints=keep_checkpoints),
+                                     min_clients, timeout, fmt)
+            except ConfigError as e:
+                _fail(str(e))
+            raise typer.Exit(code)
         try:
             res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
                                        eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,

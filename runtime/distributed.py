@@ -95,6 +95,12 @@ class DistOptions:
     connect_timeout_s: float = 120.0  # rendezvous + handshake
 
 
+def check_min_clients(plan: Plan, plan_path, dopts: DistOptions) -> None:
+    if dopts.min_clients is not None and not 1 <= dopts.min_clients <= len(plan.clients):
+        raise ConfigError(str(plan_path), [f"--min-clients {dopts.min_clients}: the plan has {len(plan.clients)} "
+                                           f"clients; give 1..{len(plan.clients)}"])
+
+
 class PeerLost(Exception):
     def __init__(self, rank: int, reason: str):
         super().__init__(reason)
@@ -785,6 +791,7 @@ class Server:
         if len(plan.clients) != self.world - 1:
             raise ConfigError(str(plan_path), [f"the plan has {len(plan.clients)} clients but {self.world} processes "
                                                f"were started: start {len(plan.clients) + 1} (rank 0 = server)"])
+        check_min_clients(plan, plan_path, self.dopts)
         run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
         plan.training.rounds = rounds
         self.warn_timeout()
@@ -1232,6 +1239,9 @@ def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_
     """`hsplit run plan.yaml --distributed`: launch the server and every client locally; the exit code."""
     import shlex
     dopts = DistOptions(timeout_s=timeout_s, min_clients=min_clients)
+    plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
+    check_min_clients(plan, plan_path, dopts)
+    prepare_run_dir(plan, Path(plan_path), opts)
     cmd = ["hsplit", "run", str(plan_path), "--distributed", "--name", opts.name or Path(plan_path).stem,
            "--runs-dir", str(opts.runs_dir), "--timeout", f"{timeout_s:g}"]
     if min_clients:

@@ -311,6 +311,13 @@ def test_hsplit_run_distributed_launches_the_processes_itself(env):
     _, b = checkpoint.load(runs / "cli", 1)
     for f in checkpoint.FILES:
         _close(a[f], b[f])
+    # bad input is refused before any process starts: an existing run, --min-clients above the plan's clients
+    for extra, why in (([], "a run with this name exists: pass --resume"),
+                       (["--name", "other", "--min-clients", "3"], "--min-clients 3: the plan has 2 clients; give 1..2")):
+        out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
+                              str(runs)] + extra, env=e, capture_output=True, text=True, timeout=DEADLINE)
+        assert out.returncode == 2 and why in out.stderr and "rank" not in out.stderr, out.stderr
+    assert not (runs / "other").exists()
 
 
 def test_a_timeout_close_to_the_planned_step_time_is_warned_about(env):
