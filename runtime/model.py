@@ -115,6 +115,10 @@ def load_lm(ref: str, progress: bool = True) -> LoadedLM:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except OSError as e:
+        if not Path(path).exists():     # a hub id that is not cached (this machine may well be offline)
+            raise ConfigError(ref, [f"model: no folder {ref!r} here and no cached Hugging Face model of that name "
+                                    f"({str(e).splitlines()[0][:160]}); give a local model folder (config.json + "
+                                    f"weights) or the embedded {DEFAULT_MODEL}"]) from None
         raise ConfigError(ref, [f"cannot load the model: {e}"]) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token

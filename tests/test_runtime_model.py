@@ -126,3 +126,12 @@ def test_merge_into_base_applies_the_exact_update(tiny_dir):
         b, a = torch.randn(d_out, 6), torch.randn(6, d_in)
         bank.merge_into_base(mod, b, a)
         torch.testing.assert_close(bank.base_weight(mod), w0 + b @ a)
+
+
+def test_an_unknown_model_name_says_what_to_give_instead():
+    from hsplit.planner.errors import ConfigError
+    from hsplit.runtime.model import load_lm
+    with pytest.raises(ConfigError) as e:
+        load_lm("no-such-model-xyz", progress=False)
+    assert "no folder 'no-such-model-xyz' here and no cached Hugging Face model" in str(e.value)
+    assert "give a local model folder" in str(e.value)
