@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from hsplit import __version__
-from hsplit.cliutil import check_format, console_for, fail
+from hsplit.cliutil import check_format, console_for, fail, output_problem
 from hsplit.planner.errors import ConfigError, InfeasibleError
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
@@ -30,11 +31,26 @@ def parse_ints(text: str, flag: str) -> tuple[int, ...]:
         fail(f"{flag}: expected comma-separated whole numbers like 0,2,4,8,16, got {text!r}")
 
 
-@app.callback()
-def main(version: bool = typer.Option(False, "--version", help="Print the version and exit.")):
-    if version:
-        console.print(__version__)
+def _print_version(value: bool) -> None:
+    if value:
+        console.print(__version__, highlight=False)
         raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                      help="Print the version and exit.")):
+    """Eager --version: `hsplit --version` works without a command."""
+
+
+def seconds(x: float) -> str:
+    """Seconds for people, with the unit: `25.58 s`, `1,234 s (20.6 min)`, `39,220 s (10.9 h)`;
+    never scientific notation."""
+    if abs(x) < 1000:
+        return f"{x:.4g} s"
+    if abs(x) < 3600:
+        return f"{x:,.0f} s ({x / 60:.1f} min)"
+    return f"{x:,.0f} s ({x / 3600:.1f} h)"
 
 
 @app.command()
@@ -69,9 +85,11 @@ def plan(
     Example: hsplit plan --fleet example --model smollm2-135m -o plan.yaml
     Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
     """
-    from hsplit.planner.api import check_plan, make_plan
+    from hsplit.planner.api import check_options, check_plan, full_time_limit, make_plan
     from hsplit.planner.plan import DataSpec, Plan, Training
     check_format(fmt)
+    if check is None and (problem := output_problem(output, "--output")):
+        fail(problem)
     try:
         if check is not None:
             p = Plan.load(check)
@@ -80,6 +98,11 @@ def plan(
             raise typer.Exit(1 if ev.violations else 0)
         training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,
                             dtype=dtype)
+        check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
+                      min_utility=min_utility)
+        if method == "full" and strategy == "hsplitlora" and solver != "exhaustive" and fmt != "json":
+            err.print(f"solving the full MILP with {solver}, time limit {full_time_limit(method, time_limit):g} s"
+                      + ("" if time_limit else " (default; change with --time-limit)"), highlight=False)
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=modules.split(",") if modules else None, training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
@@ -89,6 +112,8 @@ def plan(
         fail(str(e), 1)
     except ValueError as e:
         fail(str(e), 1)
+    except OSError as e:
+        fail(f"--output: cannot write {output}: {e.strerror or e}", 1)
     if fmt == "json":
         from hsplit.planner.plan import _plain
         console.print_json(json.dumps(_plain({"plan": str(output), **p.to_dict()})))
@@ -107,20 +132,28 @@ def _render_plan(p) -> None:
     for ids, c in rows:
         pr = c.predicted
         t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
-                  f"{pr.get('step_s', 0):.3g}", f"{pr.get('round_s', 0):.4g}",
+                  _num(pr.get('step_s', 0), 3), _num(pr.get('round_s', 0), 4),
                   f"{pr.get('memory_gib', 0):.2f}/{pr.get('memory_budget_gib', 0):.2f}",
                   f"{pr.get('traffic_mb_per_round', 0):.1f}")
     console.print(t)
     s, pr = p.solver, p.predicted
     gap = s.get("gap")
     gap_s = "n/a" if gap is None else f"{100 * gap:.3g}%"
-    console.print(f"solver: {s.get('method')} | status {s.get('status')} | utility {pr.get('utility', 0):.4f} | "
-                  f"round {pr.get('round_s', 0):.4g} s (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
-                  f"wall {s.get('wall_s', 0):.3g} s", highlight=False)
+    status = s.get("status")
+    if status == "time-limit":
+        status = "time-limit (stopped early: not proven optimal)"
+    console.print(f"solver: {s.get('method')} | status {status} | utility {pr.get('utility', 0):.4f} | "
+                  f"round {seconds(pr.get('round_s', 0))} (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
+                  f"wall {seconds(s.get('wall_s', 0))}", highlight=False, markup=False)
     srv = p.server.get("predicted", {})
-    console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {srv.get('busy_s', 0):.4g} s "
+    console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
                   highlight=False)
+
+
+def _num(x: float, digits: int) -> str:
+    """A table cell with `digits` significant digits, never in scientific notation (39,220 not 3.922e+04)."""
+    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
 
 
 def _group_rows(p):
@@ -137,14 +170,16 @@ def _group_rows(p):
 
 def _render_check(p, ev, inst, fmt) -> None:
     from hsplit.planner.cost import GIB
+    # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
+    matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
     if fmt == "json":
         console.print_json(json.dumps({
             "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
             "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
             "server_busy_s": ev.server_busy_s,
-            "clients": [{"id": c.id, "split_layer": e.split, "step_s": e.step_s, "round_s": e.round_s,
+            "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
                          "memory_gib": e.memory_bytes / GIB, "utility": e.utility}
-                        for c, e in zip(p.clients, ev.clients)]}))
+                        for c, e, m in zip(p.clients, ev.clients, matrices)]}))
         return
     t = Table(title=f"check of {p.source} against {inst.fleet.source}")
     for col in ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"):
@@ -152,15 +187,15 @@ def _render_check(p, ev, inst, fmt) -> None:
     class_of = inst.class_of()
     for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
         cap = inst.classes[class_of[k]].mem_cap / GIB
-        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(len(c.ranks)), f"{e.step_s:.3g}",
-                  f"{e.round_s:.4g}", f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
+        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(matrices[k]), _num(e.step_s, 3),
+                  _num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
     console.print(t)
-    console.print(f"utility {ev.utility:.4f} | round {ev.round_s:.4g} s (straggler {ev.straggler}) | "
-                  f"server busy {ev.server_busy_s:.4g} s", highlight=False)
+    console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
+                  f"server busy {seconds(ev.server_busy_s)}", highlight=False)
     if ev.violations:
         console.print(f"[bold red]{len(ev.violations)} violated constraint(s):[/]")
         for v in ev.violations:
-            console.print(f"  - {v}", highlight=False)
+            console.print(f"  - {escape(v)}", highlight=False)
     else:
         console.print("[green]all constraints satisfied[/]")
 
@@ -192,11 +227,13 @@ def whatif(
 
     from hsplit.planner.plan import Training
     from hsplit.planner.plots import write_plots
-    from hsplit.planner.whatif import run_whatif, write_table
+    from hsplit.planner.whatif import markdown_table, run_whatif, write_table
     check_format(fmt)
+    if problem := output_problem(output, "--output", folder=True):
+        fail(problem)
     training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, dtype=dtype)
     try:
-        with Progress(console=err, transient=True) as progress:
+        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
             task = progress.add_task("planning scenarios", total=None)
             df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
                             ranks=parse_ints(ranks, "--ranks"), modules=modules.split(",") if modules else None,
@@ -210,13 +247,10 @@ def whatif(
         console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
                                        "scenarios": json.loads(df.to_json(orient="records"))}))
         return
-    cols = ["scenario", "status", "round_s", "straggler", "utility", "server_busy_share", "headroom_gib_min"]
-    console.print(df[[c for c in cols if c in df]].to_markdown(index=False, floatfmt=".4g"), markup=False,
-                  highlight=False)
-    bad = df[df["status"] == "infeasible"]
-    for _, r in bad.iterrows():
-        console.print(f"{r['scenario']}: infeasible: {r['infeasible']}", markup=False, highlight=False)
-    console.print(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}", markup=False, highlight=False)
+    typer.echo(markdown_table(df))          # plain text: a markdown table is never wrapped
+    for _, r in df[df["status"] == "infeasible"].iterrows():
+        typer.echo(f"{r['scenario']}: infeasible: {r['infeasible']}")
+    typer.echo(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}")
 
 
 def _short(text: str, limit: int = 50) -> str:

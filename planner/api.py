@@ -31,6 +31,12 @@ SOLVERS = ("cbc", "highs", "exhaustive")
 METHODS = ("decomposed", "full")
 OBJECTIVES = ("utility", "latency")
 PER_CLIENT_RANK = ("hetlora", "flexlora", "hafl-truncation", "hafl-freezing")
+FULL_TIME_LIMIT_S = 60.0  # --method full without --time-limit: the full MILP can run for hours
+
+
+def full_time_limit(method: str, time_limit: float | None) -> float | None:
+    """The MILP time limit make_plan uses: --time-limit, else FULL_TIME_LIMIT_S for --method full."""
+    return FULL_TIME_LIMIT_S if method == "full" and time_limit is None else time_limit
 
 
 def load_inputs(fleet, model, importance):
@@ -40,6 +46,26 @@ def load_inputs(fleet, model, importance):
     return fleet_obj, model_obj, imp
 
 
+def check_options(*, strategy: str = "hsplitlora", objective: str = "utility", solver: str = "cbc",
+                  method: str = "decomposed", time_limit: float | None = None,
+                  min_utility: float | None = None) -> None:
+    """The planning options make_plan takes, checked before any input is loaded (one ConfigError)."""
+    _check_choice("--strategy", strategy, STRATEGIES)
+    _check_choice("--objective", objective, OBJECTIVES)
+    _check_choice("--solver", solver, SOLVERS)
+    _check_choice("--method", method, METHODS)
+    if time_limit is not None and not time_limit > 0:
+        raise ConfigError("--time-limit", [f"must be a number of seconds > 0, got {time_limit:g}"])
+    if min_utility is not None:
+        if objective != "latency":
+            raise ConfigError("--min-utility", [
+                f"only applies to --objective latency (the fastest round reaching that utility); --objective "
+                f"{objective} maximises utility and would ignore it: add --objective latency or drop --min-utility"])
+        if not 0 <= min_utility <= 1:
+            raise ConfigError("--min-utility", [f"is a fleet utility in [0, 1] (importance-weighted share of the "
+                                                f"model adapted), got {min_utility:g}"])
+
+
 def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=None,
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
@@ -47,10 +73,9 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
               data: DataSpec | None = None, tables_cache: dict | None = None) -> Plan:
     """Solve the planning problem and return the Plan (not yet written; call plan.save(path)).
     `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables."""
-    _check_choice("--strategy", strategy, STRATEGIES)
-    _check_choice("--objective", objective, OBJECTIVES)
-    _check_choice("--solver", solver, SOLVERS)
-    _check_choice("--method", method, METHODS)
+    check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
+                  min_utility=min_utility)
+    time_limit = full_time_limit(method, time_limit)
     fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
     training = training or Training()
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
@@ -71,9 +96,11 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     elif method == "full":
         res = solve_full(inst, objective, min_utility=min_utility, engine=solver, time_limit=time_limit,
                          threads=threads)
+        if res.configs is None and res.status == "time-limit":
+            raise ConfigError("--time-limit", [f"{solver} found no plan within {time_limit:g} s; raise "
+                                               "--time-limit or use --method decomposed (exact and fast)"])
         if res.configs is None:
-            raise RuntimeError(f"{solver} found no plan ({res.status}) within the time limit; "
-                               "raise --time-limit or use --method decomposed")
+            raise RuntimeError(f"{solver} found no plan ({res.status}); use --method decomposed")
         configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
         label = f"full MILP ({solver})"
     else:

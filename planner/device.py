@@ -119,8 +119,9 @@ class DeviceProfile:
             p.add(prefix + "memory_gib", f"usable memory {mem:g} GiB exceeds memory_total_gib {total:g}")
         up = number(data.get("uplink_mbps"), prefix + "uplink_mbps", p, positive=True)
         down = number(data.get("downlink_mbps"), prefix + "downlink_mbps", p, positive=True)
-        tables = {}
+        tables, given = {}, {}
         for key in ("peak_flops", "flops"):
+            given[key] = data.get(key) is not None
             raw = data.get(key) or {}
             if not isinstance(raw, dict):
                 p.add(prefix + key, "must be a mapping dtype -> FLOP/s, e.g. {fp32: 1.0e12}")
@@ -137,9 +138,10 @@ class DeviceProfile:
         eff = number(data.get("efficiency"), prefix + "efficiency", p, positive=True, required=False)
         if eff is not None and eff > 1:
             p.add(prefix + "efficiency", f"is sustained/peak and must be <= 1, got {eff:g}")
-        if not tables["flops"] and not tables["peak_flops"]:
+        # "missing" only when the fields are absent: an invalid value already has its own problem.
+        if not given["flops"] and not given["peak_flops"]:
             p.add(prefix + "flops", "missing: give measured `flops` or datasheet `peak_flops` with `efficiency`")
-        if tables["peak_flops"] and eff is None and not tables["flops"]:
+        if given["peak_flops"] and data.get("efficiency") is None and not given["flops"]:
             p.add(prefix + "efficiency", "missing: peak_flops needs an efficiency factor (docs/file-formats.md)")
         measured = data.get("measured")
         if measured is not None and not isinstance(measured, dict):
@@ -201,6 +203,14 @@ def resolve_device(ref: str, base_dir: Path | None = None) -> DeviceProfile:
     for c in candidates:
         if c.is_file():
             return DeviceProfile.load(c)
-    raise ConfigError(f"device {ref!r}", [
-        f"device: no profile named {ref!r}; shipped: {', '.join(shipped_device_names())}; "
+    if "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml")):  # meant as a path
+        resolved = (base_dir / ref if base_dir is not None else Path(ref)).resolve()
+        where = " (a relative path is read from the fleet file's folder)" if base_dir is not None else ""
+        raise DeviceNotFound(f"device {ref!r}", [f"file not found: {resolved}{where}; check the path"])
+    raise DeviceNotFound(f"device {ref!r}", [
+        f"no profile named {ref!r}; shipped: {', '.join(shipped_device_names())}; "
         "or give a path to a profile YAML, or an inline mapping"])
+
+
+class DeviceNotFound(ConfigError):
+    """resolve_device found no profile by that name or path (one problem: what was looked for)."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB
-from hsplit.planner.instance import ClientClass, Instance
+from hsplit.planner.instance import ClientClass, Instance, two_amounts
 
 TOL = 1e-9  # relative slack when comparing a cost to its limit (float rounding only)
 
@@ -100,13 +100,16 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
         e = evaluate_client(inst, cls, cfg)
         evals.append(e)
         if e.memory_bytes > cls.mem_cap * (1 + TOL):
-            violations.append(f"{cid}: memory {e.memory_bytes / GIB:.2f} GiB exceeds budget {cls.mem_cap / GIB:.2f} GiB")
+            got, cap = two_amounts(e.memory_bytes / GIB, cls.mem_cap / GIB, 2)
+            violations.append(f"{cid}: memory {got} GiB exceeds budget {cap} GiB")
         if e.client_round_s > cls.round_budget * (1 + TOL):
-            violations.append(f"{cid}: round time {e.client_round_s:.1f} s exceeds budget {cls.round_budget:.1f} s")
+            got, cap = two_amounts(e.client_round_s, cls.round_budget, 1)
+            violations.append(f"{cid}: round time {got} s exceeds budget {cap} s")
         slot = inst.concurrency * inst.server_slot[min(cfg.split, inst.L)]
         if slot > inst.server_mem_free * (1 + TOL):
-            violations.append(f"{cid}: server memory {slot / GIB:.2f} GiB per client in service exceeds the "
-                              f"{inst.server_mem_free / GIB:.2f} GiB the server has left")
+            got, cap = two_amounts(slot / GIB, inst.server_mem_free / GIB, 2)
+            violations.append(f"{cid}: server memory {got} GiB per client in service exceeds the "
+                              f"{cap} GiB the server has left")
         memo[key] = (e, [v.split(": ", 1)[1] for v in violations[first:]])
     busy = float(sum(e.busy_s for e in evals))
     worst = int(np.argmax([e.round_s for e in evals]))

@@ -8,6 +8,7 @@ for the best plan under the same objective as the other solvers. Refuses instanc
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from dataclasses import dataclass
 
@@ -26,6 +27,14 @@ class TooLargeError(ValueError):
     pass
 
 
+def compact_count(n: int) -> str:
+    """A count for a message: `1,234,567` up to a billion, else `~1.2e150` (never 150 digits)."""
+    if n < 10 ** 9:
+        return f"{n:,}"
+    digits = str(n)
+    return f"~{digits[0]}.{digits[1]}e{len(digits) - 1}"
+
+
 @dataclass
 class ExhaustiveResult:
     configs: list[Config]
@@ -41,7 +50,7 @@ def client_options(inst: Instance, cls) -> list[tuple[float, float, float, Confi
     count = sum(len(Q) ** (s * J) for s in cls.splits)
     if count > MAX_CONFIGS_PER_CLIENT:
         raise TooLargeError(
-            f"exhaustive: {cls.device} has {count:,} configurations (limit {MAX_CONFIGS_PER_CLIENT:,}); "
+            f"exhaustive: {cls.device} has {compact_count(count)} configurations (limit {MAX_CONFIGS_PER_CLIENT:,}); "
             "use --solver cbc or --solver highs")
     options = []
     for s in cls.splits:
@@ -78,9 +87,9 @@ def solve_exhaustive(inst: Instance, objective: str = "utility", *, min_utility:
     if objective == "utility":
         # Utility first: every client at its own maximum (the clients' utilities do not interact).
         opts = [[o for o in ol if o[0] >= max(x[0] for x in ol) - UTILITY_TOL] for ol in opts]
-    joint = int(np.prod([float(len(o)) for o in opts]))
+    joint = math.prod(len(o) for o in opts)  # exact: a float product overflows for large fleets
     if joint > MAX_JOINT:
-        raise TooLargeError(f"exhaustive: {joint:,} joint plans to compare (limit {MAX_JOINT:,}); "
+        raise TooLargeError(f"exhaustive: {compact_count(joint)} joint plans to compare (limit {MAX_JOINT:,}); "
                             "use --solver cbc or --solver highs")
     U = np.zeros(1)
     worst = np.zeros(1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from hsplit.planner.device import DeviceProfile, resolve_device
+from hsplit.planner.device import DeviceNotFound, DeviceProfile, resolve_device
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.yamlio import dump_yaml, number, read_yaml, sha256_text
 
@@ -130,9 +130,16 @@ class Fleet:
                 server = Server(dev, count, conc, raw_server["device"])
         groups = []
         raw_clients = data.get("clients")
-        if not isinstance(raw_clients, list) or not raw_clients:
-            p.add("clients", "missing: add a list of client groups, e.g. `- {device: raspberry-pi-5-8gb, count: 4}`")
+        example = "e.g. `clients: [{device: raspberry-pi-5-8gb, count: 4}]`, or one `- device: ...` line per group"
+        if raw_clients is None:
+            p.add("clients", f"missing: add a list of client groups, {example}")
             raw_clients = []
+        elif not isinstance(raw_clients, list):
+            p.add("clients", f"must be a list of client groups (each item starts with `- `), "
+                             f"got a {type(raw_clients).__name__}; {example}")
+            raw_clients = []
+        elif not raw_clients:
+            p.add("clients", f"is empty: add at least one client group, {example}")
         for i, entry in enumerate(raw_clients):
             f = f"clients[{i}]"
             if not isinstance(entry, dict) or "device" not in entry:
@@ -162,9 +169,11 @@ class Fleet:
             splits = None
             if "splits" in entry:
                 raw = entry["splits"]
-                if (not isinstance(raw, list) or len(raw) != 2 or not all(isinstance(v, int) for v in raw)
+                if (not isinstance(raw, list) or len(raw) != 2
+                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
                         or raw[0] < 1 or raw[1] < raw[0]):
-                    p.add(f"{f}.splits", f"must be [min, max] with 1 <= min <= max, got {raw!r}")
+                    p.add(f"{f}.splits", f"must be [min, max] with whole numbers 1 <= min <= max (allowed "
+                                         f"split_layer range; max at most the model's blocks - 1), got {raw!r}")
                 else:
                     splits = (raw[0], raw[1])
             if dev and count is not None and weight:
@@ -200,13 +209,20 @@ def _count(value, field_name, p, minimum: int = 1) -> int | None:
 
 
 def _device(ref, field_name, p, source, base_dir) -> DeviceProfile | None:
-    try:
-        if isinstance(ref, dict):
+    if isinstance(ref, dict):
+        try:
             return DeviceProfile.from_dict(ref, source, prefix=f"{field_name}.")
-        if isinstance(ref, str):
-            return resolve_device(ref, base_dir)
+        except ConfigError as e:
+            p.items.extend(e.problems)  # already prefixed with field_name
+            return None
+    if not isinstance(ref, str):
         p.add(field_name, "must be a device name, a path, or an inline profile mapping")
-    except ConfigError as e:
+        return None
+    try:
+        return resolve_device(ref, base_dir)
+    except DeviceNotFound as e:
+        p.add(field_name, e.problems[0])
+    except ConfigError as e:  # the profile file exists but is invalid: name it
         for prob in e.problems:
-            p.add(field_name, prob)
+            p.add(field_name, f"in {e.source}: {prob}")
     return None

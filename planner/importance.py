@@ -45,8 +45,9 @@ class Importance:
             return w / w.sum()
         if self.model_hash and self.model_hash != model.arch_hash():
             raise ConfigError(self.source, [
-                f"model_hash: these scores were computed for {self.model or 'another model'}, not {model.name}; "
-                f"run `hsplit importance --model {model.name} ...` again"])
+                f"model_hash: these scores were computed for {self.model or 'another model'} with model_hash "
+                f"{self.model_hash[:12]}..., but {model.name} has model_hash {model.arch_hash()[:12]}... "
+                f"(a different architecture); run `hsplit importance --model {model.name} ...` again"])
         missing, w = [], np.zeros((model.layers, len(modules)))
         for l in range(model.layers):
             for j, m in enumerate(modules):

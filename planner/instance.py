@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, GIB, Coefficients, coefficients,
-                                 link_seconds, server_slot_bytes, server_step_flops)
+from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, DTYPE_BYTES, GIB, Coefficients,
+                                 coefficients, link_seconds, server_slot_bytes, server_step_flops)
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Client, Fleet
 from hsplit.planner.importance import Importance, uniform
@@ -108,14 +108,52 @@ class Instance:
         return out
 
 
+def check_dtype(dtype: str) -> None:
+    """The training dtype is one the cost model knows (plan, whatif and --check all pass here)."""
+    if dtype not in DTYPE_BYTES:
+        raise ConfigError("--dtype", [f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}"])
+
+
+def check_ranks(ranks) -> tuple[int, ...]:
+    """The allowed LoRA ranks: whole numbers >= 0 with at least one > 0. Returns them sorted, with 0."""
+    ranks = list(ranks)
+    bad = [q for q in ranks if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or q < 0]
+    if bad:
+        raise ConfigError("--ranks", [f"{', '.join(str(q) for q in bad)}: ranks must be whole numbers >= 0 "
+                                      "(0 = no adapter); e.g. 0,2,4,8,16"])
+    out = tuple(sorted(set(int(q) for q in ranks) | {0}))
+    if len(out) < 2:
+        raise ConfigError("--ranks", ["give at least one rank > 0 (e.g. 0,2,4,8,16)"])
+    return out
+
+
+def check_splits(fleet: Fleet, model: ModelProfile) -> None:
+    """Every group's `splits: [min, max]` lies in 1..L-1: the client runs at least one block and the
+    server at least one (the fleet loader checks 1 <= min <= max; only here is L known)."""
+    top = model.layers - 1
+    problems = [f"clients[{i}].splits: {list(g.splits)} is outside 1..{top} for {model.name} ({model.layers} "
+                "blocks; a client runs at least one block and the server at least one); "
+                f"use [min, max] with max <= {top}"
+                for i, g in enumerate(fleet.groups) if g.splits and g.splits[1] > top]
+    if problems:
+        raise ConfigError(fleet.source, problems)
+
+
+def two_amounts(a: float, b: float, decimals: int) -> tuple[str, str]:
+    """`a` and `b` with `decimals` decimals, or more (up to 9) when that rounding would print them equal."""
+    while decimals < 9 and a != b and f"{a:.{decimals}f}" == f"{b:.{decimals}f}":
+        decimals += 1
+    return f"{a:.{decimals}f}", f"{b:.{decimals}f}"
+
+
 def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance | None = None,
                    ranks=(0, 2, 4, 8, 16), modules=None, training: Training | None = None,
                    server_rank: int = 8) -> Instance:
     training = training or Training()
-    ranks = tuple(sorted(set(int(q) for q in ranks) | {0}))
-    if len(ranks) < 2:
-        raise ConfigError("--ranks", ["give at least one rank > 0 (e.g. 0,2,4,8,16)"])
+    check_dtype(training.dtype)
+    ranks = check_ranks(ranks)
     mods = model.resolve_modules(modules)
+    check_splits(fleet, model)
     clients = fleet.clients()
     if not clients:
         raise ConfigError(fleet.source, ["clients: the fleet has no clients (all counts are 0)"])
@@ -148,8 +186,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
             classes[key].members.append(i)
             continue
         dev = c.device
-        lo, hi = c.splits or (1, L - 1)
-        hi = min(hi, L - 1)
+        lo, hi = c.splits or (1, L - 1)   # check_splits: hi <= L - 1
         allowed = [s for s in range(lo, hi + 1)
                    if server.concurrency * server_slot[s] <= server_mem_free]
         mem_cap = min(dev.memory_gib, c.budget.memory_gib or math.inf) * GIB
@@ -205,15 +242,17 @@ def infeasibility_reasons(inst: Instance) -> list[str]:
         s = cls.splits[0]
         mem = cls.memory(s, 0, 0)
         if mem > cls.mem_cap:
+            need, cap = two_amounts(mem / GIB, cls.mem_cap / GIB, 2)
             reasons.append(
                 f"{who}: memory: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) needs "
-                f"{mem / GIB:.2f} GiB, budget {cls.mem_cap / GIB:.2f} GiB")
+                f"{need} GiB, budget {cap} GiB")
             continue
         t = inst.client_round(cls, s, 0, 0)
         if t > cls.round_budget:
+            took, cap = two_amounts(t, cls.round_budget, 1)
             reasons.append(
                 f"{who}: round time: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) takes "
-                f"{t:.1f} s per round ({inst.tau} steps), budget {cls.round_budget:.1f} s")
+                f"{took} s per round ({inst.tau} steps), budget {cap} s")
     return reasons
 
 

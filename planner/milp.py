@@ -116,9 +116,11 @@ def solve_full(inst: Instance, objective: str = "utility", *, min_utility: float
     total_util = pulp.lpSum(weights[k] * u for k, u in v.utility.items())
     build_s = time.perf_counter() - t0
     remaining = lambda: None if time_limit is None else max(1.0, time_limit - (time.perf_counter() - t0))
+    # With a time limit, stage 1 gets half of it, so stage 2 is not left with nothing.
+    half = lambda: None if time_limit is None else max(1.0, 0.5 * remaining())
     if objective == "latency":
         if min_utility is None:
-            stage1 = solve_full(inst, "utility", engine=engine, time_limit=time_limit, gap=gap, threads=threads)
+            stage1 = solve_full(inst, "utility", engine=engine, time_limit=half(), gap=gap, threads=threads)
             if stage1.configs is None:
                 return stage1
             from hsplit.planner.evaluate import evaluate_fleet
@@ -130,10 +132,11 @@ def solve_full(inst: Instance, objective: str = "utility", *, min_utility: float
         return FullResult(configs, res.status, res.gap, time.perf_counter() - t0, {"build_s": build_s})
     # Stage 1: maximise utility (R plays no part).
     prob.setObjective(total_util)
-    res1 = solve_milp(prob, engine, time_limit=remaining(), threads=threads, gap=gap)
+    res1 = solve_milp(prob, engine, time_limit=half(), threads=threads, gap=gap)
     if res1.objective is None:
         return FullResult(None, res1.status, None, time.perf_counter() - t0, {"build_s": build_s})
     stage1 = {k: float(pulp.value(u) or 0.0) for k, u in v.utility.items()}
+    stage1_configs = extract_configs(inst, v)  # feasible: the fallback if stage 2 runs out of time
     # Stage 2: minimise R, every client keeping its utility.
     prob.sense = pulp.LpMinimize
     prob.setObjective(v.R)
@@ -141,7 +144,12 @@ def solve_full(inst: Instance, objective: str = "utility", *, min_utility: float
         prob += u >= stage1[k] - UTILITY_TOL
     res2 = solve_milp(prob, engine, time_limit=remaining(), threads=threads, gap=gap)
     status = res2.status if res1.status == "optimal" else res1.status
-    configs = extract_configs(inst, v) if res2.objective is not None else None
     gap_out = None if res1.gap is None or res2.gap is None else max(res1.gap, res2.gap)
+    if res2.objective is not None:
+        configs = extract_configs(inst, v)
+    elif res2.status == "time-limit":
+        configs, status, gap_out = stage1_configs, "time-limit", None
+    else:
+        configs = None
     return FullResult(configs, status, gap_out, time.perf_counter() - t0,
                       {"build_s": build_s, "stage1_s": res1.wall_s, "stage2_s": res2.wall_s})

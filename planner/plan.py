@@ -209,8 +209,11 @@ class Plan:
                                       data_weight=float(weight) if isinstance(weight, (int, float)) else 1.0,
                                       predicted=dict(c.get("predicted") or {})))
         ids = [c.id for c in clients]
-        if len(set(ids)) != len(ids):
-            p.add("clients", "client ids must be unique")
+        for cid in dict.fromkeys(ids):
+            where = [f"clients[{i}]" for i, x in enumerate(ids) if x == cid]
+            if len(where) > 1:
+                p.add("clients", f"client ids must be unique: id {cid!r} is used by {', '.join(where)}; "
+                                 "rename or remove the `id:` fields (default c0, c1, ...)")
         p.raise_if_any()
         return cls(model=model, strategy=strategy, clients=clients, modules=list(modules),
                    ranks_allowed=sorted(set(ranks_allowed)), server_rank=server_rank,

@@ -4,13 +4,15 @@
 
 Every listed fleet is combined with every combination of the varied settings (or, with
 `zip_vary=True`, the varied lists are walked in lockstep). All scenarios are built and validated
-before anything is solved; bad paths or values raise one ConfigError listing every problem.
+before anything is solved; bad paths or values (checked by the rules of `hsplit plan` and the fleet
+file) raise one ConfigError listing every problem. Scenarios are named `FLEET PATH=VALUE ...`;
+repeated names get `#2`, `#3`, ...
 Scenarios share the decomposed method's frontier tables when model, modules, ranks and importance
 agree, so a sweep costs little more than its first plan.
 
 Vary paths (PATH=V1,V2,...; use | to separate values that contain commas, e.g. ranks=0,4,8|0,2,4,8,16):
   clients.SEL.count | data_weight | budget.round_s | budget.memory_gib | uplink_mbps | downlink_mbps |
-  memory_gib | efficiency | device        SEL: a device name in the fleet, or * for every group
+  memory_gib | efficiency | device        SEL: a device name (profile `name:`) in the fleet, or * for every group
   server.device | server.count | server.concurrency
   ranks | modules | batch_size | seq_len | local_steps | dtype | server_rank | model
 """
@@ -18,25 +20,38 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
-
 from hsplit.planner.api import load_inputs, make_plan
+from hsplit.planner.cost import DTYPE_BYTES
 from hsplit.planner.device import resolve_device
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Fleet, resolve_fleet_path
 from hsplit.planner.plan import Training
 from hsplit.planner.yamlio import read_yaml
 
-CLIENT_FIELDS = {"count": int, "data_weight": float, "budget.round_s": float, "budget.memory_gib": float}
-DEVICE_FIELDS = {"uplink_mbps": float, "downlink_mbps": float, "memory_gib": float, "efficiency": float}
-SERVER_FIELDS = {"device": str, "count": int, "concurrency": int}
-SETTINGS = {"ranks": "ints", "modules": "names", "batch_size": int, "seq_len": int, "local_steps": int,
-            "dtype": str, "server_rank": int, "model": str}
+# Each field's kind of value and its rule; the same rules as the fleet loader and `hsplit plan`.
+COUNT, WHOLE, POSITIVE_INT, POSITIVE, FRACTION = "count", "whole", "positive_int", "positive", "fraction"
+CLIENT_FIELDS = {"count": COUNT, "data_weight": POSITIVE, "budget.round_s": POSITIVE, "budget.memory_gib": POSITIVE}
+DEVICE_FIELDS = {"uplink_mbps": POSITIVE, "downlink_mbps": POSITIVE, "memory_gib": POSITIVE, "efficiency": FRACTION}
+SERVER_FIELDS = {"device": "str", "count": POSITIVE_INT, "concurrency": POSITIVE_INT}
+SETTINGS = {"ranks": "ranks", "modules": "names", "batch_size": POSITIVE_INT, "seq_len": POSITIVE_INT,
+            "local_steps": POSITIVE_INT, "dtype": "dtype", "server_rank": WHOLE, "model": "str"}
+DTYPES = tuple(DTYPE_BYTES)
+# Columns every result table has, feasible scenarios or not (docs/whatif.md).
+RESULT_COLUMNS = ("status", "round_s", "straggler", "utility", "server_busy_share", "server_memory_gib",
+                  "traffic_mb_per_round", "headroom_gib_min", "infeasible", "solve_s")
+CLIENT_COLUMNS = ("scenario", "client", "device", "split", "total_rank", "matrices", "round_s", "memory_gib",
+                  "memory_budget_gib")
+# The columns `hsplit whatif` prints as a markdown table.
+TABLE_COLUMNS = ("scenario", "status", "round_s", "straggler", "utility", "server_busy_share", "headroom_gib_min")
 
 
 @dataclass(frozen=True)
@@ -45,7 +60,7 @@ class Vary:
     values: tuple[str, ...]
 
     @classmethod
-    def parse(cls, text: str) -> "Vary":
+    def parse(cls, text: str) -> Vary:
         if "=" not in text:
             raise ConfigError("--vary", [f"{text!r}: expected PATH=V1,V2,... (e.g. clients.*.uplink_mbps=10,50)"])
         path, rhs = text.split("=", 1)
@@ -66,26 +81,55 @@ class Scenario:
     label: str = ""                   # short name for plots: fleet (if several) + varied values
 
 
-def _convert(kind, value: str, where: str, problems: list[str]):
-    try:
-        if kind == "ints":
-            return tuple(int(x) for x in value.split(","))
-        if kind == "names":
-            return None if value == "all" else value.split(",")
-        if kind in (int, float):
-            out = kind(value)
-            if out < 0 or (kind is float and out == 0 and where.split("=")[0].split(".")[-1] != "count"):
-                raise ValueError
-            return out
-        return value
-    except ValueError:
-        problems.append(f"{where}: {value!r} is not a valid {getattr(kind, '__name__', kind)} >= 0")
-        return None
+def _convert(kind: str, value: str, where: str, problems: list[str]):
+    """One --vary value converted and checked against its rule; a problem (and None) when it breaks it."""
+    def bad(rule: str):
+        problems.append(f"{where}: {rule}, got {value!r}")
+
+    if kind == "ranks":
+        try:
+            ranks = tuple(int(x) for x in value.split(","))
+        except ValueError:
+            return bad("expected comma-separated whole numbers like 0,2,4,8,16")
+        negative = [q for q in ranks if q < 0]
+        if negative:
+            problems.append(f"{where}: rank {', '.join(map(str, negative))} is negative; ranks are whole numbers "
+                            f">= 0 (0 = no adapter), e.g. 0,2,4,8,16")
+            return None
+        if not any(ranks):
+            problems.append(f"{where}: give at least one rank > 0; each value is one set of allowed ranks, "
+                            f"separate sets with | (e.g. ranks=0,4,8|0,2,4,8,16)")
+            return None
+        return ranks
+    if kind == "names":
+        return None if value == "all" else value.split(",")
+    if kind == "dtype":
+        return value if value in DTYPES else bad(f"must be one of {', '.join(DTYPES)}")
+    if kind in (COUNT, WHOLE, POSITIVE_INT):
+        minimum = 1 if kind == POSITIVE_INT else 0
+        try:
+            out = int(value)
+        except ValueError:
+            out = None
+        return out if out is not None and out >= minimum else bad(f"must be a whole number >= {minimum}")
+    if kind in (POSITIVE, FRACTION):
+        try:
+            out = float(value)
+        except ValueError:
+            out = float("nan")
+        if not (out > 0 and math.isfinite(out)):
+            return bad("must be a number > 0")
+        if kind == FRACTION and out > 1:
+            return bad("must be a number in (0, 1]")
+        return out
+    return value
 
 
-def _apply(fleet_dict: dict, base_dir, vary: Vary, value: str, problems: list[str]) -> None:
-    """Apply one vary setting to a fleet mapping (in place)."""
+def _apply(fleet_dict: dict, fleet_path: Path, vary: Vary, value: str, problems: list[str]) -> None:
+    """Apply one vary setting to a fleet mapping (in place). Problems the fleet loader reports anyway
+    (a missing server or clients list) are left to it."""
     where = f"{vary.path}={value}"
+    base_dir = fleet_path.parent
     parts = vary.path.split(".")
     if parts[0] == "server":
         key = ".".join(parts[1:])
@@ -93,7 +137,7 @@ def _apply(fleet_dict: dict, base_dir, vary: Vary, value: str, problems: list[st
             problems.append(f"{vary.path}: unknown server field; use server.{', server.'.join(SERVER_FIELDS)}")
             return
         conv = _convert(SERVER_FIELDS[key], value, where, problems)
-        if conv is not None:
+        if conv is not None and isinstance(fleet_dict.get("server"), dict):
             fleet_dict["server"][key] = conv
         return
     if parts[0] != "clients" or len(parts) < 3:
@@ -101,11 +145,11 @@ def _apply(fleet_dict: dict, base_dir, vary: Vary, value: str, problems: list[st
                         f"{', '.join(SETTINGS)}")
         return
     sel, key = parts[1], ".".join(parts[2:])
-    groups = [g for g in fleet_dict["clients"]
-              if sel == "*" or _device_name(g["device"]) == sel]
+    all_groups = [g for g in fleet_dict.get("clients") or [] if isinstance(g, dict) and "device" in g]
+    groups = [g for g in all_groups if sel == "*" or sel in _device_names(g["device"], base_dir)]
     if not groups:
-        names = sorted({_device_name(g["device"]) for g in fleet_dict["clients"]})
-        problems.append(f"{vary.path}: no client group with device {sel!r} in fleet {fleet_dict.get('name')}; "
+        names = sorted({_device_names(g["device"], base_dir)[0] for g in all_groups})
+        problems.append(f"{vary.path}: no client group with device {sel!r} in fleet {fleet_path.name}; "
                         f"groups: {', '.join(names)} (or *)")
         return
     if key == "device":
@@ -147,12 +191,20 @@ def _short_path(path: str) -> str:
     return path
 
 
-def _device_name(dev) -> str:
-    return dev.get("name", "") if isinstance(dev, dict) else str(dev).removesuffix(".yaml").split("/")[-1]
+def _device_names(dev, base_dir: Path) -> list[str]:
+    """Names a group selector may use for a client group's `device:`: the profile's `name:` (what the
+    table and the plan show) first, then the reference as written in the fleet file."""
+    if isinstance(dev, dict):
+        return [str(dev.get("name", ""))]
+    try:
+        return [resolve_device(str(dev), base_dir).name, str(dev)]
+    except ConfigError:
+        return [str(dev)]
 
 
 def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = False) -> list[Scenario]:
-    """All scenarios, validated; one ConfigError lists every problem before anything is solved."""
+    """All scenarios, validated; one ConfigError lists every problem before anything is solved.
+    Scenario names are `FLEET PATH=VALUE ...`; a name (or label) seen before gets `#2`, `#3`, ..."""
     varies = [v if isinstance(v, Vary) else Vary.parse(v) for v in vary]
     problems: list[str] = []
     if zip_vary and len({len(v.values) for v in varies}) > 1:
@@ -161,6 +213,8 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
     if not varies:
         combos = [()]
     scenarios = []
+    seen_names: dict[str, int] = {}
+    seen_labels: dict[str, int] = {}
     for ref in fleets:
         try:
             path = resolve_fleet_path(ref)
@@ -168,29 +222,39 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
         except ConfigError as e:
             problems.extend(f"{ref}: {p}" for p in e.problems)
             continue
+        fleet_name = str(base.get("name") or path.stem)
         for combo in combos:
             data = copy.deepcopy(base)
             settings, kwargs = {}, {}
             for v, value in zip(varies, combo):
                 settings[v.path] = value
                 if v.path in SETTINGS:
-                    conv = _convert(SETTINGS[v.path], value, f"{v.path}={value}", problems)
-                    kwargs[v.path] = conv
+                    kwargs[v.path] = _convert(SETTINGS[v.path], value, f"{v.path}={value}", problems)
                 else:
-                    _apply(data, path.parent, v, value, problems)
+                    _apply(data, path, v, value, problems)
             label = " ".join(f"{k}={val}" for k, val in settings.items())
-            name = f"{data.get('name', path.stem)}" + (f" [{label}]" if label else "")
+            name = _unique(f"{fleet_name} {label}".strip(), seen_names)
             try:
                 fleet = Fleet.from_dict(data, f"{path} {label}".strip(), path.parent)
             except ConfigError as e:
                 problems.extend(f"scenario {name}: {p}" for p in e.problems)
                 continue
+            if fleet.num_clients == 0:
+                problems.append(f"scenario {name}: clients: the fleet has no clients (all counts are 0); "
+                                f"keep a count >= 1 in at least one group")
+                continue
             short = " ".join(f"{_short_path(k)}={val}" for k, val in settings.items())
-            label = (f"{data.get('name', path.stem)} " if len(fleets) > 1 or not short else "") + short
-            scenarios.append(Scenario(name, str(ref), fleet, settings, kwargs, label.strip()))
+            short = (f"{fleet_name} " if len(fleets) > 1 or not short else "") + short
+            scenarios.append(Scenario(name, str(ref), fleet, settings, kwargs, _unique(short.strip(), seen_labels)))
     if problems:
         raise ConfigError("hsplit whatif", sorted(set(problems), key=problems.index))
     return scenarios
+
+
+def _unique(name: str, seen: dict[str, int]) -> str:
+    """`name` the first time, then `name#2`, `name#3`, ... (counts kept in `seen`)."""
+    seen[name] = seen.get(name, 0) + 1
+    return name if seen[name] == 1 else f"{name}#{seen[name]}"
 
 
 def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool = False, model: str = "smollm2-135m",
@@ -199,8 +263,9 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
                progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
     """Plan every scenario; one row per scenario (columns: docs/whatif.md). The per-client choices
     are in `df.attrs["clients"]` (one row per scenario and client)."""
-    scenarios = build_scenarios(list(fleets), list(vary), zip_vary)
     training = training or Training()
+    _check_training(training)
+    scenarios = build_scenarios(list(fleets), list(vary), zip_vary)
     _, _, imp = load_inputs(scenarios[0].fleet, "smollm2-135m", importance) if importance else (None, None, None)
     cache: dict = {}
     rows, client_rows = [], []
@@ -229,11 +294,26 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
                                 "memory_budget_gib": c.predicted["memory_budget_gib"]})
     if progress:
         progress(len(scenarios), len(scenarios), "done")
+    # The same columns whether or not any scenario is feasible: per-device columns go last.
     df = pd.DataFrame(rows)
-    df.attrs["clients"] = pd.DataFrame(client_rows)
-    df.attrs["vary"] = [v if isinstance(v, str) else v.path for v in (Vary.parse(x) if isinstance(x, str) else x
-                                                                       for x in vary)]
+    lead = ["scenario", "label", "fleet", *scenarios[0].settings, "clients", *RESULT_COLUMNS]
+    df = df.reindex(columns=lead + [c for c in df.columns if c not in lead])
+    df.attrs["clients"] = pd.DataFrame(client_rows, columns=list(CLIENT_COLUMNS))
+    df.attrs["vary"] = list(scenarios[0].settings)
     return df
+
+
+def _check_training(training: Training) -> None:
+    """The fixed training settings (--batch-size, --seq-len, --local-steps, --dtype) by the rules of `hsplit plan`."""
+    problems = []
+    for flag, value in (("--batch-size", training.batch_size), ("--seq-len", training.seq_len),
+                        ("--local-steps", training.local_steps), ("--rounds", training.rounds)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            problems.append(f"{flag}: must be a whole number >= 1, got {value!r}")
+    if training.dtype not in DTYPES:
+        problems.append(f"--dtype: must be one of {', '.join(DTYPES)}, got {training.dtype!r}")
+    if problems:
+        raise ConfigError("hsplit whatif", problems)
 
 
 def _summarise(plan) -> dict[str, Any]:
@@ -249,14 +329,15 @@ def _summarise(plan) -> dict[str, Any]:
                                       for c in plan.clients), 3),
         "infeasible": "",
     }
-    kinds: dict[str, list] = {}
+    # One split/rank column pair per device name (the profile's `name:`), not per profile `kind:`.
+    by_device: dict[str, list] = {}
     for c in plan.clients:
-        kinds.setdefault(c.device, []).append(c)
-    for kind, cs in kinds.items():
+        by_device.setdefault(c.device, []).append(c)
+    for device, cs in by_device.items():
         splits = np.array([c.split_layer for c in cs])
         ranks = np.array([sum(c.ranks.values()) for c in cs])
-        out[f"split[{kind}]"] = f"{splits.min()}/{int(np.median(splits))}/{splits.max()}"
-        out[f"rank[{kind}]"] = f"{ranks.min()}/{int(np.median(ranks))}/{ranks.max()}"
+        out[f"split[{device}]"] = f"{splits.min()}/{int(np.median(splits))}/{splits.max()}"
+        out[f"rank[{device}]"] = f"{ranks.min()}/{int(np.median(ranks))}/{ranks.max()}"
     return out
 
 
@@ -272,15 +353,21 @@ def pareto_front(df: pd.DataFrame) -> pd.Series:
     return front
 
 
+def markdown_table(df: pd.DataFrame, columns=TABLE_COLUMNS) -> str:
+    """The main columns as a GitHub markdown table, one line per scenario, never wrapped: print it
+    as is (no console wrapping). Cells an infeasible scenario has no value for are empty."""
+    table = df[[c for c in columns if c in df]].astype(object)
+    table = table.where(table.notna(), "")
+    return table.to_markdown(index=False, floatfmt=".4g")
+
+
 def write_table(df: pd.DataFrame, outdir) -> list:
     """scenarios.csv, scenarios.json and clients.csv in `outdir` (each written atomically)."""
-    from pathlib import Path
-
     from hsplit.planner.yamlio import atomic_write_text
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     files = [outdir / "scenarios.csv", outdir / "scenarios.json", outdir / "clients.csv"]
     atomic_write_text(files[0], df.to_csv(index=False))
     atomic_write_text(files[1], df.to_json(orient="records", indent=2))
-    atomic_write_text(files[2], df.attrs.get("clients", pd.DataFrame()).to_csv(index=False))
+    atomic_write_text(files[2], df.attrs.get("clients", pd.DataFrame(columns=list(CLIENT_COLUMNS))).to_csv(index=False))
     return files

@@ -41,6 +41,15 @@ def sha256_text(text: str) -> str:
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the complete new one."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(str(path), ["is a directory: give a file path to write (e.g. "
+                                      f"{path / 'plan.yaml'}), or remove the directory"])
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ConfigError(str(path), [f"cannot create it: {parent} is a file, not a directory; "
+                                              "choose another path"])
+            break
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -71,7 +80,14 @@ def number(value: Any, field: str, problems, *, minimum: float | None = None,
             problems.add(field, "missing: add a number")
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        problems.add(field, f"must be a number, got {value!r}")
+        hint = ""
+        if isinstance(value, str):
+            try:
+                float(value)
+                hint = f" (YAML reads {value} as text: write it with a decimal point, e.g. 1.0e9)"
+            except ValueError:
+                pass
+        problems.add(field, f"must be a number, got {value!r}{hint}")
         return None
     value = float(value)
     if positive and value <= 0:

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
 from hsplit.cli import app
-from hsplit.planner.api import check_plan
+from hsplit.planner.api import check_plan, make_plan
 from hsplit.planner.plan import Plan
 
 runner = CliRunner()
@@ -118,3 +119,173 @@ def test_other_strategies_plan(tmp_path):
             assert len({(c.split_layer, tuple(sorted(set(c.ranks.values())))) for c in plan.clients}) == 1
         if strategy == "hetlora":
             assert all(len(set(c.ranks.values())) <= 1 for c in plan.clients)
+
+
+# ---- QA pass: every bad input is one clear error, never a traceback, checked before solving ----
+
+def _clean_error(r, *needles, code=1):
+    """Exit `code`, no Python exception escaped (typer.Exit is SystemExit), every needle printed."""
+    assert r.exit_code == code, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.output
+    for n in needles:
+        assert n in r.output, (n, r.output)
+
+
+def test_unknown_dtype_is_a_clear_error_in_plan_and_whatif(tmp_path):
+    r = runner.invoke(app, ["plan", "--dtype", "fp64", "-o", str(tmp_path / "p.yaml")])
+    _clean_error(r, "--dtype", "must be one of fp32, bf16, fp16", "'fp64'")
+    r = runner.invoke(app, ["whatif", "example", "--dtype", "fp64", "-o", str(tmp_path / "w")])
+    _clean_error(r, "--dtype", "must be one of fp32, bf16, fp16")
+
+
+def test_bad_output_paths_are_refused_before_solving(tmp_path, monkeypatch):
+    import hsplit.planner.api as api
+    from hsplit.planner.errors import ConfigError
+    from hsplit.planner.yamlio import atomic_write_text
+
+    def no_solve(*a, **k):
+        raise AssertionError("solved before checking -o")
+    monkeypatch.setattr(api, "make_plan", no_solve)
+    (tmp_path / "adir").mkdir()
+    r = runner.invoke(app, ["plan", "-o", str(tmp_path / "adir")])
+    _clean_error(r, "--output", "is a directory", code=2)
+    (tmp_path / "afile").write_text("x")
+    r = runner.invoke(app, ["plan", "-o", str(tmp_path / "afile" / "plan.yaml")])
+    _clean_error(r, "--output", "is a file", code=2)
+    r = runner.invoke(app, ["whatif", "example", "-o", str(tmp_path / "afile")])
+    _clean_error(r, "--output", "existing file", code=2)
+    assert (tmp_path / "afile").read_text() == "x"
+    with pytest.raises(ConfigError, match="is a directory"):
+        atomic_write_text(tmp_path / "adir", "text")
+    assert list((tmp_path / "adir").iterdir()) == []
+
+
+def test_negative_ranks_are_named(tmp_path):
+    from hsplit.planner.errors import ConfigError
+    r = runner.invoke(app, ["plan", "--ranks", "0,-4,8", "-o", str(tmp_path / "p.yaml")])
+    _clean_error(r, "--ranks", "-4", ">= 0")
+    assert "broadcast" not in r.output and not (tmp_path / "p.yaml").exists()
+    with pytest.raises(ConfigError, match="at least one rank > 0"):
+        make_plan("example", "smollm2-135m", ranks=(0,))
+
+
+def test_full_method_has_a_default_time_limit_and_says_so(tmp_path, monkeypatch):
+    import hsplit.planner.api as api
+    seen = {}
+    real = api.solve_full
+
+    def spy(*a, **k):
+        seen["time_limit"] = k["time_limit"]
+        return real(*a, **k)
+    monkeypatch.setattr(api, "solve_full", spy)
+    fleet = tmp_path / "one.yaml"
+    fleet.write_text("server: {device: a100-80gb}\nclients:\n  - {device: rtx-3060-12gb, splits: [1, 2]}\n")
+    args = ["plan", "--fleet", str(fleet), "--method", "full", "--modules", "q_proj", "--ranks", "0,4",
+            "-o", str(tmp_path / "p.yaml")]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert seen["time_limit"] == api.FULL_TIME_LIMIT_S == 60
+    assert "solving the full MILP with cbc, time limit 60 s" in r.stderr
+    r = runner.invoke(app, args + ["--time-limit", "30"])
+    assert r.exit_code == 0 and seen["time_limit"] == 30 and "time limit 30 s" in r.stderr
+    for bad in ("0", "-1"):
+        _clean_error(runner.invoke(app, args + ["--time-limit", bad]), "--time-limit", "> 0")
+
+
+def test_time_limit_status_and_long_times_read_well(capsys):
+    import hsplit.cli as cli
+    p = make_plan("example", "smollm2-135m", modules=["q_proj"], ranks=(0, 4))
+    p.solver["status"] = "time-limit"
+    p.predicted["round_s"] = 39220.4
+    p.solver["wall_s"] = 1234.5
+    cli._render_plan(p)
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert "status time-limit (stopped early: not proven optimal)" in out
+    assert "round 39,220 s (10.9 h)" in out and "wall 1,234 s (20.6 min)" in out and "e+0" not in out
+    assert cli.seconds(25.561) == "25.56 s"
+
+
+def test_version_without_a_command():
+    from hsplit import __version__
+    r = runner.invoke(app, ["--version"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip() == __version__
+
+
+def test_bad_splits_message_is_printed_whole(tmp_path):
+    fleet = tmp_path / "f.yaml"
+    fleet.write_text("server: {device: a100-80gb}\nclients:\n  - {device: rtx-3060-12gb, splits: [20, 5]}\n")
+    r = runner.invoke(app, ["plan", "--fleet", str(fleet), "-o", str(tmp_path / "p.yaml")])
+    _clean_error(r, f"{fleet}", "clients[0].splits: must be [min, max] with", "got [20, 5]")
+
+
+def test_check_counts_adapted_matrices_like_plan(tmp_path):
+    path = tmp_path / "splitlora.yaml"
+    _splitlora_plan(path, 3)
+    r = runner.invoke(app, ["plan", "--check", str(path), "--fleet", "example", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert [c["matrices"] for c in json.loads(r.output)["clients"]] == [6] * 5
+    r = runner.invoke(app, ["plan", "--check", str(path), "--fleet", "example"])
+    row = next(line for line in r.output.splitlines() if "c0" in line and "jetson" in line)
+    assert [x.strip() for x in row.split("│") if x.strip()][2:4] == ["3", "6"]
+
+
+def test_readme_check_example_works_as_written(tmp_path, monkeypatch):
+    """README's `hsplit plan --check my-splitlora.yaml --fleet example` on docs/file-formats.md's example."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    import hsplit
+    root = Path(hsplit.__file__).parent
+    line = next(x for x in (root / "README.md").read_text().splitlines() if "hsplit plan --check" in x)
+    argv = shlex.split(line.split("#")[0])
+    plan_name = argv[argv.index("--check") + 1]
+    docs = (root / "docs" / "file-formats.md").read_text()
+    example = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "strategy: splitlora" in b)
+    monkeypatch.chdir(tmp_path)
+    Path(plan_name).write_text(example)
+    r = runner.invoke(app, argv[1:])
+    assert r.exit_code == 0, r.output
+    assert "all constraints satisfied" in r.output
+
+
+def test_min_utility_and_time_limit_are_never_silently_ignored(tmp_path):
+    out = str(tmp_path / "p.yaml")
+    _clean_error(runner.invoke(app, ["plan", "--min-utility", "0.5", "-o", out]),
+                 "--min-utility", "only applies to --objective latency")
+    _clean_error(runner.invoke(app, ["plan", "--objective", "latency", "--min-utility", "-1", "-o", out]),
+                 "--min-utility", "[0, 1]")
+    _clean_error(runner.invoke(app, ["plan", "--time-limit", "-1", "-o", out]), "--time-limit", "> 0")
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_full_milp_splits_its_time_and_keeps_the_stage1_plan_when_stage2_runs_out(monkeypatch):
+    import hsplit.planner.milp as milp
+    from hsplit.planner.fleet import Fleet
+    from hsplit.planner.solvers import MilpResult
+    calls = []
+    real = milp.solve_milp
+
+    def stage2_times_out(prob, engine, **k):
+        calls.append(k["time_limit"])
+        if len(calls) == 2:
+            return MilpResult("time-limit", None, None, k["time_limit"])
+        return real(prob, engine, **k)
+    monkeypatch.setattr(milp, "solve_milp", stage2_times_out)
+    fleet = Fleet.from_dict({"server": {"device": "a100-80gb"},
+                             "clients": [{"device": "rtx-3060-12gb", "splits": [1, 2]}]}, "<one>")
+    p = make_plan(fleet, "smollm2-135m", method="full", modules=["q_proj"], ranks=(0, 4), time_limit=10)
+    assert calls[0] <= 5.0 + 1e-9  # stage 1 gets half of the limit
+    assert p.solver["status"] == "time-limit" and p.solver["gap"] is None
+    assert p.clients[0].ranks  # the stage-1 plan (make_plan re-checks it against every constraint)
+
+
+def test_error_text_is_printed_as_written_no_emoji_codes(tmp_path, capsys):
+    import typer
+    from hsplit.cliutil import fail
+    with pytest.raises(typer.Exit):
+        fail("data.path: nowhere:x: cannot tell the format; [min, max] stays")
+    err = capsys.readouterr().err
+    assert "nowhere:x: cannot tell" in err and "[min, max]" in err

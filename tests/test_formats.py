@@ -114,3 +114,89 @@ def test_replan_resolves_with_new_importance_and_refuses_a_changed_fleet(tmp_pat
     fleet.write_text(fleet.read_text().replace("count: 2", "count: 3", 1))
     with pytest.raises(ConfigError, match="changed since this plan was made"):
         replan(plan, imp)
+
+
+# ---- QA pass: messages name the file, the field and the fix, once ----
+
+def _fleet_error(tmp_path, text, name="fleet.yaml"):
+    f = tmp_path / name
+    f.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        Fleet.load(f)
+    return str(e.value), f
+
+
+def test_unknown_dtype_is_refused_where_the_instance_is_built():
+    from hsplit.planner.plan import Training
+    with pytest.raises(ConfigError, match=r"--dtype.*\n.*must be one of fp32, bf16, fp16, got 'fp64'"):
+        make_plan("example", "smollm2-135m", training=Training(dtype="fp64"))
+
+
+def test_negative_ranks_are_refused_in_one_place():
+    with pytest.raises(ConfigError, match="-4: ranks must be whole numbers >= 0"):
+        make_plan("example", "smollm2-135m", ranks=(0, -4, 8))
+
+
+def test_splits_are_checked_at_load_and_against_the_model(tmp_path):
+    text, f = _fleet_error(tmp_path, "server: {device: a100-80gb}\nclients:\n"
+                                     "  - {device: rtx-3060-12gb, splits: [20, 5]}\n")
+    assert "clients[0].splits: must be [min, max] with whole numbers 1 <= min <= max" in text and "[20, 5]" in text
+    for bad in ("[1, 100]", "[50, 100]", "[1, 30]"):
+        f.write_text(f"server: {{device: a100-80gb}}\nclients:\n  - {{device: rtx-3060-12gb, splits: {bad}}}\n")
+        with pytest.raises(ConfigError) as e:
+            make_plan(f, "smollm2-135m")
+        assert str(f) in str(e.value)
+        assert f"clients[0].splits: {bad} is outside 1..29 for smollm2-135m (30 blocks" in str(e.value)
+    f.write_text("server: {device: a100-80gb}\nclients:\n  - {device: rtx-3060-12gb, splits: [28, 29]}\n")
+    assert {c.split_layer for c in make_plan(f, "smollm2-135m", ranks=(0, 2)).clients} <= {28, 29}
+
+
+def test_inline_device_errors_have_one_prefix_and_no_spurious_missing(tmp_path):
+    text, _ = _fleet_error(tmp_path, "server: {device: a100-80gb}\nclients:\n  - device: {name: x, kind: soc, "
+                                     "memory_gib: 0, uplink_mbps: 1, downlink_mbps: 1, peak_flops: {fp32: -1}, "
+                                     "efficiency: 2}\n")
+    assert "  - clients[0].device.memory_gib: must be > 0, got 0" in text
+    assert "clients[0].device: clients[0].device" not in text
+    assert "clients[0].device.peak_flops.fp32: must be > 0" in text and "efficiency: is sustained/peak" in text
+    assert "missing" not in text
+
+
+def test_device_profile_file_errors_name_the_file(tmp_path):
+    (tmp_path / "devices").mkdir()
+    (tmp_path / "devices" / "board.yaml").write_text("name: board\nkind: soc\nmemory_gib: 0\nuplink_mbps: 1\n"
+                                                     "downlink_mbps: 1\nflops: {fp32: 1.0e9}\n")
+    text, _ = _fleet_error(tmp_path, "server: {device: a100-80gb}\nclients:\n  - device: devices/board.yaml\n"
+                                     "  - device: ./devices/my-board.yaml\n")
+    assert "clients[0].device: in " in text and "board.yaml: memory_gib: must be > 0" in text
+    missing = (tmp_path / "devices" / "my-board.yaml").resolve()
+    assert f"clients[1].device: file not found: {missing}" in text and "no profile named" not in text
+
+
+def test_clients_written_as_a_mapping_says_it_must_be_a_list(tmp_path):
+    text, _ = _fleet_error(tmp_path, "server: {device: a100-80gb}\nclients:\n  device: rtx-3060-12gb\n")
+    assert "clients: must be a list of client groups" in text and "e.g." in text and "missing" not in text
+
+
+def test_importance_hash_mismatch_for_the_same_name_says_the_architecture_differs(tmp_path):
+    imp = Importance(scores={"model.layers.0.self_attn.q_proj": 1.0}, model="smollm2-135m", model_hash="abc123",
+                     method="sensitivity", source=str(tmp_path / "imp.yaml"))
+    imp.save(tmp_path / "imp.yaml")
+    with pytest.raises(ConfigError) as e:
+        make_plan("example", "smollm2-135m", importance=tmp_path / "imp.yaml")
+    text = str(e.value)
+    assert "not smollm2-135m" not in text
+    assert "model_hash abc123" in text and "different architecture" in text
+
+
+def test_duplicate_client_ids_are_named(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        Plan.from_dict({"model": "smollm2-135m", "clients": [
+            {"id": "a", "device": "x", "split_layer": 1}, {"id": "b", "device": "x", "split_layer": 1},
+            {"id": "a", "device": "x", "split_layer": 1}]}, "p.yaml")
+    assert "id 'a' is used by clients[0], clients[2]" in str(e.value)
+
+
+def test_yaml_number_written_as_text_gets_a_hint(tmp_path):
+    text, _ = _fleet_error(tmp_path, "server: {device: a100-80gb}\nclients:\n  - device: {name: x, kind: soc, "
+                                     "memory_gib: 1, uplink_mbps: 1, downlink_mbps: 1, flops: {fp32: 1e9}}\n")
+    assert "got '1e9' (YAML reads 1e9 as text" in text

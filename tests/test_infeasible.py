@@ -50,3 +50,28 @@ def test_server_slot_memory_binds_shallow_splits():
 def test_exhaustive_refuses_large_instances():
     with pytest.raises(ValueError, match="use --solver cbc or --solver highs"):
         make_plan("example", "smollm2-135m", solver="exhaustive")
+
+
+def test_amounts_get_enough_digits_to_differ():
+    from hsplit.planner.cost import GIB
+    from hsplit.planner.instance import build_instance
+    from hsplit.planner.model import load_model_profile
+    model = load_model_profile("smollm2-135m")
+    base = _fleet([{"device": "raspberry-pi-5-8gb"}])
+    need = build_instance(base, model).classes[0].memory(1, 0, 0) / GIB
+    budget = need - 1e-4
+    assert f"{budget:.2f}" == f"{need:.2f}"  # two decimals would print the same number twice
+    fleet = _fleet([{"device": "raspberry-pi-5-8gb", "budget": {"memory_gib": budget}}])
+    with pytest.raises(InfeasibleError) as e:
+        make_plan(fleet, "smollm2-135m")
+    got, cap = e.value.reasons[0].split("needs ")[1].split(" GiB, budget ")
+    assert got != cap.removesuffix(" GiB"), e.value.reasons[0]
+    from hsplit.planner.instance import two_amounts
+    assert two_amounts(1.5201, 1.5249, 2) == ("1.520", "1.525")
+    assert two_amounts(25.0, 12.0, 1) == ("25.0", "12.0")
+
+
+def test_exhaustive_counts_are_printed_compactly():
+    with pytest.raises(ValueError) as e:
+        make_plan("example", "smollm2-135m", solver="exhaustive")
+    assert "has ~" in str(e.value) and "e141 configurations" in str(e.value) and len(str(e.value)) < 200

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import json
 
+import hsplit.planner.whatif as whatif_mod
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
-
-import hsplit.planner.whatif as whatif_mod
 from hsplit.cli import app
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.whatif import build_scenarios, pareto_front, run_whatif
+from typer.testing import CliRunner
 
 runner = CliRunner()
 
@@ -95,3 +94,122 @@ def test_cli_json_and_bad_vary(tmp_path):
     r = runner.invoke(app, ["whatif", "example", "--vary", "seq_len", "-o", str(tmp_path / "w2")])
     assert r.exit_code == 1 and "PATH=V1,V2" in r.output
     assert not (tmp_path / "w2").exists()
+
+
+TINY_INFEASIBLE = """server: {device: a100-80gb}
+clients:
+  - {device: raspberry-pi-5-8gb, count: 2, budget: {round_s: 30, memory_gib: 0.01}}
+"""
+
+
+def test_all_scenarios_infeasible_writes_table_and_plots_exit_0(tmp_path):
+    fleet = tmp_path / "tiny.yaml"
+    fleet.write_text(TINY_INFEASIBLE)
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["whatif", str(fleet), "--vary", "seq_len=128,256", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "infeasible: c0, c1 (raspberry-pi-5-8gb): memory" in r.output
+    table = pd.read_csv(out / "scenarios.csv")
+    assert list(table["status"]) == ["infeasible", "infeasible"]
+    for col in ("round_s", "straggler", "utility", "server_busy_share", "headroom_gib_min"):
+        assert col in table.columns
+    assert list(pd.read_csv(out / "clients.csv").columns)[:3] == ["scenario", "client", "device"]
+    for name in ("round_time.png", "pareto.png", "splits_ranks.png"):
+        img = mpimg.imread(out / name)
+        assert img.std() > 0.01, f"{name} is blank"
+    assert not list(out.glob("*.tmp*"))
+
+
+def test_vary_values_follow_the_rules_of_hsplit_plan(monkeypatch):
+    monkeypatch.setattr(whatif_mod, "make_plan", lambda *a, **k: pytest.fail("solved before validating"))
+    with pytest.raises(ConfigError) as e:
+        build_scenarios(["example"], ["seq_len=0,128", "batch_size=0", "local_steps=0", "dtype=fp32,fp64",
+                                      "ranks=0,4,-8", "server_rank=-1"])
+    text = str(e.value)
+    for where in ("seq_len=0", "batch_size=0", "local_steps=0"):
+        assert f"{where}: must be a whole number >= 1, got '0'" in text
+    assert "dtype=fp64: must be one of fp32, bf16, fp16" in text
+    # Without |, each comma-separated value is one set of allowed ranks: ranks=0, ranks=4, ranks=-8.
+    assert "ranks=-8: rank -8 is negative" in text
+    assert "ranks=0: give at least one rank > 0; each value is one set of allowed ranks" in text
+    assert "ranks=4:" not in text
+    assert "server_rank=-1: must be a whole number >= 0" in text
+    with pytest.raises(ConfigError, match=r"ranks=0,0: give at least one rank > 0"):
+        build_scenarios(["example"], ["ranks=0,0|0,4"])
+    with pytest.raises(ConfigError, match=r"ranks=0,4,-8: rank -8 is negative"):
+        build_scenarios(["example"], ["ranks=0,4,-8|0,4"])
+    with pytest.raises(ConfigError, match=r"--dtype: must be one of fp32, bf16, fp16, got 'fp64'"):
+        run_whatif(["example"], training=whatif_mod.Training(dtype="fp64"))
+
+
+def test_value_messages_name_the_rule_and_the_scenario(monkeypatch):
+    monkeypatch.setattr(whatif_mod, "make_plan", lambda *a, **k: pytest.fail("solved before validating"))
+    for path in ("clients.*.data_weight", "clients.*.uplink_mbps", "clients.*.budget.round_s"):
+        with pytest.raises(ConfigError) as e:
+            build_scenarios(["example"], [f"{path}=0"])
+        assert f"{path}=0: must be a number > 0, got '0'" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_scenarios(["example"], ["clients.*.count=0,1"])
+    assert e.value.source == "hsplit whatif"
+    assert "scenario example clients.*.count=0: clients: the fleet has no clients" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_scenarios(["example"], ["clients.*.budget.memory_gib=1,100"])
+    assert ("scenario example clients.*.budget.memory_gib=100: clients[0].budget.memory_gib: 100 GiB exceeds"
+            in str(e.value))
+    r = runner.invoke(app, ["whatif", "example", "--vary", "clients.*.budget.memory_gib=1,100", "-o", "unused"])
+    assert r.exit_code == 1 and "scenario example clients.*.budget.memory_gib=100: " in r.output
+
+
+def test_group_selector_is_the_profile_name_of_a_device_file(tmp_path):
+    from hsplit.planner.device import PROFILE_DIR
+    (tmp_path / "devices").mkdir()
+    text = (PROFILE_DIR / "devices" / "raspberry-pi-5-8gb.yaml").read_text()
+    (tmp_path / "devices" / "board.yaml").write_text(text.replace("name: raspberry-pi-5-8gb", "name: my-board"))
+    fleet = tmp_path / "fb.yaml"
+    fleet.write_text("server: {device: a100-80gb}\nclients:\n  - {device: devices/board.yaml, count: 2}\n")
+    scenarios = build_scenarios([str(fleet)], ["clients.my-board.count=1,2"])
+    assert [s.fleet.num_clients for s in scenarios] == [1, 2]
+    with pytest.raises(ConfigError) as e:
+        build_scenarios([str(fleet)], ["clients.board.count=1"])
+    text = str(e.value)
+    assert "no client group with device 'board' in fleet fb.yaml; groups: my-board (or *)" in text
+    assert "None" not in text
+
+
+def test_markdown_table_is_plain_and_shows_infeasible_rows():
+    df = pd.DataFrame({"scenario": ["example clients.*.budget.memory_gib=0.05", "x" * 200],
+                       "status": ["infeasible", "optimal"], "round_s": [float("nan"), 25.5],
+                       "straggler": [None, "c2 (raspberry-pi-5-8gb)"], "utility": [float("nan"), 0.48],
+                       "server_busy_share": [float("nan"), 0.09], "headroom_gib_min": [float("nan"), 1.4]})
+    text = whatif_mod.markdown_table(df)
+    lines = text.splitlines()
+    assert lines[0].startswith("| scenario") and len(lines) == 4
+    assert all(line.startswith("|") and line.endswith("|") for line in lines)
+    assert " nan " not in text and "None" not in text
+    assert lines[2].split("|")[2].strip() == "infeasible"
+
+
+def test_cli_markdown_is_never_wrapped(tmp_path):
+    r = runner.invoke(app, ["whatif", "example", "--vary", "clients.*.budget.memory_gib=0.05,3", "-o",
+                            str(tmp_path / "w")])
+    lines = r.output.splitlines()
+    assert lines[0].startswith("| scenario")
+    rows = [l for l in lines if l.startswith("|")]
+    assert len(rows) == 4 and all(l.endswith("|") for l in rows)
+    assert not any(" nan " in l for l in rows)
+
+
+def test_duplicate_scenarios_get_unique_names_and_labels():
+    scenarios = build_scenarios(["example", "example", "example"], [])
+    assert [s.name for s in scenarios] == ["example", "example#2", "example#3"]
+    assert [s.label for s in scenarios] == ["example", "example#2", "example#3"]
+
+
+def test_per_device_columns_and_wording_say_device_name(tmp_path):
+    import inspect
+    from pathlib import Path
+
+    from hsplit.planner import plots
+    assert "device kind" not in inspect.getsource(plots)
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "whatif.md").read_text()
+    assert "device kind" not in doc and "`split[DEVICE]`, `rank[DEVICE]`" in doc
