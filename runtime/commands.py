@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("text", "--format", help="text | json"),
         distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
         min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
-        timeout: float = typer.Option(300.0, "--timeout", min=1, help="--distributed: seconds to wait for a process before naming it lost."),
+        timeout: float = typer.Option(300.0, "--timeout", min=1, help="--distributed: seconds to wait for an answer (a client's next step, the server's reply) before naming the silent process lost; above the slowest client's step time."),
     ):
         """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
 

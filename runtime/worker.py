@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compute-dtype", default="auto")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--keep-checkpoints", type=int, help="newest rounds that keep adapters + optimizer state")
-    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for any peer message")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer (a client's next step, the server's reply) before naming the silent peer lost")
     ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds for rendezvous + handshake")
     ap.add_argument("--min-clients", type=int, help="finish a round with this many clients (default: all)")
     ap.add_argument("--bind", default="127.0.0.1", help="address this process binds to (default loopback)")
