@@ -89,7 +89,7 @@ EXIT_REFUSED, EXIT_FAULT = 2, 3
 
 @dataclass
 class DistOptions:
-    timeout_s: float = 300.0          # longest wait for any message from a peer
+    timeout_s: float = 300.0          # longest wait for an answer (idle clients get PINGs meanwhile)
     min_clients: int | None = None    # finish a round with this many clients left (default: all)
     bind: str = "127.0.0.1"           # address this process's gloo device binds to
     connect_timeout_s: float = 120.0  # rendezvous + handshake
