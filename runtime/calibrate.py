@@ -41,7 +41,13 @@ from hsplit.planner.plan import Training
 COLUMNS = ("split", "rank", "predicted_client_s", "measured_client_s", "error_client",
            "predicted_server_s", "measured_server_s", "error_server",
            "blocks_client_s", "blocks_error_client", "blocks_server_s", "blocks_error_server",
+           "flops_client_s", "flops_error_client", "flops_server_s", "flops_error_server",
            "spread_client", "spread_server")
+
+
+def planner_label(settings: dict) -> str:
+    """What the planner's prediction is made of for this profile (docs/formulation.md)."""
+    return "per-block profile times" if settings.get("block_times_used") else "FLOPs / throughput"
 
 
 @dataclass
@@ -63,16 +69,17 @@ class Calibration:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
+        label = planner_label(self.settings)
         for ax, part in zip(axes, ("client", "server")):
             for rank in sorted({r["rank"] for r in self.rows}):
                 rows = sorted((r for r in self.rows if r["rank"] == rank), key=lambda r: r["split"])
                 xs = [r["split"] for r in rows]
                 line, = ax.plot(xs, [r[f"measured_{part}_s"] for r in rows], "o-", ms=3, label=f"measured r={rank}")
                 ax.plot(xs, [r[f"predicted_{part}_s"] for r in rows], "--", color=line.get_color(),
-                        label=f"planner (FLOPs) r={rank}")
-                if rows and rows[0].get(f"blocks_{part}_s") is not None:
-                    ax.plot(xs, [r[f"blocks_{part}_s"] for r in rows], ":", color=line.get_color(),
-                            label=f"per-block profile r={rank}")
+                        label=f"planner ({label}) r={rank}")
+                if rows and rows[0].get(f"flops_{part}_s") is not None:
+                    ax.plot(xs, [r[f"flops_{part}_s"] for r in rows], ":", color=line.get_color(),
+                            label=f"FLOPs model alone r={rank}")
             ax.set_title(f"{part} seconds per step")
             ax.set_xlabel("split point s (client runs blocks [0, s))")
             ax.grid(alpha=0.3)
@@ -100,7 +107,7 @@ def _errors(rows, prefix_pred: str) -> list[float]:
 
 def summarise(rows: list[dict]) -> dict:
     out = {}
-    for key, prefix in (("", "predicted"), ("blocks_", "blocks")):
+    for key, prefix in (("", "predicted"), ("blocks_", "blocks"), ("flops_", "flops")):
         errs = _errors(rows, prefix)
         if not errs:
             continue
@@ -110,16 +117,20 @@ def summarise(rows: list[dict]) -> dict:
         out[f"{key}worst_signed_error"] = worst
         out[f"{key}mean_signed_error"] = statistics.fmean(errs)
         for part in ("client", "server"):
-            pe = [(r[f"{'blocks' if key else 'predicted'}_{part}_s"] - r[f"measured_{part}_s"]) / r[f"measured_{part}_s"]
-                  for r in rows if r.get(f"{'blocks' if key else 'predicted'}_{part}_s") is not None]
+            pe = [(r[f"{prefix}_{part}_s"] - r[f"measured_{part}_s"]) / r[f"measured_{part}_s"]
+                  for r in rows if r.get(f"{prefix}_{part}_s") is not None]
             out[f"{key}median_abs_error_{part}"] = statistics.median(abs(e) for e in pe)
             out[f"{key}worst_abs_error_{part}"] = max(abs(e) for e in pe)
     return out
 
 
-def predicted_times(device: DeviceProfile, model_profile, batch_size: int, seq_len: int, rank: int, dtype: str = "fp32"):
-    """[(client_s, server_s)] for s = 0..L from the planner's cost model (one client, server = device)."""
+def predicted_times(device: DeviceProfile, model_profile, batch_size: int, seq_len: int, rank: int, dtype: str = "fp32",
+                    block_times: bool = True):
+    """[(client_s, server_s)] for s = 0..L from the planner's cost model (one client, server = device); with
+    block_times=False the profile's measured block times are left out (the FLOPs / throughput model)."""
     dev = device.to_dict()
+    if not block_times:
+        dev.pop("block_times", None)
     fleet = Fleet.from_dict({"name": "calibrate", "server": {"device": dev}, "clients": [{"device": dev, "count": 1}]},
                             "<calibrate>")
     inst = build_instance(fleet, model_profile, ranks=(0, rank), training=Training(
@@ -209,6 +220,8 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
                     on_step(done, total)
         peft_model.unload()
     rows = []
+    flops_pred = {r: predicted_times(device, profile, batch_size, seq_len, r, block_times=False)[0]
+                  for r in by_rank} if bt else {}
     for r in sorted(by_rank):
         pred, width = predicted_times(device, profile, batch_size, seq_len, r)
         for s in sorted(by_rank[r]):
@@ -225,6 +238,9 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
                 bc, bs = block_model_times(bt, L, s, r, width)
                 row.update(blocks_client_s=bc, blocks_error_client=(bc - mc) / mc, blocks_server_s=bs,
                            blocks_error_server=(bs - ms) / ms)
+                fc, fs = flops_pred[r][s]
+                row.update(flops_client_s=fc, flops_error_client=(fc - mc) / mc, flops_server_s=fs,
+                           flops_error_server=(fs - ms) / ms)
             rows.append(row)
     settings = {"model": profile.name, "model_hash": profile.arch_hash(), "profile": str(profile_path),
                 "device": device.name, "batch_size": batch_size, "seq_len": seq_len, "dtype": "fp32",

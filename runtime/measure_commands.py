@@ -200,7 +200,7 @@ def register(app: typer.Typer) -> None:
         """
         _check_format(fmt)
         from hsplit.planner.errors import ConfigError
-        from hsplit.runtime.calibrate import calibrate
+        from hsplit.runtime.calibrate import calibrate, planner_label
         if not profile.is_file():
             _fail(f"--profile {profile}: no such file (write one with `hsplit profile`)")
         if threads:
@@ -234,9 +234,9 @@ def register(app: typer.Typer) -> None:
         c = _console()
         c.print(t)
         s = res.summary
-        c.print(f"planner (FLOPs / measured throughput): median |error| {s['median_abs_error']:.1%}, "
+        c.print(f"planner ({planner_label(res.settings)}): median |error| {s['median_abs_error']:.1%}, "
                 f"worst {s['worst_signed_error']:+.1%}")
-        if "blocks_median_abs_error" in s:
-            c.print(f"per-block profile times: median |error| {s['blocks_median_abs_error']:.1%}, "
-                    f"worst {s['blocks_worst_signed_error']:+.1%}")
+        if "flops_median_abs_error" in s:
+            c.print(f"FLOPs / throughput model alone (without the profile's block times): median |error| "
+                    f"{s['flops_median_abs_error']:.1%}, worst {s['flops_worst_signed_error']:+.1%}")
         c.print(f"wrote {csv_path} and {png_path}")

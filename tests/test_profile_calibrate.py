@@ -104,7 +104,13 @@ def test_calibrate_writes_one_row_per_split_and_a_png(app, measured, tiny_dir, t
         # ...and the planner itself predicts from them (docs/formulation.md, measured block times).
         assert r["predicted_client_s"] == pytest.approx(r["blocks_client_s"], rel=1e-6)
         assert r["predicted_server_s"] == pytest.approx(r["blocks_server_s"], rel=1e-6)
+        # the FLOPs / throughput model alone is reported beside it (it is another prediction)
+        assert r["flops_client_s"] > 0 and r["flops_client_s"] != pytest.approx(r["predicted_client_s"], rel=1e-3)
     assert info["settings"]["block_times_used"] is True
+    from hsplit.runtime.calibrate import planner_label
+    assert planner_label(info["settings"]) == "per-block profile times"
+    assert planner_label({"block_times_used": False}) == "FLOPs / throughput"
+    assert "flops_median_abs_error" in info["summary"]
     assert "median_abs_error" in info["summary"] and "worst_abs_error" in info["summary"]
     png = (tmp_path / "cal.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
