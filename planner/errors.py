@@ -12,8 +12,11 @@ class ConfigError(ValueError):
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = list(problems)
-        lines = "\n".join(f"  - {p}" for p in self.problems)
-        super().__init__(f"{source}: {len(self.problems)} problem(s):\n{lines}")
+        if len(self.problems) == 1:           # one problem: one line
+            super().__init__(f"{source}: {self.problems[0]}")
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            super().__init__(f"{source}: {len(self.problems)} problems:\n{lines}")
 
 
 class Problems:

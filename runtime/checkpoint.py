@@ -119,13 +119,36 @@ def prune(run_dir: Path, keep: int | None) -> None:
             (d / name).unlink(missing_ok=True)
 
 
+def _has_full_state(run_dir: Path, r: int) -> bool:
+    """Round r can be resumed from: committed, and its adapters + optimizer state not pruned."""
+    d = round_dir(run_dir, r)
+    return r >= 0 and (d / "state.json").is_file() and all((d / name).is_file() for name in PRUNABLE)
+
+
+def fallback_advice(run_dir: Path, r: int) -> str:
+    """What to do about a corrupt file of round r. Deleting round r (and the later rounds) only helps
+    when round r-1 still has its adapters and optimizer state (--keep-checkpoints may have pruned them)."""
+    run_dir = Path(run_dir)
+    d = round_dir(run_dir, r)
+    later = [x for x in complete_rounds(run_dir) if x > r]
+    if _has_full_state(run_dir, r - 1):
+        if later:
+            return (f"delete {d} and the later rounds' folders (round-{later[0]:04d} to round-{later[-1]:04d}) "
+                    f"to resume from round {r - 1}")
+        return f"delete {d} to resume from round {r - 1}"
+    why = ("round 0 is the initial state" if r <= 0 else
+           f"round {r - 1}'s adapters and optimizer state were pruned (--keep-checkpoints)")
+    return (f"there is no complete earlier round to fall back to ({why}): restore this file from a backup, "
+            f"or start the run again (delete {run_dir} or pass a new --name)")
+
+
 def read_state(run_dir: Path, r: int) -> dict:
     path = round_dir(run_dir, r) / "state.json"
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(str(path), [f"checkpoint is corrupt or unreadable ({e}); delete this round's "
-                                      "folder to resume from the previous round"]) from None
+        raise ConfigError(str(path), [f"checkpoint is corrupt or unreadable ({e}); "
+                                      f"{fallback_advice(run_dir, r)}"]) from None
 
 
 def load(run_dir: Path, r: int, files=FILES) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
@@ -145,9 +168,9 @@ def load(run_dir: Path, r: int, files=FILES) -> tuple[dict, dict[str, dict[str, 
         if not path.is_file() or expected is None or _sha(path) != expected:
             raise ConfigError(str(path), [
                 "checkpoint is corrupt (missing, or its sha256 differs from state.json); "
-                f"delete {d} to resume from the previous round"])
+                f"{fallback_advice(run_dir, r)}"])
         try:
             out[name] = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as e:
-            raise ConfigError(str(path), [f"checkpoint is corrupt: {e}"]) from None
+            raise ConfigError(str(path), [f"checkpoint is corrupt ({e}); {fallback_advice(run_dir, r)}"]) from None
     return state, out

@@ -49,7 +49,16 @@ def register(app: typer.Typer) -> None:
         """
         _check_format(fmt)
         from hsplit.planner.errors import ConfigError
-        from hsplit.runtime.train import RunOptions, run
+        from hsplit.runtime.train import RunFinished, RunOptions, run
+
+        def finished(e: RunFinished) -> None:
+            # --resume of a finished run: nothing to do, said plainly; exit 0 (docs/runtime.md, Resume)
+            if fmt == "json":
+                print(json.dumps({"run": str(e.run_dir), "rounds": e.rounds, "already_finished": True,
+                                  "message": e.message}))
+            else:
+                _console().print(e.message, highlight=False, markup=False)
+            raise typer.Exit(0)
 
         if distributed:
             from hsplit.runtime.distributed import run_local_cli
@@ -58,6 +67,8 @@ def register(app: typer.Typer) -> None:
                                                       eval_max_seqs=eval_seqs, device=device, threads=threads,
                                                       keep_checkpoints=keep_checkpoints),
                                      min_clients, timeout, fmt)
+            except RunFinished as e:
+                finished(e)
             except ConfigError as e:
                 _fail(str(e))
             raise typer.Exit(code)
@@ -65,8 +76,15 @@ def register(app: typer.Typer) -> None:
             res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
                                        eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,
                                        threads=threads, keep_checkpoints=keep_checkpoints))
+        except RunFinished as e:
+            finished(e)
         except ConfigError as e:
             _fail(str(e))
+        except KeyboardInterrupt as e:      # Ctrl-C: where it stopped and how to resume (train.RunInterrupted)
+            import sys
+            print(getattr(e, "message", None) or "interrupted before the run started; nothing was written",
+                  file=sys.stderr, flush=True)
+            raise typer.Exit(130)
         out = {"run": str(res.run_dir), "rounds": res.rounds_done, "eval_loss_before": res.eval_before,
                "eval_loss_after": res.eval_after, "metrics": str(res.run_dir / "metrics.csv")}
         if fmt == "json":
@@ -84,8 +102,8 @@ def register(app: typer.Typer) -> None:
         beams: int = typer.Option(1, "--beams", min=1, help="--generate: 1 = greedy, >1 = beam search."),
         max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="--generate: longest output."),
         max_mrs: Optional[int] = typer.Option(None, "--max-mrs", min=1, help="--generate: only the first N MRs."),
-        device: str = typer.Option("cpu", "--device", help="--generate: cpu | cuda"),
-        fmt: str = typer.Option("text", "--format", help="text | json"),
+        device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda: where the model runs (perplexity and --generate)."),
+        fmt: str = typer.Option("text", "--format", help="table | text | json (table = text: human-readable)"),
     ):
         """Held-out perplexity of a run's aggregated model (latest checkpoint); --generate: BLEU/ROUGE-L.
 
@@ -94,9 +112,15 @@ def register(app: typer.Typer) -> None:
         (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json})
         """
         _check_format(fmt)
+        from rich.markup import escape
         from hsplit.planner.errors import ConfigError
         from hsplit.runtime.evaluate import evaluate_run
+        from hsplit.runtime.train import pick_device
 
+        try:
+            pick_device(device)                     # before any model is loaded
+        except ConfigError as e:
+            _fail(str(e))
         if generate:
             if not data:
                 _fail("--generate needs --data e2e:PATH (an E2E CSV with mr, ref columns)")
@@ -110,19 +134,19 @@ def register(app: typer.Typer) -> None:
                 print(json.dumps(rep))
             else:
                 _console().print(_samples_table(rep["outputs"][0], 3))
-                _console().print(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): BLEU "
-                                 f"{rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity {rep['perplexity']:.2f}; "
-                                 f"outputs {', '.join(rep['outputs'])}")
+                _console().print(escape(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): "
+                                        f"BLEU {rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity "
+                                        f"{_ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}"))
             return
         try:
-            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs)
+            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs, device=device)
         except ConfigError as e:
             _fail(str(e))
         if fmt == "json":
             print(json.dumps(rep))
         else:
-            _console().print(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences): "
-                             f"loss {rep['eval_loss']:.4f}, perplexity {rep['perplexity']:.2f}")
+            _console().print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
+                                    f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {_ppl(rep['eval_loss'])}"))
 
     @app.command("export")
     def export_cmd(
@@ -130,7 +154,7 @@ def register(app: typer.Typer) -> None:
         adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write a PEFT adapter folder here."),
         merged: Optional[Path] = typer.Option(None, "--merged", help="Write a full merged HF model here."),
         rank: Optional[int] = typer.Option(None, "--rank", min=1, help="SVD rank of the adapter (default: exact)."),
-        fmt: str = typer.Option("text", "--format", help="text | json"),
+        fmt: str = typer.Option("text", "--format", help="table | text | json (table = text: human-readable)"),
     ):
         """Export the learned update as a PEFT adapter (SVD-factored) and/or a merged model.
 
@@ -148,13 +172,14 @@ def register(app: typer.Typer) -> None:
         if fmt == "json":
             print(json.dumps(rep))
             return
+        from rich.markup import escape
         c = _console()
         if "adapter" in rep:
-            c.print(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {rep['rank']}, max {rep['max_rank']}); "
-                    f"relative error {rep['relative_error']:.3g} (worst {rep['worst_module']}: "
-                    f"{rep['max_module_error']:.3g}); base model {rep['base_model']}")
+            c.print(escape(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {rep['rank']}, max "
+                           f"{rep['max_rank']}); relative error {rep['relative_error']:.3g} (worst "
+                           f"{rep['worst_module']}: {rep['max_module_error']:.3g}); base model {rep['base_model']}"))
         if "merged" in rep:
-            c.print(f"merged model: {rep['merged']}")
+            c.print(escape(f"merged model: {rep['merged']}"))
 
     @app.command("demo")
     def demo_cmd(
@@ -185,12 +210,15 @@ def register(app: typer.Typer) -> None:
 
 def _samples_table(jsonl: str, n: int):
     """The first n decoded MRs next to one of their references (the rest are in the .jsonl file)."""
+    from rich.markup import escape
     from rich.table import Table
     with open(jsonl) as fh:
         rows = [json.loads(line) for line, _ in zip(fh, range(n))]
-    table = Table(title=f"first {len(rows)} outputs (all in {Path(jsonl).name})", show_lines=True)
+    table = Table(title=escape(f"first {len(rows)} outputs (all in {Path(jsonl).name})"), show_lines=True)
     for col in ("MR", "output", "a reference"):
         table.add_column(col, overflow="fold")
     for row in rows:
-        table.add_row(row["mr"], row["hypothesis"], row["references"][0] if row["references"] else "")
+        # escape(): MRs such as `eatType[coffee shop]` are data, not rich markup
+        table.add_row(escape(row["mr"]), escape(row["hypothesis"]),
+                      escape(row["references"][0]) if row["references"] else "")
     return table

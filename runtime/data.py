@@ -128,6 +128,8 @@ def detect_format(spec: DataSpec) -> str:
     if p.suffix.lower() in (".jsonl", ".json"):
         return "jsonl"
     if p.suffix.lower() == ".csv":
+        if not p.is_file():
+            raise ConfigError("data.path", [f"{spec.path}: no such file or folder"])
         with open(p, newline="", encoding="utf-8") as f:
             header = next(csv.reader(f), [])
         return "e2e" if {"mr", "ref"} <= set(header) else "csv"

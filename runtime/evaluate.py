@@ -45,14 +45,16 @@ def evaluate(sim, data: TokenSet, max_seqs: int | None = None, batch_size: int |
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | None = None,
-                 progress: bool = False) -> dict:
-    """Held-out (or --data) perplexity of a run's latest aggregated model."""
-    from hsplit.runtime.train import load_run
+                 progress: bool = False, device: str = "cpu") -> dict:
+    """Held-out (or --data) perplexity of a run's latest aggregated model on `device` (auto | cpu | cuda)."""
+    from hsplit.runtime.generate import check_data_ref, check_device
+    from hsplit.runtime import train
 
-    sim, config, r = load_run(run_dir, progress=progress)
     if data:
-        from hsplit.runtime.generate import split_data_ref
-        path, fmt = split_data_ref(data)        # `e2e:PATH` names the format explicitly
+        path, fmt = check_data_ref(data)        # `e2e:PATH` names the format; checked before the model loads
+    check_device(device)
+    sim, config, r = train.load_run(run_dir, progress=progress, device=device)
+    if data:
         eval_set = load_eval_data(path, sim.lm.tokenizer, sim.t.seq_len, fmt)
         source = data
     else:
@@ -61,5 +63,6 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | N
         if max_seqs is None:                    # the same sequences the run reported after each round
             max_seqs = config.get("run", {}).get("eval_max_seqs")
     loss = evaluate(sim, eval_set, max_seqs)
-    return {"run": str(run_dir), "round": r, "data": source, "sequences": min(len(eval_set), max_seqs or len(eval_set)),
+    return {"run": str(run_dir), "round": r, "data": source, "device": str(sim.device),
+            "sequences": min(len(eval_set), max_seqs or len(eval_set)),
             "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}

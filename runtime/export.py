@@ -76,14 +76,59 @@ def svd_factor(b: torch.Tensor, a: torch.Tensor, rank: int | None):
     return b2, a2, r, float((s ** 2).sum()), float((s[r:] ** 2).sum())
 
 
+def _target_problem(path: Path, flag: str) -> str | None:
+    """Why `path` cannot become a fresh export folder (one line naming the flag and the fix), or None."""
+    if path.exists() and not path.is_dir():
+        return f"{flag} {path}: is an existing file, but the export is a folder; give a new folder path"
+    if path.is_dir() and any(path.iterdir()):
+        return f"{flag} {path}: exists and is not empty; choose another folder (or empty/remove this one)"
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                return f"{flag} {path}: {parent} is a file, so the folder cannot be created inside it; " \
+                       "choose another path"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"{flag} {path}: {parent} is not writable; choose another folder"
+            break
+    return None
+
+
+def check_targets(adapter: Path | None, merged: Path | None) -> None:
+    """Every export target is checked before anything is written (ConfigError, one line per problem)."""
+    problems = [p for p in (_target_problem(adapter, "--adapter") if adapter is not None else None,
+                            _target_problem(merged, "--merged") if merged is not None else None) if p]
+    if adapter is not None and merged is not None:
+        a, m = adapter.expanduser().resolve(), merged.expanduser().resolve()
+        if a == m:
+            problems.append(f"--adapter and --merged are the same folder ({adapter}); give two different folders")
+        elif a in m.parents or m in a.parents:
+            problems.append(f"--adapter {adapter} and --merged {merged}: one is inside the other; "
+                            "give two separate folders")
+    if problems:
+        raise ConfigError("hsplit export", problems)
+
+
 def _fresh_target(path: Path) -> Path:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise ConfigError(str(path), ["exists and is not empty: choose another folder"])
+    problem = _target_problem(path, "target")
+    if problem:
+        raise ConfigError(str(path), [problem.removeprefix(f"target {path}: ")])
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
 
 
+def _publish_modes(tmp: Path) -> None:
+    """mkdtemp makes 0700 folders and some writers 0600 files: give the export the modes mkdir/open
+    would (0777 / 0666 less the umask), so that other users can read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(tmp):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
 def _commit(tmp: Path, path: Path) -> None:
+    _publish_modes(tmp)
     if path.exists():
         path.rmdir()
     os.replace(tmp, path)
@@ -96,6 +141,9 @@ def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: s
         raise ConfigError("hsplit export", ["pass --adapter DIR and/or --merged DIR"])
     if rank is not None and rank < 1:
         raise ConfigError("hsplit export", ["--rank must be >= 1 (leave it out for the exact update)"])
+    adapter = Path(adapter) if adapter is not None else None
+    merged = Path(merged) if merged is not None else None
+    check_targets(adapter, merged)              # every target before anything is written
     total, config, last = total_update(run_dir)
     model_path = config["run"]["model_path"]
     report = {"run": str(run_dir), "round": last, "base_model": model_path, "modules": len(total)}

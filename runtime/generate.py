@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -26,12 +27,38 @@ from hsplit.planner.yamlio import atomic_write_text
 
 
 def split_data_ref(ref: str) -> tuple[str, str]:
-    """`e2e:PATH` -> (PATH, "e2e"); a bare path -> (path, "auto")."""
+    """`e2e:PATH` -> (PATH, "e2e"); a bare path -> (path, "auto"). A `WORD:` prefix that is not a known
+    format is refused (ConfigError naming --data and the formats), unless the whole text is an existing path."""
     from hsplit.runtime.data import FORMATS
     head, sep, tail = ref.partition(":")
-    if sep and head in FORMATS and tail:
+    if sep and head in FORMATS:
+        if not tail:
+            raise ConfigError("--data", [f"{ref!r}: no path after the format; give {head}:PATH"])
         return tail, head
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head) and not Path(ref).expanduser().exists():
+        raise ConfigError("--data", [f"{ref!r}: unknown data format {head!r}; use FORMAT:PATH with FORMAT one of "
+                                     f"{', '.join(FORMATS)}, or a bare path (format from the file name)"])
     return ref, "auto"
+
+
+def check_data_ref(ref: str) -> tuple[str, str]:
+    """(path, format) of a --data argument, checked before any model is loaded: a known format prefix,
+    a path that exists. Raises ConfigError (one line per problem, naming --data and the fix)."""
+    path, fmt = split_data_ref(ref)
+    if fmt == "shakespeare" or (fmt == "auto" and path == "shakespeare"):
+        return path, fmt
+    if not Path(path).expanduser().exists():
+        raise ConfigError("--data", [f"{path}: no such file or folder; give an existing data file "
+                                     "([FORMAT:]PATH, e.g. e2e:testset_w_refs.csv)"])
+    return path, fmt
+
+
+
+
+def check_device(name: str) -> None:
+    """--device checked before a model is loaded: the run's one check (train.pick_device)."""
+    from hsplit.runtime.train import pick_device
+    pick_device(name)
 
 
 def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -91,10 +118,11 @@ def text_metrics(hyps: list[str], refs: list[list[str]]) -> dict:
 
     n = max(len(r) for r in refs)
     streams = [[r[j] if j < len(r) else None for r in refs] for j in range(n)]
-    bleu = sacrebleu.corpus_bleu(hyps, streams)
+    metric = sacrebleu.metrics.BLEU()          # defaults of corpus_bleu: 13a, exp smoothing, mixed case
+    bleu = metric.corpus_score(hyps, streams)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
     rouge = [scorer.score_multi(r, h)["rougeL"].fmeasure for h, r in zip(hyps, refs)]
-    return {"bleu": bleu.score, "rouge_l": 100.0 * sum(rouge) / len(rouge), "bleu_signature": str(bleu.format(signature=True))}
+    return {"bleu": bleu.score, "rouge_l": 100.0 * sum(rouge) / len(rouge), "bleu_signature": str(metric.get_signature())}
 
 
 def reference_perplexity(sim, groups: list[tuple[str, list[str]]], max_refs: int | None = None) -> tuple[float, int]:
@@ -112,7 +140,7 @@ def reference_perplexity(sim, groups: list[tuple[str, list[str]]], max_refs: int
 def generate_on(sim, data: str, max_mrs: int | None = None, beams: int = 1, max_new_tokens: int = 64,
                 batch_size: int = 16, ppl_max_refs: int | None = None) -> tuple[dict, list[dict]]:
     """(report, per-MR rows) of the simulation's aggregated model on an E2E file."""
-    path, fmt = split_data_ref(data)
+    path, fmt = check_data_ref(data)
     if fmt not in ("e2e", "auto"):
         raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
     groups = read_mr_groups(path)[:max_mrs] if max_mrs else read_mr_groups(path)
@@ -132,11 +160,14 @@ def generate_run(run_dir: str | Path, data: str, max_mrs: int | None = None, bea
     from hsplit.runtime.train import load_run
 
     run_dir = Path(run_dir)
-    path, _ = split_data_ref(data)
-    read_mr_groups(path)                        # a bad file fails before the model loads
+    path, fmt = check_data_ref(data)            # a bad --data or --device fails before the model loads
+    if fmt not in ("e2e", "auto"):
+        raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
+    read_mr_groups(path)
+    check_device(device)
     sim, _, r = load_run(run_dir, device=device)
     report, rows = generate_on(sim, data, max_mrs, beams, max_new_tokens, batch_size)
-    report = {"run": str(run_dir), "round": r, **report}
+    report = {"run": str(run_dir), "round": r, "device": str(sim.device), **report}
     stem = f"generate-{Path(path).stem}" + ("" if beams == 1 else f"-beam{beams}")
     atomic_write_text(run_dir / f"{stem}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
     atomic_write_text(run_dir / f"{stem}.json", json.dumps(report, indent=1) + "\n")

@@ -125,7 +125,7 @@ def register(app: typer.Typer) -> None:
         warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs before timing."),
         uplink_mbps: float = typer.Option(1000.0, "--uplink-mbps", help="Not measured: written as given."),
         downlink_mbps: float = typer.Option(1000.0, "--downlink-mbps", help="Not measured: written as given."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu | cuda (default: cuda when present)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (auto, the default: cuda when present)."),
         threads: Optional[int] = typer.Option(None, "--threads", min=1, help="torch CPU threads."),
         output: Optional[Path] = typer.Option(None, "--output", "-o", help="Default: profiles/devices/NAME.yaml."),
         fmt: str = typer.Option("text", "--format", help="text | json"),

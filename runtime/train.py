@@ -28,6 +28,7 @@ import csv
 import io
 import math
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -426,18 +427,32 @@ class Simulation:
 # ------------------------------------------------------------------ building and running
 
 def pick_device(name: str) -> torch.device:
+    """The torch device for --device auto | cpu | cuda[:N]; the one check of that flag (run, eval,
+    profile), made before anything is loaded: a bad or unavailable device is a ConfigError."""
+    name = str(name).strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    kind, _, index = name.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"--device {name}", ["use auto, cpu or cuda"])
+    if not torch.cuda.is_available():
+        why = "this torch is CPU-only" if torch.version.cuda is None else "no CUDA GPU is visible"
+        raise ConfigError(f"--device {name}", [f"CUDA is not available ({why}); use --device cpu or auto"])
+    if index and int(index) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}", [f"only {torch.cuda.device_count()} CUDA device(s) are visible "
+                                               f"(cuda:0..cuda:{torch.cuda.device_count() - 1}); use --device cuda"])
     return torch.device(name)
 
 
 def build(plan: Plan, progress: bool = True, device: str = "auto", compute: str = "auto") -> Simulation:
     """Load and check everything a run needs (raises ConfigError before anything is written)."""
+    dev = pick_device(device)                   # before the (slow) model load
     lm = load_lm(plan.model, progress=progress)
     check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
     plan.validate_for(lm.profile)
     strategy_for(plan.strategy, plan.source)
-    dev = pick_device(device)
     lm.model.to(dev)
     lm.model.requires_grad_(False)
     weights = [c.data_weight for c in plan.clients]
@@ -459,6 +474,52 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
+class RunFinished(ConfigError):
+    """`--resume` of a run that has already trained all its rounds: nothing to do (the CLI says so
+    and exits 0; raised before the model is loaded)."""
+
+    def __init__(self, run_dir: Path, rounds: int):
+        self.run_dir, self.rounds = run_dir, rounds
+        self.message = f"{run_dir} already finished its {rounds} rounds; pass --rounds N (N > {rounds}) to train more"
+        super().__init__(str(run_dir), [f"already finished its {rounds} rounds; pass --rounds N (N > {rounds}) "
+                                        "to train more"])
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `run`: `message` says where it stopped, the last complete checkpoint and the
+    command that resumes it (the CLI prints it and exits 130)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: bool = True) -> str:
+    """The `hsplit run ... --resume` that continues this run with the options it was started with
+    (resume=False: the command that starts it again)."""
+    import shlex
+    cmd = ["hsplit", "run", str(plan_path), "--name", run_dir.name] + (["--resume"] if resume else [])
+    if Path(opts.runs_dir) != Path("runs"):
+        cmd += ["--runs-dir", str(opts.runs_dir)]
+    if opts.rounds:
+        cmd += ["--rounds", str(opts.rounds)]
+    if opts.keep_checkpoints is not None:
+        cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
+    if opts.eval_max_seqs != RunOptions.eval_max_seqs:
+        cmd += ["--eval-seqs", str(opts.eval_max_seqs)]
+    return shlex.join(cmd)
+
+
+def _interrupted(plan_path: Path, run_dir: Path, opts: RunOptions, round_no: int | None) -> RunInterrupted:
+    where = f"in round {round_no}" if round_no is not None else "while starting"
+    done = checkpoint.complete_rounds(run_dir)
+    if not done:
+        return RunInterrupted(f"interrupted {where}, before the first checkpoint; nothing was written; start "
+                              f"again with: {resume_command(plan_path, run_dir, opts, resume=False)}")
+    return RunInterrupted(f"interrupted {where}; the last complete checkpoint is round {done[-1]} in {run_dir}; "
+                          f"resume with: {resume_command(plan_path, run_dir, opts)}")
+
+
 def prepare_run_dir(plan: Plan, plan_path: Path, opts: RunOptions) -> tuple[Path, list[int], int]:
     """The run folder, its complete rounds and the number of rounds to train. Refuses to resume a run
     that has no complete checkpoint or was started with another plan, and to overwrite a run."""
@@ -472,7 +533,14 @@ def prepare_run_dir(plan: Plan, plan_path: Path, opts: RunOptions) -> tuple[Path
         if config.get("plan") != _plain(plan.to_dict()):
             raise ConfigError(str(plan_path), [f"--resume: the plan differs from the one {run_dir} was started "
                                                "with (config.yaml); resume with that plan or use a new --name"])
-        return run_dir, done, opts.rounds or int(config["run"]["rounds"])
+        rounds = opts.rounds or int(config["run"]["rounds"])
+        last = done[-1]
+        if rounds < last:
+            raise ConfigError(f"--rounds {rounds}", [f"{run_dir} has already completed {last} rounds, more than "
+                                                     f"{rounds}; pass --rounds N (N > {last}) to train more"])
+        if rounds == last:
+            raise RunFinished(run_dir, last)
+        return run_dir, done, rounds
     if run_dir.exists() and any(run_dir.iterdir()):
         raise ConfigError(str(run_dir), ["a run with this name exists: pass --resume to continue it, "
                                          "or --name NEW to start another"])
@@ -486,11 +554,22 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
         torch.set_num_threads(opts.threads)
     plan_path = Path(plan_path)
     plan = Plan.load(plan_path)
+    pick_device(opts.device)                    # a bad --device is an error before anything is loaded
     run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
     plan.training.rounds = rounds
     if rounds < 1:
         raise ConfigError(str(plan_path), ["--rounds must be >= 1"])
+    if opts.resume and opts.progress:
+        print(f"resuming {run_dir} from round {done[-1]}", file=sys.stderr, flush=True)
+    where: list[int | None] = [None]            # the round being trained, for the Ctrl-C message
+    try:
+        return _run(plan, plan_path, opts, run_dir, done, rounds, where)
+    except KeyboardInterrupt:
+        raise _interrupted(plan_path, run_dir, opts, where[0]) from None
 
+
+def _run(plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path, done: list[int], rounds: int,
+         where: list[int | None]) -> RunResult:
     sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
     replanner = replanning.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
     config = {"plan": Plan.load(plan_path).to_dict(),
@@ -525,6 +604,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
     with _Progress(opts.progress) as bar:
         bar.start_rounds(rounds, start)
         for r in range(start, rounds):
+            where[0] = r + 1
             t0 = time.perf_counter()
             bar.start_round(r, len(sim.parties) * sim.steps_per_round)
             client_rows = sim.train_round(r, bar, replanner.begin_round(r, opts.on_step) if replanner else opts.on_step)

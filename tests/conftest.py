@@ -91,3 +91,23 @@ def tiny_runtime_env(tmp_path_factory, prefix: str, sources=("alpha", "beta", "g
 
 
 __all__ = ["GIB", "random_instance", "tiny_model", "tiny_runtime_env"]
+
+
+def tiny_e2e_plan(root, rows: list[tuple[str, str]], *, seq_len: int = 32, local_steps: int = 1,
+                  ranks: tuple[int, int] = (2, 2)):
+    """A 2-layer tiny llama, an E2E CSV of (mr, ref) rows and a 2-client hetlora plan on them, under
+    `root`. Returns (plan path, data path): what the eval/generate/export tests train for one round."""
+    from hsplit.planner.plan import Plan
+    from hsplit.runtime.tiny import save_tiny_model
+    model = save_tiny_model(root / "model", "llama", layers=2)
+    data = root / "e2e.csv"
+    data.write_text("\n".join(["mr,ref"] + [f'"{mr}","{ref}"' for mr, ref in rows]) + "\n")
+    plan = Plan.from_dict({"model": str(model), "strategy": "hetlora", "server_rank": 2, "modules": ["q_proj"],
+                           "training": {"batch_size": 2, "seq_len": seq_len, "local_steps": local_steps,
+                                        "rounds": 1, "dtype": "fp32", "learning_rate": 1e-2},
+                           "data": {"path": str(data), "eval_fraction": 0.1},
+                           "clients": [{"device": "a", "split_layer": 1, "ranks": {"q_proj": ranks[0]}},
+                                       {"device": "b", "split_layer": 2, "ranks": {"q_proj": ranks[1]}}]},
+                          "plan.yaml")
+    plan.save(root / "plan.yaml")
+    return root / "plan.yaml", data

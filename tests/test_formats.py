@@ -128,7 +128,7 @@ def _fleet_error(tmp_path, text, name="fleet.yaml"):
 
 def test_unknown_dtype_is_refused_where_the_instance_is_built():
     from hsplit.planner.plan import Training
-    with pytest.raises(ConfigError, match=r"--dtype.*\n.*must be one of fp32, bf16, fp16, got 'fp64'"):
+    with pytest.raises(ConfigError, match=r"--dtype.*must be one of fp32, bf16, fp16, got 'fp64'"):
         make_plan("example", "smollm2-135m", training=Training(dtype="fp64"))
 
 

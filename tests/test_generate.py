@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+from conftest import tiny_e2e_plan
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -11,9 +12,7 @@ torch.set_num_threads(1)
 from typer.testing import CliRunner
 
 from hsplit.cli import app
-from hsplit.planner.plan import Plan
 from hsplit.runtime.generate import read_mr_groups, split_data_ref, text_metrics
-from hsplit.runtime.tiny import save_tiny_model
 
 
 def test_metrics_use_every_reference_of_an_mr():
@@ -31,20 +30,11 @@ def test_data_refs_name_their_format():
 
 def test_generate_through_the_cli_writes_outputs_next_to_the_run(tmp_path, monkeypatch):
     monkeypatch.setenv("HSPLIT_CACHE", str(tmp_path / "cache"))
-    model = save_tiny_model(tmp_path / "model", "llama", layers=2)
-    data = tmp_path / "e2e.csv"
-    rows = ["mr,ref"] + [f'"name[Place{i % 5}], food[French]","Place{i % 5} serves French food, take {i}."'
-                         for i in range(60)]
-    data.write_text("\n".join(rows) + "\n")
-    plan = Plan.from_dict({"model": str(model), "strategy": "hetlora", "server_rank": 2, "modules": ["q_proj"],
-                           "training": {"batch_size": 2, "seq_len": 32, "local_steps": 2, "rounds": 1,
-                                        "dtype": "fp32", "learning_rate": 1e-2},
-                           "data": {"path": str(data), "eval_fraction": 0.1},
-                           "clients": [{"device": "a", "split_layer": 1, "ranks": {"q_proj": 2}},
-                                       {"device": "b", "split_layer": 2, "ranks": {"q_proj": 4}}]}, "plan.yaml")
-    plan.save(tmp_path / "plan.yaml")
+    plan_path, data = tiny_e2e_plan(tmp_path, [(f"name[Place{i % 5}], food[French]",
+                                                f"Place{i % 5} serves French food, take {i}.") for i in range(60)],
+                                    local_steps=2, ranks=(2, 4))
     runner = CliRunner()
-    res = runner.invoke(app, ["run", str(tmp_path / "plan.yaml"), "--runs-dir", str(tmp_path / "runs"),
+    res = runner.invoke(app, ["run", str(plan_path), "--runs-dir", str(tmp_path / "runs"),
                               "--name", "r", "--format", "json"])
     assert res.exit_code == 0, res.output
     run_dir = tmp_path / "runs" / "r"
@@ -67,3 +57,105 @@ def test_generate_through_the_cli_writes_outputs_next_to_the_run(tmp_path, monke
     # without --data it is one clear error
     res = runner.invoke(app, ["eval", str(run_dir), "--generate"])
     assert res.exit_code == 2 and "--data" in res.output
+
+
+# ---------------------------------------------------------------- QA fixes: --data, markup, signature, --device, --format
+
+BRACKET_MR = "name[Blue Spice], eatType[coffee shop], area[city centre]"
+
+
+@pytest.fixture(scope="module")
+def bracket_run(tmp_path_factory):
+    """A one-round tiny run on E2E rows whose MRs look like rich markup (`eatType[coffee shop]`)."""
+    root = tmp_path_factory.mktemp("gen-qa")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HSPLIT_CACHE", str(root / "cache"))
+        plan_path, data = tiny_e2e_plan(root, [(BRACKET_MR, f"Blue Spice is a coffee shop in the city centre, take {i}.")
+                                               for i in range(40)], seq_len=96)
+        res = CliRunner().invoke(app, ["run", str(plan_path), "--runs-dir", str(root / "runs"),
+                                       "--name", "r", "--format", "json"])
+        assert res.exit_code == 0, res.output
+        yield root / "runs" / "r", data
+
+
+def _err(res):
+    """Exit 2 with one `error:` and no traceback."""
+    assert res.exit_code == 2, (res.exit_code, res.output)
+    assert res.output.startswith("error:") and "Traceback" not in res.output, res.output
+    return res.output
+
+
+@pytest.mark.parametrize("generate", [False, True])
+def test_eval_data_that_does_not_exist_or_has_an_unknown_format_is_one_error(bracket_run, tmp_path, generate):
+    run_dir, data = bracket_run
+    extra = ["--generate"] if generate else []
+    out = _err(CliRunner().invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "nope.csv"), *extra]))
+    assert "--data" in out and "nope.csv" in out and "no such file" in out
+    out = _err(CliRunner().invoke(app, ["eval", str(run_dir), "--data", f"xml:{data}", *extra]))
+    assert "--data" in out and "'xml'" in out and all(f in out for f in ("e2e", "jsonl", "csv", "text"))
+    out = _err(CliRunner().invoke(app, ["eval", str(run_dir), "--data", "e2e:", *extra]))
+    assert "--data" in out
+
+
+def test_split_data_ref_rejects_unknown_prefixes(tmp_path):
+    from hsplit.planner.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown data format 'xml'"):
+        split_data_ref("xml:/x/test.csv")
+    odd = tmp_path / "xml:name.csv"           # a real file whose name has a colon is still a path
+    odd.write_text("mr,ref\n")
+    assert split_data_ref(str(odd)) == (str(odd), "auto")
+
+
+def test_generate_table_prints_mrs_verbatim_not_as_markup(bracket_run):
+    run_dir, data = bracket_run
+    res = CliRunner().invoke(app, ["eval", str(run_dir), "--data", f"e2e:{data}", "--generate",
+                                   "--max-new-tokens", "4", "--max-mrs", "1"])
+    assert res.exit_code == 0, res.output
+    assert BRACKET_MR in res.output.replace("│", " ").replace("\n", " ") or \
+        all(part in res.output for part in ("eatType[coffee shop]", "area[city centre]")), res.output
+
+
+def test_bleu_signature_is_sacrebleus():
+    sig = text_metrics(["a cat is on the mat", "it rains"], [["a cat is on the mat", "a cat"], ["it rains"]])[
+        "bleu_signature"]
+    import sacrebleu
+    fields = dict(part.split(":", 1) for part in sig.split("|"))
+    assert fields["nrefs"] == "var" and fields["case"] == "mixed" and fields["tok"] == "13a"
+    assert fields["smooth"] == "exp" and fields["version"] == sacrebleu.__version__, sig
+
+
+def test_eval_device_is_checked_before_loading_and_applies_to_perplexity(bracket_run, monkeypatch):
+    run_dir, data = bracket_run
+    import hsplit.runtime.train as train
+    seen = []
+    real = train.load_run
+    monkeypatch.setattr(train, "load_run", lambda *a, **k: seen.append(k.get("device")) or real(*a, **k))
+    out = _err(CliRunner().invoke(app, ["eval", str(run_dir), "--device", "gpu"]))
+    assert "--device gpu: use auto, cpu or cuda" in out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for extra in ([], ["--data", f"e2e:{data}", "--generate"]):
+        out = _err(CliRunner().invoke(app, ["eval", str(run_dir), "--device", "cuda", *extra]))
+        assert "--device cuda: CUDA is not available" in out and "use --device cpu or auto" in out
+    assert seen == []                              # refused before any model was loaded
+    res = CliRunner().invoke(app, ["eval", str(run_dir), "--device", "auto", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert seen == ["auto"] and json.loads(res.stdout)["device"] == "cpu"
+
+
+def test_format_help_lists_what_the_check_accepts():
+    import typer.main
+    from hsplit.cliutil import FORMATS
+    commands = typer.main.get_command(app).commands
+    for name in ("eval", "export"):
+        opt = next(p for p in commands[name].params if p.name == "fmt")
+        assert all(f in opt.help for f in FORMATS), (name, opt.help)
+    res = CliRunner().invoke(app, ["eval", "nowhere", "--format", "xml"])
+    assert res.exit_code == 2 and all(f in res.output for f in FORMATS)
+
+
+def test_a_missing_csv_data_path_is_a_config_error_not_a_traceback(tmp_path):
+    from hsplit.planner.errors import ConfigError
+    from hsplit.planner.plan import DataSpec
+    from hsplit.runtime.data import detect_format
+    with pytest.raises(ConfigError, match="no such file"):
+        detect_format(DataSpec(path=str(tmp_path / "nope.csv")))

@@ -125,3 +125,14 @@ def test_calibrate_rejects_a_split_outside_the_model(app, measured, tiny_dir, tm
     assert res.exit_code == 2 and "1..2" in res.output
     res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", str(tmp_path / "nope.yaml")])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_profile_rejects_an_unknown_or_unavailable_device(app, tmp_path, monkeypatch):
+    import torch
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for dev, msg in (("cuda", "CUDA is not available"), ("gpu", "use auto, cpu or cuda")):
+        out = tmp_path / f"{dev}.yaml"
+        res = CliRunner().invoke(app, ["profile", "--device", dev, "--dtypes", "fp32", "-o", str(out)])
+        assert res.exit_code == 2, res.output
+        assert "error:" in res.output and f"--device {dev}" in res.output and msg in res.output
+        assert "Traceback" not in res.output and not out.exists()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import tiny_e2e_plan
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -102,3 +103,53 @@ def test_runtime_commands_are_registered_without_importing_torch():
             "print(all(n in names for n in ('run','eval','export','demo')), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
+
+
+@pytest.fixture(scope="module")
+def small_run(tiny):
+    """A one-round tiny run (2 layers, hetlora) for the export checks."""
+    root = tiny / "small"
+    plan_path, _ = tiny_e2e_plan(root, [(f"name[P{i % 3}]", f"P{i % 3} serves food, take {i}.") for i in range(40)])
+    _cli("run", plan_path, "--runs-dir", root / "runs", "--name", "r", "--format", "json")
+    return root / "runs" / "r"
+
+
+def _export_error(*args):
+    res = runner.invoke(app, ["export", *[str(a) for a in args]])
+    assert res.exit_code == 2 and res.output.startswith("error:") and "Traceback" not in res.output, res.output
+    return res.output
+
+
+def test_export_checks_every_target_before_writing_anything(small_run, tmp_path):
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "MYFILE").write_text("")
+    (out / "afile").write_text("x")
+    text = _export_error(small_run, "--adapter", out / "new1", "--merged", out / "adapter")
+    assert "--merged" in text and "not empty" in text
+    text = _export_error(small_run, "--adapter", out / "same", "--merged", out / "same")
+    assert "same folder" in text
+    text = _export_error(small_run, "--adapter", out / "afile")
+    assert "--adapter" in text and "existing file" in text
+    text = _export_error(small_run, "--merged", out / "afile" / "sub")
+    assert "--merged" in text and "is a file" in text
+    text = _export_error(small_run, "--adapter", out / "a", "--merged", out / "a" / "m")
+    assert "inside" in text
+    # nothing was written: no new folder, no temp folder left behind
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "afile"]
+    assert [p.name for p in (out / "adapter").iterdir()] == ["MYFILE"]
+
+
+def test_exported_folders_and_files_are_readable_by_others(small_run, tmp_path):
+    old = os.umask(0o022)
+    try:
+        _cli("export", small_run, "--adapter", tmp_path / "ad", "--merged", tmp_path / "mg", "--format", "json")
+    finally:
+        os.umask(old)
+    for folder in (tmp_path / "ad", tmp_path / "mg"):
+        assert folder.stat().st_mode & 0o777 == 0o755, folder
+        files = list(folder.iterdir())
+        assert any(f.suffix == ".safetensors" for f in files)
+        for f in files:
+            assert f.stat().st_mode & 0o777 == 0o644, f
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]   # no temp folders left

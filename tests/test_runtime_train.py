@@ -263,3 +263,125 @@ def test_centralized_trains_one_model_on_pooled_data(env):
     assert len(rows) == 2 and rows[0]["tokens"] == 2 * 4 * 2 * 31       # local_steps x clients steps
     assert rows[0]["bytes_up"] == 0
     assert res.eval_after < res.eval_before
+
+
+# ------------------------------------------------------------------ QA fixes: device, Ctrl-C, finished runs, pruning
+
+def _no_model_loading(monkeypatch):
+    """Make loading the model an immediate failure: the checks under test must come first."""
+    import hsplit.runtime.train as train
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the check")
+    monkeypatch.setattr(train, "load_lm", boom)
+
+
+def _cli():
+    import typer
+    from hsplit.runtime.commands import register
+    app = typer.Typer()
+    register(app)
+    return app
+
+
+def test_device_is_checked_before_loading_anything(env, monkeypatch):
+    from typer.testing import CliRunner
+    from hsplit.runtime.train import pick_device
+    _no_model_loading(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("cpu") == torch.device("cpu") and pick_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=r"(?s)--device gpu.*use auto, cpu or cuda"):
+        pick_device("gpu")
+    with pytest.raises(ConfigError, match=r"(?s)--device cuda.*CUDA is not available.*use --device cpu or auto"):
+        pick_device("cuda")
+    path = make_plan(env, "dev.yaml", rounds=1)
+    with pytest.raises(ConfigError, match="CUDA is not available"):
+        run(path, opts(env, device="cuda"))
+    assert _no_run(env, "dev")
+    for dev, msg in (("cuda", "CUDA is not available"), ("gpu", "use auto, cpu or cuda")):
+        res = CliRunner().invoke(_cli(), ["run", str(path), "--device", dev, "--runs-dir", str(env[0] / "runs")])
+        assert res.exit_code == 2, res.output
+        assert "error:" in res.output and msg in res.output and "Traceback" not in res.output
+    assert _no_run(env, "dev")
+
+
+def test_resume_of_a_finished_run_says_so_before_loading_and_rounds_below_done_is_an_error(env, monkeypatch, capsys):
+    from typer.testing import CliRunner
+    from hsplit.runtime.train import RunFinished
+    path = make_plan(env, "done.yaml", rounds=1)
+    run(path, opts(env))
+    run_dir = env[0] / "runs" / "done"
+    # a normal resume (more rounds) says where it resumes from, once
+    run(path, RunOptions(runs_dir=env[0] / "runs", resume=True, rounds=2, progress=True))
+    err = capsys.readouterr().err
+    assert err.count(f"resuming {run_dir} from round 1") == 1, err
+    _no_model_loading(monkeypatch)
+    with pytest.raises(RunFinished, match=r"already finished its 2 rounds; pass --rounds N \(N > 2\)"):
+        run(path, opts(env, resume=True))
+    with pytest.raises(RunFinished):
+        run(path, opts(env, resume=True, rounds=2))
+    with pytest.raises(ConfigError, match=r"(?s)--rounds 1.*completed 2 rounds") as e:
+        run(path, opts(env, resume=True, rounds=1))
+    assert not isinstance(e.value, RunFinished)
+    base = ["run", str(path), "--name", "done", "--resume", "--runs-dir", str(env[0] / "runs")]
+    res = CliRunner().invoke(_cli(), base)
+    assert res.exit_code == 0 and f"{run_dir} already finished its 2 rounds" in res.output, res.output
+    res = CliRunner().invoke(_cli(), base + ["--rounds", "1"])
+    assert res.exit_code == 2 and "error:" in res.output and "--rounds 1" in res.output, res.output
+    assert checkpoint.complete_rounds(run_dir) == [0, 1, 2]
+
+
+def test_corrupt_newest_checkpoint_advice_knows_when_the_previous_round_was_pruned(env):
+    path = make_plan(env, "prunedcorrupt.yaml", rounds=2)
+    for name, keep in (("pc-keep1", 1), ("pc-all", None)):
+        res = run(path, opts(env, name=name, keep_checkpoints=keep))
+        f = checkpoint.round_dir(res.run_dir, 2) / "adapters.safetensors"
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+        with pytest.raises(ConfigError, match="checkpoint is corrupt") as e:
+            checkpoint.load(res.run_dir, 2)
+        msg = str(e.value)
+        if keep == 1:       # round 1 was pruned: deleting round 2 would only lead to another error
+            assert "no complete earlier round" in msg and "pruned" in msg and "restore" in msg, msg
+            assert "to resume from" not in msg, msg
+        else:
+            assert f"delete {checkpoint.round_dir(res.run_dir, 2)} to resume from round 1" in msg, msg
+
+
+def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(env):
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = env[0]
+    path = make_plan(env, "sigint.yaml", rounds=500)
+    runs = root / "sigruns"
+    run_dir = runs / "sig"
+    cmd = [sys.executable, "-c", "from hsplit.cli import app; app()", "run", str(path), "--name", "sig",
+           "--runs-dir", str(runs), "--threads", "1"]
+    env_vars = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env_vars)
+    try:
+        deadline = time.monotonic() + 120
+        while not (checkpoint.round_dir(run_dir, 1) / "state.json").is_file():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no checkpoint of round 1 within 120 s"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err, err
+    m = re.search(r"interrupted in round (\d+); the last complete checkpoint is round (\d+) in (\S+); "
+                  r"resume with: (.*)$", err, re.M)
+    assert m, err
+    n, last = int(m.group(1)), int(m.group(2))
+    assert m.group(3) == str(run_dir) and n in (last + 1, last + 2)
+    assert checkpoint.complete_rounds(run_dir)[-1] == last
+    assert m.group(4).strip() == f"hsplit run {path} --name sig --resume --runs-dir {runs}"
+    assert not [d for d in (run_dir / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
