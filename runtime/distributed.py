@@ -1062,7 +1062,7 @@ class Server:
                     total += float(loss) * c
                     n += c
                 sim.bank.activate(None)
-                return total / max(n, 1)
+                return total / n if n else float("nan")
             except PeerLost as e:
                 sim.bank.activate(None)
                 self.lose(e.rank, e.reason)

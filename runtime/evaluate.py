@@ -41,7 +41,7 @@ def evaluate(sim, data: TokenSet, max_seqs: int | None = None, batch_size: int |
         total += float(loss) * k
         n += k
     sim.bank.activate(None)
-    return total / max(n, 1)
+    return total / n if n else float("nan")     # no token scored (e.g. every target cut off): no loss
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | None = None,

@@ -633,6 +633,11 @@ def _fleet_round(sim: Simulation, rows: list[dict]) -> float | None:
     return max(times) if times else None
 
 
+def _fmt(x, spec: str) -> str:
+    """A metric for a progress line: n/a when it is missing (no held-out token was scored)."""
+    return format(x, spec) if x is not None and x == x else "n/a"
+
+
 def round_rows(sim: Simulation, r: int, client_rows: list[dict], eval_loss: float, wall: float, agg_s: float,
                fleet_total: float | None) -> tuple[list[dict], float | None]:
     """Round r's metrics rows (every client's, then the fleet's "all" row, last) and the new fleet total."""
@@ -729,4 +734,4 @@ class _Progress:
             self.p.advance(self.rounds)
             fleet = f", fleet {g['fleet_s']:.1f} s" if g.get("fleet_s") is not None else ""
             self.console.print(f"round {g['round']}: train loss {g['train_loss']:.4f}, eval loss "
-                               f"{g['eval_loss']:.4f} (ppl {g['eval_ppl']:.2f}), wall {g['wall_s']:.1f} s{fleet}")
+                               f"{g['eval_loss']:.4f} (ppl {_fmt(g['eval_ppl'], '.2f')}), wall {g['wall_s']:.1f} s{fleet}")

@@ -1,4 +1,5 @@
 """hetlora, flexlora, hafl-*: each aggregation's defining property on small tensors, then in real runs."""
+import math
 import os
 
 import pytest
@@ -148,3 +149,8 @@ def test_every_strategy_trains_evaluates_and_exports(env, strategy):
     sim, _, r = load_run(res.run_dir)                 # the global adapter comes back with the checkpoint
     from hsplit.runtime.evaluate import evaluate
     assert r == 2 and evaluate(sim, sim.data.eval, 64) == pytest.approx(res.eval_after, rel=1e-5)
+    if strategy == "hetlora":             # nothing scored (every target masked): no loss, not a perfect 0
+        from hsplit.runtime.data import TokenSet
+        e = sim.data.eval
+        masked = TokenSet(e.input_ids[:2], e.attention_mask[:2], torch.full_like(e.labels[:2], -100))
+        assert math.isnan(evaluate(sim, masked))
