@@ -123,6 +123,14 @@ def plan(
 
 
 def _render_plan(p) -> None:
+    if p.strategy == "centralized":      # a reference, nothing to plan: no split, no fleet timing
+        ranks = p.clients[0].ranks if p.clients else {}
+        adapted, rank = len(ranks), max(ranks.values(), default=p.server_rank)
+        console.print(f"centralized reference for {p.model}: the {len(p.clients)} clients' data pooled and trained on "
+                      f"one machine, the whole model unsplit ({adapted} matrices adapted, rank {rank}); "
+                      "nothing is planned or predicted (compare its runs with the federated strategies')",
+                      highlight=False, markup=False)
+        return
     t = Table(title=f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)", show_lines=False)
     for col, just in [("client", "left"), ("device", "left"), ("split", "right"), ("matrices", "right"),
                       ("Σ rank", "right"), ("step s", "right"), ("round s", "right"),

@@ -289,3 +289,10 @@ def test_error_text_is_printed_as_written_no_emoji_codes(tmp_path, capsys):
         fail("data.path: nowhere:x: cannot tell the format; [min, max] stays")
     err = capsys.readouterr().err
     assert "nowhere:x: cannot tell" in err and "[min, max]" in err
+
+
+def test_a_centralized_plan_is_described_not_tabulated_with_empty_predictions(tmp_path):
+    r = runner.invoke(app, ["plan", "--fleet", "example", "--strategy", "centralized", "-o", str(tmp_path / "c.yaml")])
+    assert r.exit_code == 0, r.output
+    assert "centralized reference for smollm2-135m" in r.output and "210 matrices adapted" in r.output
+    assert "straggler None" not in r.output and "0.00/0.00" not in r.output
