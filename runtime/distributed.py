@@ -74,6 +74,7 @@ from hsplit.runtime.model import check_model_hash, lm_loss
 from hsplit.runtime.partial_load import is_placeholder, load_part
 from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _global_row, _restore, _run_dir, derive_seed,
                                   lr_at, pick_device, prepare_run_dir, round_rows, write_metrics)
+from hsplit.runtime.train import resume_command as run_resume_command
 
 TOKEN_ENV = "HSPLIT_TOKEN"
 MAGIC = 0x5053504C   # "PSPL"
@@ -1241,16 +1242,12 @@ def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_
     dopts = DistOptions(timeout_s=timeout_s, min_clients=min_clients)
     plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
     check_min_clients(plan, plan_path, dopts)
-    prepare_run_dir(plan, Path(plan_path), opts)
-    cmd = ["hsplit", "run", str(plan_path), "--distributed", "--name", opts.name or Path(plan_path).stem,
-           "--runs-dir", str(opts.runs_dir), "--timeout", f"{timeout_s:g}"]
-    if min_clients:
-        cmd += ["--min-clients", str(min_clients)]
-    if opts.keep_checkpoints is not None:
-        cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
-    code = launch_local(plan_path, opts, dopts, resume_cmd=shlex.join(cmd + ["--resume"]))
+    run_dir, _, _ = prepare_run_dir(plan, Path(plan_path), opts)
+    # the in-process run's --resume command (every option it was started with) plus the distributed ones
+    cmd = shlex.split(run_resume_command(Path(plan_path), run_dir, opts)) + [
+        "--distributed", "--timeout", f"{timeout_s:g}"] + (["--min-clients", str(min_clients)] if min_clients else [])
+    code = launch_local(plan_path, opts, dopts, resume_cmd=shlex.join(cmd))
     if code == 0:
-        run_dir = _run_dir(Path(plan_path), opts)
         summary = {"run": str(run_dir), "metrics": str(run_dir / "metrics.csv"), "distributed": True}
         print(json.dumps(summary) if fmt == "json" else f"outputs in {run_dir}/ (metrics.csv, checkpoints/)")
     return code

@@ -480,9 +480,9 @@ class RunFinished(ConfigError):
 
     def __init__(self, run_dir: Path, rounds: int):
         self.run_dir, self.rounds = run_dir, rounds
-        self.message = f"{run_dir} already finished its {rounds} rounds; pass --rounds N (N > {rounds}) to train more"
-        super().__init__(str(run_dir), [f"already finished its {rounds} rounds; pass --rounds N (N > {rounds}) "
-                                        "to train more"])
+        problem = f"already finished its {rounds} rounds; pass --rounds N (N > {rounds}) to train more"
+        self.message = f"{run_dir} {problem}"
+        super().__init__(str(run_dir), [problem])
 
 
 class RunInterrupted(KeyboardInterrupt):

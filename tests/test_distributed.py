@@ -330,3 +330,14 @@ def test_a_timeout_close_to_the_planned_step_time_is_warned_about(env):
         Server(env[0] / "steps.yaml", RunOptions(), DistOptions(timeout_s=timeout), None, None, 3, said.append).warn_timeout()
     assert said == ["warning: the plan predicts steps of 90 s for client b; with --timeout 200 s a slow step may be "
                     "taken for a lost client: use --timeout 450 or more"]
+
+
+def test_the_local_launcher_resume_command_keeps_every_option(env, monkeypatch):
+    from hsplit.runtime import distributed
+    path = make_plan(env, "rcmd.yaml", "splitlora")
+    seen = {}
+    monkeypatch.setattr(distributed, "launch_local", lambda *a, resume_cmd=None, **k: seen.update(cmd=resume_cmd) or 1)
+    opts = RunOptions(runs_dir=env[0] / "runs-rcmd", name="x", eval_max_seqs=8, rounds=3, keep_checkpoints=1)
+    assert distributed.run_local_cli(path, opts, min_clients=1, timeout_s=30) == 1
+    assert seen["cmd"] == (f"hsplit run {path} --name x --resume --runs-dir {env[0] / 'runs-rcmd'} --rounds 3 "
+                           "--keep-checkpoints 1 --eval-seqs 8 --distributed --timeout 30 --min-clients 1")
