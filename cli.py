@@ -14,8 +14,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from hsplit import __version__
-from hsplit.cliutil import check_format, console_for, fail, output_problem
+from hsplit.cliutil import check_format, console_for, fail
 from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.planner.yamlio import output_problem
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)

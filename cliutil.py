@@ -3,7 +3,6 @@ consoles that do not wrap piped output at 80 columns, one way to fail, one check
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import typer
 from rich.console import Console
@@ -23,23 +22,6 @@ def fail(message: str, code: int = 2) -> None:
     # escape(): text like `[min, max]` in a message is data, not rich markup.
     console_for(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
-
-
-def output_problem(path: Path, flag: str, *, folder: bool = False) -> str | None:
-    """Why `path` cannot be written as a file (or, with `folder`, used as a folder); None if it can.
-    Checked before any work, so a bad -o never costs a solve."""
-    if folder:
-        if path.exists() and not path.is_dir():
-            return f"{flag}: {path} is an existing file, but this must be a folder; give a folder path " \
-                   f"(e.g. {path.with_suffix('')}-out/)"
-    elif path.is_dir():
-        return f"{flag}: {path} is a directory; give a file path inside it (e.g. {path / 'plan.yaml'})"
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{flag}: {parent} is a file, so {path} cannot be created inside it; choose another path"
-            break
-    return None
 
 
 def check_format(fmt: str) -> None:

@@ -38,18 +38,31 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def output_problem(path: Path, flag: str | None = None, *, folder: bool = False) -> str | None:
+    """Why `path` cannot be written as a file (or, with `folder`, used as a folder), prefixed with
+    `flag` when given; None if it can. The CLI checks its outputs with it before any work."""
+    path = Path(path)
+    why = None
+    if folder:
+        if path.exists() and not path.is_dir():
+            why = f"{path} is an existing file, but this must be a folder; give a folder path " \
+                  f"(e.g. {path.with_suffix('')}-out/)"
+    elif path.is_dir():
+        why = f"{path} is a directory; give a file path inside it (e.g. {path / 'plan.yaml'})"
+    if why is None:
+        for parent in path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    why = f"{parent} is a file, so {path} cannot be created inside it; choose another path"
+                break
+    return None if why is None else f"{flag}: {why}" if flag else why
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write `text` to `path` so that readers see either the old file or the complete new one."""
     path = Path(path)
-    if path.is_dir():
-        raise ConfigError(str(path), ["is a directory: give a file path to write (e.g. "
-                                      f"{path / 'plan.yaml'}), or remove the directory"])
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ConfigError(str(path), [f"cannot create it: {parent} is a file, not a directory; "
-                                              "choose another path"])
-            break
+    if problem := output_problem(path):
+        raise ConfigError("output", [problem])
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

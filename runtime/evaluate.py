@@ -47,13 +47,12 @@ def evaluate(sim, data: TokenSet, max_seqs: int | None = None, batch_size: int |
 def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | None = None,
                  progress: bool = False, device: str = "cpu") -> dict:
     """Held-out (or --data) perplexity of a run's latest aggregated model on `device` (auto | cpu | cuda)."""
-    from hsplit.runtime.generate import check_data_ref, check_device
+    from hsplit.runtime.generate import check_data_ref
     from hsplit.runtime import train
 
     if data:
         path, fmt = check_data_ref(data)        # `e2e:PATH` names the format; checked before the model loads
-    check_device(device)
-    sim, config, r = train.load_run(run_dir, progress=progress, device=device)
+    sim, config, r = train.load_run(run_dir, progress=progress, device=device)   # --device checked first
     if data:
         eval_set = load_eval_data(path, sim.lm.tokenizer, sim.t.seq_len, fmt)
         source = data

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.yamlio import output_problem
 from hsplit.runtime import checkpoint
 from hsplit.runtime.lora import rank_pattern_key
 from hsplit.runtime.model import load_lm
@@ -76,21 +77,19 @@ def svd_factor(b: torch.Tensor, a: torch.Tensor, rank: int | None):
     return b2, a2, r, float((s ** 2).sum()), float((s[r:] ** 2).sum())
 
 
-def _target_problem(path: Path, flag: str) -> str | None:
-    """Why `path` cannot become a fresh export folder (one line naming the flag and the fix), or None."""
-    if path.exists() and not path.is_dir():
-        return f"{flag} {path}: is an existing file, but the export is a folder; give a new folder path"
+def _target_problem(path: Path, flag: str | None = None) -> str | None:
+    """Why `path` cannot become a fresh export folder (one line, prefixed with `flag`), or None: the
+    output checks every command makes (yamlio.output_problem), plus not empty and writable."""
+    if problem := output_problem(path, flag, folder=True):
+        return problem
+    why = None
     if path.is_dir() and any(path.iterdir()):
-        return f"{flag} {path}: exists and is not empty; choose another folder (or empty/remove this one)"
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                return f"{flag} {path}: {parent} is a file, so the folder cannot be created inside it; " \
-                       "choose another path"
-            if not os.access(parent, os.W_OK | os.X_OK):
-                return f"{flag} {path}: {parent} is not writable; choose another folder"
-            break
-    return None
+        why = f"{path} exists and is not empty; choose another folder (or empty/remove this one)"
+    else:
+        parent = next(p for p in path.parents if p.exists())      # a folder: output_problem checked it
+        if not os.access(parent, os.W_OK | os.X_OK):
+            why = f"{parent} is not writable, so {path} cannot be created; choose another folder"
+    return None if why is None else f"{flag}: {why}" if flag else why
 
 
 def check_targets(adapter: Path | None, merged: Path | None) -> None:
@@ -109,9 +108,8 @@ def check_targets(adapter: Path | None, merged: Path | None) -> None:
 
 
 def _fresh_target(path: Path) -> Path:
-    problem = _target_problem(path, "target")
-    if problem:
-        raise ConfigError(str(path), [problem.removeprefix(f"target {path}: ")])
+    if problem := _target_problem(path):
+        raise ConfigError("export", [problem])
     path.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
 

@@ -53,12 +53,12 @@ def check_data_ref(ref: str) -> tuple[str, str]:
     return path, fmt
 
 
-
-
-def check_device(name: str) -> None:
-    """--device checked before a model is loaded: the run's one check (train.pick_device)."""
-    from hsplit.runtime.train import pick_device
-    pick_device(name)
+def e2e_path(data: str) -> str:
+    """The path of an E2E --data argument for --generate (checked: exists, E2E or unnamed format)."""
+    path, fmt = check_data_ref(data)
+    if fmt not in ("e2e", "auto"):
+        raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
+    return path
 
 
 def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -140,9 +140,7 @@ def reference_perplexity(sim, groups: list[tuple[str, list[str]]], max_refs: int
 def generate_on(sim, data: str, max_mrs: int | None = None, beams: int = 1, max_new_tokens: int = 64,
                 batch_size: int = 16, ppl_max_refs: int | None = None) -> tuple[dict, list[dict]]:
     """(report, per-MR rows) of the simulation's aggregated model on an E2E file."""
-    path, fmt = check_data_ref(data)
-    if fmt not in ("e2e", "auto"):
-        raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
+    path = e2e_path(data)
     groups = read_mr_groups(path)[:max_mrs] if max_mrs else read_mr_groups(path)
     hyps = generate_texts(sim, [mr + "\n" for mr, _ in groups], max_new_tokens, beams, batch_size)
     metrics = text_metrics(hyps, [refs for _, refs in groups])
@@ -160,12 +158,9 @@ def generate_run(run_dir: str | Path, data: str, max_mrs: int | None = None, bea
     from hsplit.runtime.train import load_run
 
     run_dir = Path(run_dir)
-    path, fmt = check_data_ref(data)            # a bad --data or --device fails before the model loads
-    if fmt not in ("e2e", "auto"):
-        raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
+    path = e2e_path(data)                       # a bad --data fails before the model loads
     read_mr_groups(path)
-    check_device(device)
-    sim, _, r = load_run(run_dir, device=device)
+    sim, _, r = load_run(run_dir, device=device)   # --device is checked first thing (train.pick_device)
     report, rows = generate_on(sim, data, max_mrs, beams, max_new_tokens, batch_size)
     report = {"run": str(run_dir), "round": r, "device": str(sim.device), **report}
     stem = f"generate-{Path(path).stem}" + ("" if beams == 1 else f"-beam{beams}")
