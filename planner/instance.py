@@ -108,10 +108,16 @@ class Instance:
         return out
 
 
+def dtype_problem(dtype: str) -> str | None:
+    """Why `dtype` is not a training dtype the cost model knows, or None (the one rule; whatif reports it
+    per scenario)."""
+    return None if dtype in DTYPE_BYTES else f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}"
+
+
 def check_dtype(dtype: str) -> None:
     """The training dtype is one the cost model knows (plan, whatif and --check all pass here)."""
-    if dtype not in DTYPE_BYTES:
-        raise ConfigError("--dtype", [f"must be one of {', '.join(DTYPE_BYTES)}, got {dtype!r}"])
+    if problem := dtype_problem(dtype):
+        raise ConfigError("--dtype", [problem])
 
 
 def check_ranks(ranks) -> tuple[int, ...]:

@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hsplit.planner.api import load_inputs, make_plan
-from hsplit.planner.cost import DTYPE_BYTES
 from hsplit.planner.device import resolve_device
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Fleet, resolve_fleet_path
+from hsplit.planner.instance import dtype_problem
 from hsplit.planner.plan import Training
 from hsplit.planner.yamlio import read_yaml
 
@@ -44,7 +44,6 @@ DEVICE_FIELDS = {"uplink_mbps": POSITIVE, "downlink_mbps": POSITIVE, "memory_gib
 SERVER_FIELDS = {"device": "str", "count": POSITIVE_INT, "concurrency": POSITIVE_INT}
 SETTINGS = {"ranks": "ranks", "modules": "names", "batch_size": POSITIVE_INT, "seq_len": POSITIVE_INT,
             "local_steps": POSITIVE_INT, "dtype": "dtype", "server_rank": WHOLE, "model": "str"}
-DTYPES = tuple(DTYPE_BYTES)
 # Columns every result table has, feasible scenarios or not (docs/whatif.md).
 RESULT_COLUMNS = ("status", "round_s", "straggler", "utility", "server_busy_share", "server_memory_gib",
                   "traffic_mb_per_round", "headroom_gib_min", "infeasible", "solve_s")
@@ -104,7 +103,10 @@ def _convert(kind: str, value: str, where: str, problems: list[str]):
     if kind == "names":
         return None if value == "all" else value.split(",")
     if kind == "dtype":
-        return value if value in DTYPES else bad(f"must be one of {', '.join(DTYPES)}")
+        if why := dtype_problem(value):
+            problems.append(f"{where}: {why}")
+            return None
+        return value
     if kind in (COUNT, WHOLE, POSITIVE_INT):
         minimum = 1 if kind == POSITIVE_INT else 0
         try:
@@ -310,8 +312,8 @@ def _check_training(training: Training) -> None:
                         ("--local-steps", training.local_steps), ("--rounds", training.rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{flag}: must be a whole number >= 1, got {value!r}")
-    if training.dtype not in DTYPES:
-        problems.append(f"--dtype: must be one of {', '.join(DTYPES)}, got {training.dtype!r}")
+    if why := dtype_problem(training.dtype):
+        problems.append(f"--dtype: {why}")
     if problems:
         raise ConfigError("hsplit whatif", problems)
 
