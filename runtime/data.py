@@ -17,7 +17,8 @@ Sources and formats (DataSpec.path / format):
   the source is the restaurant name in the MR (a natural non-IID key).
 Examples longer than seq_len are truncated; shorter ones padded (mask 0, label -100).
 
-Hold-out: eval_fraction of each source's items (chunks or examples), chosen with the seed.
+Hold-out: eval_fraction of each source's items (chunks or examples), chosen with the seed; sources too
+small for their own share (eval_fraction x items < 0.5) are pooled and hold out the pool's share.
 Partitions of the remaining items:
 - by-source: whole sources per client (largest first onto the least-loaded client); with fewer
   sources than clients, clients share a source round-robin and split its items.
@@ -270,15 +271,35 @@ def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool =
 # ---------------------------------------------------------------- split and partition
 
 def _holdout(sets: dict[str, TokenSet], fraction: float, seed: int):
-    train, evals = {}, []
-    for i, (src, ts) in enumerate(sets.items()):
-        n = len(ts)
+    """(train {source: TokenSet}, [eval TokenSets]). Each source holds out round(fraction x its items), at
+    least one and never all of them. Sources too small for that (fraction x items < 0.5, e.g. E2E
+    restaurants with one or two references) are pooled and the pool holds out its share instead, so
+    that many tiny sources neither give an empty eval split nor one far above `fraction`."""
+    def pick(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
         k = int(round(fraction * n))
         if fraction > 0 and n >= 2:
             k = min(max(k, 1), n - 1)
-        perm = np.random.default_rng([seed, 104729, i]).permutation(n)
-        evals.append(ts.subset(np.sort(perm[:k])))
-        train[src] = ts.subset(np.sort(perm[k:]))
+        perm = np.random.default_rng([seed, 104729, stream]).permutation(n)
+        return np.sort(perm[:k]), np.sort(perm[k:])
+
+    train, evals = {}, []
+    small = [s for s, ts in sets.items() if fraction * len(ts) < 0.5]
+    for i, (src, ts) in enumerate(sets.items()):
+        if src not in small or len(small) == 1:
+            held, kept = pick(len(ts), i)
+            evals.append(ts.subset(held))
+            train[src] = ts.subset(kept)
+    if len(small) > 1:
+        owner = np.concatenate([np.full(len(sets[s]), j) for j, s in enumerate(small)])
+        item = np.concatenate([np.arange(len(sets[s])) for s in small])
+        held, _ = pick(len(owner), len(sets))
+        is_held = np.zeros(len(owner), dtype=bool)
+        is_held[held] = True
+        for j, src in enumerate(small):
+            mine = owner == j
+            evals.append(sets[src].subset(item[mine & is_held]))
+            if (mine & ~is_held).any():
+                train[src] = sets[src].subset(item[mine & ~is_held])
     return train, evals
 
 

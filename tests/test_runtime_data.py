@@ -60,6 +60,23 @@ def test_e2e_csv_puts_the_loss_on_the_reference_only(tok, tmp_path):
         assert (lab[mask == 0] == -100).all()
 
 
+@pytest.mark.parametrize("names, per_name", [(400, 1), (150, 2), (5, 80)])
+def test_the_eval_split_is_about_eval_fraction_however_small_the_sources(tok, tmp_path, names, per_name):
+    """E2E's source is the restaurant name: 400 one-reference names once gave an empty eval split (each
+    source rounded 0.1 x 1 to 0), and 150 two-reference names a 50 % one (each source held out >= 1)."""
+    f = tmp_path / "e2e.csv"
+    rows = [f'"name[R{i}]","{j} R{i}."' for i in range(names) for j in range(per_name)]
+    f.write_text("mr,ref\n" + "\n".join(rows) + "\n")
+    d = load_federated_data(DataSpec(path=str(f), partition="iid", eval_fraction=0.1), tok, 32, [1, 1], 0)
+    total = names * per_name
+    assert abs(len(d.eval) - 0.1 * total) <= 5, (len(d.eval), total)
+    assert len(d.eval) + sum(len(c) for c in d.clients) == total
+    train = set().union(*(_rows(c) for c in d.clients))
+    assert not (_rows(d.eval) & train)                                          # disjoint
+    again = load_federated_data(DataSpec(path=str(f), partition="iid", eval_fraction=0.1), tok, 32, [1, 1], 0)
+    assert torch.equal(again.eval.input_ids, d.eval.input_ids)                  # a function of the seed
+
+
 def test_jsonl_prompt_completion_and_text_and_errors(tok, tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("\n".join(json.dumps({"prompt": "Q: two plus two?", "completion": " four", "source": s})
