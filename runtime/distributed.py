@@ -94,6 +94,7 @@ class DistOptions:
     min_clients: int | None = None    # finish a round with this many clients left (default: all)
     bind: str = "127.0.0.1"           # address this process's gloo device binds to
     connect_timeout_s: float = 120.0  # rendezvous + handshake
+    quiet: bool = False               # a client prints errors only (the local launcher: the server speaks)
 
 
 def check_min_clients(plan: Plan, plan_path, dopts: DistOptions) -> None:
@@ -308,6 +309,10 @@ def _why(e: Exception) -> str:
     if "Connection" in text or "closed" in text or "reset" in text:
         return "its connection closed (the process died or its machine went away)"
     return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _text_tensor(s: str) -> torch.Tensor:
@@ -586,7 +591,11 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
         return EXIT_REFUSED
     sim = build_part(plan, rank, device, compute)
     p = sim.parties[rank - 1]
+    progress = (lambda s: None) if dopts.quiet else say
+    progress(f"joined as client {p.id} (device {p.device}): blocks 0-{p.split - 1} of {sim.lm.profile.layers} "
+             f"on {sim.device}, {len(p.data)} training sequences; rounds start when the server says")
     group, members, gen = None, None, 0
+    rounds, adapters = 0, [0, 0]              # adapter bytes up / down (aggregation collectives)
     while True:
         try:
             m = link.next(time.monotonic() + dopts.timeout_s, {0})
@@ -597,20 +606,31 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
             say(f"error: client {p.id} (rank {rank}): lost the server: {e.reason}")
             return EXIT_FAULT
         if m.kind == FINISH:
+            progress(f"done: {rounds} round(s) trained; sent {_size(link.bytes_sent + adapters[0])}, received "
+                     f"{_size(link.bytes_received + adapters[1])} in all (adapters: {_size(adapters[0])} up, "
+                     f"{_size(adapters[1])} down)")
             return 0
         if m.kind == ABORT:
             say(f"error: client {p.id} (rank {rank}): the server stopped the run: {_text(m)}")
             return EXIT_FAULT
         try:
             if m.kind == ROUND:
+                t0, sent, got = time.perf_counter(), link.bytes_sent, link.bytes_received
                 _client_round(sim, p, link, m.ints[0])
+                rounds += 1
+                progress(f"round {m.ints[0] + 1}: {sim.steps_per_round} step(s) in {time.perf_counter() - t0:.1f} s; "
+                         f"activations and gradients: {_size(link.bytes_sent - sent)} sent, "
+                         f"{_size(link.bytes_received - got)} received")
             elif m.kind == AGG:
                 live = m.tensors[0].tolist()
                 if live != members:
                     gen += 1
                     group, members = _subgroup(store, live, rank, f"{seq}.{gen}", dopts.timeout_s), live
-                _gather_bytes(group, _upload(sim, p), len(live), dopts.timeout_s)
+                up = _upload(sim, p)
+                _gather_bytes(group, up, len(live), dopts.timeout_s)
                 blob = _broadcast_bytes(group, None, dopts.timeout_s)
+                adapters[0] += up.numel()
+                adapters[1] += blob.numel()
                 sim.apply(decode_tree(blob, RoundUpdate), m.ints[0])
             elif m.kind == EVAL:
                 _client_eval(sim, p, link, m.ints[0] or None)
@@ -797,6 +817,7 @@ class Server:
         plan.training.rounds = rounds
         self.warn_timeout()
         self.handshake()
+        self.say(f"{len(self.live)} client(s) joined with the run's token and plan (sha256 {self.phash[:12]}..)")
         stop = threading.Event()
         threading.Thread(target=self.link.heartbeat, args=(lambda: self.live, stop), daemon=True,
                          name="hsplit-heartbeat").start()
@@ -1107,11 +1128,14 @@ def worker(plan_paths, opts: RunOptions, dopts: DistOptions, argv: list[str] | N
     if opts.threads:
         torch.set_num_threads(opts.threads)
     _BIND[0] = dopts.bind
+    where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    if rank == 0 or not dopts.quiet:
+        say(f"joining the run at {where} as {'the server' if rank == 0 else 'rank ' + str(rank)} "
+            f"({os.environ.get('WORLD_SIZE', '?')} processes; waiting up to {dopts.connect_timeout_s:g} s for all)")
     try:
         store, pg, rank, world = connect(dopts.bind, dopts.connect_timeout_s)
     except Exception as e:
-        say(f"error: cannot join the run (rendezvous at {os.environ.get('MASTER_ADDR')}:"
-            f"{os.environ.get('MASTER_PORT')}): {str(e).splitlines()[0][:300]}")
+        say(f"error: cannot join the run (rendezvous at {where}): {str(e).splitlines()[0][:300]}")
         return EXIT_FAULT
     link = Link(pg, rank, [0] if rank else list(range(1, world)), dopts.timeout_s)
     for seq, plan_path in enumerate(plan_paths):
@@ -1211,6 +1235,7 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
                 else:
                     e[key] = value
             a = args if rank not in (rank_plans or {}) else worker_args(rank_plans[rank], opts, dopts)
+            a = a + (["--quiet"] if rank else [])         # the server reports for everyone
             out = open(logs / f"rank{rank}.log", "w") if logs else None
             procs.append(subprocess.Popen([sys.executable, "-m", "hsplit.runtime.worker", *a], env=e,
                                           stdout=out, stderr=subprocess.STDOUT if out else None))

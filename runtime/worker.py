@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connect-timeout", type=float, default=120.0, help="seconds for rendezvous + handshake")
     ap.add_argument("--min-clients", type=int, help="finish a round with this many clients (default: all)")
     ap.add_argument("--bind", default="127.0.0.1", help="address this process binds to (default loopback)")
+    ap.add_argument("--quiet", action="store_true", help="a client prints errors only, not its rounds")
     a = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hsplit.runtime.distributed import DistOptions, worker
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
                       progress=False, device=a.device, threads=a.threads, compute_dtype=a.compute_dtype,
                       keep_checkpoints=a.keep_checkpoints)
     dopts = DistOptions(timeout_s=a.timeout, min_clients=a.min_clients, bind=a.bind,
-                        connect_timeout_s=a.connect_timeout)
+                        connect_timeout_s=a.connect_timeout, quiet=a.quiet)
     shown = ["torchrun", "--nnodes", "1", "--nproc-per-node", os.environ.get("WORLD_SIZE", "?"), "-m",
              "hsplit.runtime.worker", *argv]
     code = worker(a.plan, opts, dopts, shown)

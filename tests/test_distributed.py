@@ -341,3 +341,45 @@ def test_the_local_launcher_resume_command_keeps_every_option(env, monkeypatch):
     assert distributed.run_local_cli(path, opts, min_clients=1, timeout_s=30) == 1
     assert seen["cmd"] == (f"hsplit run {path} --name x --resume --runs-dir {env[0] / 'runs-rcmd'} --rounds 3 "
                            "--keep-checkpoints 1 --eval-seqs 8 --distributed --timeout 30 --min-clients 1")
+
+
+def test_the_readme_multi_machine_torchrun_commands_run_as_written(env):
+    """README "Multi-machine runs", pulled out of the README: one `torchrun --nnodes 3 --node-rank i` per
+    machine (here: three on loopback). Every process reports; the result equals the in-process run."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from hsplit.runtime.distributed import free_port
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Multi-machine runs", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    token_cmd = next(line for line in block.splitlines() if "run.token" in line and "secrets" in line)
+    cmd = re.search(r"^HSPLIT_TOKEN=.*?torchrun .*?(?:\n(?! *#).*?)*$", block, re.M).group(0)
+    cmd = cmd.replace("\\\n", " ")
+    assert "--node-rank i" in cmd and "-m hsplit.runtime.worker plan.yaml" in cmd, cmd
+    root = env[0] / "readme"
+    root.mkdir()
+    make_plan(env, "readme/plan.yaml", "hetlora", rounds=1)
+    subprocess.run(["bash", "-c", token_cmd.split("#")[0].replace("python", sys.executable, 1)], cwd=root, check=True)
+    cmd = (cmd.replace("torchrun", f"{sys.executable} -m torch.distributed.run", 1).replace("10.0.0.1", "127.0.0.1")
+           .replace("29500", str(free_port())).replace("<this machine's address>", "127.0.0.1"))
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    procs = [subprocess.Popen(["bash", "-c", cmd.replace("--node-rank i", f"--node-rank {i}")], cwd=root, env=e,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for i in range(3)]
+    try:
+        out = [p.communicate(timeout=DEADLINE)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in procs] == [0, 0, 0], out
+    assert "2 client(s) joined with the run's token and plan" in out[0] and "done: 1 rounds" in out[0], out[0]
+    for i, cid in ((1, "a"), (2, "b")):
+        assert f"joined as client {cid}" in out[i] and "round 1: 3 step(s)" in out[i] and "done: 1 round(s)" in out[i], out[i]
+    ref = run(root / "plan.yaml", RunOptions(runs_dir=root / "ref", name="ref", progress=False, eval_max_seqs=64))
+    _, a = checkpoint.load(ref.run_dir, 1)
+    _, b = checkpoint.load(root / "runs" / "fleet1", 1)
+    for f in checkpoint.FILES:
+        _close(a[f], b[f])
