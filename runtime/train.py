@@ -511,8 +511,13 @@ def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: boo
 
 
 def _interrupted(plan_path: Path, run_dir: Path, opts: RunOptions, round_no: int | None) -> RunInterrupted:
-    where = f"in round {round_no}" if round_no is not None else "while starting"
     done = checkpoint.complete_rounds(run_dir)
+    if round_no is None:
+        where = "while starting"
+    elif done and done[-1] >= round_no:          # between the round's checkpoint and the next round
+        where = f"after round {round_no}"
+    else:
+        where = f"in round {round_no}"
     if not done:
         return RunInterrupted(f"interrupted {where}, before the first checkpoint; nothing was written; start "
                               f"again with: {resume_command(plan_path, run_dir, opts, resume=False)}")

@@ -377,11 +377,23 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(env):
             proc.communicate()
     assert proc.returncode == 130, (out, err)
     assert "Traceback" not in err, err
-    m = re.search(r"interrupted in round (\d+); the last complete checkpoint is round (\d+) in (\S+); "
+    m = re.search(r"interrupted (in|after) round (\d+); the last complete checkpoint is round (\d+) in (\S+); "
                   r"resume with: (.*)$", err, re.M)
     assert m, err
-    n, last = int(m.group(1)), int(m.group(2))
-    assert m.group(3) == str(run_dir) and n in (last + 1, last + 2)
+    n, last = int(m.group(2)), int(m.group(3))
+    assert m.group(4) == str(run_dir)
+    assert (m.group(1), n) in (("in", last + 1), ("after", last)), m.group(0)
     assert checkpoint.complete_rounds(run_dir)[-1] == last
-    assert m.group(4).strip() == f"hsplit run {path} --name sig --resume --runs-dir {runs}"
+    assert m.group(5).strip() == f"hsplit run {path} --name sig --resume --runs-dir {runs}"
     assert not [d for d in (run_dir / "checkpoints").iterdir() if d.name.startswith(".tmp-")]
+
+
+def test_ctrl_c_right_after_a_checkpoint_says_after_that_round(monkeypatch, tmp_path):
+    """Between round N's checkpoint and round N+1's start the run is not 'in round N' any more."""
+    from hsplit.runtime import train
+    monkeypatch.setattr(train.checkpoint, "complete_rounds", lambda run_dir: [0, 1])
+    opts = RunOptions(runs_dir=tmp_path, name="x")
+    assert "interrupted after round 1; the last complete checkpoint is round 1" in \
+        train._interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 1).message
+    assert "interrupted in round 2; the last complete checkpoint is round 1" in \
+        train._interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 2).message
