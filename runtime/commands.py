@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
         fmt: str = typer.Option("text", "--format", help="text | json"),
         distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
         min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
-        timeout: float = typer.Option(300.0, "--timeout", min=1, help="--distributed: seconds to wait for an answer (a client's next step, the server's reply) before naming the silent process lost; above the slowest client's step time."),
+        timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="--distributed: seconds to wait for an answer (a client's next step, the server's reply) before naming the silent process lost; above the slowest client's step time (default 300)."),
     ):
         """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
 
@@ -60,22 +60,20 @@ def register(app: typer.Typer) -> None:
                 _console().print(e.message, highlight=False, markup=False)
             raise typer.Exit(0)
 
-        if distributed:
-            from hsplit.runtime.distributed import run_local_cli
-            try:
-                code = run_local_cli(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
-                                                      eval_max_seqs=eval_seqs, device=device, threads=threads,
-                                                      keep_checkpoints=keep_checkpoints),
-                                     min_clients, timeout, fmt)
-            except RunFinished as e:
-                finished(e)
-            except ConfigError as e:
-                _fail(str(e))
-            raise typer.Exit(code)
+        opts = RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume, eval_max_seqs=eval_seqs,
+                          progress=fmt == "text" and not distributed, device=device, threads=threads,
+                          keep_checkpoints=keep_checkpoints)
+        if not distributed and (min_clients is not None or timeout is not None):
+            _fail(f"{'--min-clients' if min_clients is not None else '--timeout'} applies to --distributed runs only: "
+                  "add --distributed, or leave it out")
         try:
-            res = run(plan, RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume,
-                                       eval_max_seqs=eval_seqs, progress=fmt == "text", device=device,
-                                       threads=threads, keep_checkpoints=keep_checkpoints))
+            if distributed:
+                from hsplit.runtime.distributed import run_local_cli
+                code, res = run_local_cli(plan, opts, min_clients, 300.0 if timeout is None else timeout)
+                if code != 0:
+                    raise typer.Exit(code)
+            else:
+                res = run(plan, opts)
         except RunFinished as e:
             finished(e)
         except ConfigError as e:
@@ -85,13 +83,19 @@ def register(app: typer.Typer) -> None:
             print(getattr(e, "message", None) or "interrupted before the run started; nothing was written",
                   file=sys.stderr, flush=True)
             raise typer.Exit(130)
+        faults = json.loads((res.run_dir / "faults.json").read_text()) if (res.run_dir / "faults.json").is_file() else []
         out = {"run": str(res.run_dir), "rounds": res.rounds_done, "eval_loss_before": res.eval_before,
-               "eval_loss_after": res.eval_after, "metrics": str(res.run_dir / "metrics.csv")}
+               "eval_loss_after": res.eval_after, "metrics": str(res.run_dir / "metrics.csv"),
+               **({"distributed": True, "lost_clients": faults} if distributed else {})}
         if fmt == "json":
             print(json.dumps(out))
         else:
+            if faults:
+                lost = ", ".join(f"{f['client']} (round {f['round']})" for f in faults)
+                _console().print(f"finished without {lost}: see {res.run_dir / 'faults.json'}", highlight=False,
+                                 markup=False)
             _console().print(f"held-out perplexity {_ppl(res.eval_before)} -> {_ppl(res.eval_after)}; "
-                             f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)")
+                             f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)", highlight=False, markup=False)
 
     @app.command("eval")
     def eval_cmd(

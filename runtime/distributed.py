@@ -18,7 +18,7 @@ uint8 payload with the tensors' bytes, 8-byte aligned):
     server -> client  GRAD    dL/dh
     client -> server  NORM    per-parameter gradient norms of its side (global-norm clipping)
     server -> client  TOTAL   the global gradient norm; both sides clip with it and step
-    server -> client  ROUND / AGG / EVAL / RESTORE / FINISH / ABORT   (control)
+    server -> client  ROUND (round, total rounds) / AGG / EVAL / RESTORE / FINISH / ABORT   (control)
     client -> server  EVAL_H  activations of the held-out batches (evaluation after a round)
     server -> client  PING    every --timeout/4 s (at most 30 s) to a client with nothing queued: a
                               client waiting for a slower client's round knows the server is alive
@@ -52,6 +52,8 @@ import json
 import math
 import os
 import queue
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +75,7 @@ from hsplit.runtime.data import load_federated_data
 from hsplit.runtime.model import check_model_hash, lm_loss
 from hsplit.runtime.partial_load import is_placeholder, load_part
 from hsplit.runtime.train import (RunOptions, RunResult, Simulation, _global_row, _restore, _run_dir, derive_seed,
-                                  lr_at, pick_device, prepare_run_dir, round_rows, write_metrics)
+                                  interrupted, lr_at, pick_device, prepare_run_dir, round_rows, write_metrics)
 from hsplit.runtime.train import resume_command as run_resume_command
 
 TOKEN_ENV = "HSPLIT_TOKEN"
@@ -616,6 +618,7 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
         try:
             if m.kind == ROUND:
                 t0, sent, got = time.perf_counter(), link.bytes_sent, link.bytes_received
+                sim.total_rounds = m.ints[1]          # the server's --rounds: the LR schedule's horizon
                 _client_round(sim, p, link, m.ints[0])
                 rounds += 1
                 progress(f"round {m.ints[0] + 1}: {sim.steps_per_round} step(s) in {time.perf_counter() - t0:.1f} s; "
@@ -792,7 +795,7 @@ class Server:
                 self._try_send(k, VERDICT, [1], [_text_tensor("ok")])
         if bad:
             self.link.flush(self.live, 10.0)        # the refused learn why before this process exits
-            raise Refused("; ".join(bad.values()))
+            raise Refused("; ".join(dict.fromkeys(bad.values())))
 
     def _name(self, k: int) -> str:
         c = self.plan.clients[k - 1] if 0 < k <= len(self.plan.clients) else None
@@ -930,7 +933,7 @@ class Server:
         for k in list(self.live):
             state[k].start = now
             try:
-                link.send(k, ROUND, [r])
+                link.send(k, ROUND, [r, sim.total_rounds])
             except PeerLost as e:
                 self.lose(e.rank, e.reason)
         active = {k for k in self.live}
@@ -1110,9 +1113,34 @@ def _checkpoint_files(run_dir: Path, last: int) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------ the worker (one process)
 
-def resume_command(argv: list[str]) -> str:
-    args = [a for a in argv if a != "--resume"]
-    return " ".join(args + ["--resume"])
+def resume_command(worker_argv: list[str], env=None) -> tuple[str, str]:
+    """(the torchrun command that resumes this run, where to run it), from torchrun's environment:
+    one machine: the same `torchrun --nnodes 1 ...`; several: the machine's node rank and --bind
+    address are left as placeholders, the rest is the server's command."""
+    import shlex
+    env = os.environ if env is None else env
+    world = int(env.get("WORLD_SIZE") or 1)
+    local = int(env.get("LOCAL_WORLD_SIZE") or world)
+    nnodes = max(1, world // max(1, local))
+    args = [a for a in worker_argv if a != "--resume"] + ["--resume"]
+    if nnodes == 1:
+        head = ["torchrun", "--nnodes", "1", "--nproc-per-node", str(world)]
+        where = "resume with"
+    else:
+        head = ["torchrun", "--nnodes", str(nnodes), "--nproc-per-node", str(local), "--node-rank", "<i>",
+                "--master-addr", env.get("MASTER_ADDR", "?"), "--master-port", env.get("MASTER_PORT", "?")]
+        args = ["<this machine's address>" if i and args[i - 1] == "--bind" else
+                "--bind=<this machine's address>" if a.startswith("--bind=") else a for i, a in enumerate(args)]
+        where = "resume on every machine i (node rank i; --bind its own address) with"
+    quoted = [a if a.startswith("<") else shlex.quote(a) for a in head + ["-m", "hsplit.runtime.worker"] + args]
+    return " ".join(quoted), where
+
+
+def _exit_with_parent(pid: int) -> None:
+    """The launcher is gone (killed, even with SIGKILL): this process is orphaned, so it stops too."""
+    while os.getppid() == pid:
+        time.sleep(0.5)
+    os._exit(EXIT_FAULT)
 
 
 def worker(plan_paths, opts: RunOptions, dopts: DistOptions, argv: list[str] | None = None) -> int:
@@ -1123,6 +1151,9 @@ def worker(plan_paths, opts: RunOptions, dopts: DistOptions, argv: list[str] | N
     strategies on one fleet."""
     rank = int(os.environ.get("RANK", "0"))
     say = lambda s: print(f"[hsplit rank {rank}] {s}", file=sys.stderr, flush=True)  # noqa: E731
+    if os.environ.get("HSPLIT_PARENT_PID"):         # started by `hsplit run --distributed`: end with it
+        threading.Thread(target=_exit_with_parent, args=(int(os.environ["HSPLIT_PARENT_PID"]),), daemon=True,
+                         name="hsplit-parent-watch").start()
     if isinstance(plan_paths, (str, Path)):
         plan_paths = [plan_paths]
     if opts.threads:
@@ -1171,9 +1202,13 @@ def _one_plan(plan_path: Path, opts: RunOptions, dopts: DistOptions, link: Link,
         return EXIT_REFUSED
     except _Stop as e:
         done = checkpoint.complete_rounds(_run_dir(plan_path, opts))
-        cmd = os.environ.get("HSPLIT_RESUME_CMD") or resume_command(argv or [])
+        if os.environ.get("HSPLIT_RESUME_CMD"):            # started by `hsplit run --distributed`
+            cmd, where = os.environ["HSPLIT_RESUME_CMD"], "resume with"
+        else:
+            cmd, where = resume_command(argv or [])
+            cmd = f"{TOKEN_ENV}=... {cmd}"
         say(f"error: stopping: {e.reason}. The last complete checkpoint is round {done[-1] if done else 0} "
-            f"in {_run_dir(plan_path, opts)}; resume every process with:\n    {TOKEN_ENV}=... {cmd}")
+            f"in {_run_dir(plan_path, opts)}; {where}:\n    {cmd}")
         for k in server.live:
             server._try_send(k, ABORT, [], [_text_tensor(e.reason)])
         server.link.flush(server.live, 10.0)
@@ -1221,11 +1256,15 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
     port = free_port(dopts.bind)
     base = dict(os.environ if env is None else env)
     base.setdefault(TOKEN_ENV, os.urandom(16).hex())
-    base.update(MASTER_ADDR=dopts.bind, MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n))
+    base.update(MASTER_ADDR=dopts.bind, MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n),
+                HSPLIT_PARENT_PID=str(os.getpid()))
     if resume_cmd:
         base["HSPLIT_RESUME_CMD"] = resume_cmd
     procs = []
     args = worker_args(plan_paths, opts, dopts)
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():     # SIGTERM / SIGHUP stop them all, as Ctrl-C
+        handlers = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         for rank in range(n):
             e = dict(base, RANK=str(rank), LOCAL_RANK=str(rank))
@@ -1237,8 +1276,10 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
             a = args if rank not in (rank_plans or {}) else worker_args(rank_plans[rank], opts, dopts)
             a = a + (["--quiet"] if rank else [])         # the server reports for everyone
             out = open(logs / f"rank{rank}.log", "w") if logs else None
+            # own session: a terminal's Ctrl-C reaches this process only, which stops them all (finally)
             procs.append(subprocess.Popen([sys.executable, "-m", "hsplit.runtime.worker", *a], env=e,
-                                          stdout=out, stderr=subprocess.STDOUT if out else None))
+                                          stdout=out, stderr=subprocess.STDOUT if out else None,
+                                          start_new_session=True))
         if on_start:
             on_start(procs)
         limit = None if deadline_s is None else time.monotonic() + deadline_s
@@ -1246,7 +1287,7 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
             if limit is not None and time.monotonic() > limit:
                 raise TimeoutError(f"the distributed run did not finish within {deadline_s:g} s")
             time.sleep(0.1)
-        grace = time.monotonic() + 30
+        grace = time.monotonic() + 10            # FINISH was sent: the clients exit at once
         while any(p.poll() is None for p in procs) and time.monotonic() < grace:
             time.sleep(0.1)
         return procs[0].returncode
@@ -1259,20 +1300,31 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
-def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_s: float, fmt: str = "text") -> int:
-    """`hsplit run plan.yaml --distributed`: launch the server and every client locally; the exit code."""
-    import shlex
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_s: float) -> tuple[int, RunResult | None]:
+    """`hsplit run plan.yaml --distributed`: launch the server and every client locally. Returns the exit
+    code and, when it is 0, the run's result; Ctrl-C or SIGTERM stops every process and raises
+    train.RunInterrupted (where it stopped, the exact --resume command)."""
     dopts = DistOptions(timeout_s=timeout_s, min_clients=min_clients)
     plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
+    pick_device(opts.device)
     check_min_clients(plan, plan_path, dopts)
     run_dir, _, _ = prepare_run_dir(plan, Path(plan_path), opts)
     # the in-process run's --resume command (every option it was started with) plus the distributed ones
-    cmd = shlex.split(run_resume_command(Path(plan_path), run_dir, opts)) + [
-        "--distributed", "--timeout", f"{timeout_s:g}"] + (["--min-clients", str(min_clients)] if min_clients else [])
-    code = launch_local(plan_path, opts, dopts, resume_cmd=shlex.join(cmd))
-    if code == 0:
-        summary = {"run": str(run_dir), "metrics": str(run_dir / "metrics.csv"), "distributed": True}
-        print(json.dumps(summary) if fmt == "json" else f"outputs in {run_dir}/ (metrics.csv, checkpoints/)")
-    return code
+    extra = ["--distributed", "--timeout", f"{timeout_s:g}"] + (["--min-clients", str(min_clients)] if min_clients else [])
+    try:
+        code = launch_local(plan_path, opts, dopts, resume_cmd=run_resume_command(Path(plan_path), run_dir, opts,
+                                                                                 True, extra))
+    except KeyboardInterrupt:
+        done = checkpoint.complete_rounds(run_dir)
+        if not done:
+            shutil.rmtree(run_dir, ignore_errors=True)      # nothing half-written
+        raise interrupted(Path(plan_path), run_dir, opts, done[-1] + 1 if done else None, extra) from None
+    return code, (RunResult.of_run(run_dir) if code == 0 else None)

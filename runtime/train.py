@@ -85,6 +85,13 @@ class RunResult:
         return cls(run_dir=run_dir, rounds_done=rounds, rows=rows, eval_before=final[0]["eval_loss"],
                    eval_after=final[-1]["eval_loss"])
 
+    @classmethod
+    def of_run(cls, run_dir: Path) -> "RunResult":
+        """From a run folder's checkpoints (e.g. one a distributed server wrote)."""
+        done = checkpoint.complete_rounds(run_dir)
+        rows = [row for r in done for row in checkpoint.read_state(run_dir, r).get("metrics", [])]
+        return cls.from_rows(run_dir, done[-1], rows)
+
 
 def compute_dtype(plan_dtype: str, device: torch.device, override: str = "auto") -> torch.dtype | None:
     """Autocast dtype for the simulation (None = fp32).
@@ -494,9 +501,9 @@ class RunInterrupted(KeyboardInterrupt):
         self.message = message
 
 
-def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: bool = True) -> str:
+def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: bool = True, extra=()) -> str:
     """The `hsplit run ... --resume` that continues this run with the options it was started with
-    (resume=False: the command that starts it again)."""
+    (resume=False: the command that starts it again; extra: more options, e.g. --distributed ones)."""
     import shlex
     cmd = ["hsplit", "run", str(plan_path), "--name", run_dir.name] + (["--resume"] if resume else [])
     if Path(opts.runs_dir) != Path("runs"):
@@ -507,10 +514,10 @@ def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: boo
         cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
     if opts.eval_max_seqs != RunOptions.eval_max_seqs:
         cmd += ["--eval-seqs", str(opts.eval_max_seqs)]
-    return shlex.join(cmd)
+    return shlex.join(cmd + list(extra))
 
 
-def _interrupted(plan_path: Path, run_dir: Path, opts: RunOptions, round_no: int | None) -> RunInterrupted:
+def interrupted(plan_path: Path, run_dir: Path, opts: RunOptions, round_no: int | None, extra=()) -> RunInterrupted:
     done = checkpoint.complete_rounds(run_dir)
     if round_no is None:
         where = "while starting"
@@ -520,9 +527,9 @@ def _interrupted(plan_path: Path, run_dir: Path, opts: RunOptions, round_no: int
         where = f"in round {round_no}"
     if not done:
         return RunInterrupted(f"interrupted {where}, before the first checkpoint; nothing was written; start "
-                              f"again with: {resume_command(plan_path, run_dir, opts, resume=False)}")
+                              f"again with: {resume_command(plan_path, run_dir, opts, False, extra)}")
     return RunInterrupted(f"interrupted {where}; the last complete checkpoint is round {done[-1]} in {run_dir}; "
-                          f"resume with: {resume_command(plan_path, run_dir, opts)}")
+                          f"resume with: {resume_command(plan_path, run_dir, opts, True, extra)}")
 
 
 def prepare_run_dir(plan: Plan, plan_path: Path, opts: RunOptions) -> tuple[Path, list[int], int]:
@@ -570,7 +577,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
     try:
         return _run(plan, plan_path, opts, run_dir, done, rounds, where)
     except KeyboardInterrupt:
-        raise _interrupted(plan_path, run_dir, opts, where[0]) from None
+        raise interrupted(plan_path, run_dir, opts, where[0]) from None
 
 
 def _run(plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path, done: list[int], rounds: int,

@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from conftest import tiny_runtime_env
@@ -299,21 +300,27 @@ def test_hsplit_run_distributed_launches_the_processes_itself(env):
     runs = env[0] / "runs-cli"
     e = {k: v for k, v in os.environ.items() if k != "HSPLIT_TOKEN"}
     e.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    # --rounds 2 on a 1-round plan: every process follows the server's horizon (the cosine LR schedule)
     out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
-                          str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60", "--keep-checkpoints", "1"],
+                          str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60", "--keep-checkpoints", "1",
+                          "--rounds", "2", "--format", "json"],
                          env=e, capture_output=True, text=True, timeout=DEADLINE)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f"outputs in {runs / 'cli'}" in out.stdout
-    assert checkpoint.complete_rounds(runs / "cli") == [0, 1]
-    assert not (checkpoint.round_dir(runs / "cli", 0) / "adapters.safetensors").exists()     # --keep-checkpoints 1
-    ref = run(path, RunOptions(runs_dir=env[0] / "runs", name="cli-ref", progress=False, eval_max_seqs=8))
-    _, a = checkpoint.load(ref.run_dir, 1)
-    _, b = checkpoint.load(runs / "cli", 1)
+    summary = json.loads(out.stdout)                  # the in-process run's summary, plus what is distributed
+    assert summary["run"] == str(runs / "cli") and summary["rounds"] == 2 and summary["lost_clients"] == []
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert checkpoint.complete_rounds(runs / "cli") == [0, 1, 2]
+    assert not (checkpoint.round_dir(runs / "cli", 1) / "adapters.safetensors").exists()     # --keep-checkpoints 1
+    ref = run(path, RunOptions(runs_dir=env[0] / "runs", name="cli-ref", progress=False, eval_max_seqs=8, rounds=2))
+    assert summary["eval_loss_after"] == pytest.approx(ref.eval_after, abs=1e-6)
+    _, a = checkpoint.load(ref.run_dir, 2)
+    _, b = checkpoint.load(runs / "cli", 2)
     for f in checkpoint.FILES:
         _close(a[f], b[f])
     # bad input is refused before any process starts: an existing run, --min-clients above the plan's clients
     for extra, why in (([], "a run with this name exists: pass --resume"),
-                       (["--name", "other", "--min-clients", "3"], "--min-clients 3: the plan has 2 clients; give 1..2")):
+                       (["--name", "other", "--min-clients", "3"], "--min-clients 3: the plan has 2 clients; give 1..2"),
+                       (["--name", "other", "--device", "cuda"], "--device cuda: CUDA is not available")):
         out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
                               str(runs)] + extra, env=e, capture_output=True, text=True, timeout=DEADLINE)
         assert out.returncode == 2 and why in out.stderr and "rank" not in out.stderr, out.stderr
@@ -383,3 +390,88 @@ def test_the_readme_multi_machine_torchrun_commands_run_as_written(env):
     _, b = checkpoint.load(root / "runs" / "fleet1", 1)
     for f in checkpoint.FILES:
         _close(a[f], b[f])
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_launcher_stops_every_process(env, sig):
+    """SIGTERM to `hsplit run --distributed`: every process stops, the last checkpoint and the exact
+    --resume command are printed (exit 130), as for Ctrl-C. SIGKILL: the orphaned processes end themselves."""
+    import subprocess
+    import sys
+    path = make_plan(env, f"sig{sig}.yaml", "splitlora", rounds=200)
+    runs = env[0] / "runs-sig"
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
+                             str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "60"], env=e,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kids = []
+    try:
+        _after_round_0(runs / f"sig{sig}", proc, 0)           # signal 0: only waits for checkpoint 0
+        kids = _children(proc.pid)
+        assert len(kids) == 3, kids
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        t0 = time.monotonic()
+        while any(_alive(k) for k in kids) and time.monotonic() - t0 < 20:
+            time.sleep(0.2)
+        assert not [k for k in kids if _alive(k)], "worker processes outlived the launcher"
+    finally:
+        for k in kids:
+            if _alive(k):
+                os.kill(k, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130, err
+        last = checkpoint.complete_rounds(runs / f"sig{sig}")[-1]
+        assert (f"the last complete checkpoint is round {last} in {runs / f'sig{sig}'}; resume with: hsplit run {path} "
+                f"--name sig{sig} --resume --runs-dir {runs} --eval-seqs 8 --distributed --timeout 60") in err, err
+
+
+def test_the_worker_checks_its_flags_and_its_launcher():
+    """Bad flags are one argparse line, not a traceback; without torchrun's environment it says to use torchrun."""
+    import subprocess
+    import sys
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    for args, why in ((["p.yaml", "--timeout", "0"], "argument --timeout: must be >= 1, got 0"),
+                      (["p.yaml", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
+                      (["p.yaml", "--min-clients", "x"], "argument --min-clients: not a number: 'x'"),
+                      (["p.yaml"], "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: start every process with torchrun")):
+        out = subprocess.run([sys.executable, "-m", "hsplit.runtime.worker", *args], env=e, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
+    out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", "p.yaml", "--min-clients", "1"], env=e,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "--min-clients applies to --distributed runs only" in out.stderr, out.stderr
+
+
+def test_the_printed_resume_command_fits_how_the_processes_were_started():
+    from hsplit.runtime.distributed import resume_command
+    argv = ["plan.yaml", "--name", "f1", "--bind", "10.0.0.1", "--timeout", "600"]
+    one = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
+    assert resume_command(argv, one) == ("torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml "
+                                         "--name f1 --bind 10.0.0.1 --timeout 600 --resume", "resume with")
+    three = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+    cmd, where = resume_command(argv + ["--resume"], three)
+    assert cmd == ("torchrun --nnodes 3 --nproc-per-node 1 --node-rank <i> --master-addr 10.0.0.1 --master-port 29500 "
+                   "-m hsplit.runtime.worker plan.yaml --name f1 --bind <this machine's address> --timeout 600 --resume")
+    assert where == "resume on every machine i (node rank i; --bind its own address) with"

@@ -394,6 +394,6 @@ def test_ctrl_c_right_after_a_checkpoint_says_after_that_round(monkeypatch, tmp_
     monkeypatch.setattr(train.checkpoint, "complete_rounds", lambda run_dir: [0, 1])
     opts = RunOptions(runs_dir=tmp_path, name="x")
     assert "interrupted after round 1; the last complete checkpoint is round 1" in \
-        train._interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 1).message
+        train.interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 1).message
     assert "interrupted in round 2; the last complete checkpoint is round 1" in \
-        train._interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 2).message
+        train.interrupted(tmp_path / "p.yaml", tmp_path / "x", opts, 2).message
