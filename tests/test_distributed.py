@@ -345,7 +345,7 @@ def test_the_local_launcher_resume_command_keeps_every_option(env, monkeypatch):
     seen = {}
     monkeypatch.setattr(distributed, "launch_local", lambda *a, resume_cmd=None, **k: seen.update(cmd=resume_cmd) or 1)
     opts = RunOptions(runs_dir=env[0] / "runs-rcmd", name="x", eval_max_seqs=8, rounds=3, keep_checkpoints=1)
-    assert distributed.run_local_cli(path, opts, min_clients=1, timeout_s=30) == 1
+    assert distributed.run_local_cli(path, opts, min_clients=1, timeout_s=30) == (1, None)
     assert seen["cmd"] == (f"hsplit run {path} --name x --resume --runs-dir {env[0] / 'runs-rcmd'} --rounds 3 "
                            "--keep-checkpoints 1 --eval-seqs 8 --distributed --timeout 30 --min-clients 1")
 
