@@ -475,3 +475,28 @@ def test_the_printed_resume_command_fits_how_the_processes_were_started():
     assert cmd == ("torchrun --nnodes 3 --nproc-per-node 1 --node-rank <i> --master-addr 10.0.0.1 --master-port 29500 "
                    "-m hsplit.runtime.worker plan.yaml --name f1 --bind <this machine's address> --timeout 600 --resume")
     assert where == "resume on every machine i (node rank i; --bind its own address) with"
+
+
+def test_the_cli_summary_names_a_client_lost_under_min_clients(env):
+    """`hsplit run --distributed --min-clients 1`: a run that finished without a client says so at the end."""
+    import subprocess
+    import sys
+    path = make_plan(env, "cli-kill.yaml", "hsplitlora", rounds=1, local_steps=40)
+    runs = env[0] / "runs-cli-kill"
+    e = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.Popen([sys.executable, "-m", "hsplit.cli", "run", str(path), "--distributed", "--runs-dir",
+                             str(runs), "--eval-seqs", "8", "--threads", "1", "--timeout", "30", "--min-clients", "1"],
+                            env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _after_round_0(runs / "cli-kill", proc, 0)
+        rank2 = [k for k in _children(proc.pid) if b"RANK=2" in Path(f"/proc/{k}/environ").read_bytes().split(b"\0")]
+        assert len(rank2) == 1
+        os.kill(rank2[0], signal.SIGKILL)
+        out, err = proc.communicate(timeout=DEADLINE)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "client b (rank 2, jetson) was lost in round 1" in err
+    assert f"finished without b (round 1): see {runs / 'cli-kill' / 'faults.json'}" in out, out
+    assert "held-out perplexity" in out
