@@ -66,7 +66,7 @@ def plan(
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Local steps per round (tau)."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds `hsplit run` will train."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16: dtype of frozen weights and activations."),
-    server_rank: int = typer.Option(8, "--server-rank", min=0, help="LoRA rank of server-side adapters."),
+    server_rank: Optional[int] = typer.Option(None, "--server-rank", min=0, help="LoRA rank of server-side adapters (default 8; splitlora: its one rank)."),
     objective: str = typer.Option("utility", help="utility: max adapted importance, then fastest round; "
                                                   "latency: fastest round reaching --min-utility."),
     min_utility: Optional[float] = typer.Option(None, "--min-utility", help="Utility floor for --objective latency "
@@ -104,10 +104,13 @@ def plan(
         if method == "full" and strategy == "hsplitlora" and solver != "exhaustive" and fmt != "json":
             err.print(f"solving the full MILP with {solver}, time limit {full_time_limit(method, time_limit):g} s"
                       + ("" if time_limit else " (default; change with --time-limit)"), highlight=False)
+        if strategy == "splitlora" and server_rank is not None:
+            raise ConfigError("--server-rank", ["does not apply to splitlora: SplitLoRA uses one rank on both sides, "
+                                                "the one it picks for the clients; leave --server-rank out"])
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=modules.split(",") if modules else None, training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
-                      time_limit=time_limit, server_rank=server_rank, data=DataSpec(path=data))
+                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data))
         p.save(output)
     except (ConfigError, InfeasibleError) as e:
         fail(str(e), 1)

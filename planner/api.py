@@ -86,8 +86,10 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     if strategy == "centralized":
         configs = [Config(model_obj.layers, np.full((inst.L, len(inst.modules)), server_rank)) for _ in inst.clients]
         status, label = "not-applicable", "none (centralized reference)"
-    elif strategy == "splitlora":
-        configs, label = _fleet_uniform(inst), "enumeration (one split, one rank)"
+    elif strategy == "splitlora":     # one rank on both sides: the instance's server costs follow it
+        inst, configs = _fleet_uniform(inst, lambda r: build_instance(
+            fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r))
+        label = "enumeration (one split, one rank)"
     elif strategy in PER_CLIENT_RANK:
         configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
     elif solver == "exhaustive":
@@ -211,28 +213,31 @@ def _per_client_uniform(inst: Instance) -> list[Config]:
     return _expand(inst, min_round_sweep(inst, cand))
 
 
-def _fleet_uniform(inst: Instance) -> list[Config]:
-    """SplitLoRA: the (split, rank) feasible for every client with the best utility, then fastest round."""
+def _fleet_uniform(inst: Instance, with_server_rank) -> tuple[Instance, list[Config]]:
+    """SplitLoRA: the (split, rank) feasible for every client with the best utility, then fastest round.
+    One rank everywhere, as in SplitLoRA: rank r's candidates are costed with server-side adapters at
+    rank r too (`with_server_rank(r)` builds that instance). Returns (that instance, the configs)."""
     common = set.intersection(*(set(c.splits) for c in inst.classes))
     best = None
-    for s in sorted(common):
-        for r in inst.ranks[1:]:
-            per_class = [_uniform_options(inst, c, [s], [r]) for c in inst.classes]
+    for r in inst.ranks[1:]:
+        inst_r = inst if r == inst.server_rank else with_server_rank(r)
+        for s in sorted(common & set.intersection(*(set(c.splits) for c in inst_r.classes))):
+            per_class = [_uniform_options(inst_r, c, [s], [r]) for c in inst_r.classes]
             if not all(per_class):
                 continue
-            util = sum(c.weight * c.count * o[0][0] for c, o in zip(inst.classes, per_class))
-            busy = sum(c.count * o[0][2] for c, o in zip(inst.classes, per_class))
+            util = sum(c.weight * c.count * o[0][0] for c, o in zip(inst_r.classes, per_class))
+            busy = sum(c.count * o[0][2] for c, o in zip(inst_r.classes, per_class))
             R = max(max(o[0][1] for o in per_class), busy)
             key = (-round(util / UTILITY_TOL), R)
             if best is None or key < best[0]:
-                best = (key, s, r)
+                best = (key, inst_r, s, r)
     if best is None:
         raise InfeasibleError(["splitlora: no single (split, rank) fits every client; "
                                "try strategy hsplitlora, smaller --ranks, or larger budgets"])
-    _, s, r = best
-    ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
+    _, inst_r, s, r = best
+    ranks = np.zeros((inst_r.L, len(inst_r.modules)), dtype=np.int64)
     ranks[:s] = r
-    return [Config(s, ranks) for _ in inst.clients]
+    return inst_r, [Config(s, ranks) for _ in inst_r.clients]
 
 
 def _expand(inst: Instance, choice: dict) -> list[Config]:

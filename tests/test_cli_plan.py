@@ -109,14 +109,17 @@ def test_bad_flag_values_get_one_clear_error(tmp_path):
 
 
 def test_other_strategies_plan(tmp_path):
+    r = runner.invoke(app, ["plan", "--strategy", "splitlora", "--server-rank", "4", "-o", str(tmp_path / "x.yaml")])
+    assert r.exit_code == 1 and "--server-rank: does not apply to splitlora" in r.output, r.output
     for strategy in ("splitlora", "hetlora", "centralized"):
         out = tmp_path / f"{strategy}.yaml"
         r = runner.invoke(app, ["plan", "--strategy", strategy, "--modules", "q_proj,v_proj", "-o", str(out)])
         assert r.exit_code == 0, r.output
         plan = Plan.load(out)
         assert plan.strategy == strategy
-        if strategy == "splitlora":
+        if strategy == "splitlora":       # SplitLoRA: one split and ONE rank, server-side adapters included
             assert len({(c.split_layer, tuple(sorted(set(c.ranks.values())))) for c in plan.clients}) == 1
+            assert set(plan.clients[0].ranks.values()) == {plan.server_rank}
         if strategy == "hetlora":
             assert all(len(set(c.ranks.values())) <= 1 for c in plan.clients)
 
