@@ -80,6 +80,12 @@ class Importance:
     def load(cls, path: str | Path) -> "Importance":
         data = read_yaml(path)
         p = Problems(str(path))
+        known = ("schema_version", "model", "model_hash", "method", "normalization", "settings", "scores", "rank1")
+        for key in data:
+            if key not in known:
+                p.add(key, f"unknown field; expected one of {', '.join(known)}")
+        if data.get("schema_version", 1) != 1:
+            p.add("schema_version", f"{data.get('schema_version')!r} is not supported (this hsplit reads 1)")
         scores = data.get("scores")
         if not isinstance(scores, dict) or not scores:
             p.add("scores", "missing: a mapping module name -> score")

@@ -25,9 +25,11 @@ Error = (predicted - measured) / measured.
 from __future__ import annotations
 
 import csv
+import io
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,6 +39,7 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.fleet import Fleet
 from hsplit.planner.instance import build_instance
 from hsplit.planner.plan import Training
+from hsplit.planner.yamlio import atomic_write_text
 
 COLUMNS = ("split", "rank", "predicted_client_s", "measured_client_s", "error_client",
            "predicted_server_s", "measured_server_s", "error_server",
@@ -57,16 +60,19 @@ class Calibration:
     summary: dict = field(default_factory=dict)
 
     def write_csv(self, path) -> None:
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=COLUMNS)
-            w.writeheader()
-            for r in self.rows:
-                w.writerow({k: r.get(k) for k in COLUMNS})
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=COLUMNS)
+        w.writeheader()
+        for r in self.rows:
+            w.writerow({k: r.get(k) for k in COLUMNS})
+        atomic_write_text(path, buf.getvalue())
 
     def plot(self, path) -> None:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
+        from hsplit.planner.plots import _save
 
         fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharex=True)
         label = planner_label(self.settings)
@@ -89,9 +95,7 @@ class Calibration:
         fig.suptitle(f"{s['model']} b={s['batch_size']} T={s['seq_len']} on {s['device']}: "
                      f"planner median |err| {self.summary['median_abs_error']:.0%}, worst {self.summary['worst_abs_error']:.0%}",
                      fontsize=10)
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
+        _save(fig, Path(path))           # temporary file + rename; closes the figure
 
 
 def _errors(rows, prefix_pred: str) -> list[float]:

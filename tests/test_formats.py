@@ -87,6 +87,16 @@ def test_importance_for_another_model_is_refused(tmp_path):
         make_plan("example", "smollm2-135m", importance=tmp_path / "imp.yaml")
 
 
+def test_importance_file_typos_are_errors(tmp_path):
+    """A misspelt field (normalisation) must not load silently as the default (raw)."""
+    f = tmp_path / "imp.yaml"
+    f.write_text("scores: {model.layers.0.self_attn.q_proj: 1.0}\nnormalisation: per-parameter\nschema_version: 2\n")
+    with pytest.raises(ConfigError) as e:
+        Importance.load(f)
+    assert "normalisation: unknown field; expected one of" in str(e.value)
+    assert "schema_version: 2 is not supported" in str(e.value)
+
+
 def test_unknown_module_names_the_choices():
     with pytest.raises(ConfigError, match="does not exist in smollm2-135m"):
         make_plan("example", "smollm2-135m", modules=["c_attn"])
