@@ -1,7 +1,8 @@
 """Plans (plan.yaml): what every client runs. Written by `hsplit plan`, read by `hsplit run`.
 
 A plan may also be written by hand (this is how SplitLoRA's fixed split is expressed): only
-`model`, `strategy` and `clients` (each with `device`, `split_layer`, `ranks`) are required.
+`model` and `clients` (each with a `split_layer`) are required; `strategy` defaults to hsplitlora,
+a client's `ranks` to none and its `device` to "".
 `ranks` keys are full module names (`model.layers.3.self_attn.q_proj`) or, as a shorthand, a module
 suffix (`q_proj`, `self_attn.q_proj`) meaning "every block this client runs". Client `id`s default to
 c0, c1, ... Server-side blocks [split_layer, L) carry `server_rank` on every planned module.
