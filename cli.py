@@ -105,8 +105,8 @@ def plan(
             err.print(f"solving the full MILP with {solver}, time limit {full_time_limit(method, time_limit):g} s"
                       + ("" if time_limit else " (default; change with --time-limit)"), highlight=False)
         if strategy == "splitlora" and server_rank is not None:
-            raise ConfigError("--server-rank", ["does not apply to splitlora: SplitLoRA uses one rank on both sides, "
-                                                "the one it picks for the clients; leave --server-rank out"])
+            err.print("note: --server-rank does not apply to splitlora: SplitLoRA uses one rank on both sides, "
+                      "the one it picks for the clients", highlight=False, markup=False)
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=modules.split(",") if modules else None, training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
