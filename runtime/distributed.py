@@ -25,8 +25,9 @@ uint8 payload with the tensors' bytes, 8-byte aligned):
 Aggregation uses collectives on a process group of the live ranks: `gather` of every client's
 client-side adapters (+ AdamW moments, hafl importance EMAs) to the server, which combines them
 (`Simulation.combine`, over the live clients) and applies the result to every party it keeps (a lost
-client included, so it rejoins from the aggregate on --resume), then `broadcast` of the RoundUpdate
-(safetensors bytes, never pickle), which every client applies with `Simulation.apply`.
+client included, so it rejoins from the aggregate on --resume), then `scatter` of the RoundUpdate:
+each client gets the part for its own blocks and its own adapter (`for_client`; safetensors bytes,
+never pickle) and applies it with `Simulation.apply`.
 
 The server serves clients concurrently: one reader thread per client queues its messages and the
 server handles whichever arrives first, keeping one adapter set and optimizer state per client (the
@@ -52,6 +53,7 @@ import json
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -443,18 +445,58 @@ def _gather_bytes(pg, blob: torch.Tensor, n: int, timeout_s: float) -> list[torc
     return [o[:int(s)] for o, s in zip(outs, sizes)]
 
 
-def _broadcast_bytes(pg, blob: torch.Tensor | None, timeout_s: float) -> torch.Tensor:
+def _scatter_bytes(pg, blobs: list[torch.Tensor] | None, timeout_s: float) -> torch.Tensor:
+    """Collective scatter of variable-size uint8 blobs from group rank 0 (blobs[i] to group rank i;
+    sizes first, then data padded to the largest). Returns this rank's blob."""
     td = datetime.timedelta(seconds=timeout_s)
-    size = torch.tensor([blob.numel() if blob is not None else 0], dtype=torch.int64)
-    pg.broadcast([size], _bopts(0)).wait(td)
-    buf = blob if pg.rank() == 0 else torch.zeros(int(size), dtype=torch.uint8)
-    pg.broadcast([buf], _bopts(0)).wait(td)
-    return buf
+    root = pg.rank() == 0
+    size = torch.zeros(1, dtype=torch.int64)
+    sizes = [torch.tensor([b.numel()], dtype=torch.int64) for b in blobs] if root else []
+    pg.scatter([size], [sizes] if root else [], _sopts(0)).wait(td)
+    m = torch.tensor([max(b.numel() for b in blobs) if root else 0], dtype=torch.int64)
+    pg.broadcast([m], _bopts(0)).wait(td)
+    padded = []
+    if root:
+        for b in blobs:
+            buf = torch.zeros(int(m), dtype=torch.uint8)
+            buf[:b.numel()] = b
+            padded.append(buf)
+    out = torch.zeros(int(m), dtype=torch.uint8)
+    pg.scatter([out], [padded] if root else [], _sopts(0)).wait(td)
+    return out[:int(size)]
+
+
+def for_client(update: RoundUpdate, party: str, split: int) -> RoundUpdate:
+    """The part of a round's update a client process uses: entries of the blocks it holds ([0, split))
+    and, of the per-party entries, its own. What it downloads then grows with its own blocks, not
+    with the fleet (a broadcast of the whole update grew with every client's ranks and blocks)."""
+    def mine(module: str) -> bool:
+        m = _BLOCK.search(module)
+        return m is None or int(m.group(1)) < split
+
+    def keep(d: dict) -> dict:
+        return {k: v for k, v in d.items() if mine(k)}
+
+    return RoundUpdate(merge=keep(update.merge), assign=keep(update.assign), reinit=update.reinit,
+                       global_factors=keep(update.global_factors),
+                       assign_party={party: keep(update.assign_party[party])} if party in update.assign_party else {},
+                       global_scores=keep(update.global_scores),
+                       local_scores={party: keep(update.local_scores[party])} if party in update.local_scores else {})
+
+
+_BLOCK = re.compile(r"\.(\d+)\.")       # the block index in a module name (model.layers.3.self_attn.q_proj)
 
 
 def _gopts(root):
     import torch.distributed as dist
     o = dist.GatherOptions()
+    o.rootRank = root
+    return o
+
+
+def _sopts(root):
+    import torch.distributed as dist
+    o = dist.ScatterOptions()
     o.rootRank = root
     return o
 
@@ -631,7 +673,7 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
                     group, members = _subgroup(store, live, rank, f"{seq}.{gen}", dopts.timeout_s), live
                 up = _upload(sim, p)
                 _gather_bytes(group, up, len(live), dopts.timeout_s)
-                blob = _broadcast_bytes(group, None, dopts.timeout_s)
+                blob = _scatter_bytes(group, None, dopts.timeout_s)
                 adapters[0] += up.numel()
                 adapters[1] += blob.numel()
                 sim.apply(decode_tree(blob, RoundUpdate), m.ints[0])
@@ -1055,10 +1097,12 @@ class Server:
         with _parties(sim, parties):        # (--resume) starts from the aggregate, not its stale adapters
             sim.count_traffic(update, rows)
         self.last_update = update
+        blobs = [torch.empty(0, dtype=torch.uint8)] + [
+            encode_tree(for_client(update, p.adapter, p.split)) for p in parties]
         try:
-            _broadcast_bytes(self.group, encode_tree(update), self.dopts.timeout_s)
+            _scatter_bytes(self.group, blobs, self.dopts.timeout_s)
         except Exception as e:
-            raise _Stop(None, f"aggregation (broadcast) failed: {str(e).splitlines()[0][:200]}") from None
+            raise _Stop(None, f"aggregation (scatter) failed: {str(e).splitlines()[0][:200]}") from None
         return rows
 
     @torch.no_grad()

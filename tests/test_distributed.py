@@ -500,3 +500,21 @@ def test_the_cli_summary_names_a_client_lost_under_min_clients(env):
     assert "client b (rank 2, jetson) was lost in round 1" in err
     assert f"finished without b (round 1): see {runs / 'cli-kill' / 'faults.json'}" in out, out
     assert "held-out perplexity" in out
+
+
+def test_a_client_receives_only_its_blocks_and_its_own_entries():
+    from hsplit.runtime.aggregate import RoundUpdate
+    from hsplit.runtime.distributed import for_client
+    t = torch.zeros(2, 2)
+    mods = [f"model.layers.{l}.self_attn.q_proj" for l in (0, 1, 2, 12)]
+    u = RoundUpdate(merge={m: (t, t) for m in mods}, assign={m: (t, t) for m in mods}, reinit=True,
+                    global_factors={m: (t, t) for m in mods},
+                    assign_party={"k0": {m: (t, t) for m in mods}, "k1": {m: (t, t) for m in mods}},
+                    global_scores={m: t[0] for m in mods}, local_scores={"k1": {m: t[0] for m in mods}})
+    mine = for_client(u, "k1", 2)             # blocks 0 and 1 (not 12: "layers.1" is not "layers.12")
+    want = mods[:2]
+    assert list(mine.merge) == list(mine.assign) == list(mine.global_factors) == list(mine.global_scores) == want
+    assert list(mine.assign_party) == ["k1"] and list(mine.assign_party["k1"]) == want
+    assert list(mine.local_scores) == ["k1"] and list(mine.local_scores["k1"]) == want and mine.reinit
+    assert for_client(u, "k0", 2).local_scores == {}
+    assert len(encode_tree(mine)) < len(encode_tree(u)) / 2
