@@ -161,6 +161,13 @@ def _render_plan(p) -> None:
     console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
                   highlight=False)
+    merges = [c for c in p.clients if "merge_download_s" in c.predicted]
+    if merges:
+        worst = max(merges, key=lambda c: c.predicted["merge_download_s"])
+        mb = max(c.predicted["merge_download_mb"] for c in merges)
+        console.print(f"not in the round times above: hsplitlora's merge download, up to {mb:,.1f} MB per client per "
+                      f"round ({worst.id}: +{seconds(worst.predicted['merge_download_s'])} on its downlink); "
+                      "see docs/formulation.md, Refinements", highlight=False, markup=False)
 
 
 def _num(x: float, digits: int) -> str:

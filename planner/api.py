@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hsplit import __version__
-from hsplit.planner.cost import GIB
+from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.evaluate import Config, FleetEval, evaluate_client, evaluate_fleet
 from hsplit.planner.exhaustive import solve_exhaustive
@@ -240,6 +240,23 @@ def _fleet_uniform(inst: Instance, with_server_rank) -> tuple[Instance, list[Con
     return inst_r, [Config(s, ranks) for _ in inst_r.clients]
 
 
+def merge_download_bytes(inst: Instance, configs: list[Config]) -> list[float]:
+    """hsplitlora: bytes each client downloads per round to merge the round's exact aggregate into its
+    blocks [0, s_k): the concatenated factors of every adapter on them, any client's, client- or
+    server-side (server rank on every planned module of blocks [s_k', L)), 4 bytes per parameter.
+    What the runtime sends (distributed.for_client) and counts (metrics.csv bytes_down)."""
+    per_block = np.zeros(inst.L)
+    seen: dict[int, np.ndarray] = {}
+    for cfg in configs:
+        if id(cfg) not in seen:
+            row = (cfg.ranks * inst.widths[None, :]).sum(axis=1).astype(float)
+            row[cfg.split:] += inst.server_rank * float(inst.widths.sum())
+            seen[id(cfg)] = row
+        per_block += seen[id(cfg)]
+    below = np.concatenate([[0.0], np.cumsum(per_block)])
+    return [ADAPTER_WIRE_BYTES * float(below[cfg.split]) for cfg in configs]
+
+
 def _expand(inst: Instance, choice: dict) -> list[Config]:
     configs: list[Config | None] = [None] * len(inst.clients)
     for c, assigned in choice.items():
@@ -256,6 +273,7 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
+    merge = merge_download_bytes(inst, configs) if strategy == "hsplitlora" and ev is not None else None
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
         if id(cfg) not in names:
             names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
@@ -271,6 +289,9 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
                          "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
                          "adapter_params": int(e.params), "utility": round(e.utility, 6),
                          "time_model": inst.classes[class_of[k]].time_model}
+            if merge is not None:      # reported, not in round_s (docs/formulation.md, Refinements)
+                predicted["merge_download_mb"] = round(merge[k] / 1e6, 6)
+                predicted["merge_download_s"] = round(merge[k] * 8 / (cl.device.downlink_mbps * 1e6), 3)
         clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=ranks,
                                   data_weight=round(inst.classes[class_of[k]].weight, 8), predicted=predicted))
     server = fleet_obj.server

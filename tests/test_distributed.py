@@ -21,7 +21,7 @@ from hsplit.planner.plan import Plan
 from hsplit.runtime import checkpoint
 from hsplit.runtime.aggregate import STRATEGIES
 from hsplit.runtime.distributed import (EXIT_FAULT, EXIT_REFUSED, DistOptions, decode_tree, encode_tree,
-                                        launch_local)
+                                        for_client, launch_local)
 from hsplit.runtime.partial_load import held_bytes, load_part
 from hsplit.runtime.train import RunOptions, run
 
@@ -504,7 +504,6 @@ def test_the_cli_summary_names_a_client_lost_under_min_clients(env):
 
 def test_a_client_receives_only_its_blocks_and_its_own_entries():
     from hsplit.runtime.aggregate import RoundUpdate
-    from hsplit.runtime.distributed import for_client
     t = torch.zeros(2, 2)
     mods = [f"model.layers.{l}.self_attn.q_proj" for l in (0, 1, 2, 12)]
     u = RoundUpdate(merge={m: (t, t) for m in mods}, assign={m: (t, t) for m in mods}, reinit=True,
@@ -518,3 +517,42 @@ def test_a_client_receives_only_its_blocks_and_its_own_entries():
     assert list(mine.local_scores) == ["k1"] and list(mine.local_scores["k1"]) == want and mine.reinit
     assert for_client(u, "k0", 2).local_scores == {}
     assert len(encode_tree(mine)) < len(encode_tree(u)) / 2
+
+
+def test_the_planned_merge_download_is_what_a_client_receives(env):
+    """hsplitlora: the planner's merge download per client (api.merge_download_bytes, reported as
+    predicted.merge_download_mb) = the bytes of merge factors the server sends that client
+    (distributed.for_client) after a round, exactly; clients with different splits, so that one
+    downloads the other's server-side adapters on its blocks too."""
+    import numpy as np
+    from conftest import random_instance
+
+    from hsplit.planner.api import merge_download_bytes
+    from hsplit.planner.evaluate import Config
+    from hsplit.planner.instance import build_instance
+    from hsplit.planner.model import load_model_profile
+    from hsplit.runtime.train import build
+    root, model, text = env
+    kw = random_instance(0, two_clients=True)
+    inst = build_instance(kw["fleet"], load_model_profile(str(model)), ranks=(0, 2, 4, 8),
+                          modules=["q_proj", "v_proj"], training=kw["training"], server_rank=2)
+    r0 = np.zeros((inst.L, 2), dtype=np.int64)
+    r0[0] = (2, 4)
+    r1 = np.zeros((inst.L, 2), dtype=np.int64)
+    r1[:3, 0] = 8
+    configs = [Config(1, r0), Config(3, r1)]
+    want = merge_download_bytes(inst, configs)
+    mods = [f"self_attn.{m}" for m in ("q_proj", "v_proj")]
+    clients = [{"id": f"c{k}", "device": "d", "split_layer": cfg.split,
+                "ranks": {f"model.layers.{l}.{mods[j]}": int(cfg.ranks[l, j]) for l, j in zip(*np.nonzero(cfg.ranks))}}
+               for k, cfg in enumerate(configs)]
+    plan = Plan.from_dict({"model": str(model), "strategy": "hsplitlora", "server_rank": 2, "modules": mods,
+                           "training": {"batch_size": 2, "seq_len": 32, "local_steps": 1},
+                           "data": {"path": str(text), "eval_fraction": 0.1}, "clients": clients}, "merge.yaml")
+    sim = build(plan, progress=False)
+    update = sim.combine()
+    for k, p in enumerate(sim.parties):
+        got = for_client(update, p.adapter, p.split)
+        sent = sum(4 * (b.numel() + a.numel()) for b, a in got.merge.values())
+        assert sent == want[k] > 0, (k, sent, want[k])
+    assert want[1] > want[0] + 4 * 2 * 2 * inst.widths.sum()     # c1 gets c0's server-side adapters of blocks 1-2
