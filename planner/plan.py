@@ -255,6 +255,12 @@ def _section(cls, raw, name, p):
 _BLOCK_RE = re.compile(r"^(?P<prefix>.+)\.(?P<block>\d+)\.(?P<suffix>.+)$")
 
 
+def block_of(module: str) -> int | None:
+    """The block index in a full module name (`model.layers.3.self_attn.q_proj` -> 3), None outside blocks."""
+    m = _BLOCK_RE.match(module)
+    return int(m.group("block")) if m else None
+
+
 def _expand_ranks(client: ClientPlan, model: ModelProfile, p: Problems, field_name: str) -> dict[str, int]:
     """Resolve a client's rank keys (full names or suffix shorthands) into full module names."""
     out: dict[str, int] = {}

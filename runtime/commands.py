@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
                   "add --distributed, or leave it out")
         try:
             if distributed:
-                from hsplit.runtime.distributed import run_local_cli
-                code, res = run_local_cli(plan, opts, min_clients, 300.0 if timeout is None else timeout)
+                from hsplit.runtime.distributed import DistOptions, run_local_cli
+                code, res = run_local_cli(plan, opts, min_clients, DistOptions.timeout_s if timeout is None else timeout)
                 if code != 0:
                     raise typer.Exit(code)
             else:

@@ -284,22 +284,25 @@ def _holdout(sets: dict[str, TokenSet], fraction: float, seed: int):
 
     train, evals = {}, []
     small = [s for s, ts in sets.items() if fraction * len(ts) < 0.5]
+    pooled = small if len(small) > 1 else []        # one small source alone keeps its own rule
+    in_pool = set(pooled)
     for i, (src, ts) in enumerate(sets.items()):
-        if src not in small or len(small) == 1:
+        if src not in in_pool:
             held, kept = pick(len(ts), i)
             evals.append(ts.subset(held))
             train[src] = ts.subset(kept)
-    if len(small) > 1:
-        owner = np.concatenate([np.full(len(sets[s]), j) for j, s in enumerate(small)])
-        item = np.concatenate([np.arange(len(sets[s])) for s in small])
-        held, _ = pick(len(owner), len(sets))
-        is_held = np.zeros(len(owner), dtype=bool)
+    if pooled:                  # the pool: the small sources' items one after the other
+        sizes = [len(sets[s]) for s in pooled]
+        held, _ = pick(sum(sizes), len(sets))
+        is_held = np.zeros(sum(sizes), dtype=bool)
         is_held[held] = True
-        for j, src in enumerate(small):
-            mine = owner == j
-            evals.append(sets[src].subset(item[mine & is_held]))
-            if (mine & ~is_held).any():
-                train[src] = sets[src].subset(item[mine & ~is_held])
+        start = 0
+        for src, n in zip(pooled, sizes):
+            flags = is_held[start:start + n]
+            start += n
+            evals.append(sets[src].subset(np.flatnonzero(flags)))
+            if not flags.all():
+                train[src] = sets[src].subset(np.flatnonzero(~flags))
     return train, evals
 
 

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import queue
-import re
 import shutil
 import signal
 import socket
@@ -69,7 +68,7 @@ import numpy as np
 import torch
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.plan import Plan, _plain
+from hsplit.planner.plan import Plan, _plain, block_of
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint
 from hsplit.runtime.aggregate import RoundUpdate, strategy_for
@@ -471,8 +470,8 @@ def for_client(update: RoundUpdate, party: str, split: int) -> RoundUpdate:
     and, of the per-party entries, its own. What it downloads then grows with its own blocks, not
     with the fleet (a broadcast of the whole update grew with every client's ranks and blocks)."""
     def mine(module: str) -> bool:
-        m = _BLOCK.search(module)
-        return m is None or int(m.group(1)) < split
+        block = block_of(module)
+        return block is None or block < split
 
     def keep(d: dict) -> dict:
         return {k: v for k, v in d.items() if mine(k)}
@@ -482,9 +481,6 @@ def for_client(update: RoundUpdate, party: str, split: int) -> RoundUpdate:
                        assign_party={party: keep(update.assign_party[party])} if party in update.assign_party else {},
                        global_scores=keep(update.global_scores),
                        local_scores={party: keep(update.local_scores[party])} if party in update.local_scores else {})
-
-
-_BLOCK = re.compile(r"\.(\d+)\.")       # the block index in a module name (model.layers.3.self_attn.q_proj)
 
 
 def _gopts(root):
@@ -639,7 +635,7 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
     progress(f"joined as client {p.id} (device {p.device}): blocks 0-{p.split - 1} of {sim.lm.profile.layers} "
              f"on {sim.device}, {len(p.data)} training sequences; rounds start when the server says")
     group, members, gen = None, None, 0
-    rounds, adapters = 0, [0, 0]              # adapter bytes up / down (aggregation collectives)
+    rounds, adapters_up, adapters_down = 0, 0, 0      # adapter bytes of the aggregation collectives
     while True:
         try:
             m = link.next(time.monotonic() + dopts.timeout_s, {0})
@@ -650,9 +646,9 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
             say(f"error: client {p.id} (rank {rank}): lost the server: {e.reason}")
             return EXIT_FAULT
         if m.kind == FINISH:
-            progress(f"done: {rounds} round(s) trained; sent {_size(link.bytes_sent + adapters[0])}, received "
-                     f"{_size(link.bytes_received + adapters[1])} in all (adapters: {_size(adapters[0])} up, "
-                     f"{_size(adapters[1])} down)")
+            progress(f"done: {rounds} round(s) trained; sent {_size(link.bytes_sent + adapters_up)}, received "
+                     f"{_size(link.bytes_received + adapters_down)} in all (adapters: {_size(adapters_up)} up, "
+                     f"{_size(adapters_down)} down)")
             return 0
         if m.kind == ABORT:
             say(f"error: client {p.id} (rank {rank}): the server stopped the run: {_text(m)}")
@@ -674,8 +670,8 @@ def client_main(plan_path: Path, link: Link, store, rank: int, dopts: DistOption
                 up = _upload(sim, p)
                 _gather_bytes(group, up, len(live), dopts.timeout_s)
                 blob = _scatter_bytes(group, None, dopts.timeout_s)
-                adapters[0] += up.numel()
-                adapters[1] += blob.numel()
+                adapters_up += up.numel()
+                adapters_down += blob.numel()
                 sim.apply(decode_tree(blob, RoundUpdate), m.ints[0])
             elif m.kind == EVAL:
                 _client_eval(sim, p, link, m.ints[0] or None)
