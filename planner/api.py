@@ -24,13 +24,14 @@ from hsplit.planner.importance import Importance
 from hsplit.planner.instance import Instance, build_instance, check_feasible
 from hsplit.planner.milp import solve_full
 from hsplit.planner.model import ModelProfile, load_model_profile
-from hsplit.planner.plan import STRATEGIES, ClientPlan, DataSpec, Plan, Training
+from hsplit.planner.plan import ClientPlan, DataSpec, Plan, Training
+from hsplit.planner.strategies import NAMES as STRATEGIES
+from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import sha256_file
 
 SOLVERS = ("cbc", "highs", "exhaustive")
 METHODS = ("decomposed", "full")
 OBJECTIVES = ("utility", "latency")
-PER_CLIENT_RANK = ("hetlora", "flexlora", "hafl-truncation", "hafl-freezing")
 FULL_TIME_LIMIT_S = 60.0  # --method full without --time-limit: the full MILP can run for hours
 
 
@@ -83,14 +84,15 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     check_feasible(inst)
     t0 = time.perf_counter()
     gap, status, detail = 0.0, "optimal", {}
-    if strategy == "centralized":
+    how = traits(strategy).ranks
+    if how == "reference":
         configs = [Config(model_obj.layers, np.full((inst.L, len(inst.modules)), server_rank)) for _ in inst.clients]
         status, label = "not-applicable", "none (centralized reference)"
-    elif strategy == "splitlora":     # one rank on both sides: the instance's server costs follow it
+    elif how == "one":     # one rank on both sides: the instance's server costs follow it
         inst, configs = _fleet_uniform(inst, lambda r: build_instance(
             fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r))
         label = "enumeration (one split, one rank)"
-    elif strategy in PER_CLIENT_RANK:
+    elif how == "per-client":
         configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
     elif solver == "exhaustive":
         res = solve_exhaustive(inst, objective, min_utility=min_utility)
@@ -111,12 +113,12 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
         configs, status, gap, detail = res.configs, res.status, res.gap, res.detail
         label = "decomposed (frontier tables" + (f" + {solver} master)" if objective == "latency" else " + sweep)")
     wall = time.perf_counter() - t0
-    ev = evaluate_fleet(inst, configs) if strategy != "centralized" else None
+    ev = evaluate_fleet(inst, configs) if how != "reference" else None
     if ev is not None and ev.violations:
         raise RuntimeError("internal error: the solver returned a plan that violates constraints:\n"
                            + "\n".join(ev.violations))
     return _assemble(inst, configs, ev, fleet, fleet_obj, model, model_obj, importance, imp, strategy,
-                     objective, training, data or DataSpec(), dict(name=solver if strategy == "hsplitlora" else "enumeration",
+                     objective, training, data or DataSpec(), dict(name=solver if how == "milp" else "enumeration",
                      method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
 
 
@@ -273,7 +275,7 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
-    merge = merge_download_bytes(inst, configs) if strategy == "hsplitlora" and ev is not None else None
+    merge = merge_download_bytes(inst, configs) if traits(strategy).merge_download and ev is not None else None
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
         if id(cfg) not in names:
             names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])

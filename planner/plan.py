@@ -18,11 +18,11 @@ from typing import Any
 from hsplit import __version__
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
+from hsplit.planner.strategies import DEFAULT as DEFAULT_STRATEGY
+from hsplit.planner.strategies import NAMES as STRATEGIES
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
-STRATEGIES = ("hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing",
-              "centralized")
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
 
 
@@ -153,7 +153,7 @@ class Plan:
         model = data.get("model")
         if not isinstance(model, str) or not model:
             p.add("model", "missing: the model name or path the plan is for (e.g. smollm2-135m)")
-        strategy = data.get("strategy", "hsplitlora")
+        strategy = data.get("strategy", DEFAULT_STRATEGY)
         if strategy not in STRATEGIES:
             p.add("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
         training = _section(Training, data.get("training"), "training", p)

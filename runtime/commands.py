@@ -22,6 +22,55 @@ def _ppl(loss) -> str:
     return f"{math.exp(loss):.2f}" if loss is not None and loss == loss else "n/a"
 
 
+def _fmt(x, spec: str) -> str:
+    """A metric for a progress line: n/a when it is missing (no held-out token was scored)."""
+    return format(x, spec) if x is not None and x == x else "n/a"
+
+
+class _RunBars:
+    """Rich progress bars for rounds and steps, with an ETA (the runtime's reporter interface)."""
+
+    def __init__(self, enabled: bool):
+        self.p, self.enabled, self.steps = None, enabled, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                       TimeRemainingColumn)
+            self.console = _console(stderr=True)
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.__exit__(*exc)
+        return False
+
+    def start_rounds(self, total: int, done: int) -> None:
+        if self.p:
+            self.rounds = self.p.add_task("rounds", total=total, completed=done)
+
+    def start_round(self, r: int, steps: int) -> None:
+        if self.p:
+            if self.steps is not None:
+                self.p.remove_task(self.steps)
+            self.steps = self.p.add_task(f"round {r + 1} steps", total=steps)
+
+    def advance(self) -> None:
+        if self.p and self.steps is not None:
+            self.p.advance(self.steps)
+
+    def end_round(self, g: dict) -> None:
+        if self.p:
+            self.p.advance(self.rounds)
+            fleet = f", fleet {g['fleet_s']:.1f} s" if g.get("fleet_s") is not None else ""
+            self.console.print(f"round {g['round']}: train loss {g['train_loss']:.4f}, eval loss "
+                               f"{g['eval_loss']:.4f} (ppl {_fmt(g['eval_ppl'], '.2f')}), wall {g['wall_s']:.1f} s{fleet}",
+                               highlight=False, markup=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add `run`, `eval`, `export` and `demo` to the hsplit Typer app."""
 
@@ -49,7 +98,9 @@ def register(app: typer.Typer) -> None:
         """
         _check_format(fmt)
         from hsplit.planner.errors import ConfigError
-        from hsplit.runtime.train import RunFinished, RunOptions, run
+        from hsplit.runtime.loop import run
+        from hsplit.runtime.options import RunOptions
+        from hsplit.runtime.rundir import RunFinished
 
         def finished(e: RunFinished) -> None:
             # --resume of a finished run: nothing to do, said plainly; exit 0 (docs/runtime.md, Resume)
@@ -68,12 +119,14 @@ def register(app: typer.Typer) -> None:
                   "add --distributed, or leave it out")
         try:
             if distributed:
-                from hsplit.runtime.distributed import DistOptions, run_local_cli
+                from hsplit.runtime.distributed.launcher import run_local_cli
+                from hsplit.runtime.options import DistOptions
                 code, res = run_local_cli(plan, opts, min_clients, DistOptions.timeout_s if timeout is None else timeout)
                 if code != 0:
                     raise typer.Exit(code)
             else:
-                res = run(plan, opts)
+                with _RunBars(opts.progress) as bars:
+                    res = run(plan, opts, bars)
         except RunFinished as e:
             finished(e)
         except ConfigError as e:
@@ -119,7 +172,7 @@ def register(app: typer.Typer) -> None:
         from rich.markup import escape
         from hsplit.planner.errors import ConfigError
         from hsplit.runtime.evaluate import evaluate_run
-        from hsplit.runtime.train import pick_device
+        from hsplit.runtime.common import pick_device
 
         try:
             pick_device(device)                     # before any model is loaded
@@ -204,8 +257,9 @@ def register(app: typer.Typer) -> None:
         from hsplit.runtime.demo import demo
 
         try:
-            rep = demo(runs_dir=runs_dir, rounds=rounds, local_steps=local_steps, threads=threads,
-                       progress=fmt == "text", say=None if fmt == "json" else _console().print)
+            with _RunBars(fmt == "text") as bars:
+                rep = demo(runs_dir=runs_dir, rounds=rounds, local_steps=local_steps, threads=threads,
+                           progress=fmt == "text", say=None if fmt == "json" else _console().print, reporter=bars)
         except (ConfigError, InfeasibleError) as e:
             _fail(str(e))
         if fmt == "json":

@@ -374,3 +374,29 @@ def load_eval_data(path: str, tokenizer, seq_len: int, fmt: str = "auto") -> Tok
     """A whole data set as an evaluation set (`hsplit eval RUN --data PATH`)."""
     _, sets = tokenised_sources(DataSpec(path=path, format=fmt), tokenizer, seq_len)
     return TokenSet.cat(list(sets.values()), seq_len)
+
+
+def split_data_ref(ref: str) -> tuple[str, str]:
+    """`e2e:PATH` -> (PATH, "e2e"); a bare path -> (path, "auto"). A `WORD:` prefix that is not a known
+    format is refused (ConfigError naming --data and the formats), unless the whole text is an existing path."""
+    head, sep, tail = ref.partition(":")
+    if sep and head in FORMATS:
+        if not tail:
+            raise ConfigError("--data", [f"{ref!r}: no path after the format; give {head}:PATH"])
+        return tail, head
+    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head) and not Path(ref).expanduser().exists():
+        raise ConfigError("--data", [f"{ref!r}: unknown data format {head!r}; use FORMAT:PATH with FORMAT one of "
+                                     f"{', '.join(FORMATS)}, or a bare path (format from the file name)"])
+    return ref, "auto"
+
+
+def check_data_ref(ref: str) -> tuple[str, str]:
+    """(path, format) of a --data argument, checked before any model is loaded: a known format prefix,
+    a path that exists. Raises ConfigError (one line per problem, naming --data and the fix)."""
+    path, fmt = split_data_ref(ref)
+    if fmt == "shakespeare" or (fmt == "auto" and path == "shakespeare"):
+        return path, fmt
+    if not Path(path).expanduser().exists():
+        raise ConfigError("--data", [f"{path}: no such file or folder; give an existing data file "
+                                     "([FORMAT:]PATH, e.g. e2e:testset_w_refs.csv)"])
+    return path, fmt

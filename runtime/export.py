@@ -24,7 +24,9 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.yamlio import output_problem
+from hsplit.planner.strategies import traits
 from hsplit.runtime import checkpoint
+from hsplit.runtime.common import GLOBAL
 from hsplit.runtime.lora import rank_pattern_key
 from hsplit.runtime.model import load_lm
 
@@ -49,9 +51,8 @@ def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, tor
             parts.setdefault(m, []).append((merged[f"{m}.B"].double(), merged[f"{m}.A"].double()))
     state, t = checkpoint.load(run_dir, last, ("adapters.safetensors",))
     adapters = t["adapters.safetensors"]
-    strategy = config["plan"]["strategy"]
-    with_global = ("splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing")
-    keep = "global/" if strategy in with_global else ("k0/" if strategy == "centralized" else None)
+    holder = traits(config["plan"]["strategy"]).model_adapter      # which adapter is part of the model
+    keep = {"global": f"{GLOBAL}/", "party": "k0/"}.get(holder)
     if keep:
         scaling = float(config["plan"]["training"]["lora_alpha_over_rank"])
         for k in adapters:

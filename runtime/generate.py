@@ -17,40 +17,14 @@ from __future__ import annotations
 import csv
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.yamlio import atomic_write_text
-
-
-def split_data_ref(ref: str) -> tuple[str, str]:
-    """`e2e:PATH` -> (PATH, "e2e"); a bare path -> (path, "auto"). A `WORD:` prefix that is not a known
-    format is refused (ConfigError naming --data and the formats), unless the whole text is an existing path."""
-    from hsplit.runtime.data import FORMATS
-    head, sep, tail = ref.partition(":")
-    if sep and head in FORMATS:
-        if not tail:
-            raise ConfigError("--data", [f"{ref!r}: no path after the format; give {head}:PATH"])
-        return tail, head
-    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head) and not Path(ref).expanduser().exists():
-        raise ConfigError("--data", [f"{ref!r}: unknown data format {head!r}; use FORMAT:PATH with FORMAT one of "
-                                     f"{', '.join(FORMATS)}, or a bare path (format from the file name)"])
-    return ref, "auto"
-
-
-def check_data_ref(ref: str) -> tuple[str, str]:
-    """(path, format) of a --data argument, checked before any model is loaded: a known format prefix,
-    a path that exists. Raises ConfigError (one line per problem, naming --data and the fix)."""
-    path, fmt = split_data_ref(ref)
-    if fmt == "shakespeare" or (fmt == "auto" and path == "shakespeare"):
-        return path, fmt
-    if not Path(path).expanduser().exists():
-        raise ConfigError("--data", [f"{path}: no such file or folder; give an existing data file "
-                                     "([FORMAT:]PATH, e.g. e2e:testset_w_refs.csv)"])
-    return path, fmt
+from hsplit.runtime import rundir
+from hsplit.runtime.data import check_data_ref
 
 
 def e2e_path(data: str) -> str:
@@ -99,7 +73,7 @@ def generate_texts(sim, prompts: list[str], max_new_tokens: int = 64, beams: int
             for row, i in enumerate(chunk):
                 x[row, width - len(ids[i]):] = torch.tensor(ids[i])
                 mask[row, width - len(ids[i]):] = 1
-            with sim._autocast():
+            with sim.autocast():
                 gen = model.generate(input_ids=x.to(sim.device), attention_mask=mask.to(sim.device),
                                      max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
                                      eos_token_id=eos, pad_token_id=pad, use_cache=True)
@@ -132,8 +106,8 @@ def reference_perplexity(sim, groups: list[tuple[str, list[str]]], max_refs: int
     from hsplit.runtime.evaluate import evaluate
 
     records = [("e2e", mr + "\n", ref) for mr, refs in groups for ref in refs]
-    sets = _tokenise(records, "e2e", sim.lm.tokenizer, sim.t.seq_len)
-    data = TokenSet.cat(list(sets.values()), sim.t.seq_len)
+    sets = _tokenise(records, "e2e", sim.lm.tokenizer, sim.training.seq_len)
+    data = TokenSet.cat(list(sets.values()), sim.training.seq_len)
     return evaluate(sim, data, max_refs), min(len(data), max_refs or len(data))
 
 
@@ -155,12 +129,10 @@ def generate_on(sim, data: str, max_mrs: int | None = None, beams: int = 1, max_
 def generate_run(run_dir: str | Path, data: str, max_mrs: int | None = None, beams: int = 1,
                  max_new_tokens: int = 64, batch_size: int = 16, device: str = "cpu") -> dict:
     """Generation metrics of a run's latest aggregated model; writes generate-<stem>.{jsonl,json} there."""
-    from hsplit.runtime.train import load_run
-
     run_dir = Path(run_dir)
     path = e2e_path(data)                       # a bad --data fails before the model loads
     read_mr_groups(path)
-    sim, _, r = load_run(run_dir, device=device)   # --device is checked first thing (train.pick_device)
+    sim, _, r = rundir.load_run(run_dir, device=device)   # --device is checked first thing (common.pick_device)
     report, rows = generate_on(sim, data, max_mrs, beams, max_new_tokens, batch_size)
     report = {"run": str(run_dir), "round": r, "device": str(sim.device), **report}
     stem = f"generate-{Path(path).stem}" + ("" if beams == 1 else f"-beam{beams}")

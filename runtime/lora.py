@@ -23,6 +23,7 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import GPT2, Family
+from hsplit.runtime.partial_load import is_placeholder
 
 # peft asks transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a warning
 # about peft's internals that users cannot act on.
@@ -165,12 +166,15 @@ class AdapterBank:
 
     @torch.no_grad()
     def merge_into_base(self, module: str, b_cat: torch.Tensor, a_cat: torch.Tensor) -> None:
-        """W += B_cat @ A_cat (the exact aggregated update) in the base layer of `module`."""
+        """W += B_cat @ A_cat (the exact aggregated update) in the base layer of `module`; nothing when
+        this process does not hold the block (a distributed process loads only its part)."""
         layer = self.layers().get(module)
         if layer is None:          # no adapter on it now (resume replays merges of an earlier plan)
             from operator import attrgetter
             layer = attrgetter(module)(self.model)
         base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
+        if is_placeholder(base.weight):
+            return
         delta = b_cat.to(base.weight.dtype) @ a_cat.to(base.weight.dtype)
         base.weight += delta.T if self.family is GPT2 else delta
 

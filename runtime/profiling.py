@@ -222,7 +222,7 @@ def profile_device(name: str, *, model: str | None = None, batch_size: int = 4, 
                    uplink_mbps: float = 1000.0, downlink_mbps: float = 1000.0, device: str | None = None,
                    on_step: Callable[[str], None] | None = None) -> dict:
     """Measure this machine and return a device-profile mapping (validated by DeviceProfile)."""
-    from hsplit.runtime.train import pick_device       # the one --device check (ConfigError), before measuring
+    from hsplit.runtime.common import pick_device       # the one --device check (ConfigError), before measuring
     device = str(pick_device(device or "auto"))
     flops, details = {}, {}
     for dt in dtypes:

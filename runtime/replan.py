@@ -48,9 +48,12 @@ import torch
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.importance import Importance, shift
 from hsplit.planner.plan import Plan
+from hsplit.planner.strategies import STRATEGIES, traits
+from hsplit.runtime import checkpoint
+from hsplit.runtime.common import GLOBAL, derive_seed
+from hsplit.runtime.party import move_party
 
 BETA = 0.5
-SUPPORTED = ("hsplitlora", "splitlora")
 # Test hook: (round, 1-based; window scores) -> scores used instead (e.g. a forced drift).
 score_transform: Callable[[int, dict[str, float]], dict[str, float]] | None = None
 
@@ -70,8 +73,9 @@ def check(plan: Plan) -> tuple[int, float] | None:
         problems.append("replan: re-planning needs the fleet the plan was made for, and inputs.fleet is missing "
                         "(a hand-written plan); make the plan with `hsplit plan --fleet ...`, add inputs.fleet, "
                         "or remove replan")
-    if plan.strategy not in SUPPORTED:
-        problems.append(f"replan: not supported with strategy {plan.strategy} (supported: {', '.join(SUPPORTED)})")
+    if not traits(plan.strategy).replannable:
+        supported = ", ".join(t.name for t in STRATEGIES.values() if t.replannable)
+        problems.append(f"replan: not supported with strategy {plan.strategy} (supported: {supported})")
     if problems:
         raise ConfigError(plan.source, problems)
     return int(every), float(threshold)
@@ -116,9 +120,7 @@ def apply_plan(sim, new: Plan, r: int, update=None) -> None:
     With `update` (a live re-plan), splitlora's global adapter is carried over (see module doc) and
     merged residuals are added to update.merge; without it (resume) only the structure is rebuilt,
     the values come from the checkpoint."""
-    from hsplit.runtime.train import GLOBAL, _predicted_round, derive_seed
-
-    bank, prof, t = sim.bank, sim.lm.profile, sim.t
+    bank, prof, t = sim.bank, sim.lm.profile, sim.training
     old_global = None
     if sim.global_ranks and update is not None:
         old_global = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in bank.factors(GLOBAL).items()}
@@ -129,11 +131,9 @@ def apply_plan(sim, new: Plan, r: int, update=None) -> None:
     new.training.rounds = sim.plan.training.rounds
     sim.plan = new
     for p, c in zip(sim.parties, new.clients):
-        cr, sr = new.client_ranks(c, prof), new.server_ranks(c, prof)
-        p.split, p.ranks, p.client_modules, p.server_modules = c.split_layer, {**cr, **sr}, set(cr), set(sr)
-        p.predicted_round_s = _predicted_round(c)
+        move_party(p, new, c, prof)
         bank.add(p.adapter, p.ranks)
-    sim.global_ranks = sim._global_ranks()
+    sim.global_ranks = sim.strategy.global_ranks()
     if sim.global_ranks is not None:
         bank.add(GLOBAL, sim.global_ranks)
     seed = derive_seed(t.seed, 2, r + 1)
@@ -161,7 +161,7 @@ def apply_plan(sim, new: Plan, r: int, update=None) -> None:
                 a.copy_(new_f[m][0])
                 b.copy_(new_f[m][1])
     for p in sim.parties:
-        sim._new_optimizers(p)
+        sim.new_optimizers(p)
     bank.activate(None)
 
 
@@ -193,7 +193,6 @@ class Replanner:
             return None
         rp = cls(sim, run_dir, *cfg)
         if resume_round is not None:
-            from hsplit.runtime import checkpoint
             st = checkpoint.read_state(run_dir, resume_round).get("replan") or {}
             rp.smoothed, rp.reference, rp.plan_file = st.get("smoothed"), st.get("reference"), st.get("plan_file")
         return rp

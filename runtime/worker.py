@@ -7,7 +7,7 @@
 The rank, world size and rendezvous address come from torchrun's environment (RANK, WORLD_SIZE,
 MASTER_ADDR, MASTER_PORT). Every process needs $HSPLIT_TOKEN (the run's shared secret) and the same
 plan.yaml, model folder and data. Exit codes: 0 done, 2 refused / bad input, 3 a peer was lost (the
-server prints the exact --resume command). See runtime/distributed.py and docs/runtime.md.
+server prints the exact --resume command). See runtime/distributed/ and docs/runtime.md.
 """
 from __future__ import annotations
 
@@ -31,27 +31,25 @@ def _at_least(lo: float, kind=int):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The worker's flags, built from the fields of RunOptions and DistOptions (runtime/options.py)."""
+    from dataclasses import MISSING
+
+    from hsplit.runtime.options import DistOptions, RunOptions, flag, flags
+
     ap = argparse.ArgumentParser(prog="python -m hsplit.runtime.worker",
                                  description="One process (server = rank 0, client k = rank k) of a distributed run; "
                                              "start every process with torchrun (docs/runtime.md, Distributed).")
     ap.add_argument("plan", nargs="+", help="plan.yaml (several: run one after the other, each in runs/<stem>/)")
-    ap.add_argument("--name", help="run folder name under --runs-dir (default: the plan file's stem)")
-    ap.add_argument("--runs-dir", default="runs", help="where the server writes run folders (default: runs)")
-    ap.add_argument("--rounds", type=_at_least(1), help="rounds to train (default: the plan's)")
-    ap.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint (every process)")
-    ap.add_argument("--eval-seqs", type=_at_least(1), default=64, help="held-out sequences evaluated after each round")
-    ap.add_argument("--device", default="cpu", help="auto | cpu | cuda (default: cpu)")
-    ap.add_argument("--compute-dtype", default="auto", help="auto | fp32 | bf16 | fp16 (default: the plan's dtype)")
-    ap.add_argument("--threads", type=_at_least(1), help="torch CPU threads of this process")
-    ap.add_argument("--keep-checkpoints", type=_at_least(1), help="newest rounds that keep adapters + optimizer state")
-    ap.add_argument("--timeout", type=_at_least(1, float), default=300.0,
-                    help="seconds to wait for an answer (a client's next step, the server's reply) before naming "
-                         "the silent peer lost (default: 300)")
-    ap.add_argument("--connect-timeout", type=_at_least(1, float), default=120.0,
-                    help="seconds for hsplit's rendezvous + handshake once torchrun has started the processes")
-    ap.add_argument("--min-clients", type=_at_least(1), help="finish a round with this many clients (default: all)")
-    ap.add_argument("--bind", default="127.0.0.1", help="address this process binds to (default loopback)")
-    ap.add_argument("--quiet", action="store_true", help="a client prints errors only, not its rounds")
+    for cls in (RunOptions, DistOptions):
+        for f in flags(cls):
+            default = None if f.default is MISSING else f.default
+            help_text = f.metadata["help"] + (f" (default: {default})" if default not in (None, False) else "")
+            if isinstance(default, bool):
+                ap.add_argument(flag(f), dest=f.name, action="store_true", help=help_text)
+                continue
+            kind = float if isinstance(default, float) else int if "int" in str(f.type) else str
+            parse = _at_least(f.metadata["min"], kind) if f.metadata.get("min") is not None else kind
+            ap.add_argument(flag(f), dest=f.name, type=parse, default=default, help=help_text)
     return ap
 
 
@@ -65,14 +63,12 @@ def main(argv: list[str] | None = None) -> int:
               f"--distributed` on one machine", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from hsplit.runtime.distributed import DistOptions, worker
-    from hsplit.runtime.train import RunOptions
+    from hsplit.runtime.distributed.launcher import worker
+    from hsplit.runtime.options import DistOptions, RunOptions, flags
 
-    opts = RunOptions(rounds=a.rounds, name=a.name, runs_dir=a.runs_dir, resume=a.resume, eval_max_seqs=a.eval_seqs,
-                      progress=False, device=a.device, threads=a.threads, compute_dtype=a.compute_dtype,
-                      keep_checkpoints=a.keep_checkpoints)
-    dopts = DistOptions(timeout_s=a.timeout, min_clients=a.min_clients, bind=a.bind,
-                        connect_timeout_s=a.connect_timeout, quiet=a.quiet)
+    values = vars(a)
+    opts = RunOptions(progress=False, **{f.name: values[f.name] for f in flags(RunOptions)})
+    dopts = DistOptions(**{f.name: values[f.name] for f in flags(DistOptions)})
     code = worker(a.plan, opts, dopts, argv)
     sys.stdout.flush()
     sys.stderr.flush()

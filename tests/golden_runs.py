@@ -62,7 +62,6 @@ def record(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
-    from hsplit.runtime.train import RunOptions, run
     torch.set_num_threads(1)
     before = os.environ.get("HSPLIT_CACHE")
     os.environ["HSPLIT_CACHE"] = str(root / "cache")
@@ -73,7 +72,8 @@ def runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
 
 
 def _runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
-    from hsplit.runtime.train import RunOptions, run
+    from hsplit.runtime.loop import run
+    from hsplit.runtime.options import RunOptions
     model, text = make_env(root)
     out = {}
     paths = {s: make_plan(root, model, text, s) for s in STRATEGIES}
@@ -81,7 +81,8 @@ def _runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
         res = run(path, RunOptions(runs_dir=root / "runs", name=s, progress=False, eval_max_seqs=8, threads=1))
         out[s] = record(res.run_dir)
     if distributed:
-        from hsplit.runtime.distributed import DistOptions, launch_local
+        from hsplit.runtime.distributed.launcher import launch_local
+        from hsplit.runtime.options import DistOptions
         split = [paths[s] for s in STRATEGIES if s != "centralized"]
         opts = RunOptions(runs_dir=root / "runs-dist", progress=False, threads=1, eval_max_seqs=8)
         code = launch_local(split, opts, DistOptions(timeout_s=60),

@@ -19,11 +19,13 @@ torch.set_num_threads(1)
 
 from hsplit.planner.plan import Plan
 from hsplit.runtime import checkpoint
-from hsplit.runtime.aggregate import STRATEGIES
-from hsplit.runtime.distributed import (EXIT_FAULT, EXIT_REFUSED, DistOptions, decode_tree, encode_tree,
-                                        for_client, launch_local)
+from hsplit.planner.strategies import NAMES as STRATEGIES
+from hsplit.runtime.distributed.launcher import launch_local
+from hsplit.runtime.distributed.wire import EXIT_FAULT, EXIT_REFUSED, decode_tree, encode_tree
+from hsplit.runtime.options import DistOptions
 from hsplit.runtime.partial_load import held_bytes, load_part
-from hsplit.runtime.train import RunOptions, run
+from hsplit.runtime.loop import run
+from hsplit.runtime.options import RunOptions
 
 DEADLINE = 150
 
@@ -156,14 +158,14 @@ def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
 
 def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(env):
     """splitlora/hetlora/flexlora: a holder left out of the aggregation still receives the aggregate at its rank."""
-    from hsplit.runtime.distributed import _parties
-    from hsplit.runtime.train import GLOBAL, build
+    from hsplit.runtime.common import GLOBAL
+    from hsplit.runtime.loop import InProcess, Silent
+    from hsplit.runtime.simulation import build
     for strategy in ("splitlora", "hetlora", "flexlora"):
         sim = build(Plan.load(make_plan(env, f"lost-{strategy}.yaml", strategy)), progress=False, device="cpu")
-        sim.train_round(0)
+        InProcess(sim, None).train_round(0, Silent())
         live = [sim.parties[0]]
-        with _parties(sim, live):
-            update = sim.combine()
+        update = sim.strategy.combine(live)
         sim.apply(update, 0)
         a, b = sim.bank.factors("k0"), sim.bank.factors("k1")
         for m, (a1, b1) in b.items():
@@ -265,13 +267,13 @@ def test_processes_without_the_token_or_with_another_plan_are_refused(env):
 
 
 def test_a_wrong_token_gives_another_mac():
-    from hsplit.runtime.distributed import token_mac
+    from hsplit.runtime.distributed.auth import token_mac
     assert token_mac("s3cret", "h", 1) == token_mac("s3cret", "h", 1)
     assert token_mac("s3cret", "h", 1) != token_mac("guess", "h", 1) != token_mac("s3cret", "h", 2)
 
 
 def test_update_messages_round_trip_without_pickle():
-    from hsplit.runtime.aggregate import RoundUpdate
+    from hsplit.runtime.strategies import RoundUpdate
     u = RoundUpdate(merge={"m.q": (torch.ones(3, 2), torch.zeros(2, 4))}, reinit=True,
                     assign_party={"k0": {"m.q": (torch.ones(1, 4), torch.ones(3, 1))}})
     v = decode_tree(encode_tree(u), RoundUpdate)
@@ -328,7 +330,7 @@ def test_hsplit_run_distributed_launches_the_processes_itself(env):
 
 
 def test_a_timeout_close_to_the_planned_step_time_is_warned_about(env):
-    from hsplit.runtime.distributed import Server
+    from hsplit.runtime.distributed.server import Server
     plan = Plan.load(make_plan(env, "steps.yaml", "splitlora"))
     plan.clients[1].predicted["step_s"] = 90.0
     plan.save(env[0] / "steps.yaml")
@@ -358,7 +360,7 @@ def test_the_readme_multi_machine_torchrun_commands_run_as_written(env):
     import sys
     from pathlib import Path
 
-    from hsplit.runtime.distributed import free_port
+    from hsplit.runtime.distributed.launcher import free_port
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = readme.split("## Multi-machine runs", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
     token_cmd = next(line for line in block.splitlines() if "run.token" in line and "secrets" in line)
@@ -465,7 +467,7 @@ def test_the_worker_checks_its_flags_and_its_launcher():
 
 
 def test_the_printed_resume_command_fits_how_the_processes_were_started():
-    from hsplit.runtime.distributed import resume_command
+    from hsplit.runtime.distributed.launcher import resume_command
     argv = ["plan.yaml", "--name", "f1", "--bind", "10.0.0.1", "--timeout", "600"]
     one = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
     assert resume_command(argv, one) == ("torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml "
@@ -503,19 +505,19 @@ def test_the_cli_summary_names_a_client_lost_under_min_clients(env):
 
 
 def test_a_client_receives_only_its_blocks_and_its_own_entries():
-    from hsplit.runtime.aggregate import RoundUpdate
+    from hsplit.runtime.strategies import RoundUpdate
     t = torch.zeros(2, 2)
     mods = [f"model.layers.{l}.self_attn.q_proj" for l in (0, 1, 2, 12)]
     u = RoundUpdate(merge={m: (t, t) for m in mods}, assign={m: (t, t) for m in mods}, reinit=True,
                     global_factors={m: (t, t) for m in mods},
                     assign_party={"k0": {m: (t, t) for m in mods}, "k1": {m: (t, t) for m in mods}},
                     global_scores={m: t[0] for m in mods}, local_scores={"k1": {m: t[0] for m in mods}})
-    mine = for_client(u, "k1", 2)             # blocks 0 and 1 (not 12: "layers.1" is not "layers.12")
+    mine = u.for_client("k1", 2)             # blocks 0 and 1 (not 12: "layers.1" is not "layers.12")
     want = mods[:2]
     assert list(mine.merge) == list(mine.assign) == list(mine.global_factors) == list(mine.global_scores) == want
     assert list(mine.assign_party) == ["k1"] and list(mine.assign_party["k1"]) == want
     assert list(mine.local_scores) == ["k1"] and list(mine.local_scores["k1"]) == want and mine.reinit
-    assert for_client(u, "k0", 2).local_scores == {}
+    assert u.for_client("k0", 2).local_scores == {}
     assert len(encode_tree(mine)) < len(encode_tree(u)) / 2
 
 
@@ -531,7 +533,7 @@ def test_the_planned_merge_download_is_what_a_client_receives(env):
     from hsplit.planner.evaluate import Config
     from hsplit.planner.instance import build_instance
     from hsplit.planner.model import load_model_profile
-    from hsplit.runtime.train import build
+    from hsplit.runtime.simulation import build
     root, model, text = env
     kw = random_instance(0, two_clients=True)
     inst = build_instance(kw["fleet"], load_model_profile(str(model)), ranks=(0, 2, 4, 8),
@@ -550,7 +552,7 @@ def test_the_planned_merge_download_is_what_a_client_receives(env):
                            "training": {"batch_size": 2, "seq_len": 32, "local_steps": 1},
                            "data": {"path": str(text), "eval_fraction": 0.1}, "clients": clients}, "merge.yaml")
     sim = build(plan, progress=False)
-    update = sim.combine()
+    update = sim.strategy.combine(sim.parties)
     for k, p in enumerate(sim.parties):
         got = for_client(update, p.adapter, p.split)
         sent = sum(4 * (b.numel() + a.numel()) for b, a in got.merge.values())

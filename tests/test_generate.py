@@ -126,7 +126,7 @@ def test_bleu_signature_is_sacrebleus():
 
 def test_eval_device_is_checked_before_loading_and_applies_to_perplexity(bracket_run, monkeypatch):
     run_dir, data = bracket_run
-    import hsplit.runtime.train as train
+    import hsplit.runtime.rundir as train
     seen = []
     real = train.load_run
     monkeypatch.setattr(train, "load_run", lambda *a, **k: seen.append(k.get("device")) or real(*a, **k))

@@ -19,7 +19,9 @@ from hsplit.planner.plan import DataSpec, Plan, Training
 from hsplit.runtime import checkpoint
 from hsplit.runtime import replan as replanning
 from hsplit.runtime.evaluate import evaluate
-from hsplit.runtime.train import RunOptions, load_run, run
+from hsplit.runtime.loop import run
+from hsplit.runtime.options import RunOptions
+from hsplit.runtime.rundir import load_run
 
 MODULES = ["q_proj", "v_proj", "down_proj"]
 
@@ -162,16 +164,17 @@ def test_a_hand_written_plan_without_a_fleet_is_refused_at_start(env):
 
 
 def test_splitlora_truncation_merges_the_cut_components_so_the_model_is_unchanged(env):
-    from hsplit.runtime.aggregate import RoundUpdate
-    from hsplit.runtime.train import build
+    from hsplit.runtime.strategies import RoundUpdate
+    from hsplit.runtime.simulation import build
+    from hsplit.runtime.loop import InProcess, Silent
     path, prof = plan_file(env, "trunc")
     plan = Plan.load(path)
     plan.strategy = "splitlora"
     for c in plan.clients:
         c.split_layer, c.ranks = 2, {m: 8 for m in MODULES}
     sim = build(plan, progress=False, device="cpu")
-    rows = sim.train_round(0)
-    sim.aggregate(0, rows)
+    ex = InProcess(sim, None)
+    ex.aggregate(0, ex.train_round(0, Silent()))
     ids = sim.data.eval.input_ids[:2]
 
     def logits():

@@ -7,7 +7,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hsplit.planner.errors import ConfigError
-from hsplit.runtime.aggregate import ClientFactors, ExactMerge, FedAvg, update_delta
+from hsplit.runtime.strategies import ClientFactors
+from hsplit.runtime.strategies.hsplitlora import HSplitLoRA as ExactMerge
+from hsplit.runtime.strategies.hsplitlora import update_delta
+from hsplit.runtime.strategies.splitlora import SplitLoRA as FedAvg
 from hsplit.runtime.lora import AdapterBank, rank_pattern_key
 from hsplit.runtime.model import SplitLM, check_model_hash, load_lm
 from hsplit.runtime.tiny import save_tiny_model

@@ -14,7 +14,10 @@ from hsplit.planner.plan import Plan
 from hsplit.runtime import checkpoint
 from hsplit.runtime.lora import lora_config
 from hsplit.runtime.model import lm_loss, load_lm
-from hsplit.runtime.train import RunOptions, build, lr_at, run
+from hsplit.runtime.common import lr_at
+from hsplit.runtime.loop import InProcess, Silent, run
+from hsplit.runtime.options import RunOptions
+from hsplit.runtime.simulation import build
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +57,7 @@ def test_one_client_alone_reproduces_plain_unsplit_lora_training(env):
     init = sim.bank.state(party.adapter)
     ranks = dict(party.ranks)
     assert sum(1 for m in ranks if ".layers.3." in m) == 3          # server side: server_rank on 3 modules
-    sim.train_round(0)
+    InProcess(sim, None).train_round(0, Silent())
     trained = sim.bank.state(party.adapter)
 
     # plain single-process peft LoRA on a fresh copy of the same model, same init, batches and schedule
@@ -88,7 +91,7 @@ def test_one_client_alone_reproduces_plain_unsplit_lora_training(env):
     assert moved > 1e-3                                              # training really moved the adapters
 
     # and the aggregated (merged) model is the plain LoRA model merged
-    sim.aggregate(0, [{"bytes_up": 0, "bytes_down": 0}])
+    InProcess(sim, None).aggregate(0, [{"bytes_up": 0, "bytes_down": 0}])
     merged = model.merge_and_unload()
     for m in ranks:
         torch.testing.assert_close(sim.bank.base_weight(m), merged.get_submodule(m).weight, rtol=1e-4, atol=1e-6)
@@ -269,7 +272,7 @@ def test_centralized_trains_one_model_on_pooled_data(env):
 
 def _no_model_loading(monkeypatch):
     """Make loading the model an immediate failure: the checks under test must come first."""
-    import hsplit.runtime.train as train
+    import hsplit.runtime.simulation as train
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the check")
@@ -286,7 +289,7 @@ def _cli():
 
 def test_device_is_checked_before_loading_anything(env, monkeypatch):
     from typer.testing import CliRunner
-    from hsplit.runtime.train import pick_device
+    from hsplit.runtime.common import pick_device
     _no_model_loading(monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert pick_device("cpu") == torch.device("cpu") and pick_device("auto") == torch.device("cpu")
@@ -307,7 +310,7 @@ def test_device_is_checked_before_loading_anything(env, monkeypatch):
 
 def test_resume_of_a_finished_run_says_so_before_loading_and_rounds_below_done_is_an_error(env, monkeypatch, capsys):
     from typer.testing import CliRunner
-    from hsplit.runtime.train import RunFinished
+    from hsplit.runtime.rundir import RunFinished
     path = make_plan(env, "done.yaml", rounds=1)
     run(path, opts(env))
     run_dir = env[0] / "runs" / "done"
@@ -390,7 +393,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(env):
 
 def test_ctrl_c_right_after_a_checkpoint_says_after_that_round(monkeypatch, tmp_path):
     """Between round N's checkpoint and round N+1's start the run is not 'in round N' any more."""
-    from hsplit.runtime import train
+    from hsplit.runtime import rundir as train
     monkeypatch.setattr(train.checkpoint, "complete_rounds", lambda run_dir: [0, 1])
     opts = RunOptions(runs_dir=tmp_path, name="x")
     assert "interrupted after round 1; the last complete checkpoint is round 1" in \

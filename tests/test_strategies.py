@@ -8,8 +8,12 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
-from hsplit.runtime.aggregate import STRATEGIES, ClientFactors
-from hsplit.runtime.strategies_het import GlobalFactors, svd_of_product, top_components
+from hsplit.runtime.strategies import CLASSES, ClientFactors
+from hsplit.runtime.strategies.flexlora import svd_of_product
+from hsplit.runtime.strategies.global_adapter import GlobalFactors
+from hsplit.runtime.strategies.hafl import top_components
+
+STRATEGIES = {name: cls() for name, cls in CLASSES.items()}
 
 D_IN, D_OUT = 6, 5
 
@@ -118,7 +122,8 @@ def env(tmp_path_factory):
 def test_hafl_freezing_leaves_frozen_components_untouched_even_with_weight_decay(env):
     import test_runtime_train as T
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.train import build
+    from hsplit.runtime.simulation import build
+    from hsplit.runtime.loop import InProcess, Silent
     sim = build(Plan.load(T.make_plan(env, "freeze.yaml", strategy="hafl-freezing", weight_decay=0.1)),
                 progress=False, device="cpu")
     a_party = sim.parties[0]              # planned q_proj rank 2 on its client block; global rank 8
@@ -127,21 +132,22 @@ def test_hafl_freezing_leaves_frozen_components_untouched_even_with_weight_decay
         for _, bb in sim.bank.factors(a_party.adapter).values():
             bb.copy_(0.01 * torch.randn(bb.shape, generator=torch.Generator().manual_seed(0)))
     before = {k: v.clone() for k, v in sim.bank.state(a_party.adapter).items()}
-    assert before[f"{m}.lora_A"].shape[0] == 8 and sim.het.selection[a_party.adapter][m] == [0, 1]
-    sim.train_round(0)
+    assert before[f"{m}.lora_A"].shape[0] == 8 and sim.strategy.selection[a_party.adapter][m] == [0, 1]
+    InProcess(sim, None).train_round(0, Silent())
     after = sim.bank.state(a_party.adapter)
     assert torch.equal(after[f"{m}.lora_A"][2:], before[f"{m}.lora_A"][2:])
     assert torch.equal(after[f"{m}.lora_B"][:, 2:], before[f"{m}.lora_B"][:, 2:])
     assert not torch.equal(after[f"{m}.lora_A"][:2], before[f"{m}.lora_A"][:2])
     # importance was measured on every component, the frozen ones included
-    assert float(sim.het.component_scores(a_party.adapter, m, 8)[2:].sum()) > 0
+    assert float(sim.strategy.component_scores(a_party.adapter, m, 8)[2:].sum()) > 0
 
 
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "hafl-truncation", "hafl-freezing"])
 def test_every_strategy_trains_evaluates_and_exports(env, strategy):
     import test_runtime_train as T
     from hsplit.runtime.export import total_update
-    from hsplit.runtime.train import load_run, run
+    from hsplit.runtime.loop import run
+    from hsplit.runtime.rundir import load_run
     res = run(T.make_plan(env, f"run-{strategy}.yaml", strategy=strategy, learning_rate=2e-2), T.opts(env))
     assert res.eval_after < res.eval_before
     total, _, _ = total_update(res.run_dir)

@@ -1,0 +1,164 @@
+"""`hsplit run plan.yaml`: the round loop, written once for the in-process simulation and the distributed
+server. What differs sits behind an executor: `InProcess` here, `Server` in runtime/distributed/server.py.
+
+    result = run("plan.yaml", RunOptions(rounds=2, name="demo"))
+    # runs/demo/{config.yaml, metrics.csv, checkpoints/round-NNNN/}
+
+The recipe (DESIGN.md "Runtime semantics"):
+    evaluate the starting model (round 0) and checkpoint it, or restore the last checkpoint (--resume)
+    for every round r:
+        executor.train_round(r)        every client's local steps (step.py: the split step)
+        executor.aggregate(r, rows)    the strategy combines every holder's adapters, everyone continues
+        executor.evaluate()            held-out loss of the aggregated model
+        re-plan when importance drifted (replan.py), checkpoint (atomic), append metrics.csv
+Clients are independent within a round, so the in-process simulation runs them one after the other
+and gets what parallel clients get. Fleet time is what the planned fleet would take: the plan's
+predicted round time (the straggler sets it). All randomness is derived from (seed, round, client,
+step): a resumed run ends with exactly the adapters of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import Plan
+from hsplit.planner.yamlio import atomic_write_text, dump_yaml
+from hsplit.runtime import checkpoint, replan
+from hsplit.runtime.common import pick_device
+from hsplit.runtime.evaluate import evaluate
+from hsplit.runtime.options import RunOptions
+from hsplit.runtime.rundir import (CONFIG_HEADER, RunResult, global_row, interrupted, prepare_run_dir, restore,
+                                   round_rows, run_config, set_config_rounds, write_metrics)
+from hsplit.runtime.simulation import build
+from hsplit.runtime.step import LocalServer, ServerSide, client_round
+
+
+class Silent:
+    """A reporter that shows nothing (the interface of cliutil's progress bars)."""
+    def start_rounds(self, total: int, done: int) -> None: ...
+    def start_round(self, r: int, steps: int) -> None: ...
+    def advance(self) -> None: ...
+    def end_round(self, row: dict) -> None: ...
+
+
+class InProcess:
+    """The executor of the in-process simulation: every party's both halves in this process."""
+    replans = True
+
+    def __init__(self, sim, eval_max_seqs: int | None):
+        self.sim, self.eval_max_seqs = sim, eval_max_seqs
+        self.side = ServerSide(sim)
+        self.server = LocalServer(self.side)
+
+    def restore(self, run_dir: Path, last: int) -> list[dict]:
+        return restore(self.sim, run_dir, last)
+
+    def train_round(self, r: int, reporter, on_step=None) -> list[dict]:
+        sim = self.sim
+        self.side.begin_round(sim.parties)
+
+        def step(rr, i, s):
+            if on_step:
+                on_step(rr, i, s)
+            reporter.advance()
+        for p in sim.parties:
+            client_round(sim, p, r, self.server, step)
+        return self.side.rows(r, sim.parties)
+
+    def aggregate(self, r: int, rows: list[dict]):
+        sim = self.sim
+        update = sim.strategy.combine(sim.parties)
+        sim.apply(update, r)
+        for p, row in zip(sim.parties, rows):
+            up, down = sim.strategy.traffic(p, update)
+            row["bytes_up"] += up
+            row["bytes_down"] += down
+        return update, rows
+
+    def evaluate(self) -> float:
+        return evaluate(self.sim, self.sim.data.eval, self.eval_max_seqs)
+
+    def checkpoint_state(self) -> dict:
+        return {}
+
+    def round_done(self, row: dict) -> None:
+        pass
+
+
+def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path, done: list[int], rounds: int,
+                where: list, reporter=None, config_extra: dict | None = None) -> RunResult:
+    """Train rounds done[-1]+1 .. rounds (or 1.. for a new run) with executor `ex`; the one round loop."""
+    sim, reporter = ex.sim, reporter or Silent()
+    if plan.replan and not ex.replans:
+        raise ConfigError(plan.source, ["replan: re-planning runs in-process only (hsplit run without "
+                                        "--distributed); remove replan from the plan to run it distributed"])
+    replanner = replan.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
+    if opts.resume:
+        checkpoint.remove_stale(run_dir)
+        start = done[-1]
+        rows = ex.restore(run_dir, start)
+        set_config_rounds(run_dir, rounds)
+    else:
+        start = 0
+        rows = [global_row(0, [], ex.evaluate(), 0.0, 0.0, 0.0, None)]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            config = run_config(sim, plan_path, run_dir, rounds, opts, **(config_extra or {}))
+            atomic_write_text(run_dir / "config.yaml", dump_yaml(config, CONFIG_HEADER))
+            checkpoint.save(run_dir, 0, sim.tensors(None), {"metrics": rows, "strategy": plan.strategy})
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)      # nothing half-written
+            raise
+    write_metrics(run_dir, rows)
+    fleet_total = next((r["fleet_total_s"] for r in reversed(rows) if r.get("fleet_total_s") is not None), 0.0)
+    reporter.start_rounds(rounds, start)
+    for r in range(start, rounds):
+        where[0] = r + 1
+        t0 = time.perf_counter()
+        reporter.start_round(r, len(sim.parties) * sim.steps_per_round)
+        client_rows = ex.train_round(r, reporter, replanner.begin_round(r, opts.on_step) if replanner else opts.on_step)
+        t1 = time.perf_counter()
+        update, client_rows = ex.aggregate(r, client_rows)
+        agg_s = time.perf_counter() - t1
+        new_rows, fleet_total = round_rows(sim, r, client_rows, ex.evaluate(), time.perf_counter() - t0, agg_s,
+                                           fleet_total)
+        g = new_rows[-1]
+        if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
+            replanner.end_round(r, update, g)
+        checkpoint.save(run_dir, r + 1, sim.tensors(update),
+                        {"metrics": new_rows, "strategy": plan.strategy, **(replanner.state() if replanner else {}),
+                         **ex.checkpoint_state()}, keep=opts.keep_checkpoints)
+        rows += new_rows
+        write_metrics(run_dir, rows)
+        reporter.end_round(g)
+        ex.round_done(g)
+    return RunResult.from_rows(run_dir, rounds, rows)
+
+
+def run(plan_path: str | Path, opts: RunOptions | None = None, reporter=None) -> RunResult:
+    """Execute a plan in-process (or resume it) and return where the outputs are. `reporter`: progress
+    (cliutil's bars; None: silent)."""
+    opts = opts or RunOptions()
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    plan_path = Path(plan_path)
+    plan = Plan.load(plan_path)
+    pick_device(opts.device)                    # a bad --device is an error before anything is loaded
+    run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
+    plan.training.rounds = rounds
+    if rounds < 1:
+        raise ConfigError(str(plan_path), ["--rounds must be >= 1"])
+    if opts.resume and opts.progress:
+        print(f"resuming {run_dir} from round {done[-1]}", file=sys.stderr, flush=True)
+    where: list[int | None] = [None]            # the round being trained, for the Ctrl-C message
+    try:
+        sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
+        return rounds_loop(InProcess(sim, opts.eval_max_seqs), plan, plan_path, opts, run_dir, done, rounds, where,
+                           reporter)
+    except KeyboardInterrupt:
+        raise interrupted(plan_path, run_dir, opts, where[0]) from None

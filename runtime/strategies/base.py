@@ -1,0 +1,156 @@
+"""What every strategy is: the protocol the round loop and the split step call, and its data types.
+
+    strategy = make("hetlora")            # runtime/strategies/__init__.py
+    strategy.setup(sim)                   # once, by the Simulation (the strategy keeps `sim`)
+    ... strategy.before_step(p, s, modules) / after_step(p, snap)        around every optimizer step
+    update = strategy.combine(parties)    # end of round: collect every holder's factors, aggregate
+    strategy.apply(update, r)             # every party (and the global adapter) continues from it
+
+Every (block, module) is aggregated over the parties that hold an adapter on it, whether the
+client or the server held it; weights are the data weights p_k renormalised over those holders.
+A strategy owns its server-side state (a global adapter, importance scores, selections) and says
+what goes into checkpoints (`state_tensors`) and what a client process sends with its adapters
+(`upload` / `absorb`). Defaults here are what a strategy that needs nothing more does.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from hsplit.planner.plan import block_of
+from hsplit.planner.strategies import traits
+from hsplit.runtime.common import GLOBAL
+
+
+@dataclass
+class ClientFactors:
+    weight: float          # data weight p_k (renormalised per module by the strategy)
+    A: torch.Tensor        # (r_k, d_in)
+    B: torch.Tensor        # (d_out, r_k)
+    scaling: float         # alpha / r
+    party: str = ""        # the holder's adapter name
+    components: list[int] | None = None   # hafl: global component index of each row of A / column of B
+    updated: list[int] | None = None      # hafl: the slots (rows of A) this holder updated
+    scores: torch.Tensor | None = None    # hafl: importance of each slot
+
+
+@dataclass
+class RoundUpdate:
+    merge: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # module -> (B_cat, A_cat)
+    assign: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B) for all
+    reinit: bool = False                                                                 # adapters restart
+    # strategies that keep a global adapter:
+    global_factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B)
+    assign_party: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    global_scores: dict[str, torch.Tensor] = field(default_factory=dict)       # hafl: module -> (R,)
+    local_scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # hafl-freezing
+
+    def for_client(self, party: str, split: int) -> "RoundUpdate":
+        """The part a client process uses: entries of the blocks it holds ([0, split)) and, of the
+        per-party entries, its own. What it downloads grows with its own blocks, not with the fleet."""
+        def keep(d: dict) -> dict:
+            return {k: v for k, v in d.items() if (block_of(k) is None or block_of(k) < split)}
+
+        return RoundUpdate(merge=keep(self.merge), assign=keep(self.assign), reinit=self.reinit,
+                           global_factors=keep(self.global_factors),
+                           assign_party={party: keep(self.assign_party[party])} if party in self.assign_party else {},
+                           global_scores=keep(self.global_scores),
+                           local_scores={party: keep(self.local_scores[party])} if party in self.local_scores else {})
+
+
+def normalised(weights: list[float]) -> list[float]:
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def adapter_bytes(factors, modules) -> int:
+    """fp32 bytes of the (A, B) pairs of `factors` (module -> (A, B)) on `modules`."""
+    return sum(4 * (a.numel() + b.numel()) for m, (a, b) in factors.items() if m in modules)
+
+
+class Strategy:
+    """The base of every strategy: each hook's default."""
+    name = ""
+    clears_moments = False      # AdamW moments are cleared after a party's local steps (adapters restart)
+
+    def __init__(self):
+        self.traits = traits(self.name)
+        self.sim = None
+
+    # ---- set-up (by the Simulation) ----
+    def setup(self, sim) -> None:
+        self.sim = sim
+
+    def make_parties(self):
+        from hsplit.runtime.party import client_parties
+        sim = self.sim
+        return client_parties(sim.plan, sim.lm.profile, sim.data)
+
+    def steps_per_round(self) -> int:
+        return self.sim.training.local_steps
+
+    def held_ranks(self, p) -> dict[str, int]:
+        """The rank of every adapter party p holds in the bank."""
+        return p.ranks
+
+    def global_ranks(self) -> dict[str, int] | None:
+        """Ranks of the global adapter (the aggregated model's own), None when there is none."""
+        return None
+
+    def start(self) -> None:
+        """After every adapter got its fresh init."""
+
+    # ---- around every optimizer step (modules: the side that steps) ----
+    def before_step(self, p, step_idx: int, modules):
+        return None
+
+    def after_step(self, p, snap) -> None:
+        pass
+
+    # ---- aggregation ----
+    def collect(self, parties) -> dict[str, list[ClientFactors]]:
+        """Per (block, module): every holder's factors, client- or server-held alike."""
+        sim = self.sim
+        updates: dict[str, list[ClientFactors]] = {}
+        for p in parties:
+            for m, (a, b) in sim.bank.factors(p.adapter).items():
+                updates.setdefault(m, []).append(ClientFactors(p.weight, a, b, sim.training.lora_alpha_over_rank,
+                                                               party=p.adapter))
+        return updates
+
+    def combine(self, parties) -> RoundUpdate:
+        """The aggregate of `parties`' factors (nothing is changed yet)."""
+        return self.aggregate(self.collect(parties))
+
+    def aggregate(self, updates: dict[str, list[ClientFactors]]) -> RoundUpdate:
+        raise NotImplementedError
+
+    def apply(self, update: RoundUpdate, r: int) -> None:
+        """Every party (and the global adapter) continues from the update of round r (0-based)."""
+
+    def traffic(self, p, update: RoundUpdate) -> tuple[int, int]:
+        """Bytes party p's client uploads and downloads for the aggregation: its client-side adapters up,
+        what the update gives its client-side modules down."""
+        own = self.sim.bank.factors(p.adapter)
+        got = update.merge if update.merge else update.assign
+        return adapter_bytes(own, p.client_modules), adapter_bytes(got, p.client_modules)
+
+    def eval_adapter(self) -> str | None:
+        """The adapter that represents the aggregated model (None: everything is in the base weights)."""
+        return GLOBAL if self.sim.global_ranks else None
+
+    # ---- state ----
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Strategy state for checkpoints (beside every adapter and optimizer)."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    def upload(self, p, modules) -> dict:
+        """What a client process sends with its adapters at the end of a round (beyond factors and moments)."""
+        return {}
+
+    def absorb(self, p, data: dict) -> None:
+        """The server side of `upload`."""
