@@ -6,7 +6,7 @@
 Measures, for one hand-written 2-client plan (splits 2 and 4, q_proj/v_proj rank 8, server rank 8):
 - per-step and per-round training time, distributed vs in-process (ratio), threads=1 per process;
 - bytes per training step on the wire (ACT + GRAD + clipping messages, headers included, counted by
-  runtime/distributed.py Link) vs the planner's prediction 2 * cut_bytes = 2 * b*T*h*act_bytes
+  runtime/distributed/link.py Link) vs the planner's prediction 2 * cut_bytes = 2 * b*T*h*act_bytes
   (planner/evaluate.py traffic_bytes);
 - peak RSS of a process that loads a client's part (embeddings + 2 blocks) vs one that loads the
   whole model (each in a fresh subprocess, after importing torch + transformers).
@@ -62,9 +62,11 @@ def main() -> None:
     import torch
     torch.set_num_threads(1)
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.distributed import DistOptions, launch_local
+    from hsplit.runtime.distributed.launcher import launch_local
+    from hsplit.runtime.options import DistOptions
     from hsplit.runtime.model import resolve_model_path
-    from hsplit.runtime.train import RunOptions, run
+    from hsplit.runtime.loop import run
+    from hsplit.runtime.options import RunOptions
     from transformers import AutoConfig
 
     work = ROOT / "bench" / "results" / "distributed-work"

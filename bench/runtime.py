@@ -65,7 +65,8 @@ def throughput(args) -> dict:
 
     from hsplit.runtime.lora import lora_config
     from hsplit.runtime.model import lm_loss, load_lm
-    from hsplit.runtime.train import build
+    from hsplit.runtime.simulation import build
+    from hsplit.runtime.step import LocalServer, ServerSide, client_step
 
     model = _model_ref(args)
     lm0 = load_lm(model, progress=False)
@@ -73,6 +74,9 @@ def throughput(args) -> dict:
     plan = _expand_all(_plan(model, 1, split, args.rank, args.batch, args.seq), lm0.profile)
     sim = build(plan, progress=False, device="cpu")
     party = sim.parties[0]
+    side = ServerSide(sim)
+    side.begin_round([party])
+    server = LocalServer(side)
     sim.bank.activate(party.adapter)
     sim.lm.model.train()
     # plain peft: the same model (a second copy), the same ranks, one AdamW, the unsplit forward
@@ -96,7 +100,7 @@ def throughput(args) -> dict:
         for which in order:
             t = time.perf_counter()
             if which == "hsplit":
-                sim.step(party, b, s, 0, s)
+                client_step(sim, party, b, 0, s, server)
             else:
                 plain_step(b)
             if s > 0:
@@ -112,9 +116,10 @@ def throughput(args) -> dict:
 
 def memory_child(args) -> dict:
     """One subprocess: build K clients, one round, exact aggregation; peak RSS."""
-    from hsplit.runtime.aggregate import FedAvg
+    from hsplit.runtime.loop import InProcess, Silent
     from hsplit.runtime.model import load_lm
-    from hsplit.runtime.train import build
+    from hsplit.runtime.simulation import build
+    from hsplit.runtime.strategies.splitlora import SplitLoRA
 
     model = _model_ref(args)
     profile = load_lm(model, progress=False).profile if args.model == "tiny" else None
@@ -127,13 +132,14 @@ def memory_child(args) -> dict:
     sim = build(plan, progress=False, device="cpu")
     t1 = time.perf_counter()
     _reset_peak()                          # measure the training phase separately from loading
-    rows = sim.train_round(0)
+    ex = InProcess(sim, None)
+    rows = ex.train_round(0, Silent())
     t2 = time.perf_counter()
     fed = time.perf_counter()
-    FedAvg().aggregate(sim.collect())
+    SplitLoRA().aggregate(sim.strategy.collect(sim.parties))
     fed = time.perf_counter() - fed
     t3 = time.perf_counter()
-    sim.aggregate(0, rows)
+    ex.aggregate(0, rows)
     t4 = time.perf_counter()
     return {"clients": args.clients, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "train_peak_rss_gib": _vm_hwm_gib(),

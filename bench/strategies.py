@@ -73,7 +73,9 @@ def make_plans(args, out: Path) -> dict[str, Path]:
 def run_one(strategy: str, plan_path: Path, args, out: Path) -> dict:
     from hsplit.planner.plan import Plan
     from hsplit.runtime.generate import generate_on
-    from hsplit.runtime.train import RunOptions, load_run, run
+    from hsplit.runtime.loop import run
+    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.rundir import load_run
 
     runs = out / "runs"
     t0 = time.perf_counter()

@@ -1,6 +1,5 @@
-"""hsplit.runtime: executes plans (torch + transformers + peft).
-
-model.py (load + split), lora.py (per-client adapters), aggregate.py (strategies), data.py,
-train.py (the round loop), checkpoint.py, evaluate.py, export.py, demo.py; commands.py adds the
-`run`, `eval`, `export` and `demo` commands to the CLI. See docs/runtime.md.
+"""hsplit.runtime: executes plans (torch + transformers + peft). The layout, one line per file, and a
+glossary are in docs/runtime.md: loop.py (the round loop) over step.py (the split step),
+simulation.py (what a process holds), strategies/ (one class per strategy), distributed/ (the same
+loop as processes). The CLI (cli.py) calls these library functions.
 """

@@ -3,7 +3,7 @@
     lm = load_part("path/to/model", blocks=range(0, 3), embeddings=True, head=False)   # client, split 3
     lm = load_part("path/to/model", blocks=range(1, 30), embeddings=False, head=True)  # server, min split 1
 
-Used by the distributed runtime (runtime/distributed.py): a client process must not hold the whole
+Used by the distributed runtime (runtime/distributed/): a client process must not hold the whole
 model. The skeleton is built from config.json with parameters on the meta device (no memory); the
 tensors the process owns are then read one by one from the safetensors file(s) with
 `safetensors.safe_open` (lazy: only the requested tensors are read). Every other parameter becomes a

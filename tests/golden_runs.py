@@ -29,25 +29,9 @@ def make_env(root: Path):
 
 
 def make_plan(root: Path, model, text, strategy: str) -> Path:
-    from hsplit.planner.plan import Plan
-    t = {"batch_size": 2, "seq_len": 32, "local_steps": 3, "rounds": 2, "dtype": "fp32", "learning_rate": 5e-3,
-         "lr_schedule": "cosine", "warmup_steps": 1, "seed": 0, "lora_dropout": 0.1, "max_grad_norm": 0.5}
-    if strategy == "splitlora":
-        clients = [{"id": c, "device": "d", "split_layer": 2, "ranks": {"q_proj": 4, "v_proj": 4, "down_proj": 4},
-                    "data_weight": w} for c, w in (("a", 1.0), ("b", 2.0))]
-    else:
-        clients = [{"id": "a", "device": "pi", "split_layer": 1, "ranks": {"q_proj": 2}, "data_weight": 1.0,
-                    "predicted": {"round_s": 3.0}},
-                   {"id": "b", "device": "jetson", "split_layer": 3,
-                    "ranks": {"q_proj": 8, "model.layers.1.mlp.down_proj": 4}, "data_weight": 2.0,
-                    "predicted": {"round_s": 7.5}}]
-    plan = Plan.from_dict({"model": str(model), "strategy": strategy, "server_rank": 4,
-                           "modules": ["q_proj", "v_proj", "down_proj"], "training": t,
-                           "data": {"path": str(text), "partition": "by-source", "eval_fraction": 0.1},
-                           "clients": clients}, f"{strategy}.yaml")
-    path = root / f"{strategy}.yaml"
-    plan.save(path)
-    return path
+    """The plan of tests/test_distributed.py (dropout and clipping on, clients split at blocks 1 and 3)."""
+    from test_distributed import make_plan as distributed_plan
+    return distributed_plan((root, model, text), f"{strategy}.yaml", strategy)
 
 
 def record(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

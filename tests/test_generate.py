@@ -12,7 +12,8 @@ torch.set_num_threads(1)
 from typer.testing import CliRunner
 
 from hsplit.cli import app
-from hsplit.runtime.generate import read_mr_groups, split_data_ref, text_metrics
+from hsplit.runtime.data import split_data_ref
+from hsplit.runtime.generate import read_mr_groups, text_metrics
 
 
 def test_metrics_use_every_reference_of_an_mr():

@@ -85,13 +85,18 @@ class GlobalAdapterStrategy(Strategy):
 
     @torch.no_grad()
     def apply(self, update: RoundUpdate, r: int) -> None:
+        """The update's global adapter into the bank, then every holder continues from its part (nothing
+        when the update has nothing for this process's blocks: a client process's part of it)."""
         if not (update.global_factors or update.assign_party):
-            return          # nothing of this process's blocks (a client process's part of the update)
-        sim = self.sim
-        g = sim.bank.factors(GLOBAL)
+            return
+        g = self.sim.bank.factors(GLOBAL)
         for m, (a, b) in update.global_factors.items():
             g[m][0].copy_(a)
             g[m][1].copy_(b)
+        self.continue_from(update, g)
+
+    def continue_from(self, update: RoundUpdate, g) -> None:
+        sim = self.sim
         for p in sim.parties:
             f = sim.bank.factors(p.adapter)
             mods = update.assign_party.get(p.adapter)

@@ -152,15 +152,10 @@ class HAFL(GlobalAdapterStrategy):
             out.global_scores[m] = scores
         return out
 
-    @torch.no_grad()
-    def apply(self, update: RoundUpdate, r: int) -> None:
-        if not (update.global_factors or update.assign_party):
-            return          # nothing of this process's blocks (a client process's part of the update)
+    def continue_from(self, update: RoundUpdate, g) -> None:
+        """New scores and selections; every holder continues from the components it holds (truncation: a
+        component newly selected into a slot starts with zero AdamW moments there)."""
         sim = self.sim
-        g = sim.bank.factors(GLOBAL)
-        for m, (a, b) in update.global_factors.items():
-            g[m][0].copy_(a)
-            g[m][1].copy_(b)
         self.scores.update({m: s.clone() for m, s in update.global_scores.items()})
         for party, mods in update.local_scores.items():
             self.local_scores.setdefault(party, {}).update(mods)
