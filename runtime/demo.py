@@ -46,7 +46,9 @@ def _free_name(runs_dir: Path, base: str) -> str:
 
 
 def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, threads: int | None = None,
-         eval_seqs: int = 32, progress: bool = True, say: Callable[[str], None] | None = print) -> dict:
+         eval_seqs: int = 32, progress: bool = True, say: Callable[[str], None] | None = print,
+         reporter=None) -> dict:
+    """`reporter`: a train.Reporter for the rounds (cliutil.RoundBars in `hsplit demo`); None = silent."""
     from hsplit.planner.api import make_plan
     from hsplit.runtime.model import DEFAULT_MODEL
     from hsplit.runtime.train import RunOptions, run
@@ -65,7 +67,7 @@ def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, t
         + ", ".join(f"{c.id} {c.device} split {c.split_layer}" for c in plan.clients)
         + f" (predicted round {plan.predicted.get('round_s', float('nan')):.1f} s) -> {plan_path}")
     res = run(plan_path, RunOptions(name=name, runs_dir=runs_dir, eval_max_seqs=eval_seqs, progress=progress,
-                                    threads=threads))
+                                    threads=threads), reporter)
     before, after = math.exp(res.eval_before), math.exp(res.eval_after)
     say(f"held-out perplexity: {before:.2f} before -> {after:.2f} after {rounds} rounds "
         f"({time.perf_counter() - t0:.0f} s)")

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -63,7 +63,7 @@ class RunOptions:
     runs_dir: str | Path = "runs"
     resume: bool = False
     eval_max_seqs: int = 64            # held-out sequences evaluated after each round
-    progress: bool = True
+    progress: bool = True              # model-loading messages, the 'resuming' line (round bars: run's reporter)
     device: str = "auto"               # auto | cpu | cuda
     threads: int | None = None         # torch CPU threads (1 is fastest on a busy machine)
     compute_dtype: str = "auto"        # auto (plan dtype; fp32 on CPUs without fast bf16) | fp32 | bf16 | fp16
@@ -559,8 +559,17 @@ def prepare_run_dir(plan: Plan, plan_path: Path, opts: RunOptions) -> tuple[Path
     return run_dir, done, opts.rounds or plan.training.rounds
 
 
-def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
-    """Execute a plan (or resume it) and return where the outputs are."""
+class Reporter(Protocol):
+    """What `run` tells about its progress, e.g. cliutil.RoundBars; run(..., reporter=None) is silent."""
+
+    def start_rounds(self, total: int, done: int) -> None: ...
+    def start_round(self, r: int, steps: int) -> None: ...      # r: 0-based round index; steps: all clients'
+    def advance(self) -> None: ...                              # one client step done
+    def end_round(self, row: dict) -> None: ...                 # the round's `client == "all"` metrics row
+
+
+def run(plan_path: str | Path, opts: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
+    """Execute a plan (or resume it) and return where the outputs are; `reporter` hears about each round."""
     opts = opts or RunOptions()
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -575,13 +584,13 @@ def run(plan_path: str | Path, opts: RunOptions | None = None) -> RunResult:
         print(f"resuming {run_dir} from round {done[-1]}", file=sys.stderr, flush=True)
     where: list[int | None] = [None]            # the round being trained, for the Ctrl-C message
     try:
-        return _run(plan, plan_path, opts, run_dir, done, rounds, where)
+        return _run(plan, plan_path, opts, run_dir, done, rounds, where, reporter)
     except KeyboardInterrupt:
         raise interrupted(plan_path, run_dir, opts, where[0]) from None
 
 
 def _run(plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path, done: list[int], rounds: int,
-         where: list[int | None]) -> RunResult:
+         where: list[int | None], reporter: Reporter | None = None) -> RunResult:
     sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
     replanner = replanning.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
     config = {"plan": Plan.load(plan_path).to_dict(),
@@ -613,27 +622,30 @@ def _run(plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path, done: lis
     write_metrics(run_dir, rows)
 
     fleet_total = next((r["fleet_total_s"] for r in reversed(rows) if r.get("fleet_total_s") is not None), 0.0)
-    with _Progress(opts.progress) as bar:
-        bar.start_rounds(rounds, start)
-        for r in range(start, rounds):
-            where[0] = r + 1
-            t0 = time.perf_counter()
-            bar.start_round(r, len(sim.parties) * sim.steps_per_round)
-            client_rows = sim.train_round(r, bar, replanner.begin_round(r, opts.on_step) if replanner else opts.on_step)
-            t1 = time.perf_counter()
-            update = sim.aggregate(r, client_rows)
-            agg_s = time.perf_counter() - t1
-            ev = evaluate(sim, sim.data.eval, opts.eval_max_seqs)
-            new_rows, fleet_total = round_rows(sim, r, client_rows, ev, time.perf_counter() - t0, agg_s, fleet_total)
-            g = new_rows[-1]
-            if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
-                replanner.end_round(r, update, g)
-            checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy,
-                                                                 **(replanner.state() if replanner else {})},
-                            keep=opts.keep_checkpoints)
-            rows += new_rows
-            write_metrics(run_dir, rows)
-            bar.end_round(g)
+    if reporter:
+        reporter.start_rounds(rounds, start)
+    for r in range(start, rounds):
+        where[0] = r + 1
+        t0 = time.perf_counter()
+        if reporter:
+            reporter.start_round(r, len(sim.parties) * sim.steps_per_round)
+        on_step = replanner.begin_round(r, opts.on_step) if replanner else opts.on_step
+        client_rows = sim.train_round(r, reporter, on_step)
+        t1 = time.perf_counter()
+        update = sim.aggregate(r, client_rows)
+        agg_s = time.perf_counter() - t1
+        ev = evaluate(sim, sim.data.eval, opts.eval_max_seqs)
+        new_rows, fleet_total = round_rows(sim, r, client_rows, ev, time.perf_counter() - t0, agg_s, fleet_total)
+        g = new_rows[-1]
+        if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
+            replanner.end_round(r, update, g)
+        checkpoint.save(run_dir, r + 1, sim.tensors(update), {"metrics": new_rows, "strategy": plan.strategy,
+                                                             **(replanner.state() if replanner else {})},
+                        keep=opts.keep_checkpoints)
+        rows += new_rows
+        write_metrics(run_dir, rows)
+        if reporter:
+            reporter.end_round(g)
     return RunResult.from_rows(run_dir, rounds, rows)
 
 
@@ -643,11 +655,6 @@ def _fleet_round(sim: Simulation, rows: list[dict]) -> float | None:
         return float(planned)
     times = [r["fleet_s"] for r in rows if r.get("fleet_s") is not None]
     return max(times) if times else None
-
-
-def _fmt(x, spec: str) -> str:
-    """A metric for a progress line: n/a when it is missing (no held-out token was scored)."""
-    return format(x, spec) if x is not None and x == x else "n/a"
 
 
 def round_rows(sim: Simulation, r: int, client_rows: list[dict], eval_loss: float, wall: float, agg_s: float,
@@ -702,48 +709,3 @@ def load_run(run_dir: str | Path, progress: bool = False, device: str = "cpu") -
     sim = build(plan, progress=progress, device=device)
     _restore(sim, run_dir, done[-1])
     return sim, config, done[-1]
-
-
-class _Progress:
-    """Rich progress bars for rounds and steps (or nothing when disabled)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self.p = None
-
-    def __enter__(self):
-        if self.enabled:
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-            self.console = Console(stderr=True)
-            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                              TimeElapsedColumn(), console=self.console)
-            self.p.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self.p is not None:
-            self.p.__exit__(*exc)
-        return False
-
-    def start_rounds(self, total: int, done: int) -> None:
-        if self.p:
-            self.rounds = self.p.add_task("rounds", total=total, completed=done)
-            self.steps = None
-
-    def start_round(self, r: int, steps: int) -> None:
-        if self.p:
-            if self.steps is not None:
-                self.p.remove_task(self.steps)
-            self.steps = self.p.add_task(f"round {r + 1} steps", total=steps)
-
-    def advance(self) -> None:
-        if self.p and self.steps is not None:
-            self.p.advance(self.steps)
-
-    def end_round(self, g: dict) -> None:
-        if self.p:
-            self.p.advance(self.rounds)
-            fleet = f", fleet {g['fleet_s']:.1f} s" if g.get("fleet_s") is not None else ""
-            self.console.print(f"round {g['round']}: train loss {g['train_loss']:.4f}, eval loss "
-                               f"{g['eval_loss']:.4f} (ppl {_fmt(g['eval_ppl'], '.2f')}), wall {g['wall_s']:.1f} s{fleet}")
