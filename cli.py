@@ -1,35 +1,32 @@
 """The `hsplit` command line (Typer). Thin: parse, call a library function, render.
 
-Planner commands live here; runtime commands (run, eval, export, demo, ...) are registered from
-hsplit.runtime.commands, which imports torch only inside the commands that need it.
+Every command is here; what they share (consoles, exit codes, options, rendering, progress bars) is in
+cliutil.py. The runtime (torch) is imported inside the commands that need it, so `hsplit --help` and
+`hsplit plan` stay fast and torch-free. Exit codes: cliutil (OK, NO_SOLUTION, BAD_INPUT, ...).
 """
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.markup import escape
-from rich.table import Table
 
 from hsplit import __version__
-from hsplit.cliutil import check_format, console_for, fail
-from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
+                            batch_option, calibration_table, check_format, console, device_option, err, fail,
+                            model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
+                            reported, samples_table, say, seq_option, set_threads)
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
+from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
+from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import output_problem
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
-# Piped output (files, CI logs) is not wrapped at 80 columns: tables stay readable.
-console = console_for()
-err = console_for(stderr=True)
-
-
-def parse_ints(text: str, flag: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        fail(f"{flag}: expected comma-separated whole numbers like 0,2,4,8,16, got {text!r}")
 
 
 def _print_version(value: bool) -> None:
@@ -44,25 +41,21 @@ def main(version: bool = typer.Option(False, "--version", callback=_print_versio
     """Eager --version: `hsplit --version` works without a command."""
 
 
-def seconds(x: float) -> str:
-    """Seconds for people, with the unit: `25.58 s`, `1,234 s (20.6 min)`, `39,220 s (10.9 h)`;
-    never scientific notation."""
-    if abs(x) < 1000:
-        return f"{x:.4g} s"
-    if abs(x) < 3600:
-        return f"{x:,.0f} s ({x / 60:.1f} min)"
-    return f"{x:,.0f} s ({x / 3600:.1f} h)"
+def _modules(text: str | None) -> list[str] | None:
+    return [m.strip() for m in text.split(",")] if text else None
 
+
+# ---- planning (pure Python) ----
 
 @app.command()
 def plan(
     fleet: str = typer.Option("example", "--fleet", "-f", help="Fleet YAML path or shipped fleet name."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m", help="Shipped model name, HF folder, or config.json."),
+    model: str = model_option(help="Shipped model name, HF folder, or config.json."),
     importance: Optional[Path] = typer.Option(None, "--importance", "-i", help="importance.yaml (default: uniform)."),
     ranks: str = typer.Option("0,2,4,8,16", help="Allowed LoRA ranks, comma-separated (0 = no adapter)."),
     modules: Optional[str] = typer.Option(None, help="Adaptable modules, comma-separated (e.g. q_proj,v_proj); default all."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1),
-    seq_len: int = typer.Option(256, "--seq-len", "-T", min=1),
+    batch_size: int = batch_option(),
+    seq_len: int = seq_option(256),
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Local steps per round (tau)."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds `hsplit run` will train."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16: dtype of frozen weights and activations."),
@@ -74,12 +67,11 @@ def plan(
     solver: str = typer.Option("cbc", help="cbc | highs | exhaustive (small instances only)."),
     method: str = typer.Option("decomposed", help="decomposed (exact, fast) | full (one MILP over all clients)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds for the MILP solver."),
-    strategy: str = typer.Option("hsplitlora", help="hsplitlora | splitlora | hetlora | flexlora | "
-                                                    "hafl-truncation | hafl-freezing | centralized."),
+    strategy: str = typer.Option(STRATEGY_DEFAULT, help=" | ".join(STRATEGY_NAMES) + "."),
     data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
-    output: Path = typer.Option(Path("plan.yaml"), "--output", "-o", help="Where to write the plan."),
+    output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
-    fmt: str = typer.Option("table", "--format", help="table | json"),
+    fmt: str = FORMAT_TABLE,
 ):
     """Choose every client's split point and LoRA ranks (an integer program solved to optimality).
 
@@ -91,132 +83,37 @@ def plan(
     check_format(fmt)
     if check is None and (problem := output_problem(output, "--output")):
         fail(problem)
-    try:
+    with reported(ValueError):
         if check is not None:
             p = Plan.load(check)
             ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
-            _render_check(p, ev, inst, fmt)
-            raise typer.Exit(1 if ev.violations else 0)
+            render_check(p, ev, inst, fmt)
+            raise typer.Exit(NO_SOLUTION if ev.violations else 0)
         training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,
                             dtype=dtype)
         check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                       min_utility=min_utility)
-        if method == "full" and strategy == "hsplitlora" and solver != "exhaustive" and fmt != "json":
+        how = traits(strategy).ranks
+        if method == "full" and how == "milp" and solver != "exhaustive" and fmt != "json":
             err.print(f"solving the full MILP with {solver}, time limit {full_time_limit(method, time_limit):g} s"
                       + ("" if time_limit else " (default; change with --time-limit)"), highlight=False)
-        if strategy == "splitlora" and server_rank is not None:
-            err.print("note: --server-rank does not apply to splitlora: SplitLoRA uses one rank on both sides, "
+        if how == "one" and server_rank is not None:
+            err.print(f"note: --server-rank does not apply to {strategy}: it uses one rank on both sides, "
                       "the one it picks for the clients", highlight=False, markup=False)
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
-                      modules=modules.split(",") if modules else None, training=training, strategy=strategy,
+                      modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data))
-        p.save(output)
-    except (ConfigError, InfeasibleError) as e:
-        fail(str(e), 1)
-    except ValueError as e:
-        fail(str(e), 1)
-    except OSError as e:
-        fail(f"--output: cannot write {output}: {e.strerror or e}", 1)
+        try:
+            p.save(output)
+        except OSError as e:
+            fail(f"--output: cannot write {output}: {e.strerror or e}")
     if fmt == "json":
         from hsplit.planner.plan import _plain
         console.print_json(json.dumps(_plain({"plan": str(output), **p.to_dict()})))
         return
-    _render_plan(p)
+    render_plan(p)
     console.print(f"plan written to [bold]{output}[/]")
-
-
-def _render_plan(p) -> None:
-    if p.strategy == "centralized":      # a reference, nothing to plan: no split, no fleet timing
-        ranks = p.clients[0].ranks if p.clients else {}
-        adapted, rank = len(ranks), max(ranks.values(), default=p.server_rank)
-        console.print(f"centralized reference for {p.model}: the {len(p.clients)} clients' data pooled and trained on "
-                      f"one machine, the whole model unsplit ({adapted} matrices adapted, rank {rank}); "
-                      "nothing is planned or predicted (compare its runs with the federated strategies')",
-                      highlight=False, markup=False)
-        return
-    t = Table(title=f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)", show_lines=False)
-    for col, just in [("client", "left"), ("device", "left"), ("split", "right"), ("matrices", "right"),
-                      ("Σ rank", "right"), ("step s", "right"), ("round s", "right"),
-                      ("mem/budget GiB", "right"), ("MB/round", "right")]:
-        t.add_column(col, justify=just, no_wrap=True)
-    rows = _group_rows(p)
-    for ids, c in rows:
-        pr = c.predicted
-        t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
-                  _num(pr.get('step_s', 0), 3), _num(pr.get('round_s', 0), 4),
-                  f"{pr.get('memory_gib', 0):.2f}/{pr.get('memory_budget_gib', 0):.2f}",
-                  f"{pr.get('traffic_mb_per_round', 0):.1f}")
-    console.print(t)
-    s, pr = p.solver, p.predicted
-    gap = s.get("gap")
-    gap_s = "n/a" if gap is None else f"{100 * gap:.3g}%"
-    status = s.get("status")
-    if status == "time-limit":
-        status = "time-limit (stopped early: not proven optimal)"
-    console.print(f"solver: {s.get('method')} | status {status} | utility {pr.get('utility', 0):.4f} | "
-                  f"round {seconds(pr.get('round_s', 0))} (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
-                  f"wall {seconds(s.get('wall_s', 0))}", highlight=False, markup=False)
-    srv = p.server.get("predicted", {})
-    console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
-                  f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
-                  highlight=False)
-    merges = [c for c in p.clients if "merge_download_s" in c.predicted]
-    if merges:
-        worst = max(merges, key=lambda c: c.predicted["merge_download_s"])
-        mb = max(c.predicted["merge_download_mb"] for c in merges)
-        console.print(f"not in the round times above: hsplitlora's merge download, up to {mb:,.1f} MB per client per "
-                      f"round ({worst.id}: +{seconds(worst.predicted['merge_download_s'])} on its downlink); "
-                      "see docs/formulation.md, Refinements", highlight=False, markup=False)
-
-
-def _num(x: float, digits: int) -> str:
-    """A table cell with `digits` significant digits, never in scientific notation (39,220 not 3.922e+04)."""
-    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-
-
-def _group_rows(p):
-    """Consecutive clients with the same device and configuration share one table row."""
-    rows = []
-    for c in p.clients:
-        key = (c.device, c.split_layer, tuple(sorted(c.ranks.items())))
-        if rows and rows[-1][0] == key:
-            rows[-1][1].append(c.id)
-        else:
-            rows.append((key, [c.id], c))
-    return [((ids[0] if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"), c) for _, ids, c in rows]
-
-
-def _render_check(p, ev, inst, fmt) -> None:
-    from hsplit.planner.cost import GIB
-    # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
-    matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
-    if fmt == "json":
-        console.print_json(json.dumps({
-            "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
-            "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
-            "server_busy_s": ev.server_busy_s,
-            "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
-                         "memory_gib": e.memory_bytes / GIB, "utility": e.utility}
-                        for c, e, m in zip(p.clients, ev.clients, matrices)]}))
-        return
-    t = Table(title=f"check of {p.source} against {inst.fleet.source}")
-    for col in ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"):
-        t.add_column(col, justify="left" if col in ("client", "device") else "right", no_wrap=True)
-    class_of = inst.class_of()
-    for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
-        cap = inst.classes[class_of[k]].mem_cap / GIB
-        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(matrices[k]), _num(e.step_s, 3),
-                  _num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
-    console.print(t)
-    console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
-                  f"server busy {seconds(ev.server_busy_s)}", highlight=False)
-    if ev.violations:
-        console.print(f"[bold red]{len(ev.violations)} violated constraint(s):[/]")
-        for v in ev.violations:
-            console.print(f"  - {escape(v)}", highlight=False)
-    else:
-        console.print("[green]all constraints satisfied[/]")
 
 
 @app.command()
@@ -226,24 +123,22 @@ def whatif(
                                    "clients.*.uplink_mbps=10,50,200, server.device=a100-80gb,h100-80gb, "
                                    "ranks=0,4,8|0,2,4,8,16. Paths: docs/whatif.md."),
     zip_vary: bool = typer.Option(False, "--zip", help="Walk the --vary lists in lockstep instead of all combinations."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    model: str = model_option(),
     importance: Optional[Path] = typer.Option(None, "--importance", "-i"),
     objective: str = typer.Option("utility", help="utility | latency"),
     ranks: str = typer.Option("0,2,4,8,16", help="Allowed ranks (when not varied)."),
     modules: Optional[str] = typer.Option(None, help="Modules (when not varied); default all."),
-    batch_size: int = typer.Option(4, "--batch-size", "-b", min=1),
-    seq_len: int = typer.Option(256, "--seq-len", "-T", min=1),
+    batch_size: int = batch_option(),
+    seq_len: int = seq_option(256),
     local_steps: int = typer.Option(10, "--local-steps", min=1),
     dtype: str = typer.Option("fp32"),
-    output: Path = typer.Option(Path("whatif"), "--output", "-o", help="Folder for the table and plots."),
-    fmt: str = typer.Option("table", "--format", help="table | json"),
+    output: Path = output_option(Path("whatif"), "Folder for the table and plots."),
+    fmt: str = FORMAT_TABLE,
 ):
     """Plan many fleet scenarios and compare them: a table (CSV, JSON, markdown) and plots.
 
     Example: hsplit whatif example edge-100 --vary 'clients.*.uplink_mbps=10,50,200' -o whatif/
     """
-    from rich.progress import Progress
-
     from hsplit.planner.plan import Training
     from hsplit.planner.plots import write_plots
     from hsplit.planner.whatif import markdown_table, run_whatif, write_table
@@ -251,16 +146,14 @@ def whatif(
     if problem := output_problem(output, "--output", folder=True):
         fail(problem)
     training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, dtype=dtype)
-    try:
-        with Progress(console=err, transient=True, disable=not err.is_terminal) as progress:
-            task = progress.add_task("planning scenarios", total=None)
-            df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
-                            ranks=parse_ints(ranks, "--ranks"), modules=modules.split(",") if modules else None,
-                            training=training,
-                            progress=lambda i, n, name: progress.update(task, completed=i, total=n,
-                                                                        description=_short(name)))
-    except (ConfigError, InfeasibleError, ValueError) as e:
-        fail(str(e), 1)
+
+    def progress(i: int, n: int, name: str) -> None:
+        bar.update(i, n)
+        bar.describe(name)
+    with reported(ValueError), Bar("planning scenarios", err.is_terminal) as bar:
+        df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
+                        ranks=parse_ints(ranks, "--ranks"), modules=_modules(modules), training=training,
+                        progress=progress)
     files = write_table(df, output) + write_plots(df, output)
     if fmt == "json":
         console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
@@ -272,20 +165,334 @@ def whatif(
     typer.echo(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}")
 
 
-def _short(text: str, limit: int = 50) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+# ---- training and its results (torch, imported inside each command) ----
+
+@app.command("run")
+def run_cmd(
+    plan: Path = typer.Argument(..., help="plan.yaml written by `hsplit plan` (or by hand)."),
+    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Rounds to train (default: the plan's)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Run folder name under --runs-dir (default: plan file stem)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete round."),
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are written."),
+    eval_seqs: int = typer.Option(64, "--eval-seqs", min=1, help="Held-out sequences evaluated after each round."),
+    device: str = device_option("auto"),
+    threads: Optional[int] = THREADS,
+    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", min=1, help="Keep adapters + optimizer state of only the newest K rounds (merged factors and metrics of every round stay; default: all)."),
+    fmt: str = FORMAT,
+    distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
+    min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="--distributed: seconds to wait for an answer (a client's next step, the server's reply) before naming the silent process lost; above the slowest client's step time (default 300)."),
+):
+    """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
+
+    Writes runs/NAME/: metrics.csv, config.yaml (resolved), checkpoints/round-NNNN/.
+
+    Example: hsplit run plan.yaml --rounds 2 --name first   (then: hsplit run plan.yaml --name first --resume)
+    """
+    check_format(fmt)
+    from hsplit.runtime.loop import run
+    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.rundir import RunFinished
+
+    opts = RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume, eval_max_seqs=eval_seqs,
+                      progress=fmt == "text" and not distributed, device=device, threads=threads,
+                      keep_checkpoints=keep_checkpoints)
+    if not distributed and (min_clients is not None or timeout is not None):
+        fail(f"{'--min-clients' if min_clients is not None else '--timeout'} applies to --distributed runs only: "
+             "add --distributed, or leave it out")
+    try:
+        if distributed:
+            from hsplit.runtime.distributed.launcher import run_local_cli
+            from hsplit.runtime.options import DistOptions
+            code, res = run_local_cli(plan, opts, min_clients, DistOptions.timeout_s if timeout is None else timeout)
+            if code != 0:               # BAD_INPUT (refused) or PEER_LOST, as the processes exited
+                raise typer.Exit(code)
+        else:
+            with RoundBars() if opts.progress else nullcontext() as bars:
+                res = run(plan, opts, bars)
+    except RunFinished as e:
+        # --resume of a finished run: nothing to do, said plainly; exit 0 (docs/runtime.md, Resume)
+        if fmt == "json":
+            print_json({"run": str(e.run_dir), "rounds": e.rounds, "already_finished": True, "message": e.message})
+        else:
+            say(e.message)
+        return
+    except KeyboardInterrupt as e:      # Ctrl-C: where it stopped and how to resume (rundir.RunInterrupted)
+        import sys
+        print(getattr(e, "message", None) or "interrupted before the run started; nothing was written",
+              file=sys.stderr, flush=True)
+        raise typer.Exit(INTERRUPTED)
+    except ConfigError as e:            # after RunFinished, a ConfigError that is no error
+        fail(str(e))
+    faults = json.loads((res.run_dir / "faults.json").read_text()) if (res.run_dir / "faults.json").is_file() else []
+    if fmt == "json":
+        print_json({"run": str(res.run_dir), "rounds": res.rounds_done, "eval_loss_before": res.eval_before,
+                    "eval_loss_after": res.eval_after, "metrics": str(res.run_dir / "metrics.csv"),
+                    **({"distributed": True, "lost_clients": faults} if distributed else {})})
+        return
+    if faults:
+        lost = ", ".join(f"{f['client']} (round {f['round']})" for f in faults)
+        say(f"finished without {lost}: see {res.run_dir / 'faults.json'}")
+    say(f"held-out perplexity {ppl(res.eval_before)} -> {ppl(res.eval_after)}; "
+        f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)")
 
 
-def _register_runtime() -> None:
-    """Add the runtime's commands (their modules import torch only inside the commands)."""
-    import importlib
-    import importlib.util
-    for name in ("hsplit.runtime.commands", "hsplit.runtime.measure_commands"):
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name).register(app)
+@app.command("eval")
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data file instead of the held-out split (FORMAT:PATH names the format, e.g. e2e:test.csv)."),
+    max_seqs: Optional[int] = typer.Option(None, "--max-seqs", min=1, help="Evaluate at most this many sequences (default: held-out split: the run's --eval-seqs; --data: all)."),
+    generate: bool = typer.Option(False, "--generate", help="Decode every MR of --data e2e:PATH: BLEU, ROUGE-L against all its references, perplexity."),
+    beams: int = typer.Option(1, "--beams", min=1, help="--generate: 1 = greedy, >1 = beam search."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="--generate: longest output."),
+    max_mrs: Optional[int] = typer.Option(None, "--max-mrs", min=1, help="--generate: only the first N MRs."),
+    device: str = device_option("cpu", "auto | cpu | cuda: where the model runs (perplexity and --generate)."),
+    fmt: str = FORMAT,
+):
+    """Held-out perplexity of a run's aggregated model (latest checkpoint); --generate: BLEU/ROUGE-L.
+
+    Example: hsplit eval runs/demo --format json
+    Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
+    (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json})
+    """
+    check_format(fmt)
+    from hsplit.runtime.evaluate import evaluate_run
+    from hsplit.runtime.common import pick_device
+
+    with reported():
+        pick_device(device)                     # before any model is loaded
+    if generate and not data:
+        fail("--generate needs --data e2e:PATH (an E2E CSV with mr, ref columns)")
+    with reported():
+        if generate:
+            from hsplit.runtime.generate import generate_run
+            rep = generate_run(run_dir, data, max_mrs=max_mrs, beams=beams, max_new_tokens=max_new_tokens,
+                               device=device)
+        else:
+            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs, device=device)
+    if fmt == "json":
+        print_json(rep)
+    elif generate:
+        console.print(samples_table(rep["outputs"][0], 3))
+        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): "
+                             f"BLEU {rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity "
+                             f"{ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}"))
+    else:
+        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
+                             f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {ppl(rep['eval_loss'])}"))
 
 
-_register_runtime()
+@app.command("export")
+def export_cmd(
+    run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write a PEFT adapter folder here."),
+    merged: Optional[Path] = typer.Option(None, "--merged", help="Write a full merged HF model here."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="SVD rank of the adapter (default: exact)."),
+    fmt: str = FORMAT,
+):
+    """Export the learned update as a PEFT adapter (SVD-factored) and/or a merged model.
+
+    Example: hsplit export runs/demo --adapter out/adapter --rank 16
+    Load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "out/adapter")
+    """
+    check_format(fmt)
+    from hsplit.runtime.export import export_run
+
+    with reported():
+        rep = export_run(run_dir, adapter=adapter, merged=merged, rank=rank)
+    if fmt == "json":
+        print_json(rep)
+        return
+    if "adapter" in rep:
+        console.print(escape(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {rep['rank']}, max "
+                             f"{rep['max_rank']}); relative error {rep['relative_error']:.3g} (worst "
+                             f"{rep['worst_module']}: {rep['max_module_error']:.3g}); base model {rep['base_model']}"))
+    if "merged" in rep:
+        console.print(escape(f"merged model: {rep['merged']}"))
+
+
+@app.command("demo")
+def demo_cmd(
+    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where the plan and run folder go."),
+    rounds: int = typer.Option(2, "--rounds", min=1),
+    local_steps: int = typer.Option(2, "--local-steps", min=1),
+    threads: Optional[int] = THREADS,
+    fmt: str = FORMAT,
+):
+    """Plan the example fleet for SmolLM2-135M, train 2 short rounds on Shakespeare, report perplexity.
+
+    Everything is embedded (no downloads). Takes a few minutes on a laptop CPU.
+
+    Example: hsplit demo
+    """
+    check_format(fmt)
+    from hsplit.runtime.demo import demo
+
+    text = fmt == "text"
+    with reported(), RoundBars() if text else nullcontext() as bars:
+        rep = demo(runs_dir=runs_dir, rounds=rounds, local_steps=local_steps, threads=threads, progress=text,
+                   say=None if fmt == "json" else console.print, reporter=bars)
+    if fmt == "json":
+        print_json(rep)
+
+
+# ---- measuring (torch; docs/measurement.md) ----
+
+@app.command("importance")
+def importance_cmd(
+    model: str = model_option(help="smollm2-135m (embedded), an HF folder, or a hub id."),
+    data: str = typer.Option("shakespeare", "--data", "-d", help="shakespeare (embedded) or a JSONL/CSV/text/E2E path."),
+    data_format: str = typer.Option("auto", "--data-format", help="auto | jsonl | csv | text | e2e | shakespeare"),
+    steps: int = typer.Option(16, "--steps", help="Warm-up batches the scores are smoothed over."),
+    batch_size: int = batch_option(),
+    seq_len: int = seq_option(128),
+    beta1: float = typer.Option(0.85, "--beta1", help="Smoothing of the sensitivity (AdaLoRA beta1)."),
+    beta2: float = typer.Option(0.85, "--beta2", help="Smoothing of the uncertainty (AdaLoRA beta2)."),
+    normalization: str = typer.Option("raw", "--normalization", help="raw | per-parameter (score / (d_in + d_out))."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="Modules to score, comma-separated (default all)."),
+    blocks_per_pass: Optional[int] = typer.Option(None, "--blocks-per-pass",
+                                                  help="Blocks scored together (default: as many as fit in half the weights' memory)."),
+    seed: int = typer.Option(0, "--seed", help="Selects the batches (and the held-out split, as `hsplit run`)."),
+    threads: Optional[int] = THREADS,
+    output: Path = output_option(Path("importance.yaml"), "Where to write the scores."),
+    fmt: str = FORMAT,
+):
+    """Score every adaptable matrix (AdaLoRA's smoothed sensitivity |w*dL/dw| x uncertainty).
+
+    Writes importance.yaml for `hsplit plan --importance`; records the model hash, data, steps
+    and settings. Gradients are folded into the scores as they are produced, block group by
+    block group, so the whole model's gradients are never held.
+
+    Example: hsplit importance --model smollm2-135m --data shakespeare --steps 16 -o importance.yaml
+    """
+    check_format(fmt)
+    from hsplit.runtime.importance import ImportanceSettings, compute_importance
+    set_threads(threads)
+    mods = _modules(modules)
+    settings = ImportanceSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, beta1=beta1, beta2=beta2,
+                                  seed=seed, normalization=normalization, blocks_per_pass=blocks_per_pass,
+                                  modules=tuple(mods) if mods else None)
+    with reported(), Bar("scoring", fmt == "text") as bar:
+        imp, info = compute_importance(model, settings, data=data, data_format=data_format,
+                                       progress=fmt == "text", on_step=bar.update)
+    imp.save(output)
+    top = sorted(imp.scores.items(), key=lambda kv: -kv[1])[:5]
+    if fmt == "json":
+        print_json({"output": str(output), "model": imp.model, "model_hash": imp.model_hash,
+                    "normalization": imp.normalization, "matrices": len(imp.scores), "top": dict(top), **info})
+        return
+    console.print(f"wrote {output}: {len(imp.scores)} matrices of {imp.model} ({imp.normalization}), "
+                  f"{steps} steps, {info['passes']} pass(es) of {info['blocks_per_pass']} blocks, {info['wall_s']:.0f} s, "
+                  f"peak memory {info['peak_over_weights']:.2f}x the weights")
+    total = sum(imp.scores.values()) or 1.0
+    for name, v in top:
+        console.print(f"  {name}: {v / total:.2%}")
+
+
+@app.command("profile")
+def profile_cmd(
+    name: str = typer.Option("this-machine", "--name", help="Device name written into the profile."),
+    model: Optional[str] = model_option(None, "Also time one block of this model (per-block times)."),
+    batch_size: int = batch_option(4, "Shape of the per-block timing."),
+    seq_len: int = seq_option(64),
+    dtypes: str = typer.Option("fp32,bf16,fp16", "--dtypes", help="Matmul dtypes to measure (unsupported ones are skipped)."),
+    repetitions: int = typer.Option(7, "--repetitions", "-r", min=1, help="Timed runs per measurement (median)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed runs before timing."),
+    uplink_mbps: float = typer.Option(1000.0, "--uplink-mbps", help="Not measured: written as given."),
+    downlink_mbps: float = typer.Option(1000.0, "--downlink-mbps", help="Not measured: written as given."),
+    device: Optional[str] = device_option(None, "auto | cpu | cuda (auto, the default: cuda when present)."),
+    threads: Optional[int] = THREADS,
+    output: Optional[Path] = output_option(None, "Default: profiles/devices/NAME.yaml."),
+    fmt: str = FORMAT,
+):
+    """Measure this machine: matmul FLOP/s per dtype, usable memory, optionally per-block times.
+
+    Writes a device profile (loads with DeviceProfile) usable in a fleet file.
+
+    Example: hsplit profile --name my-laptop --model smollm2-135m -b 4 -T 64 -o profiles/devices/my-laptop.yaml
+    """
+    check_format(fmt)
+    from hsplit.planner.device import DTYPES
+    from hsplit.runtime.profiling import profile_device, save_profile
+    dts = tuple(d.strip() for d in dtypes.split(",") if d.strip())
+    if not dts or any(d not in DTYPES for d in dts):
+        fail(f"--dtypes: use some of {', '.join(DTYPES)}, got {dtypes!r}")
+    set_threads(threads)
+    out = output or Path("profiles/devices") / f"{name}.yaml"
+    count, steps = [0], len(dts) + (1 if model else 0)
+
+    def on_step(text: str) -> None:
+        bar.describe(text)
+        bar.update(count[0], steps)
+        count[0] += 1
+    with reported(), Bar("profiling", fmt == "text") as bar:
+        data = profile_device(name, model=model, batch_size=batch_size, seq_len=seq_len, dtypes=dts, warmup=warmup,
+                              reps=repetitions, uplink_mbps=uplink_mbps, downlink_mbps=downlink_mbps, device=device,
+                              on_step=on_step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_profile(data, out)
+    if fmt == "json":
+        print_json({"output": str(out), **data})
+        return
+    console.print(f"wrote {out}")
+    for dt, v in data["flops"].items():
+        console.print(f"  {dt}: {v / 1e9:.1f} GFLOP/s (spread {data['measured']['matmul'][dt]['spread']:.1%})")
+    console.print(f"  memory: {data['memory_gib']} GiB usable of {data['memory_total_gib']} GiB")
+    for bt in data.get("block_times", []):
+        console.print(f"  {bt['model']} block at b={bt['batch_size']} T={bt['seq_len']}: forward "
+                      f"{bt['forward_s'] * 1e3:.1f} ms, backward {bt['backward_s'] * 1e3:.1f} ms, "
+                      f"head {bt['head_s'] * 1e3:.1f} ms")
+
+
+@app.command("calibrate")
+def calibrate_cmd(
+    model: str = model_option(),
+    profile: Path = typer.Option(..., "--profile", "-p", help="Device profile of this machine (from `hsplit profile`)."),
+    batch_size: int = batch_option(),
+    seq_len: int = seq_option(64),
+    ranks: str = typer.Option("8", "--ranks", help="LoRA ranks timed at every split."),
+    extra_ranks: str = typer.Option("2,16", "--extra-ranks", help="Ranks timed at --extra-splits only."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Split points (default 1..L-1)."),
+    extra_splits: Optional[str] = typer.Option(None, "--extra-splits", help="Default: 1, L/2, L-1."),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", min=1),
+    warmup: int = typer.Option(1, "--warmup", min=0),
+    threads: Optional[int] = THREADS,
+    output: Path = output_option(Path("calibration"), "Writes OUTPUT.csv and OUTPUT.png."),
+    fmt: str = FORMAT,
+):
+    """Predicted (planner) vs measured client and server step time for every split point.
+
+    Writes a CSV table and a PNG plot; prints the median and worst relative error.
+
+    Example: hsplit calibrate --model smollm2-135m --profile profiles/devices/this-machine.yaml -o calibration
+    """
+    check_format(fmt)
+    from hsplit.runtime.calibrate import calibrate, planner_label
+    if not profile.is_file():
+        fail(f"--profile {profile}: no such file (write one with `hsplit profile`)")
+    set_threads(threads)
+    with reported(), Bar("calibrating", fmt == "text") as bar:
+        res = calibrate(model, profile, batch_size=batch_size, seq_len=seq_len, ranks=parse_ints(ranks, "--ranks"),
+                        extra_ranks=parse_ints(extra_ranks, "--extra-ranks"), splits=parse_ints(splits or None, "--splits"),
+                        extra_splits=parse_ints(extra_splits or None, "--extra-splits"), reps=repetitions, warmup=warmup,
+                        on_step=bar.update)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path = output.with_suffix(".csv"), output.with_suffix(".png")
+    res.write_csv(csv_path)
+    res.plot(png_path)
+    if fmt == "json":
+        print_json({"csv": str(csv_path), "png": str(png_path), "settings": res.settings,
+                    "summary": res.summary, "rows": res.rows})
+        return
+    console.print(calibration_table(res, batch_size, seq_len))
+    s = res.summary
+    console.print(f"planner ({planner_label(res.settings)}): median |error| {s['median_abs_error']:.1%}, "
+                  f"worst {s['worst_signed_error']:+.1%}")
+    if "flops_median_abs_error" in s:
+        console.print(f"FLOPs / throughput model alone (without the profile's block times): median |error| "
+                      f"{s['flops_median_abs_error']:.1%}, worst {s['flops_worst_signed_error']:+.1%}")
+    console.print(f"wrote {csv_path} and {png_path}")
+
 
 if __name__ == "__main__":
     app()

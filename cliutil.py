@@ -1,14 +1,28 @@
-"""Shared by the `hsplit` command modules (cli.py, runtime/commands.py, runtime/measure_commands.py):
-consoles that do not wrap piped output at 80 columns, one way to fail, one check of --format."""
+"""What the `hsplit` commands in cli.py share: consoles, exit codes and one way to fail, the options
+several commands declare, rendering of results, and the rich progress bars (the runtime reports
+progress through callbacks and loop.Reporter; it never imports typer or rich).
+"""
 from __future__ import annotations
 
+import json
+import math
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.table import Table
+
+from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.planner.strategies import traits
 
 FORMATS = ("table", "text", "json")  # table and text are the same human-readable output
+
+# Exit codes, the same for every command (README.md "Exit codes"). BAD_INPUT and PEER_LOST are also
+# what the distributed processes exit with (runtime/distributed.py EXIT_REFUSED, EXIT_FAULT).
+OK, NO_SOLUTION, BAD_INPUT, PEER_LOST, INTERRUPTED = 0, 1, 2, 3, 130
 
 
 def console_for(stderr: bool = False) -> Console:
@@ -17,13 +31,291 @@ def console_for(stderr: bool = False) -> Console:
     return Console(stderr=stderr, width=None if stream.isatty() else 160, emoji=False)
 
 
-def fail(message: str, code: int = 2) -> None:
-    """Print one error line on stderr and exit with `code` (1: bad input or infeasible, 2: usage)."""
+# Piped output (files, CI logs) is not wrapped at 80 columns: tables stay readable.
+console = console_for()
+err = console_for(stderr=True)
+
+
+def fail(message: str, code: int = BAD_INPUT) -> None:
+    """Print one error line on stderr and exit with `code` (BAD_INPUT unless said)."""
     # escape(): text like `[min, max]` in a message is data, not rich markup.
     console_for(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
+@contextmanager
+def reported(*bad_input: type[Exception]):
+    """Turn the library's errors into one `error:` line: ConfigError (and `bad_input`) exit BAD_INPUT,
+    InfeasibleError (valid input, no plan satisfies it) exits NO_SOLUTION."""
+    try:
+        yield
+    except InfeasibleError as e:
+        fail(str(e), NO_SOLUTION)
+    except (ConfigError, *bad_input) as e:
+        fail(str(e))
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+
+
+def parse_ints(text: str | None, flag: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"{flag}: expected comma-separated whole numbers like 0,2,4,8,16, got {text!r}")
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def print_json(obj) -> None:
+    """One JSON object on one line of stdout (what scripts read)."""
+    print(json.dumps(obj))
+
+
+def say(text: str) -> None:
+    """A line of human output on stdout, printed as written (no markup, no highlighting)."""
+    console.print(text, highlight=False, markup=False)
+
+
+# ---- options several commands declare (one object each; typer reads them per command) ----
+
+FORMAT_HELP = "table | text | json (table = text: human-readable)"
+FORMAT = typer.Option("text", "--format", help=FORMAT_HELP)
+FORMAT_TABLE = typer.Option("table", "--format", help=FORMAT_HELP)
+THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads.")
+
+
+def model_option(default: str | None = "smollm2-135m", help: str | None = None):
+    return typer.Option(default, "--model", "-m", help=help)
+
+
+def batch_option(default: int = 4, help: str | None = None):
+    return typer.Option(default, "--batch-size", "-b", min=1, help=help)
+
+
+def seq_option(default: int):
+    return typer.Option(default, "--seq-len", "-T", min=1)
+
+
+def device_option(default: str | None, help: str = "auto | cpu | cuda"):
+    return typer.Option(default, "--device", help=help)
+
+
+def output_option(default: Path | None, help: str):
+    return typer.Option(default, "--output", "-o", help=help)
+
+
+# ---- rendering ----
+
+def seconds(x: float) -> str:
+    """Seconds for people, with the unit: `25.58 s`, `1,234 s (20.6 min)`, `39,220 s (10.9 h)`;
+    never scientific notation."""
+    if abs(x) < 1000:
+        return f"{x:.4g} s"
+    if abs(x) < 3600:
+        return f"{x:,.0f} s ({x / 60:.1f} min)"
+    return f"{x:,.0f} s ({x / 3600:.1f} h)"
+
+
+def num(x: float, digits: int) -> str:
+    """A table cell with `digits` significant digits, never in scientific notation (39,220 not 3.922e+04)."""
+    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
+
+
+def ppl(loss) -> str:
+    """Perplexity of a loss for people; n/a when it is missing (no held-out token was scored)."""
+    return f"{math.exp(loss):.2f}" if loss is not None and loss == loss else "n/a"
+
+
+def table(title: str, columns, left=(), **kw) -> Table:
+    """A table whose columns are right-aligned (numbers) except those named in `left`."""
+    t = Table(title=title, **kw)
+    for col in columns:
+        t.add_column(col, justify="left" if col in left else "right", no_wrap=True)
+    return t
+
+
+def render_plan(p) -> None:
+    if traits(p.strategy).ranks == "reference":      # nothing to plan: no split, no fleet timing
+        ranks = p.clients[0].ranks if p.clients else {}
+        adapted, rank = len(ranks), max(ranks.values(), default=p.server_rank)
+        say(f"centralized reference for {p.model}: the {len(p.clients)} clients' data pooled and trained on "
+            f"one machine, the whole model unsplit ({adapted} matrices adapted, rank {rank}); "
+            "nothing is planned or predicted (compare its runs with the federated strategies')")
+        return
+    t = table(f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)",
+              ("client", "device", "split", "matrices", "Σ rank", "step s", "round s", "mem/budget GiB", "MB/round"),
+              left=("client", "device"), show_lines=False)
+    for ids, c in _group_rows(p):
+        pr = c.predicted
+        t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
+                  num(pr.get('step_s', 0), 3), num(pr.get('round_s', 0), 4),
+                  f"{pr.get('memory_gib', 0):.2f}/{pr.get('memory_budget_gib', 0):.2f}",
+                  f"{pr.get('traffic_mb_per_round', 0):.1f}")
+    console.print(t)
+    s, pr = p.solver, p.predicted
+    gap = s.get("gap")
+    gap_s = "n/a" if gap is None else f"{100 * gap:.3g}%"
+    status = s.get("status")
+    if status == "time-limit":
+        status = "time-limit (stopped early: not proven optimal)"
+    say(f"solver: {s.get('method')} | status {status} | utility {pr.get('utility', 0):.4f} | "
+        f"round {seconds(pr.get('round_s', 0))} (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
+        f"wall {seconds(s.get('wall_s', 0))}")
+    srv = p.server.get("predicted", {})
+    console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
+                  f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
+                  highlight=False)
+    merges = [c for c in p.clients if "merge_download_s" in c.predicted]
+    if merges:
+        worst = max(merges, key=lambda c: c.predicted["merge_download_s"])
+        mb = max(c.predicted["merge_download_mb"] for c in merges)
+        say(f"not in the round times above: hsplitlora's merge download, up to {mb:,.1f} MB per client per "
+            f"round ({worst.id}: +{seconds(worst.predicted['merge_download_s'])} on its downlink); "
+            "see docs/formulation.md, Refinements")
+
+
+def _group_rows(p):
+    """Consecutive clients with the same device and configuration share one table row."""
+    rows = []
+    for c in p.clients:
+        key = (c.device, c.split_layer, tuple(sorted(c.ranks.items())))
+        if rows and rows[-1][0] == key:
+            rows[-1][1].append(c.id)
+        else:
+            rows.append((key, [c.id], c))
+    return [((ids[0] if len(ids) == 1 else f"{ids[0]}-{ids[-1]}"), c) for _, ids, c in rows]
+
+
+def render_check(p, ev, inst, fmt) -> None:
+    from hsplit.planner.cost import GIB
+    # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
+    matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
+    if fmt == "json":
+        console.print_json(json.dumps({
+            "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
+            "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
+            "server_busy_s": ev.server_busy_s,
+            "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
+                         "memory_gib": e.memory_bytes / GIB, "utility": e.utility}
+                        for c, e, m in zip(p.clients, ev.clients, matrices)]}))
+        return
+    t = table(f"check of {p.source} against {inst.fleet.source}",
+              ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"),
+              left=("client", "device"))
+    class_of = inst.class_of()
+    for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
+        cap = inst.classes[class_of[k]].mem_cap / GIB
+        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(matrices[k]), num(e.step_s, 3),
+                  num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
+    console.print(t)
+    console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
+                  f"server busy {seconds(ev.server_busy_s)}", highlight=False)
+    if ev.violations:
+        console.print(f"[bold red]{len(ev.violations)} violated constraint(s):[/]")
+        for v in ev.violations:
+            console.print(f"  - {escape(v)}", highlight=False)
+    else:
+        console.print("[green]all constraints satisfied[/]")
+
+
+def samples_table(jsonl: str, n: int) -> Table:
+    """The first n decoded MRs next to one of their references (the rest are in the .jsonl file)."""
+    with open(jsonl) as fh:
+        rows = [json.loads(line) for line, _ in zip(fh, range(n))]
+    t = Table(title=escape(f"first {len(rows)} outputs (all in {Path(jsonl).name})"), show_lines=True)
+    for col in ("MR", "output", "a reference"):
+        t.add_column(col, overflow="fold")
+    for row in rows:
+        # escape(): MRs such as `eatType[coffee shop]` are data, not rich markup
+        t.add_row(escape(row["mr"]), escape(row["hypothesis"]),
+                  escape(row["references"][0]) if row["references"] else "")
+    return t
+
+
+def calibration_table(res, batch_size: int, seq_len: int) -> Table:
+    t = table(f"{res.settings['model']} b={batch_size} T={seq_len} on {res.settings['device']}",
+              ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err"))
+    for r in res.rows:
+        t.add_row(str(r["split"]), str(r["rank"]), f"{r['predicted_client_s']:.3f}", f"{r['measured_client_s']:.3f}",
+                  f"{r['error_client']:+.0%}", f"{r['predicted_server_s']:.3f}", f"{r['measured_server_s']:.3f}",
+                  f"{r['error_server']:+.0%}")
+    return t
+
+
+# ---- progress on stderr (never with --format json, so stdout stays one object) ----
+
+class Bar:
+    """One transient bar: `with Bar("scoring") as bar: work(on_step=bar.update)`; nothing when disabled."""
+
+    def __init__(self, label: str, enabled: bool = True):
+        self.label, self.enabled, self.p, self.task = label, enabled, None, None
+
+    def __enter__(self):
+        if self.enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+            self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                              TimeElapsedColumn(), console=err, transient=True)
+            self.p.start()
+            self.task = self.p.add_task(self.label, total=None)
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        if self.p is not None:
+            self.p.update(self.task, completed=done, total=total)
+
+    def describe(self, text: str) -> None:
+        if self.p is not None:
+            self.p.update(self.task, description=text if len(text) <= 50 else text[:49] + "…")
+
+    def __exit__(self, *exc):
+        if self.p is not None:
+            self.p.stop()
+        return False
+
+
+class RoundBars:
+    """`hsplit run`'s progress (a runtime.loop.Reporter): a bar for the rounds, one for the current
+    round's steps with its ETA, and one line per finished round. The bars start with the first round
+    (after the model has loaded); use as a context manager so they stop on errors."""
+
+    def __init__(self):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                          TimeRemainingColumn(), console=err)
+        self.rounds = self.steps = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.p.stop()
+        return False
+
+    def start_rounds(self, total: int, done: int) -> None:
+        self.p.start()
+        self.rounds, self.steps = self.p.add_task("rounds", total=total, completed=done), None
+
+    def start_round(self, r: int, steps: int) -> None:
+        if self.steps is not None:
+            self.p.remove_task(self.steps)
+        self.steps = self.p.add_task(f"round {r + 1} steps", total=steps)
+
+    def advance(self) -> None:
+        if self.steps is not None:
+            self.p.advance(self.steps)
+
+    def end_round(self, g: dict) -> None:
+        self.p.advance(self.rounds)
+        fleet = f", fleet {g['fleet_s']:.1f} s" if g.get("fleet_s") is not None else ""
+        err.print(f"round {g['round']}: train loss {g['train_loss']:.4f}, eval loss {g['eval_loss']:.4f} "
+                  f"(ppl {ppl(g['eval_loss'])}), wall {g['wall_s']:.1f} s{fleet}")

@@ -48,6 +48,7 @@ def _free_name(runs_dir: Path, base: str) -> str:
 def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, threads: int | None = None,
          eval_seqs: int = 32, progress: bool = True, say: Callable[[str], None] | None = print,
          reporter=None) -> dict:
+    """`reporter`: progress of the rounds (loop.Reporter; cliutil.RoundBars in `hsplit demo`); None = silent."""
     from hsplit.planner.api import make_plan
     from hsplit.runtime.model import DEFAULT_MODEL
     from hsplit.runtime.loop import run

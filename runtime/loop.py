@@ -22,6 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -38,8 +39,16 @@ from hsplit.runtime.simulation import build
 from hsplit.runtime.step import LocalServer, ServerSide, client_round
 
 
+class Reporter(Protocol):
+    """What `run` tells about its progress, e.g. cliutil.RoundBars; run(..., reporter=None) is silent."""
+    def start_rounds(self, total: int, done: int) -> None: ...
+    def start_round(self, r: int, steps: int) -> None: ...      # r: 0-based round index; steps: all clients'
+    def advance(self) -> None: ...                              # one client step done
+    def end_round(self, row: dict) -> None: ...                 # the round's `client == "all"` metrics row
+
+
 class Silent:
-    """A reporter that shows nothing (the interface of cliutil's progress bars)."""
+    """The reporter that shows nothing."""
     def start_rounds(self, total: int, done: int) -> None: ...
     def start_round(self, r: int, steps: int) -> None: ...
     def advance(self) -> None: ...
@@ -66,7 +75,8 @@ class InProcess:
             if on_step:
                 on_step(rr, i, s)
             reporter.advance()
-        for p in sim.parties:
+        for p in sim.parties:      # one after the other: each party's wall time starts with its turn
+            self.side.rounds[p.index].start = time.perf_counter()
             client_round(sim, p, r, self.server, step)
         return self.side.rows(r, sim.parties)
 
@@ -140,7 +150,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
     return RunResult.from_rows(run_dir, rounds, rows)
 
 
-def run(plan_path: str | Path, opts: RunOptions | None = None, reporter=None) -> RunResult:
+def run(plan_path: str | Path, opts: RunOptions | None = None, reporter: Reporter | None = None) -> RunResult:
     """Execute a plan in-process (or resume it) and return where the outputs are. `reporter`: progress
     (cliutil's bars; None: silent)."""
     opts = opts or RunOptions()

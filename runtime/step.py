@@ -90,13 +90,13 @@ class ServerSide:
         self.rounds: dict[int, PartyRound] = {}
 
     def begin_round(self, parties) -> None:
-        self.rounds = {p.index: PartyRound() for p in parties}
+        """Every party's round starts now (wall_s: from here to its last step)."""
+        now = time.perf_counter()
+        self.rounds = {p.index: PartyRound(start=now) for p in parties}
 
     def forward_backward(self, p, r: int, s: int, h, mask, labels, needs_grad: bool):
         """Server forward from the cut, loss, backward: dL/dh (None when the client trains nothing)."""
         sim, st = self.sim, self.rounds[p.index]
-        if s == 0:
-            st.start = time.perf_counter()       # the party's round: first activation to last step
         st.lr = set_lr(sim, [p.opt_server], r, s)
         sim.bank.activate(p.adapter)
         h_server = h.detach().requires_grad_(needs_grad)

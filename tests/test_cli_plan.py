@@ -104,7 +104,7 @@ def test_bad_flag_values_get_one_clear_error(tmp_path):
     r = runner.invoke(app, ["plan", "--ranks", "0,two", "-o", str(tmp_path / "p.yaml")])
     assert r.exit_code != 0 and "--ranks" in r.output
     r = runner.invoke(app, ["plan", "--solver", "gurobi", "-o", str(tmp_path / "p.yaml")])
-    assert r.exit_code == 1 and "--solver" in r.output and "cbc, highs, exhaustive" in r.output
+    assert r.exit_code == 2 and "--solver" in r.output and "cbc, highs, exhaustive" in r.output
     assert not (tmp_path / "p.yaml").exists()
 
 
@@ -127,7 +127,7 @@ def test_other_strategies_plan(tmp_path):
 
 # ---- QA pass: every bad input is one clear error, never a traceback, checked before solving ----
 
-def _clean_error(r, *needles, code=1):
+def _clean_error(r, *needles, code=2):
     """Exit `code`, no Python exception escaped (typer.Exit is SystemExit), every needle printed."""
     assert r.exit_code == code, r.output
     assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
@@ -198,12 +198,12 @@ def test_full_method_has_a_default_time_limit_and_says_so(tmp_path, monkeypatch)
 
 
 def test_time_limit_status_and_long_times_read_well(capsys):
-    import hsplit.cli as cli
+    import hsplit.cliutil as cli
     p = make_plan("example", "smollm2-135m", modules=["q_proj"], ranks=(0, 4))
     p.solver["status"] = "time-limit"
     p.predicted["round_s"] = 39220.4
     p.solver["wall_s"] = 1234.5
-    cli._render_plan(p)
+    cli.render_plan(p)
     out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
     assert "status time-limit (stopped early: not proven optimal)" in out
     assert "round 39,220 s (10.9 h)" in out and "wall 1,234 s (20.6 min)" in out and "e+0" not in out

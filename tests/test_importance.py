@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from hsplit.planner.api import make_plan
@@ -20,7 +19,7 @@ from hsplit.planner.plan import Training
 from hsplit.runtime.data import TokenSet
 from hsplit.runtime.importance import (ImportanceSettings, auto_blocks_per_pass, build_importance, normalise,
                                        reference_scores, sensitivity_scores)
-from hsplit.runtime.measure_commands import register
+from hsplit.cli import app
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -132,8 +131,6 @@ def test_cli_importance_writes_a_file_for_every_matrix(tmp_path):
     folder = save_tiny_model(tmp_path / "tiny", layers=2)
     text = tmp_path / "data.txt"
     text.write_text(" ".join(f"To be or not to be, line {i}, that is the question." for i in range(200)))
-    app = typer.Typer()
-    register(app)
     out = tmp_path / "imp.yaml"
     res = CliRunner().invoke(app, ["importance", "--model", str(folder), "--data", str(text), "--steps", "2",
                                    "--batch-size", "2", "--seq-len", "16", "-o", str(out), "--format", "json"])

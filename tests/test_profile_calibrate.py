@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from hsplit.planner.cost import block_backward_flops_frozen, block_forward_flops, head_flops
 from hsplit.planner.device import DeviceProfile
 from hsplit.planner.model import load_model_profile
 from hsplit.runtime.calibrate import predicted_times
-from hsplit.runtime.measure_commands import register
+from hsplit.cli import app as hsplit_app
 from hsplit.runtime.profiling import matmul_throughput, summary
 
 
@@ -20,9 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def app():
-    a = typer.Typer()
-    register(a)
-    return a
+    return hsplit_app
 
 
 @pytest.fixture(scope="module")

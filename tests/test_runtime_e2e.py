@@ -100,7 +100,8 @@ def test_export_refuses_a_non_empty_target_and_runs_without_rounds(tmp_path):
 def test_runtime_commands_are_registered_without_importing_torch():
     code = ("import sys; from hsplit.cli import app; import typer.main as m; "
             "names = [c.name for c in m.get_command(app).commands.values()]; "
-            "print(all(n in names for n in ('run','eval','export','demo')), 'torch' in sys.modules)")
+            "print(all(n in names for n in ('run','eval','export','demo','importance','profile','calibrate')), "
+            "'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["True", "False"]
 

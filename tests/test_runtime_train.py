@@ -280,10 +280,7 @@ def _no_model_loading(monkeypatch):
 
 
 def _cli():
-    import typer
-    from hsplit.runtime.commands import register
-    app = typer.Typer()
-    register(app)
+    from hsplit.cli import app
     return app
 
 
@@ -306,6 +303,45 @@ def test_device_is_checked_before_loading_anything(env, monkeypatch):
         assert res.exit_code == 2, res.output
         assert "error:" in res.output and msg in res.output and "Traceback" not in res.output
     assert _no_run(env, "dev")
+
+
+class _Recorder:
+    """A loop.Reporter that writes down what it is told."""
+
+    def __init__(self):
+        self.calls = []
+
+    def start_rounds(self, total, done):
+        self.calls.append(("start_rounds", total, done))
+
+    def start_round(self, r, steps):
+        self.calls.append(("start_round", r, steps))
+
+    def advance(self):
+        self.calls.append(("advance",))
+
+    def end_round(self, row):
+        self.calls.append(("end_round", row["round"], row["client"]))
+
+
+def test_run_tells_its_reporter_every_round_and_step_and_the_cli_draws_them_only_as_text(env):
+    from typer.testing import CliRunner
+    path = make_plan(env, "reported.yaml", rounds=2)          # 2 clients x 3 local steps
+    rec = _Recorder()
+    res = run(path, opts(env), reporter=rec)
+    steps = []
+    for r in range(2):
+        steps += [("start_round", r, 6)] + [("advance",)] * 6 + [("end_round", r + 1, "all")]
+    assert rec.calls == [("start_rounds", 2, 0)] + steps
+    rec = _Recorder()
+    run(path, opts(env, resume=True, rounds=3), reporter=rec)           # resumed: the done rounds are counted
+    assert rec.calls[:2] == [("start_rounds", 3, 2), ("start_round", 2, 6)] and len(rec.calls) == 9
+    assert run(path, opts(env, name="silent")).rounds_done == 2        # reporter=None: silent
+    base = ["run", str(path), "--runs-dir", str(res.run_dir.parent), "--rounds", "1"]
+    text = CliRunner().invoke(_cli(), base + ["--name", "as-text"])
+    assert text.exit_code == 0 and "round 1: train loss" in text.stderr, text.output
+    js = CliRunner().invoke(_cli(), base + ["--name", "as-json", "--format", "json"])
+    assert js.exit_code == 0 and "round 1" not in js.stderr, js.output
 
 
 def test_resume_of_a_finished_run_says_so_before_loading_and_rounds_below_done_is_an_error(env, monkeypatch, capsys):

@@ -92,7 +92,7 @@ def test_cli_json_and_bad_vary(tmp_path):
     assert r.exit_code == 0
     assert json.loads(r.output)["scenarios"][0]["seq_len"] == "128"
     r = runner.invoke(app, ["whatif", "example", "--vary", "seq_len", "-o", str(tmp_path / "w2")])
-    assert r.exit_code == 1 and "PATH=V1,V2" in r.output
+    assert r.exit_code == 2 and "PATH=V1,V2" in r.output
     assert not (tmp_path / "w2").exists()
 
 
@@ -157,7 +157,7 @@ def test_value_messages_name_the_rule_and_the_scenario(monkeypatch):
     assert ("scenario example clients.*.budget.memory_gib=100: clients[0].budget.memory_gib: 100 GiB exceeds"
             in str(e.value))
     r = runner.invoke(app, ["whatif", "example", "--vary", "clients.*.budget.memory_gib=1,100", "-o", "unused"])
-    assert r.exit_code == 1 and "scenario example clients.*.budget.memory_gib=100: " in r.output
+    assert r.exit_code == 2 and "scenario example clients.*.budget.memory_gib=100: " in r.output
 
 
 def test_group_selector_is_the_profile_name_of_a_device_file(tmp_path):
