@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from operator import attrgetter
@@ -231,19 +232,15 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, i
 
 
 class _status:
-    """A rich spinner (or nothing) around a slow step."""
+    """A line on stderr around a slow step (the runtime draws no widgets: that is the CLI's job)."""
 
     def __init__(self, enabled: bool, message: str):
-        self.enabled, self.message, self._s = enabled, message, None
+        self.enabled, self.message = enabled, message
 
     def __enter__(self):
         if self.enabled:
-            from rich.console import Console
-            self._s = Console(stderr=True).status(self.message)
-            self._s.__enter__()
+            print(self.message, file=sys.stderr, flush=True)
         return self
 
     def __exit__(self, *exc):
-        if self._s is not None:
-            self._s.__exit__(*exc)
         return False
