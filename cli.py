@@ -204,7 +204,8 @@ def run_cmd(
         if distributed:
             from hsplit.runtime.distributed.launcher import run_local_cli
             from hsplit.runtime.options import DistOptions
-            code, res = run_local_cli(plan, opts, min_clients, DistOptions.timeout_s if timeout is None else timeout)
+            code, res = run_local_cli(plan, opts, DistOptions(min_clients=min_clients,
+                                                           timeout_s=DistOptions.timeout_s if timeout is None else timeout))
             if code != 0:               # BAD_INPUT (refused) or PEER_LOST, as the processes exited
                 raise typer.Exit(code)
         else:

@@ -131,7 +131,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
         where[0] = r + 1
         t0 = time.perf_counter()
         reporter.start_round(r, len(sim.parties) * sim.steps_per_round)
-        client_rows = ex.train_round(r, reporter, replanner.begin_round(r, opts.on_step) if replanner else opts.on_step)
+        client_rows = ex.train_round(r, reporter, replanner.begin_round(r) if replanner else None)
         t1 = time.perf_counter()
         update, client_rows = ex.aggregate(r, client_rows)
         agg_s = time.perf_counter() - t1

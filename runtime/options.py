@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Callable
 
 
 def _opt(default, help: str, flag: str | None = None, minimum: float | None = None):
@@ -30,7 +29,6 @@ class RunOptions:
     compute_dtype: str = _opt("auto", "auto (the plan's dtype; fp32 on CPUs without fast bf16) | fp32 | bf16 | fp16")
     keep_checkpoints: int | None = _opt(None, "newest rounds that keep adapters + optimizer state (merged factors "
                                               "and metrics of every round stay; default: all)", minimum=1)
-    on_step: Callable[[int, int, int], None] | None = None   # (round, party index, step), in-process only
 
 
 @dataclass

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 from operator import attrgetter
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -54,8 +53,6 @@ from hsplit.runtime.common import GLOBAL, derive_seed
 from hsplit.runtime.party import move_party
 
 BETA = 0.5
-# Test hook: (round, 1-based; window scores) -> scores used instead (e.g. a forced drift).
-score_transform: Callable[[int, dict[str, float]], dict[str, float]] | None = None
 
 
 def check(plan: Plan) -> tuple[int, float] | None:
@@ -237,14 +234,16 @@ class Replanner:
         self._party = None
 
     # ---- between rounds ----
+    def window_scores(self, round_no: int, window: dict[str, float]) -> dict[str, float]:
+        """The scores of the window that ends with round `round_no` (1-based), as measured."""
+        return window
+
     def end_round(self, r: int, update, row: dict) -> None:
         """After round r's aggregation: smooth, compare, maybe re-plan (row: the round's `all` row)."""
         if not self.scoring(r):
             return
         self._stop()
-        window = dict(self._acc)
-        if score_transform is not None:
-            window = score_transform(r + 1, window)
+        window = self.window_scores(r + 1, dict(self._acc))
         total = sum(window.values())
         if total <= 0:
             return
@@ -275,4 +274,4 @@ class Replanner:
         self.reference = dict(self.smoothed)
 
 
-__all__ = ["Replanner", "check", "apply_plan", "restore", "describe", "BETA", "score_transform"]
+__all__ = ["Replanner", "check", "apply_plan", "restore", "describe", "BETA"]

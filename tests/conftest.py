@@ -90,7 +90,22 @@ def tiny_runtime_env(tmp_path_factory, prefix: str, sources=("alpha", "beta", "g
         yield root, model, text
 
 
-__all__ = ["GIB", "random_instance", "tiny_model", "tiny_runtime_env"]
+def at_step(monkeypatch, hook):
+    """Call hook(round, party index, step) before every local step of an in-process run (e.g. to kill it
+    at a given step); use inside `monkeypatch.context()` to limit it to one run."""
+    from hsplit.runtime import loop
+    real = loop.client_round
+
+    def client_round(sim, p, r, server, on_step=None):
+        def both(rr, i, s):
+            hook(rr, i, s)
+            if on_step:
+                on_step(rr, i, s)
+        return real(sim, p, r, server, both)
+    monkeypatch.setattr(loop, "client_round", client_round)
+
+
+__all__ = ["GIB", "at_step", "random_instance", "tiny_model", "tiny_runtime_env"]
 
 
 def tiny_e2e_plan(root, rows: list[tuple[str, str]], *, seq_len: int = 32, local_steps: int = 1,

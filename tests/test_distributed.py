@@ -342,12 +342,12 @@ def test_a_timeout_close_to_the_planned_step_time_is_warned_about(env):
 
 
 def test_the_local_launcher_resume_command_keeps_every_option(env, monkeypatch):
-    from hsplit.runtime import distributed
+    from hsplit.runtime.distributed import launcher as distributed
     path = make_plan(env, "rcmd.yaml", "splitlora")
     seen = {}
     monkeypatch.setattr(distributed, "launch_local", lambda *a, resume_cmd=None, **k: seen.update(cmd=resume_cmd) or 1)
     opts = RunOptions(runs_dir=env[0] / "runs-rcmd", name="x", eval_max_seqs=8, rounds=3, keep_checkpoints=1)
-    assert distributed.run_local_cli(path, opts, min_clients=1, timeout_s=30) == (1, None)
+    assert distributed.run_local_cli(path, opts, DistOptions(min_clients=1, timeout_s=30)) == (1, None)
     assert seen["cmd"] == (f"hsplit run {path} --name x --resume --runs-dir {env[0] / 'runs-rcmd'} --rounds 3 "
                            "--keep-checkpoints 1 --eval-seqs 8 --distributed --timeout 30 --min-clients 1")
 
@@ -554,7 +554,7 @@ def test_the_planned_merge_download_is_what_a_client_receives(env):
     sim = build(plan, progress=False)
     update = sim.strategy.combine(sim.parties)
     for k, p in enumerate(sim.parties):
-        got = for_client(update, p.adapter, p.split)
+        got = update.for_client(p.adapter, p.split)
         sent = sum(4 * (b.numel() + a.numel()) for b, a in got.merge.values())
         assert sent == want[k] > 0, (k, sent, want[k])
     assert want[1] > want[0] + 4 * 2 * 2 * inst.widths.sum()     # c1 gets c0's server-side adapters of blocks 1-2

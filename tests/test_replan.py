@@ -4,7 +4,7 @@ import csv
 import os
 
 import pytest
-from conftest import tiny_runtime_env
+from conftest import at_step, tiny_runtime_env
 import torch
 import yaml
 
@@ -39,7 +39,6 @@ def env(tmp_path_factory):
                           "data_weight": 2.0, "budget": {"round_s": 20.0}}]}
     (root / "fleet.yaml").write_text(yaml.safe_dump(fleet))
     yield root, model, text
-    replanning.score_transform = None
     next(gen, None)
 
 
@@ -62,14 +61,17 @@ def plan_file(env, name, threshold=0.2, every=1, rounds=3):
     return path, prof
 
 
+def measured_scores(monkeypatch, transform):
+    """Replace what the runtime measures in each window: transform(round, scores) -> scores."""
+    monkeypatch.setattr(replanning.Replanner, "window_scores", lambda self, r, scores: transform(r, scores))
+
+
 @pytest.fixture
-def drift(env):
+def drift(env, monkeypatch):
     """From round 2 on, the clients' importance concentrates on blocks 2-3 (the plan favours 0-1)."""
     prof = load_model_profile(str(env[1]))
     high = concentrated(prof, on_high=True)
-    replanning.score_transform = lambda r, scores: scores if r < 2 else dict(high)
-    yield
-    replanning.score_transform = None
+    measured_scores(monkeypatch, lambda r, scores: scores if r < 2 else dict(high))
 
 
 def opts(env, **kw):
@@ -105,7 +107,7 @@ def test_drift_replans_moves_adapters_records_it_and_training_goes_on(env, drift
 
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora"])
-def test_resume_after_a_replan_equals_an_uninterrupted_run(env, drift, strategy):
+def test_resume_after_a_replan_equals_an_uninterrupted_run(env, drift, strategy, monkeypatch):
     path, prof = plan_file(env, f"res-{strategy}", rounds=3)
     if strategy == "splitlora":
         plan = Plan.load(path)
@@ -115,8 +117,8 @@ def test_resume_after_a_replan_equals_an_uninterrupted_run(env, drift, strategy)
             c.split_layer = 2
             c.ranks = {m: 4 for m in MODULES}
         plan.save(path)
-        replanning.score_transform = lambda r, s: s if r < 2 else {n: (1.0 if ".layers.0." in n else 1e-3)
-                                                                      for n in s}
+        measured_scores(monkeypatch, lambda r, s: s if r < 2 else {n: (1.0 if ".layers.0." in n else 1e-3)
+                                                                   for n in s})
     full = run(path, opts(env, name=f"full-{strategy}"))
     assert global_rows(full.run_dir)[2]["replan"] != ""         # re-planned at round 2
 
@@ -126,8 +128,9 @@ def test_resume_after_a_replan_equals_an_uninterrupted_run(env, drift, strategy)
     def kill(r, k, s):
         if r == 2:
             raise Stop
-    with pytest.raises(Stop):
-        run(path, opts(env, name=f"cut-{strategy}", on_step=kill))
+    with pytest.raises(Stop), monkeypatch.context() as m:
+        at_step(m, kill)
+        run(path, opts(env, name=f"cut-{strategy}"))
     assert checkpoint.complete_rounds(full.run_dir.parent / f"cut-{strategy}")[-1] == 2
     resumed = run(path, opts(env, name=f"cut-{strategy}", resume=True))
     _, a = checkpoint.load(full.run_dir, 3)

@@ -3,7 +3,7 @@ import csv
 import os
 
 import pytest
-from conftest import tiny_runtime_env
+from conftest import at_step, tiny_runtime_env
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -130,7 +130,7 @@ class Killed(Exception):
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation",
                                       "hafl-freezing"])
-def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, strategy):
+def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, strategy, monkeypatch):
     clients = None
     if strategy == "splitlora":           # one split, one rank everywhere (= server_rank)
         clients = [{"id": c, "device": "d", "split_layer": 2, "ranks": {"q_proj": 4, "v_proj": 4, "down_proj": 4}}
@@ -142,8 +142,9 @@ def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, 
         if (r, k, s) == (1, 1, 2):
             raise Killed
 
-    with pytest.raises(Killed):
-        run(path, opts(env, name=f"cut-{strategy}", on_step=kill))
+    with pytest.raises(Killed), monkeypatch.context() as m:
+        at_step(m, kill)
+        run(path, opts(env, name=f"cut-{strategy}"))
     cut_dir = env[0] / "runs" / f"cut-{strategy}"
     assert checkpoint.complete_rounds(cut_dir) == [0, 1]
     resumed = run(path, opts(env, name=f"cut-{strategy}", resume=True))
@@ -161,7 +162,7 @@ def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, 
         assert strip(list(csv.DictReader(f1))) == strip(list(csv.DictReader(f2)))
 
 
-def test_keep_checkpoints_prunes_old_rounds_and_resume_eval_export_still_work(env):
+def test_keep_checkpoints_prunes_old_rounds_and_resume_eval_export_still_work(env, monkeypatch):
     """--keep-checkpoints 1: only the newest round keeps adapters + optimizer state; a killed run still
     resumes to the uninterrupted run's state, and export/eval (which replay every merge) still work."""
     from hsplit.runtime.evaluate import evaluate_run
@@ -174,8 +175,9 @@ def test_keep_checkpoints_prunes_old_rounds_and_resume_eval_export_still_work(en
         if (r, k, s) == (2, 0, 1):
             raise Killed
 
-    with pytest.raises(Killed):
-        run(path, opts(env, name="keep-cut", on_step=kill, keep_checkpoints=1))
+    with pytest.raises(Killed), monkeypatch.context() as m:
+        at_step(m, kill)
+        run(path, opts(env, name="keep-cut", keep_checkpoints=1))
     cut = env[0] / "runs" / "keep-cut"
     assert checkpoint.complete_rounds(cut) == [0, 1, 2]
     for r in (0, 1):

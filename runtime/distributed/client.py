@@ -68,7 +68,7 @@ def restore_from(sim, blob: dict) -> None:
         restore(sim, Path(tmp), int(blob["last"]))
 
 
-class Client:
+class ClientProcess:
     def __init__(self, sim, p, link, store, rank: int, dopts, seq: int, say):
         self.sim, self.p, self.link, self.store, self.rank, self.dopts, self.seq = sim, p, link, store, rank, dopts, seq
         self.say = say
@@ -145,7 +145,7 @@ def client_main(plan_path: Path, link, store, rank: int, dopts, device: str, com
         return EXIT_REFUSED
     sim = build_part(plan, rank, device, compute)
     p = sim.parties[rank - 1]
-    client = Client(sim, p, link, store, rank, dopts, seq, say)
+    client = ClientProcess(sim, p, link, store, rank, dopts, seq, say)
     client.progress(f"joined as client {p.id} (device {p.device}): blocks 0-{p.split - 1} of {sim.lm.profile.layers} "
                     f"on {sim.device}, {len(p.data)} training sequences; rounds start when the server says")
     return client.serve()

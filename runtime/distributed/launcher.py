@@ -216,17 +216,17 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def run_local_cli(plan_path, opts: RunOptions, min_clients: int | None, timeout_s: float) -> tuple[int, RunResult | None]:
+def run_local_cli(plan_path, opts: RunOptions, dopts: DistOptions) -> tuple[int, RunResult | None]:
     """`hsplit run plan.yaml --distributed`: launch the server and every client locally. Returns the exit
     code and, when it is 0, the run's result; Ctrl-C or SIGTERM stops every process and raises
-    train.RunInterrupted (where it stopped, the exact --resume command)."""
-    dopts = DistOptions(timeout_s=timeout_s, min_clients=min_clients)
+    rundir.RunInterrupted (where it stopped, the exact --resume command)."""
     plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
     pick_device(opts.device)
     check_min_clients(plan, plan_path, dopts)
     run_dir, _, _ = prepare_run_dir(plan, Path(plan_path), opts)
     # the in-process run's --resume command (every option it was started with) plus the distributed ones
-    extra = ["--distributed", "--timeout", f"{timeout_s:g}"] + (["--min-clients", str(min_clients)] if min_clients else [])
+    extra = ["--distributed", "--timeout", f"{dopts.timeout_s:g}"] + (
+        ["--min-clients", str(dopts.min_clients)] if dopts.min_clients else [])
     try:
         code = launch_local(plan_path, opts, dopts, resume_cmd=run_resume_command(Path(plan_path), run_dir, opts,
                                                                                  True, extra))
