@@ -17,6 +17,7 @@ from rich.markup import escape
 from hsplit import __version__
 from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
                             batch_option, calibration_table, check_format, console, device_option, err, fail,
+                            options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
@@ -24,6 +25,7 @@ from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
 from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import output_problem
+from hsplit.runtime.options import DistOptions, RunOptions
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -168,20 +170,12 @@ def whatif(
 # ---- training and its results (torch, imported inside each command) ----
 
 @app.command("run")
+@with_options((RunOptions, None, ()), (DistOptions, ("timeout_s", "min_clients"), ("timeout_s",)))
 def run_cmd(
     plan: Path = typer.Argument(..., help="plan.yaml written by `hsplit plan` (or by hand)."),
-    rounds: Optional[int] = typer.Option(None, "--rounds", min=1, help="Rounds to train (default: the plan's)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Run folder name under --runs-dir (default: plan file stem)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run from its last complete round."),
-    runs_dir: Path = typer.Option(Path("runs"), "--runs-dir", help="Where run folders are written."),
-    eval_seqs: int = typer.Option(64, "--eval-seqs", min=1, help="Held-out sequences evaluated after each round."),
-    device: str = device_option("auto"),
-    threads: Optional[int] = THREADS,
-    keep_checkpoints: Optional[int] = typer.Option(None, "--keep-checkpoints", min=1, help="Keep adapters + optimizer state of only the newest K rounds (merged factors and metrics of every round stay; default: all)."),
     fmt: str = FORMAT,
-    distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md."),
-    min_clients: Optional[int] = typer.Option(None, "--min-clients", min=1, help="--distributed: finish a round with this many clients when one is lost (default: all)."),
-    timeout: Optional[float] = typer.Option(None, "--timeout", min=1, help="--distributed: seconds to wait for an answer (a client's next step, the server's reply) before naming the silent process lost; above the slowest client's step time (default 300)."),
+    distributed: bool = typer.Option(False, "--distributed", help="Server and clients as separate local processes on torch.distributed (loopback); torchrun on several machines: docs/runtime.md. --timeout and --min-clients apply to it."),
+    **options,
 ):
     """Train a plan: split-federated LoRA rounds, in-process simulation of the fleet.
 
@@ -191,21 +185,16 @@ def run_cmd(
     """
     check_format(fmt)
     from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
     from hsplit.runtime.rundir import RunFinished
 
-    opts = RunOptions(rounds=rounds, name=name, runs_dir=runs_dir, resume=resume, eval_max_seqs=eval_seqs,
-                      progress=fmt == "text" and not distributed, device=device, threads=threads,
-                      keep_checkpoints=keep_checkpoints)
-    if not distributed and (min_clients is not None or timeout is not None):
-        fail(f"{'--min-clients' if min_clients is not None else '--timeout'} applies to --distributed runs only: "
-             "add --distributed, or leave it out")
+    opts = options_from(RunOptions, options, progress=fmt == "text" and not distributed)
+    given = [f for f, v in (("--min-clients", options["min_clients"]), ("--timeout", options["timeout_s"])) if v is not None]
+    if not distributed and given:
+        fail(f"{given[0]} applies to --distributed runs only: add --distributed, or leave it out")
     try:
         if distributed:
             from hsplit.runtime.distributed.launcher import run_local_cli
-            from hsplit.runtime.options import DistOptions
-            code, res = run_local_cli(plan, opts, DistOptions(min_clients=min_clients,
-                                                           timeout_s=DistOptions.timeout_s if timeout is None else timeout))
+            code, res = run_local_cli(plan, opts, options_from(DistOptions, options))
             if code != 0:               # BAD_INPUT (refused) or PEER_LOST, as the processes exited
                 raise typer.Exit(code)
         else:
