@@ -23,6 +23,7 @@ from hsplit.planner.strategies import NAMES as STRATEGIES
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 
 SCHEMA_VERSION = 1
+AGGREGATIONS = ("warm", "restart")   # hsplitlora's exact aggregation: holders carry on, or restart each round
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
 
 
@@ -80,6 +81,7 @@ class Plan:
     server: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     replan: dict[str, Any] | None = None
+    aggregation: str = "warm"        # hsplitlora: warm (exact, adapters carry on) | restart (exact, fresh init)
     schema_version: int = SCHEMA_VERSION
     hsplit_version: str = __version__
     source: str = "<plan>"
@@ -124,7 +126,7 @@ class Plan:
             "objective": self.objective, "modules": list(self.modules),
             "ranks_allowed": list(self.ranks_allowed), "server_rank": self.server_rank,
             "training": asdict(self.training), "data": asdict(self.data),
-            **({"replan": self.replan} if self.replan else {}),
+            **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
             "clients": [{"id": c.id, "device": c.device, "data_weight": c.data_weight,
                          "split_layer": c.split_layer, "ranks": dict(c.ranks), "predicted": c.predicted}
@@ -143,7 +145,7 @@ class Plan:
         p = Problems(source)
         known = {"schema_version", "hsplit_version", "model", "inputs", "strategy", "objective", "modules",
                  "ranks_allowed", "server_rank", "training", "data", "replan", "solver", "predicted",
-                 "server", "clients"}
+                 "server", "clients", "aggregation"}
         for key in data:
             if key not in known:
                 p.add(key, f"unknown field; expected one of {', '.join(sorted(known))}")
@@ -175,6 +177,10 @@ class Plan:
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
             p.add("modules", "must be a list of module names (e.g. [self_attn.q_proj, self_attn.v_proj])")
             modules = []
+        aggregation = data.get("aggregation", "warm")
+        if aggregation not in AGGREGATIONS:
+            p.add("aggregation", f"must be {' or '.join(AGGREGATIONS)} (hsplitlora: adapters and AdamW moments carry "
+                                 f"on / restart from a fresh init every round), got {aggregation!r}")
         replan = data.get("replan")
         if replan is not None and not (isinstance(replan, dict) and set(replan) <= {"every", "threshold"}):
             p.add("replan", "must be {every: N, threshold: t}")
@@ -221,7 +227,7 @@ class Plan:
                    objective=str(data.get("objective", "utility")), training=training, data=data_spec,
                    inputs=dict(data.get("inputs") or {}), solver=dict(data.get("solver") or {}),
                    server=dict(data.get("server") or {}), predicted=dict(data.get("predicted") or {}),
-                   replan=replan, hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
+                   replan=replan, aggregation=str(aggregation), hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
 
 
 def _section(cls, raw, name, p):
