@@ -66,13 +66,14 @@ class AdapterBank:
         self._layers: dict[str, nn.Module] | None = None
 
     # ---- creating and checking adapters ----
-    def add(self, name: str, ranks: dict[str, int]) -> None:
+    def add(self, name: str, ranks: dict[str, int], dropout: float | None = None) -> None:
+        """Adapter `name` with these ranks (dropout: this adapter's LoRA dropout, default the bank's)."""
         ranks = {m: r for m, r in ranks.items() if r > 0}
         self._check_modules_exist(name, ranks)
         self.ranks[name] = dict(ranks)
         if not ranks:
             return                               # a client that trains nothing: no layers to add
-        cfg = lora_config(ranks, self.alpha_over_rank, self.dropout, self.family)
+        cfg = lora_config(ranks, self.alpha_over_rank, self.dropout if dropout is None else dropout, self.family)
         if self.peft_model is None:
             from peft import get_peft_model
             self.peft_model = get_peft_model(self.model, cfg, adapter_name=name)
@@ -80,6 +81,17 @@ class AdapterBank:
             self.peft_model.add_adapter(name, cfg)
         self._layers = None
         self.verify(name)
+
+    def delete(self, name: str) -> None:
+        """Remove adapter `name` (re-planning rebuilds adapters at new ranks)."""
+        if self.ranks.get(name):
+            self.peft_model.delete_adapter(name)
+            # peft re-activates what the layers had active (activate(None): a dummy name); point the
+            # model-level active adapter at a real one so that add_adapter works again
+            left = list(self.peft_model.peft_config)
+            self.peft_model.base_model.active_adapter = left[0] if left else []
+        self.ranks.pop(name, None)
+        self._layers = None
 
     def _check_modules_exist(self, name: str, ranks: dict[str, int]) -> None:
         present = {n for n, _ in self.model.named_modules()}
@@ -118,11 +130,15 @@ class AdapterBank:
             self._layers = {n: m for n, m in self.model.named_modules() if isinstance(m, LoraLayer)}
         return self._layers
 
-    def activate(self, name: str | None) -> None:
-        """Make `name` the only active adapter (None: no adapter, the base model alone)."""
-        name = name or NO_ADAPTER
+    def activate(self, name: str | None, frozen: str | None = None) -> None:
+        """Make `name` the only trainable active adapter (None: no adapter, the base model alone); `frozen`:
+        a second adapter active with it whose factors get no gradient (a holder's base offset)."""
+        names = [name or NO_ADAPTER] + ([frozen] if frozen else [])
         for layer in self.layers().values():
-            layer.set_adapter(name)
+            layer.set_adapter(names if frozen else names[0])
+            if frozen and frozen in layer.lora_A:
+                layer.lora_A[frozen].requires_grad_(False)
+                layer.lora_B[frozen].requires_grad_(False)
 
     def factors(self, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Module -> (A, B) parameters of adapter `name` (A: (r, d_in), B: (d_out, r))."""
@@ -164,19 +180,31 @@ class AdapterBank:
             a.copy_(torch.rand(a.shape, generator=gen) * 2 * bound - bound)
             b.zero_()
 
-    @torch.no_grad()
-    def merge_into_base(self, module: str, b_cat: torch.Tensor, a_cat: torch.Tensor) -> None:
-        """W += B_cat @ A_cat (the exact aggregated update) in the base layer of `module`; nothing when
-        this process does not hold the block (a distributed process loads only its part)."""
+    def _base_layer(self, module: str) -> nn.Module | None:
+        """The frozen base layer of `module` (None when this process does not hold its block)."""
         layer = self.layers().get(module)
         if layer is None:          # no adapter on it now (resume replays merges of an earlier plan)
             from operator import attrgetter
             layer = attrgetter(module)(self.model)
         base = layer.get_base_layer() if hasattr(layer, "get_base_layer") else layer
-        if is_placeholder(base.weight):
-            return
-        delta = b_cat.to(base.weight.dtype) @ a_cat.to(base.weight.dtype)
-        base.weight += delta.T if self.family is GPT2 else delta
+        return None if is_placeholder(base.weight) else base
+
+    @torch.no_grad()
+    def merge_into_base(self, module: str, b_cat: torch.Tensor, a_cat: torch.Tensor) -> None:
+        """W += B_cat @ A_cat (the exact aggregated update) in the base layer of `module`; nothing when
+        this process does not hold the block (a distributed process loads only its part)."""
+        base = self._base_layer(module)
+        if base is not None:
+            delta = b_cat.to(base.weight.dtype) @ a_cat.to(base.weight.dtype)
+            base.weight += delta.T if self.family is GPT2 else delta
+
+    @torch.no_grad()
+    def merge_dense(self, module: str, delta: torch.Tensor) -> None:
+        """W += delta ((d_out, d_in)) in the base layer of `module` (blocks this process lacks: nothing)."""
+        base = self._base_layer(module)
+        if base is not None:
+            delta = delta.to(base.weight.device, base.weight.dtype)
+            base.weight += delta.T if self.family is GPT2 else delta
 
     def base_weight(self, module: str) -> torch.Tensor:
         """The frozen weight in (d_out, d_in) orientation."""

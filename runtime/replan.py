@@ -85,17 +85,6 @@ def _base_weight(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     return mod.weight
 
 
-def _delete_adapter(bank, name: str) -> None:
-    if bank.ranks.get(name):
-        bank.peft_model.delete_adapter(name)
-        # peft re-activates what the layers had active (bank.activate(None): a dummy name); point the
-        # model-level active adapter at a real one so that add_adapter works again
-        left = list(bank.peft_model.peft_config)
-        bank.peft_model.base_model.active_adapter = left[0] if left else []
-    bank.ranks.pop(name, None)
-    bank._layers = None
-
-
 def _total_rank(plan: Plan, c, profile) -> int:
     return sum(plan.client_ranks(c, profile).values())
 
@@ -121,10 +110,11 @@ def apply_plan(sim, new: Plan, r: int, update=None) -> None:
     old_global = None
     if sim.global_ranks and update is not None:
         old_global = {m: (a.detach().clone(), b.detach().clone()) for m, (a, b) in bank.factors(GLOBAL).items()}
+    carried = sim.strategy.before_move()
     for p in sim.parties:
-        _delete_adapter(bank, p.adapter)
+        bank.delete(p.adapter)
     if sim.global_ranks is not None:
-        _delete_adapter(bank, GLOBAL)
+        bank.delete(GLOBAL)
     new.training.rounds = sim.plan.training.rounds
     sim.plan = new
     for p, c in zip(sim.parties, new.clients):
@@ -159,6 +149,7 @@ def apply_plan(sim, new: Plan, r: int, update=None) -> None:
                 b.copy_(new_f[m][1])
     for p in sim.parties:
         sim.new_optimizers(p)
+    sim.strategy.after_move(carried)
     bank.activate(None)
 
 

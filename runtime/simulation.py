@@ -75,6 +75,12 @@ class Simulation:
         for m, (b_cat, a_cat) in merged.items():
             self.bank.merge_into_base(m, b_cat.to(self.device), a_cat.to(self.device))
 
+    def merge_update(self, update: RoundUpdate) -> None:
+        """A round's merges into the base weights, stacked or dense (a client's cheaper form)."""
+        self.merge(update.merge)
+        for m, delta in update.dense.items():
+            self.bank.merge_dense(m, delta)
+
     def replay_merge(self, merged: dict[str, torch.Tensor]) -> None:
         """A checkpoint's merged.safetensors into the base weights (resume replays every round's)."""
         self.merge({m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in sorted({k[:-2] for k in merged})})

@@ -98,7 +98,7 @@ class ServerSide:
         """Server forward from the cut, loss, backward: dL/dh (None when the client trains nothing)."""
         sim, st = self.sim, self.rounds[p.index]
         st.lr = set_lr(sim, [p.opt_server], r, s)
-        sim.bank.activate(p.adapter)
+        sim.bank.activate(p.adapter, sim.strategy.offset(p))
         h_server = h.detach().requires_grad_(needs_grad)
         with sim.autocast():
             logits = sim.split.server_forward(h_server, mask, p.split)
@@ -163,7 +163,7 @@ def client_step(sim, p, batch, r: int, s: int, server) -> None:
 def client_round(sim, p, r: int, server, on_step=None) -> None:
     """Party p's local steps of round r (its client's side; the server half through `server`)."""
     sim.lm.model.train()
-    sim.bank.activate(p.adapter)
+    sim.bank.activate(p.adapter, sim.strategy.offset(p))
     for s in range(sim.steps_per_round):
         if on_step:
             on_step(r, p.index, s)

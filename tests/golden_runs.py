@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-STRATEGIES = ["hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing", "centralized"]
+# every strategy; hsplitlora-restart: hsplitlora with `aggregation: restart` (the aggregation before warm)
+STRATEGIES = ["hsplitlora", "hsplitlora-restart", "splitlora", "hetlora", "flexlora", "hafl-truncation",
+              "hafl-freezing", "centralized"]
 LINES = ["To be, or not to be, that is the question.", "The Eagle is a coffee shop near the river.",
          "Now is the winter of our discontent.", "Whether 'tis nobler in the mind to suffer."]
 
@@ -30,8 +32,14 @@ def make_env(root: Path):
 
 def make_plan(root: Path, model, text, strategy: str) -> Path:
     """The plan of tests/test_distributed.py (dropout and clipping on, clients split at blocks 1 and 3)."""
+    from hsplit.planner.plan import Plan
     from test_distributed import make_plan as distributed_plan
-    return distributed_plan((root, model, text), f"{strategy}.yaml", strategy)
+    path = distributed_plan((root, model, text), f"{strategy}.yaml", strategy.removesuffix("-restart"))
+    if strategy.endswith("-restart"):
+        plan = Plan.load(path)
+        plan.aggregation = "restart"
+        plan.save(path)
+    return path
 
 
 def record(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -21,7 +21,7 @@ def in_process(tmp_path_factory):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("strategy", ["hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation",
+@pytest.mark.parametrize("strategy", ["hsplitlora", "hsplitlora-restart", "splitlora", "hetlora", "flexlora", "hafl-truncation",
                                       "hafl-freezing", "centralized"])
 def test_every_strategy_trains_exactly_the_pinned_losses_and_adapters(in_process, strategy):
     assert compare({strategy: in_process[strategy]}, GOLDEN, tol=1e-6) == []

@@ -38,6 +38,7 @@ class ClientFactors:
 @dataclass
 class RoundUpdate:
     merge: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)   # module -> (B_cat, A_cat)
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)   # module -> B_cat @ A_cat, where that is smaller
     assign: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # module -> (A, B) for all
     reinit: bool = False                                                                 # adapters restart
     # strategies that keep a global adapter:
@@ -52,11 +53,23 @@ class RoundUpdate:
         def keep(d: dict) -> dict:
             return {k: v for k, v in d.items() if (block_of(k) is None or block_of(k) < split)}
 
-        return RoundUpdate(merge=keep(self.merge), assign=keep(self.assign), reinit=self.reinit,
+        merge, dense = {}, {}
+        for m, (b, a) in keep(self.merge).items():     # the cheaper exact form of each matrix's update
+            if b.shape[1] * (a.shape[1] + b.shape[0]) > a.shape[1] * b.shape[0]:
+                dense[m] = b @ a
+            else:
+                merge[m] = (b, a)
+        return RoundUpdate(merge=merge, dense=dense, assign=keep(self.assign), reinit=self.reinit,
                            global_factors=keep(self.global_factors),
                            assign_party={party: keep(self.assign_party[party])} if party in self.assign_party else {},
                            global_scores=keep(self.global_scores),
                            local_scores={party: keep(self.local_scores[party])} if party in self.local_scores else {})
+
+
+def update_bytes(update: RoundUpdate) -> int:
+    """fp32 bytes of an update's merges (stacked factors and dense updates): what a client downloads."""
+    return (sum(4 * (b.numel() + a.numel()) for b, a in update.merge.values())
+            + sum(4 * d.numel() for d in update.dense.values()))
 
 
 def normalised(weights: list[float]) -> list[float]:
@@ -100,6 +113,17 @@ class Strategy:
 
     def start(self) -> None:
         """After every adapter got its fresh init."""
+
+    def offset(self, p) -> str | None:
+        """A frozen adapter active with party p's own while it trains (hsplitlora warm: its base offset)."""
+        return None
+
+    def before_move(self):
+        """Re-planning is about to rebuild every adapter at new splits and ranks: what to carry over."""
+        return None
+
+    def after_move(self, carried) -> None:
+        """The adapters were rebuilt (fresh init, new optimizers): carry over what before_move kept."""
 
     # ---- around every optimizer step (modules: the side that steps) ----
     def before_step(self, p, step_idx: int, modules):

@@ -52,7 +52,7 @@ class SplitLoRA(Strategy):
     @torch.no_grad()
     def apply(self, update: RoundUpdate, r: int) -> None:
         sim = self.sim
-        sim.merge(update.merge)           # residuals of a re-plan that lowered a rank
+        sim.merge_update(update)           # residuals of a re-plan that lowered a rank
         names = [p.adapter for p in sim.parties] + ([GLOBAL] if sim.global_ranks else [])
         for m, (a, b) in update.assign.items():
             for name in names:
