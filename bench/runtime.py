@@ -30,10 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Runtime (bench/runtime.py)"
 
 
-def _plan(model: str, clients: int, split: int, rank: int, batch: int, seq: int, strategy="hsplitlora"):
+def _plan(model: str, clients: int, split: int, rank: int, batch: int, seq: int, strategy="hsplitlora",
+          aggregation: str = "warm"):
     from hsplit.planner.plan import Plan
     return Plan.from_dict({
-        "model": model, "strategy": strategy, "server_rank": rank,
+        "model": model, "strategy": strategy, "server_rank": rank, "aggregation": aggregation,
         "training": {"batch_size": batch, "seq_len": seq, "local_steps": 1, "rounds": 1, "dtype": "fp32",
                      "learning_rate": 1e-4, "max_grad_norm": 1.0},
         "data": {"path": "shakespeare", "partition": "iid"},
@@ -127,7 +128,8 @@ def memory_child(args) -> dict:
         from hsplit.planner.model import load_model_profile
         profile = load_model_profile(model)
     split = args.split or profile.layers // 2
-    plan = _expand_all(_plan(model, args.clients, split, args.rank, args.batch, args.seq), profile)
+    plan = _expand_all(_plan(model, args.clients, split, args.rank, args.batch, args.seq,
+                             aggregation=args.aggregation), profile)
     t0 = time.perf_counter()
     sim = build(plan, progress=False, device="cpu")
     t1 = time.perf_counter()
@@ -165,12 +167,12 @@ def _vm_hwm_gib() -> float | None:
     return None
 
 
-def memory(args) -> list[dict]:
+def memory(args, aggregation: str = "warm") -> list[dict]:
     out = []
     for k in args.clients_list:
         cmd = [sys.executable, __file__, "--child-memory", "--clients", str(k), "--model", args.model,
                "--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--split", str(args.split or 0), "--threads", str(args.threads)]
+               "--split", str(args.split or 0), "--threads", str(args.threads), "--aggregation", aggregation]
         res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         if res.returncode != 0:
             raise SystemExit(f"memory child failed for {k} clients:\n{res.stderr[-3000:]}")
@@ -185,7 +187,7 @@ def memory(args) -> list[dict]:
 
 
 def write_section(result: dict, command: str) -> None:
-    t, mem = result["throughput"], result["memory"]
+    t = result["throughput"]
     lines = [HEADING, "",
              f"Command: `{command}`  ",
              f"Machine: {result['machine']}; torch {result['torch']}, {result['threads']} thread(s); "
@@ -197,14 +199,18 @@ def write_section(result: dict, command: str) -> None:
              f"| {t['model']} | {t['split']} | {t['rank']} ({t['adapted_modules']} modules) | {t['batch']} x {t['seq_len']} "
              f"| {t['hsplit_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} | {t['ratio']:.3f} |", "",
              "**Peak memory vs simulated clients** (fresh process: build + one round of 1 local step per "
-             "client + hsplitlora aggregation; one copy of the base weights):", "",
-             "| clients | peak RSS (GiB) | vs 1 client (target 10 <= 1.3x) | training-phase peak (GiB) | vs 1 client "
-             "| round (s) | exact aggregation (s) | FedAvg (s) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for m in mem:
-        lines.append(f"| {m['clients']} | {m['peak_rss_gib']:.2f} | {m['peak_ratio_vs_1']:.2f}x "
-                     f"| {m['train_peak_rss_gib']:.2f} | {m['train_peak_ratio_vs_1']:.2f}x | {m['round_s']:.1f} "
-                     f"| {m['exact_aggregate_s']:.3f} | {m['fedavg_s']:.3f} |")
+             "client + hsplitlora aggregation; one copy of the base weights). warm (the default) keeps every "
+             "holder's factors, AdamW moments and frozen base offset (4x its adapter's fp32 bytes) between "
+             "rounds; restart drops the moments and re-initialises:", "",
+             "| aggregation | clients | peak RSS (GiB) | vs 1 client (target 10 <= 1.3x) | training-phase peak (GiB) "
+             "| vs 1 client | round (s) | exact aggregation (s) | FedAvg (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    mem = result["memory"]
+    for label, rows in (("warm", result["memory"]), ("restart", result.get("memory_restart", []))):
+        for m in rows:
+            lines.append(f"| {label} | {m['clients']} | {m['peak_rss_gib']:.2f} | {m['peak_ratio_vs_1']:.2f}x "
+                         f"| {m['train_peak_rss_gib']:.2f} | {m['train_peak_ratio_vs_1']:.2f}x | {m['round_s']:.1f} "
+                         f"| {m['exact_aggregate_s']:.3f} | {m['fedavg_s']:.3f} |")
     lines += ["", "Peak RSS is the whole process (dominated by loading the model and data); the "
               "training-phase peak resets the kernel's high-water mark (VmHWM) after loading and covers "
               "the round and the aggregation, where per-client state lives.",
@@ -235,6 +241,7 @@ def main() -> None:
     ap.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--aggregation", default="warm", help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
@@ -247,8 +254,10 @@ def main() -> None:
     print(f"  hsplit {thr['hsplit_tokens_per_s']:.1f} tok/s, peft {thr['peft_tokens_per_s']:.1f} tok/s, "
           f"ratio {thr['ratio']:.3f}", file=sys.stderr)
     print("memory ...", file=sys.stderr)
-    mem = memory(args)
-    result = {"throughput": thr, "memory": mem, "torch": torch.__version__, "threads": args.threads,
+    mem = memory(args, "warm")
+    print("memory (aggregation: restart) ...", file=sys.stderr)
+    mem_restart = memory(args, "restart")
+    result = {"throughput": thr, "memory": mem, "memory_restart": mem_restart, "torch": torch.__version__, "threads": args.threads,
               "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
               "date": time.strftime("%Y-%m-%d")}
     out = ROOT / "bench" / "results" / "runtime.json"

@@ -1,22 +1,30 @@
-"""Every strategy on one heterogeneous fleet and one E2E partition: convergence in fleet time, BLEU/ROUGE-L.
+"""Every strategy on one heterogeneous fleet and one E2E partition, over several seeds: convergence in fleet
+time, held-out and test perplexity, BLEU/ROUGE-L, bytes, paired differences against hsplitlora.
 
-    python bench/strategies.py --train PATH/devset.csv --test PATH/testset_w_refs.csv \\
-        [--rounds 8 --local-steps 8 --batch-size 4 --seq-len 96 --test-mrs 0 --device auto]
-    # -> bench/results/strategies/{results.json, summary.md, strategies.png, plans/, runs/}
+    python bench/strategies.py --train PATH/devset.csv --test PATH/testset_w_refs.csv --seeds 0,1,2 \
+        [--rounds 8 --local-steps 4 --batch-size 4 --seq-len 96 --variants restart,replan \
+         --importance sensitivity=imp.yaml,rngwp=imp-rngwp.yaml --device auto]
+    # -> bench/results/strategies/{results/<run>.json, summary.md, strategies.png, plans/, runs/}
 
 The fleet is the embedded example fleet (2 Jetson Orin Nano, 2 Raspberry Pi 5, 1 RTX 3060; A100
 server) with its round-time budgets scaled by (batch x seq_len x local_steps) / (4 x 256 x 10), the
 settings they were written for, so that they bind at any size: the planner then gives the clients
 different splits (and, for hsplitlora/hetlora/flexlora/hafl-*, different ranks). Every strategy gets
-the same model, data partition (by restaurant name), seed, learning rate, rounds and local steps:
+the same model, data partition (by restaurant name), seeds, learning-rate schedule, rounds and local
+steps:
   centralized      LoRA on the pooled data (no split; reference), server_rank on every block
   splitlora        one split, one rank that fits the weakest client (FedAvg of A and B)
   hetlora, flexlora, hafl-truncation, hafl-freezing   per-client split, one rank per client
-  hsplitlora       per-client split, per-matrix ranks, exact aggregation
+  hsplitlora       per-client split, per-matrix ranks, exact warm aggregation
+Ablations of hsplitlora (--variants / --importance): `restart` (aggregation: restart), `replan`
+(replan: {every: 2, threshold: 0.05}), and importance files (`NAME=PATH`, e.g. from `hsplit
+importance --method sensitivity|rngwp`) instead of uniform importance.
 After every round the runtime evaluates held-out perplexity (a slice of the training file no client
 trains on); at the end each run is decoded on the test MRs (greedy unless --beams) and scored with
 BLEU / ROUGE-L against all references, plus perplexity on the test references (runtime/generate.py).
 Fleet time is the plan's predicted round time summed over rounds (no fleet time for centralized).
+Each finished run is written to results/<run>.json at once; running the same command again skips
+finished runs and resumes an interrupted one from its last checkpoint (`--summarise-only` redraws).
 Nothing here reads a fixed data path: --train and --test are required.
 """
 from __future__ import annotations
@@ -47,40 +55,58 @@ def bench_fleet(batch: int, seq: int, steps: int) -> dict:
     return fleet
 
 
-def make_plans(args, out: Path) -> dict[str, Path]:
+def make_plan_for(args, label: str, strategy: str, seed: int, out: Path) -> Path:
+    """The plan of one run: `strategy` on the scaled fleet, with the run variant's changes."""
     from hsplit.planner.api import make_plan
     from hsplit.planner.fleet import Fleet
     from hsplit.planner.plan import DataSpec, Training
 
     fleet = Fleet.from_dict(bench_fleet(args.batch_size, args.seq_len, args.local_steps), "<bench fleet>")
     training = Training(batch_size=args.batch_size, seq_len=args.seq_len, local_steps=args.local_steps,
-                        rounds=args.rounds, learning_rate=args.lr, warmup_steps=args.warmup, seed=args.seed,
+                        rounds=args.rounds, learning_rate=args.lr, warmup_steps=args.warmup, seed=seed,
                         lr_schedule="cosine", dtype=args.dtype)
     data = DataSpec(path=str(Path(args.train).resolve()), format="e2e", partition="by-source",
                     eval_fraction=args.eval_fraction)
-    ranks = tuple(int(x) for x in args.ranks.split(","))
-    paths = {}
-    (out / "plans").mkdir(parents=True, exist_ok=True)
-    for s in args.strategies:
-        plan = make_plan(fleet, args.model, importance=args.importance, ranks=ranks, strategy=s, training=training,
-                         data=data, server_rank=args.server_rank,
-                         modules=args.modules.split(",") if args.modules else None)
-        paths[s] = out / "plans" / f"{s}.yaml"
-        plan.save(paths[s])
-    return paths
+    variant = label.removeprefix(strategy).lstrip("-")
+    importance = args.importance_files.get(variant.removeprefix("importance-")) if variant.startswith("importance-") else None
+    plan = make_plan(fleet, args.model, importance=importance, ranks=tuple(int(x) for x in args.ranks.split(",")),
+                     strategy=strategy, training=training, data=data, server_rank=args.server_rank,
+                     modules=args.modules.split(",") if args.modules else None)
+    if variant == "restart":
+        plan.aggregation = "restart"
+    if variant == "replan":
+        plan.replan = {"every": 2, "threshold": 0.05}
+        plan.inputs["fleet"] = str(_fleet_file(args, out))
+    path = out / "plans" / f"{label}-seed{seed}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    plan.save(path)
+    return path
 
 
-def run_one(strategy: str, plan_path: Path, args, out: Path) -> dict:
+def _fleet_file(args, out: Path) -> Path:
+    """The scaled fleet as a file (re-planning during a run re-solves on the plan's inputs.fleet)."""
+    path = out / "plans" / "fleet.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(bench_fleet(args.batch_size, args.seq_len, args.local_steps)))
+    return path
+
+
+def run_one(label: str, plan_path: Path, args, out: Path) -> dict:
     from hsplit.planner.plan import Plan
     from hsplit.runtime.generate import generate_on
     from hsplit.runtime.loop import run
     from hsplit.runtime.options import RunOptions
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.rundir import RunFinished, RunResult, load_run
 
     runs = out / "runs"
+    name = plan_path.stem
     t0 = time.perf_counter()
-    res = run(plan_path, RunOptions(name=strategy, runs_dir=runs, eval_max_seqs=args.eval_seqs, progress=False,
-                                    device=args.device, threads=args.threads, resume=(runs / strategy).exists()))
+    opts = RunOptions(name=name, runs_dir=runs, eval_max_seqs=args.eval_seqs, progress=False, device=args.device,
+                      threads=args.threads, resume=(runs / name / "config.yaml").exists())
+    try:
+        res = run(plan_path, opts)
+    except RunFinished:                       # trained before the benchmark was interrupted
+        res = RunResult.of_run(runs / name)
     train_s = time.perf_counter() - t0
     sim, _, _ = load_run(res.run_dir, device=args.device)
     gen, rows = generate_on(sim, f"e2e:{args.test}", max_mrs=args.test_mrs or None, beams=args.beams,
@@ -90,9 +116,10 @@ def run_one(strategy: str, plan_path: Path, args, out: Path) -> dict:
     plan = Plan.load(plan_path)
     curve = [{"round": r["round"], "eval_ppl": r["eval_ppl"], "fleet_s": r["fleet_total_s"], "wall_s": r["wall_s"],
               "bytes": r["bytes_up"] + r["bytes_down"]} for r in res.rows if r["client"] == "all"]
-    return {"strategy": strategy, "curve": curve, "generation": gen, "train_wall_s": train_s,
-            "total_wall_s": time.perf_counter() - t0,
-            "bytes": sum(c["bytes"] for c in curve),
+    clients = len(plan.clients) if plan.strategy != "centralized" else 1
+    return {"label": label, "strategy": plan.strategy, "curve": curve, "generation": gen, "train_wall_s": train_s,
+            "total_wall_s": time.perf_counter() - t0, "bytes": sum(c["bytes"] for c in curve),
+            "bytes_per_client_round": sum(c["bytes"] for c in curve) / max(1, len(curve) - 1) / clients,
             "splits": [c.split_layer for c in plan.clients],
             "ranks": [sorted({r for r in c.ranks.values() if r}) for c in plan.clients],
             "adapted_matrices": [sum(1 for r in c.ranks.values() if r) for c in plan.clients],
@@ -106,26 +133,50 @@ def time_to(curve: list[dict], target: float):
     return None, None
 
 
+def _stats(xs) -> str:
+    import statistics
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "n/a"
+    return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
+
+
 def summarise(results: dict, args, out: Path) -> str:
-    fed = [s for s in results if s != "centralized"]
-    target = args.target_ppl or (results["splitlora"]["curve"][-1]["eval_ppl"] if "splitlora" in results
-                                 else min(results[s]["curve"][-1]["eval_ppl"] for s in fed))
-    lines = [f"Target held-out perplexity: {target:.3f}"
-             + (" (what splitlora reaches after the last round)" if not args.target_ppl else ""), "",
-             "| strategy | splits | ranks | held-out ppl r0 -> final | test ppl | BLEU | ROUGE-L | round to target "
-             "| fleet s to target | fleet s total | MB exchanged | wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s, r in results.items():
-        c = r["curve"]
-        rnd, fs = time_to(c, target)
-        g = r["generation"]
-        ranks = "/".join(",".join(map(str, x)) or "-" for x in r["ranks"])
-        fleet_total = c[-1]["fleet_s"]
+    """results: run label -> seed -> result. The target perplexity is per seed (the seed also draws the
+    held-out split): --target-ppl, or the worst final held-out perplexity among the federated strategies
+    of that seed, which every one of them reaches; fleet time to it is compared per seed."""
+    import statistics
+    final = {lab: {sd: r["curve"][-1]["eval_ppl"] for sd, r in by.items()} for lab, by in results.items()}
+    fed = [lab for lab, by in results.items() if next(iter(by.values()))["strategy"] != "centralized"]
+    main = [lab for lab in fed if lab in ALL] or fed
+    seeds = sorted({sd for by in results.values() for sd in by})
+    target = {sd: args.target_ppl or max(final[lab][sd] for lab in main if sd in final[lab]) for sd in seeds}
+    lines = [f"Seeds {', '.join(map(str, seeds))}; target held-out perplexity per seed: "
+             + ", ".join(f"{target[sd]:.3f}" for sd in seeds)
+             + ("" if args.target_ppl else " (the worst final perplexity among the federated strategies)"),
+             "", "| run | splits | ranks | final held-out ppl | test ppl | BLEU (seed 0) | ROUGE-L (seed 0) "
+             "| BLEU mean | fleet s to target | MB per client per round | vs hsplitlora: final ppl diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ref = final.get("hsplitlora", {})
+    for lab, by in results.items():
+        r0 = by.get(0) or next(iter(by.values()))
+        ranks = "/".join(",".join(map(str, x)) or "-" for x in r0["ranks"])
+        to = [time_to(r["curve"], target[sd])[1] for sd, r in by.items()]
+        diffs = [final[lab][sd] - ref[sd] for sd in by if sd in ref] if lab != "hsplitlora" else []
+        reached = sum(t is not None for t in to)
         lines.append(
-            f"| {s} | {','.join(map(str, r['splits']))} | {ranks} | {c[0]['eval_ppl']:.2f} -> {c[-1]['eval_ppl']:.2f} "
-            f"| {g['perplexity']:.2f} | {g['bleu']:.2f} | {g['rouge_l']:.2f} | {rnd if rnd is not None else 'not reached'} "
-            f"| {f'{fs:.1f}' if fs is not None else 'n/a'} | {f'{fleet_total:.1f}' if fleet_total else 'n/a'} "
-            f"| {r['bytes'] / 1e6:.1f} | {r['total_wall_s']:.0f} |")
+            f"| {lab} | {','.join(map(str, r0['splits']))} | {ranks} | {_stats(final[lab].values())} "
+            f"| {_stats([r['generation']['perplexity'] for r in by.values()])} "
+            f"| {r0['generation']['bleu']:.2f} | {r0['generation']['rouge_l']:.2f} "
+            f"| {_stats([r['generation']['bleu'] for r in by.values()])} "
+            f"| {_stats(to) if reached == len(to) else f'{_stats(to)} ({reached}/{len(to)} seeds reach it)'} "
+            f"| {statistics.mean(r['bytes_per_client_round'] for r in by.values()) / 1e6:.1f} "
+            f"| {_stats(diffs) if diffs else ('(reference)' if lab == 'hsplitlora' else 'n/a')} |")
+    lines += ["", "Held-out perplexity per round, mean over seeds:", ""]
+    for lab, by in results.items():
+        n = min(len(r["curve"]) for r in by.values())
+        per = [statistics.mean(r["curve"][i]["eval_ppl"] for r in by.values()) for i in range(n)]
+        lines.append(f"- {lab}: " + " ".join(f"{x:.2f}" for x in per))
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     _plot(results, out / "strategies.png")
@@ -136,24 +187,42 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    colors = dict(zip([s for s in ALL if s != "centralized"], plt.get_cmap("tab10").colors))
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    for s, r in results.items():
-        c = r["curve"]
-        ppl = [x["eval_ppl"] for x in c]
-        if s == "centralized":      # no fleet time: its final perplexity as a reference line
-            ax[0].axhline(ppl[-1], color="k", ls=":", label=f"centralized (final, {len(c) - 1} rounds)")
-            ax[1].plot([x["round"] for x in c], ppl, color="k", ls=":", marker=".", label=s)
+    colors = dict(zip([lab for lab in results if lab != "centralized"], plt.get_cmap("tab10").colors))
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
+    for lab, by in results.items():
+        n = min(len(r["curve"]) for r in by.values())
+        ppl = np.array([[r["curve"][i]["eval_ppl"] for i in range(n)] for r in by.values()])
+        rounds = [next(iter(by.values()))["curve"][i]["round"] for i in range(n)]
+        lo, mid, hi = ppl.min(0), ppl.mean(0), ppl.max(0)
+        if next(iter(by.values()))["strategy"] == "centralized":   # no fleet time: its final ppl as a line
+            ax[0].axhline(mid[-1], color="k", ls=":", label=f"centralized (final, {n - 1} rounds)")
+            ax[1].plot(rounds, mid, color="k", ls=":", marker=".", label=lab)
+            ax[1].fill_between(rounds, lo, hi, color="k", alpha=0.1)
             continue
-        ax[0].plot([x["fleet_s"] or 0.0 for x in c], ppl, marker="o", color=colors.get(s), label=s)
-        ax[1].plot([x["round"] for x in c], ppl, marker="o", color=colors.get(s), label=s)
-    ax[0].set(xlabel="fleet time (s, predicted from device profiles)", ylabel="held-out perplexity", yscale="log")
-    ax[1].set(xlabel="round", ylabel="held-out perplexity", yscale="log")
+        fleet = [next(iter(by.values()))["curve"][i]["fleet_s"] or 0.0 for i in range(n)]
+        for a, x in ((ax[0], fleet), (ax[1], rounds)):
+            a.plot(x, mid, marker="o", ms=3, color=colors.get(lab), label=lab)
+            a.fill_between(x, lo, hi, color=colors.get(lab), alpha=0.15)
+    seeds = len(next(iter(results.values())))
+    ax[0].set(xlabel="fleet time (s, predicted from device profiles)", ylabel="held-out perplexity", yscale="log",
+              title=f"mean over {seeds} seeds (band: min-max)")
+    ax[1].set(xlabel="round", ylabel="held-out perplexity", yscale="log", title="per round")
     ax[0].legend(fontsize=7)
     ax[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def load_results(out: Path) -> dict:
+    """Every finished run under out/results/, as label -> seed -> result."""
+    results: dict = {}
+    for f in sorted((out / "results").glob("*.json")):
+        r = json.loads(f.read_text())
+        results.setdefault(r["label"], {})[r["seed"]] = r
+    order = {lab: i for i, lab in enumerate(ALL)}
+    return dict(sorted(results.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
 def main(argv=None) -> int:
@@ -162,18 +231,19 @@ def main(argv=None) -> int:
     ap.add_argument("--test", help="E2E CSV with all references (e.g. testset_w_refs.csv); required")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--strategies", default=",".join(ALL))
+    ap.add_argument("--variants", default="", help="hsplitlora ablations: restart, replan (comma list)")
+    ap.add_argument("--importance", default="", help="hsplitlora ablations: NAME=importance.yaml (comma list)")
+    ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--local-steps", type=int, default=8)
+    ap.add_argument("--local-steps", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=96, help="96 covers 99%% of E2E examples with SmolLM2's tokenizer")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--ranks", default="0,2,4,8,16")
     ap.add_argument("--server-rank", type=int, default=8)
     ap.add_argument("--modules", default=None, help="comma list (default: the planner's: every adaptable matrix)")
-    ap.add_argument("--importance", default=None, help="importance.yaml for hsplitlora (default: uniform)")
     ap.add_argument("--eval-fraction", type=float, default=0.05)
     ap.add_argument("--eval-seqs", type=int, default=64, help="held-out sequences evaluated after each round")
     ap.add_argument("--test-mrs", type=int, default=0, help="decode only the first N test MRs (0 = all)")
@@ -187,28 +257,35 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "strategies"))
     ap.add_argument("--summarise-only", action="store_true",
-                    help="rewrite summary.md and the plot from --out's results.json (no training)")
+                    help="rewrite summary.md and the plot from --out's results/ (no training)")
     args = ap.parse_args(argv)
     args.strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    args.importance_files = dict(x.split("=", 1) for x in args.importance.split(",") if x.strip())
+    seeds = [int(x) for x in args.seeds.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     out = Path(args.out)
-    if args.summarise_only:
-        saved = json.loads((out / "results.json").read_text())
-        print(summarise(saved["results"], args, out))
-        return 0
-    if not (args.train and args.test):
-        ap.error("--train and --test are required (the E2E devset and test set with references)")
-    out.mkdir(parents=True, exist_ok=True)
-    plans = make_plans(args, out)
-    results = {}
-    prev = out / "results.json"
-    for s in args.strategies:
-        t = time.perf_counter()
-        results[s] = run_one(s, plans[s], args, out)
-        print(f"{s}: held-out ppl {results[s]['curve'][0]['eval_ppl']:.2f} -> {results[s]['curve'][-1]['eval_ppl']:.2f}, "
-              f"BLEU {results[s]['generation']['bleu']:.2f}, ROUGE-L {results[s]['generation']['rouge_l']:.2f} "
-              f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
-        prev.write_text(json.dumps({"args": {k: v for k, v in vars(args).items()}, "results": results}, indent=1))
+    if not args.summarise_only:
+        if not (args.train and args.test):
+            ap.error("--train and --test are required (the E2E devset and test set with references)")
+        labels = [(s, s) for s in args.strategies]
+        labels += [(f"hsplitlora-{v.strip()}", "hsplitlora") for v in args.variants.split(",") if v.strip()]
+        labels += [(f"hsplitlora-importance-{k}", "hsplitlora") for k in args.importance_files]
+        (out / "results").mkdir(parents=True, exist_ok=True)
+        for seed in seeds:                    # seed-major: every strategy of a seed before the next seed
+            for label, strategy in labels:
+                done = out / "results" / f"{label}-seed{seed}.json"
+                if done.exists():
+                    continue
+                t = time.perf_counter()
+                r = run_one(label, make_plan_for(args, label, strategy, seed, out), args, out)
+                r["seed"] = seed
+                tmp = done.with_suffix(".tmp")
+                tmp.write_text(json.dumps(r, indent=1))
+                tmp.replace(done)
+                print(f"{label} seed {seed}: held-out ppl {r['curve'][0]['eval_ppl']:.2f} -> "
+                      f"{r['curve'][-1]['eval_ppl']:.2f}, BLEU {r['generation']['bleu']:.2f} "
+                      f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
+    results = load_results(out)
     print(summarise(results, args, out))
     print(f"command: python bench/strategies.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     return 0

@@ -129,29 +129,39 @@ def test_distributed_run_equals_the_in_process_simulation(env, dist_runs, strate
                 assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (key, got, want)
 
 
-def test_a_killed_client_is_named_and_the_round_finishes_without_it(env):
-    path = make_plan(env, "kill.yaml", "hsplitlora", rounds=2, local_steps=40)
-    kill_client_2 = lambda procs: _after_round_0(env[0] / "runs" / "kill", procs[2], signal.SIGKILL)  # noqa: E731
-    code, logs = dist_run(env, path, "kill", dopts=DistOptions(timeout_s=30, min_clients=1), on_start=kill_client_2)
+@pytest.mark.parametrize("aggregation", ["restart", "warm"])
+def test_a_killed_client_is_named_and_the_round_finishes_without_it(env, aggregation):
+    path = make_plan(env, f"kill-{aggregation}.yaml", "hsplitlora", rounds=2, local_steps=40)
+    plan = Plan.load(path)
+    plan.aggregation = aggregation
+    plan.save(path)
+    name = f"kill-{aggregation}"
+    kill_client_2 = lambda procs: _after_round_0(env[0] / "runs" / name, procs[2], signal.SIGKILL)  # noqa: E731
+    code, logs = dist_run(env, path, name, dopts=DistOptions(timeout_s=30, min_clients=1), on_start=kill_client_2)
     assert code == 0, logs
     assert "client b (rank 2, jetson) was lost in round 1" in logs["rank0"]
-    faults = json.loads((env[0] / "runs" / "kill" / "faults.json").read_text())
+    faults = json.loads((env[0] / "runs" / name / "faults.json").read_text())
     assert faults[0]["client"] == "b" and faults[0]["remaining"] == ["a"]
-    assert checkpoint.complete_rounds(env[0] / "runs" / "kill") == [0, 1, 2]
-    state = checkpoint.read_state(env[0] / "runs" / "kill", 1)
+    assert checkpoint.complete_rounds(env[0] / "runs" / name) == [0, 1, 2]
+    state = checkpoint.read_state(env[0] / "runs" / name, 1)
     assert state["live_clients"] == ["a"]
     assert [r["client"] for r in state["metrics"]] == ["a", "all"]
-    # the aggregate reached the lost client's state too: hsplitlora re-initialises every adapter after a
-    # merge, so b's factors (trained for a few steps on the server side before the kill) are fresh again
-    _, t = checkpoint.load(env[0] / "runs" / "kill", 2)
+    # the aggregate reached the lost client's state too. restart: every adapter is re-initialised after a
+    # merge, so b's factors (trained for a few steps on the server side before the kill) are fresh again.
+    # warm: b's offset is its own factors again, so its effective weights are the global model's
+    _, t = checkpoint.load(env[0] / "runs" / name, 2)
     b_keys = [k for k in t["adapters.safetensors"] if k.startswith("k1/") and k.endswith("lora_B")]
-    assert b_keys and all(not t["adapters.safetensors"][k].any() for k in b_keys)
+    if aggregation == "restart":
+        assert b_keys and all(not t["adapters.safetensors"][k].any() for k in b_keys)
+    else:
+        off = t["optimizer.safetensors"]
+        assert b_keys and all(torch.equal(off["offset/" + k], -t["adapters.safetensors"][k]) for k in b_keys)
 
     # --resume with one more round brings b back: both clients train round 3
-    code, logs = dist_run(env, path, "kill", logs_name="kill-resume", rounds=3, resume=True,
+    code, logs = dist_run(env, path, name, logs_name=f"{name}-resume", rounds=3, resume=True,
                           dopts=DistOptions(timeout_s=30, min_clients=1))
     assert code == 0, logs
-    state = checkpoint.read_state(env[0] / "runs" / "kill", 3)
+    state = checkpoint.read_state(env[0] / "runs" / name, 3)
     assert state["live_clients"] == ["a", "b"]
     assert [r["client"] for r in state["metrics"]] == ["a", "b", "all"]
 
@@ -507,8 +517,9 @@ def test_the_cli_summary_names_a_client_lost_under_min_clients(env):
 def test_a_client_receives_only_its_blocks_and_its_own_entries():
     from hsplit.runtime.strategies import RoundUpdate
     t = torch.zeros(2, 2)
+    b, a = torch.zeros(8, 1), torch.zeros(1, 8)        # rank 1 of an 8 x 8 matrix: the stacked form is smaller
     mods = [f"model.layers.{l}.self_attn.q_proj" for l in (0, 1, 2, 12)]
-    u = RoundUpdate(merge={m: (t, t) for m in mods}, assign={m: (t, t) for m in mods}, reinit=True,
+    u = RoundUpdate(merge={m: (b, a) for m in mods}, assign={m: (t, t) for m in mods}, reinit=True,
                     global_factors={m: (t, t) for m in mods},
                     assign_party={"k0": {m: (t, t) for m in mods}, "k1": {m: (t, t) for m in mods}},
                     global_scores={m: t[0] for m in mods}, local_scores={"k1": {m: t[0] for m in mods}})
