@@ -6,36 +6,27 @@ import subprocess
 import sys
 
 
-def test_planning_does_not_import_torch(tmp_path):
-    code = (
-        "import sys\n"
-        "import hsplit.planner, hsplit.planner.api\n"
-        "from typer.testing import CliRunner\n"
-        "from hsplit.cli import app\n"
-        f"r = CliRunner().invoke(app, ['plan', '--fleet', 'example', '-o', r'{tmp_path / 'plan.yaml'}'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
-        "assert not bad, bad\n"
-        "print('clean')\n")
+def _clean(body: str) -> None:
+    """Run `body` (after importing the CLI) in a fresh interpreter; torch, transformers, peft never load."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom hsplit.cli import app\n" + body +
+            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
+            "assert not bad, bad\nprint('clean')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr + out.stdout
     assert "clean" in out.stdout
+
+
+def test_planning_does_not_import_torch(tmp_path):
+    _clean("import hsplit.planner, hsplit.planner.api\n"
+           f"r = CliRunner().invoke(app, ['plan', '--fleet', 'example', '-o', r'{tmp_path / 'plan.yaml'}'])\n"
+           "assert r.exit_code == 0, r.output\n")
 
 
 def test_help_and_every_command_are_there_without_importing_torch():
-    code = ("import sys\n"
-            "from typer.testing import CliRunner\n"
-            "from hsplit.cli import app\n"
-            "r = CliRunner().invoke(app, ['--help'])\n"
-            "assert r.exit_code == 0, r.output\n"
-            "names = ('plan', 'whatif', 'run', 'eval', 'export', 'demo', 'importance', 'profile', 'calibrate')\n"
-            "assert all(n in r.output for n in names), r.output\n"
-            "bad = [m for m in ('torch', 'transformers', 'peft') if m in sys.modules]\n"
-            "assert not bad, bad\n"
-            "print('clean')\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr + out.stdout
-    assert "clean" in out.stdout
+    _clean("r = CliRunner().invoke(app, ['--help'])\n"
+           "assert r.exit_code == 0, r.output\n"
+           "names = ('plan', 'whatif', 'run', 'eval', 'export', 'demo', 'importance', 'profile', 'calibrate')\n"
+           "assert all(n in r.output for n in names), r.output\n")
 
 
 def test_command_line_code_lives_only_in_cli_and_cliutil():
