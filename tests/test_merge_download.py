@@ -223,3 +223,14 @@ def test_restart_is_charged_less_than_warm_and_a_bad_mode_is_refused():
     from hsplit.planner.errors import ConfigError
     with pytest.raises(ConfigError, match="warm or restart"):
         build_instance(kw["fleet"], kw["model"], aggregation="cold", **args)
+
+
+@pytest.mark.parametrize("seed", [1, 3, 5])
+def test_latency_objective_matches_exhaustive_when_the_merge_download_binds(seed):
+    kw = _slow_downlinks(random_instance(seed, two_clients=True), 0.02)
+    ref = make_plan(**kw, solver="exhaustive", objective="latency")
+    r_ref = ref.solver["objective"]["round_s"]
+    full = make_plan(**kw, solver="cbc", method="full", objective="latency")
+    dec = make_plan(**kw, solver="highs", objective="latency")
+    assert full.solver["objective"]["round_s"] == pytest.approx(r_ref, rel=1e-6)
+    assert r_ref * (1 - 1e-9) <= dec.solver["objective"]["round_s"] <= r_ref * (1 + dec.solver["gap"] + 1e-9)
