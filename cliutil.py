@@ -190,13 +190,16 @@ def render_plan(p) -> None:
             f"one machine, the whole model unsplit ({adapted} matrices adapted, rank {rank}); "
             "nothing is planned or predicted (compare its runs with the federated strategies')")
         return
-    t = table(f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)",
-              ("client", "device", "split", "matrices", "Σ rank", "step s", "round s", "mem/budget GiB", "MB/round"),
+    merges = [c for c in p.clients if "merge_download_charged_s" in c.predicted]
+    cols = ("client", "device", "split", "matrices", "Σ rank", "step s", "round s") \
+        + (("merge s",) if merges else ()) + ("mem/budget GiB", "MB/round")
+    t = table(f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)", cols,
               left=("client", "device"), show_lines=False)
     for ids, c in _group_rows(p):
         pr = c.predicted
         t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
                   num(pr.get('step_s', 0), 3), num(pr.get('round_s', 0), 4),
+                  *((num(pr.get('merge_download_charged_s', 0), 3),) if merges else ()),
                   f"{pr.get('memory_gib', 0):.2f}/{pr.get('memory_budget_gib', 0):.2f}",
                   f"{pr.get('traffic_mb_per_round', 0):.1f}")
     console.print(t)
@@ -213,13 +216,16 @@ def render_plan(p) -> None:
     console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
                   highlight=False)
-    merges = [c for c in p.clients if "merge_download_s" in c.predicted]
     if merges:
-        worst = max(merges, key=lambda c: c.predicted["merge_download_s"])
-        mb = max(c.predicted["merge_download_mb"] for c in merges)
-        say(f"not in the round times above: hsplitlora's merge download, up to {mb:,.1f} MB per client per "
-            f"round ({worst.id}: +{seconds(worst.predicted['merge_download_s'])} on its downlink); "
-            "see docs/formulation.md, Refinements")
+        worst = max(merges, key=lambda c: c.predicted["merge_download_charged_s"])
+        charged = max(c.predicted["merge_download_charged_mb"] for c in merges)
+        exact = max(c.predicted["merge_download_mb"] for c in merges)
+        exact_round = pr.get("round_s_exact_merge")
+        say(f"round times include the merge download (merge s, on each client's downlink): charged as its "
+            f"upper bound, up to {charged:,.1f} MB per client per round ({worst.id}: "
+            f"+{seconds(worst.predicted['merge_download_charged_s'])}); this plan's exact download is up to "
+            f"{exact:,.1f} MB" + (f" (round {seconds(exact_round)} with it)" if exact_round is not None else "")
+            + "; see docs/formulation.md, Merge download")
 
 
 def _group_rows(p):
@@ -244,8 +250,11 @@ def render_check(p, ev, inst, fmt) -> None:
             "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
             "server_busy_s": ev.server_busy_s,
             "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
-                         "memory_gib": e.memory_bytes / GIB, "utility": e.utility}
-                        for c, e, m in zip(p.clients, ev.clients, matrices)]}))
+                         "memory_gib": e.memory_bytes / GIB, "utility": e.utility,
+                         **({"merge_download_charged_mb": e.merge_charged_bytes / 1e6,
+                             "merge_download_charged_s": e.merge_charged_s,
+                             "merge_download_mb": ev.merge_bytes[k] / 1e6} if ev.merge_bytes is not None else {})}
+                        for k, (c, e, m) in enumerate(zip(p.clients, ev.clients, matrices))]}))
         return
     t = table(f"check of {p.source} against {inst.fleet.source}",
               ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"),
@@ -258,6 +267,11 @@ def render_check(p, ev, inst, fmt) -> None:
     console.print(t)
     console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
                   f"server busy {seconds(ev.server_busy_s)}", highlight=False)
+    if ev.merge_bytes is not None:
+        charged = max(e.merge_charged_bytes for e in ev.clients)
+        say(f"round times include the merge download, charged as its upper bound (up to {charged / 1e6:,.1f} MB per "
+            f"client per round); this plan's exact download is up to {max(ev.merge_bytes) / 1e6:,.1f} MB; see "
+            "docs/formulation.md, Merge download")
     if ev.violations:
         console.print(f"[bold red]{len(ev.violations)} violated constraint(s):[/]")
         for v in ev.violations:

@@ -14,9 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from hsplit import __version__
-from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB
+from hsplit.planner.cost import GIB
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.evaluate import Config, FleetEval, evaluate_client, evaluate_fleet
+from hsplit.planner.evaluate import merge_download_bytes  # noqa: F401  (api.merge_download_bytes, as before)
 from hsplit.planner.exhaustive import solve_exhaustive
 from hsplit.planner.fleet import Fleet
 from hsplit.planner.frontier import UTILITY_TOL, min_round_sweep, solve_decomposed
@@ -71,16 +72,17 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
               time_limit: float | None = None, threads: int | None = None, server_rank: int = 8,
-              data: DataSpec | None = None, tables_cache: dict | None = None) -> Plan:
+              data: DataSpec | None = None, tables_cache: dict | None = None, aggregation: str = "warm") -> Plan:
     """Solve the planning problem and return the Plan (not yet written; call plan.save(path)).
-    `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables."""
+    `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables.
+    `aggregation` (hsplitlora: warm | restart) sizes the merge download charged in every round time."""
     check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                   min_utility=min_utility)
     time_limit = full_time_limit(method, time_limit)
     fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
     training = training or Training()
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
-                          training=training, server_rank=server_rank)
+                          training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation)
     check_feasible(inst)
     t0 = time.perf_counter()
     gap, status, detail = 0.0, "optimal", {}
@@ -90,7 +92,8 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
         status, label = "not-applicable", "none (centralized reference)"
     elif how == "one":     # one rank on both sides: the instance's server costs follow it
         inst, configs = _fleet_uniform(inst, lambda r: build_instance(
-            fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r))
+            fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r,
+            strategy=strategy, aggregation=aggregation))
         label = "enumeration (one split, one rank)"
     elif how == "per-client":
         configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
@@ -117,9 +120,11 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     if ev is not None and ev.violations:
         raise RuntimeError("internal error: the solver returned a plan that violates constraints:\n"
                            + "\n".join(ev.violations))
-    return _assemble(inst, configs, ev, fleet, fleet_obj, model, model_obj, importance, imp, strategy,
+    plan = _assemble(inst, configs, ev, fleet, fleet_obj, model, model_obj, importance, imp, strategy,
                      objective, training, data or DataSpec(), dict(name=solver if how == "milp" else "enumeration",
                      method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
+    plan.aggregation = aggregation
+    return plan
 
 
 def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
@@ -139,7 +144,7 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
     new = make_plan(fleet_obj, model or plan.model, importance=importance, ranks=tuple(plan.ranks_allowed),
                     modules=plan.modules or None, training=plan.training, strategy=plan.strategy,
                     objective=plan.objective, solver=solver if solver in SOLVERS else "cbc",
-                    server_rank=plan.server_rank, data=plan.data)
+                    server_rank=plan.server_rank, data=plan.data, aggregation=plan.aggregation)
     new.replan = plan.replan
     new.inputs["fleet"] = plan.inputs.get("fleet", new.inputs["fleet"])
     return new
@@ -150,7 +155,8 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
     fleet_obj, model_obj, imp = load_inputs(fleet, model or plan.model, importance)
     plan.validate_for(model_obj)
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
-                          modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank)
+                          modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank,
+                          strategy=plan.strategy, aggregation=plan.aggregation)
     if len(plan.clients) != len(inst.clients):
         raise ConfigError(plan.source, [f"clients: the plan has {len(plan.clients)} clients, the fleet "
                                         f"{fleet_obj.source} has {len(inst.clients)}"])
@@ -242,21 +248,12 @@ def _fleet_uniform(inst: Instance, with_server_rank) -> tuple[Instance, list[Con
     return inst_r, [Config(s, ranks) for _ in inst_r.clients]
 
 
-def merge_download_bytes(inst: Instance, configs: list[Config]) -> list[float]:
-    """hsplitlora: bytes each client downloads per round to merge the round's exact aggregate into its
-    blocks [0, s_k): the concatenated factors of every adapter on them, any client's, client- or
-    server-side (server rank on every planned module of blocks [s_k', L)), 4 bytes per parameter.
-    What the runtime sends (distributed.for_client) and counts (metrics.csv bytes_down)."""
-    per_block = np.zeros(inst.L)
-    seen: dict[int, np.ndarray] = {}
-    for cfg in configs:
-        if id(cfg) not in seen:
-            row = (cfg.ranks * inst.widths[None, :]).sum(axis=1).astype(float)
-            row[cfg.split:] += inst.server_rank * float(inst.widths.sum())
-            seen[id(cfg)] = row
-        per_block += seen[id(cfg)]
-    below = np.concatenate([[0.0], np.cumsum(per_block)])
-    return [ADAPTER_WIRE_BYTES * float(below[cfg.split]) for cfg in configs]
+def exact_merge_round(inst: Instance, ev: FleetEval) -> float:
+    """R = max(slowest client round, server busy) with each client's exact merge download D_k in place of
+    the bound U(s_k) that round_s charges (hsplitlora plans; <= ev.round_s)."""
+    rounds = [e.round_s - e.merge_charged_s + d * 8 / (cl.device.downlink_mbps * 1e6)
+              for e, d, cl in zip(ev.clients, ev.merge_bytes, inst.clients)]
+    return max(max(rounds), ev.server_busy_s)
 
 
 def _expand(inst: Instance, choice: dict) -> list[Config]:
@@ -275,7 +272,7 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
-    merge = merge_download_bytes(inst, configs) if traits(strategy).merge_download and ev is not None else None
+    merge = ev.merge_bytes if ev is not None else None      # hsplitlora: exact D_k per client
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
         if id(cfg) not in names:
             names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
@@ -291,7 +288,11 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
                          "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
                          "adapter_params": int(e.params), "utility": round(e.utility, 6),
                          "time_model": inst.classes[class_of[k]].time_model}
-            if merge is not None:      # reported, not in round_s (docs/formulation.md, Refinements)
+            if merge is not None:      # docs/formulation.md, "Merge download"
+                # charged: the bound U(s) the solver optimised with, included in round_s and client_round_s;
+                # exact: D_k of this plan (what the runtime sends), <= the charged bound
+                predicted["merge_download_charged_mb"] = round(e.merge_charged_bytes / 1e6, 6)
+                predicted["merge_download_charged_s"] = round(e.merge_charged_s, 3)
                 predicted["merge_download_mb"] = round(merge[k] / 1e6, 6)
                 predicted["merge_download_s"] = round(merge[k] * 8 / (cl.device.downlink_mbps * 1e6), 3)
         clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=ranks,
@@ -306,6 +307,8 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
                                     "memory_gib": round(ev.server_memory_bytes / GIB, 3)}
         predicted = {"round_s": round(ev.round_s, 3), "straggler": ev.straggler, "utility": round(ev.utility, 6),
                      "server_busy_s": round(ev.server_busy_s, 3)}
+        if merge is not None:   # R with every client's exact merge download in place of the charged bound
+            predicted["round_s_exact_merge"] = round(exact_merge_round(inst, ev), 3)
         solver_info["objective"] = {"utility": round(ev.utility, 9), "round_s": round(ev.round_s, 6)}
     inputs = {"model": str(model_ref if isinstance(model_ref, (str, Path)) else model_obj.name),
               "model_hash": model_obj.arch_hash(),

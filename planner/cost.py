@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from hsplit.planner.model import GPT2, ModelProfile
 
 GIB = 2 ** 30
@@ -18,6 +20,9 @@ DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 ADAPTER_STATE_BYTES = 16
 # Adapters travel between client and server in fp32 once per round (upload, then download).
 ADAPTER_WIRE_BYTES = 4
+# hsplitlora's merge download: factors a holder contributes per unit of rank, by aggregation mode
+# (warm: its old and its new factors, W' = W + sum_h p_h s (B_h' A_h' - B_h A_h); restart: the new ones).
+MERGE_RANK_FACTOR = {"warm": 2, "restart": 1}
 
 
 def block_forward_flops(model: ModelProfile, b: int, T: int) -> float:
@@ -114,6 +119,15 @@ def server_slot_bytes(c: Coefficients, layers: int, split: int) -> float:
     n = layers - split
     return n * c.server_block_act_bytes + c.server_fixed_bytes \
         + ADAPTER_STATE_BYTES * n * c.server_adapter_params_per_block
+
+
+def merge_matrix_bytes(K, d_in: int, d_out: int):
+    """hsplitlora's merge download of one (d_in, d_out) matrix whose holders stack K rows of factors
+    (K = sum over holders of factor x rank): the cheaper of the stacked factors, 4*K*(d_in + d_out)
+    bytes, and the dense update, 4*d_in*d_out bytes (fp32); 0 when nothing was adapted (K = 0).
+    Works elementwise on arrays of K."""
+    K = np.asarray(K, dtype=float)
+    return np.where(K > 0, ADAPTER_WIRE_BYTES * np.minimum(K * (d_in + d_out), float(d_in) * d_out), 0.0)
 
 
 def link_seconds(nbytes: float, uplink_mbps: float, downlink_mbps: float) -> float:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB
+from hsplit.planner.cost import GIB, MERGE_RANK_FACTOR, merge_matrix_bytes
 from hsplit.planner.instance import ClientClass, Instance, two_amounts
 
 TOL = 1e-9  # relative slack when comparing a cost to its limit (float rounding only)
@@ -37,7 +37,9 @@ class ClientEval:
     round_s: float
     server_step_s: float
     busy_s: float
-    traffic_bytes: float
+    traffic_bytes: float          # activations and their gradients, adapter sync, merge download charged
+    merge_charged_bytes: float = 0.0   # hsplitlora: the merge download charged (bound U(s)), in round_s
+    merge_charged_s: float = 0.0       # ... its seconds on the client's downlink
 
 
 def adapter_params(inst: Instance, ranks: np.ndarray) -> int:
@@ -60,7 +62,34 @@ def evaluate_client(inst: Instance, cls: ClientClass, cfg: Config) -> ClientEval
         memory_bytes=cls.memory(cfg.split, zs, P), step_s=step,
         client_round_s=inst.client_round(cls, cfg.split, zs, P), round_s=inst.round_time(cls, cfg.split, zs, P),
         server_step_s=float(inst.server_step_s[cfg.split]), busy_s=float(inst.busy(cfg.split)),
-        traffic_bytes=inst.tau * per_step_traffic + 2 * ADAPTER_WIRE_BYTES * P)
+        traffic_bytes=inst.tau * per_step_traffic + inst.sync_bytes_per_param * P + float(cls.merge_bytes[cfg.split]),
+        merge_charged_bytes=float(cls.merge_bytes[cfg.split]), merge_charged_s=float(cls.merge_s[cfg.split]))
+
+
+def merge_download_bytes(inst: Instance, configs: list[Config], aggregation: str | None = None) -> list[float]:
+    """hsplitlora: the exact bytes each client downloads per round to bring its blocks [0, s_k) up to the
+    round's exact aggregate (what the runtime sends, distributed.for_client, and counts, metrics.csv
+    bytes_down). Holders of matrix m = (l, j): every client k' with a rank r > 0 on it (l < s_k'), and,
+    when the server rank r_S > 0, the server's copy for every client k' with l >= s_k'. K_m = sum over
+    holders of factor x rank (factor 2 under warm aggregation: old and new factors; 1 under restart).
+    D_k = sum over planned m on blocks [0, s_k) of 4 min(K_m (d_in + d_out), d_in d_out) [K_m > 0]:
+    the stacked factors or the dense update, whichever is smaller. `aggregation` defaults to the
+    instance's."""
+    factor = MERGE_RANK_FACTOR[aggregation or inst.aggregation]
+    L = inst.L
+    distinct: dict[int, list] = {}          # clients of a class share Config objects
+    for cfg in configs:
+        distinct.setdefault(id(cfg), [cfg, 0])[1] += 1
+    K = np.zeros((L, len(inst.modules)))
+    for cfg, n in distinct.values():
+        s = min(int(cfg.split), L)
+        K[:s] += n * cfg.ranks[:s]          # client-side holders (ranks above the split belong to the server)
+        K[s:] += n * inst.server_rank       # the server's copies for this client
+    K *= factor
+    shapes = inst.model.module_shapes()
+    per_block = sum(merge_matrix_bytes(K[:, j], *shapes[m]) for j, m in enumerate(inst.modules))
+    below = np.concatenate([[0.0], np.cumsum(per_block)])
+    return [float(below[min(int(cfg.split), L)]) for cfg in configs]
 
 
 @dataclass
@@ -72,6 +101,7 @@ class FleetEval:
     server_busy_s: float
     server_memory_bytes: float
     violations: list[str]
+    merge_bytes: list[float] | None = None   # hsplitlora: each client's exact merge download D_k (not charged)
 
 
 def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
@@ -118,4 +148,5 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
     utility = float(sum(inst.classes[c].weight * e.utility for c, e in zip(class_of, evals)))
     server_mem = inst.fleet.server.count * inst.fleet.server.device.memory_gib * GIB - inst.server_mem_free \
         + inst.concurrency * max(inst.server_slot[min(e.split, inst.L)] for e in evals)
-    return FleetEval(evals, utility, round_s, straggler, busy, server_mem, violations)
+    merge = merge_download_bytes(inst, configs) if inst.merge_download else None
+    return FleetEval(evals, utility, round_s, straggler, busy, server_mem, violations, merge)

@@ -63,7 +63,7 @@ def client_options(inst: Instance, cls) -> list[tuple[float, float, float, Confi
         zs = s - lowest
         mem = cls.mem0 + s * cls.mem_per_block + zs * cls.mem_per_zblock + ADAPTER_STATE_BYTES * params
         step = cls.step0 + s * cls.step_per_block + zs * cls.step_per_zblock + params * cls.step_per_param
-        client_round = inst.tau * step + cls.sync_per_param * params
+        client_round = inst.tau * step + cls.sync_per_param * params + cls.merge_s[s]   # + merge download charged
         ok = (mem <= cls.mem_cap * (1 + 1e-12)) & (client_round <= cls.round_budget * (1 + 1e-12))
         rnd = client_round + inst.busy(s)
         order = np.lexsort((-util[ok], rnd[ok]))                       # by round time, then utility desc

@@ -112,6 +112,7 @@ def _class_arrays(inst: Instance):
          for name in ("mem_cap", "round_budget", "mem0", "mem_per_block", "mem_per_zblock", "step0",
                       "step_per_block", "step_per_zblock", "step_per_param", "sync_per_param", "weight")}
     a["count"] = np.array([c.count for c in cl], dtype=float)
+    a["merge_s"] = np.array([c.merge_s for c in cl], dtype=float)    # [C, L+1]: merge download charged at s
     allowed = np.zeros((len(cl), inst.L + 1), dtype=bool)
     for i, c in enumerate(cl):
         allowed[i, c.splits] = True
@@ -125,15 +126,16 @@ def _caps(inst: Instance, a, tables: FrontierTables, s: int, zs: int, round_cap:
     mem_room = a["mem_cap"] - (a["mem0"] + s * a["mem_per_block"] + zs * a["mem_per_zblock"])
     step_base = a["step0"] + s * a["step_per_block"] + zs * a["step_per_zblock"]
     per_param_time = tau * a["step_per_param"] + a["sync_per_param"]
-    time_room = a["round_budget"] - tau * step_base
+    fixed = tau * step_base + a["merge_s"][:, s]       # the round's time without adapters, merge download included
+    time_room = a["round_budget"] - fixed
     cap = np.minimum(mem_room / ADAPTER_STATE_BYTES, time_room / per_param_time)
     if round_cap is not None:
-        cap = np.minimum(cap, (round_cap - tau * step_base - inst.busy(s)) / per_param_time)
+        cap = np.minimum(cap, (round_cap - fixed - inst.busy(s)) / per_param_time)
     with np.errstate(invalid="ignore", over="ignore"):
         units = np.floor(cap / tables.unit * (1 + 1e-12) + 1e-9)
     units = np.where(np.isfinite(units), units, 2 ** 40)
     units = np.where(a["allowed"][:, s], units, -1)
-    return units.astype(np.int64), step_base, per_param_time
+    return units.astype(np.int64), fixed, per_param_time
 
 
 def _best_per_split(inst, a, tables, round_cap=None):
@@ -211,10 +213,10 @@ def _min_round_at_max_utility(inst, a, tables, Ustar):
         best_t = np.full(C, np.inf)
         best_mp = np.zeros((C, 2), dtype=np.int64)
         for m in range(s, -1, -1):
-            units, step_base, per_param = _caps(inst, a, tables, s, s - m, None)
+            units, fixed, per_param = _caps(inst, a, tables, s, s - m, None)
             ok = tables.lookup(s, m, units) >= target
             p = np.minimum(tables.min_units(s, m, target), np.maximum(units, 0))
-            t = inst.tau * step_base + inst.busy(s) + per_param * p * tables.unit
+            t = fixed + inst.busy(s) + per_param * p * tables.unit
             better = ok & (t < best_t)
             best_t = np.where(better, t, best_t)
             best_mp[better] = np.stack([np.full(C, m), p], axis=1)[better]
@@ -286,7 +288,7 @@ def _round_of_choice(inst, a, tables, choice) -> float:
             zs = s - m
             step = a["step0"][c] + s * a["step_per_block"][c] + zs * a["step_per_zblock"][c] \
                 + p * tables.unit * a["step_per_param"][c]
-            t = inst.tau * step + a["sync_per_param"][c] * p * tables.unit + inst.busy(s)
+            t = inst.tau * step + a["sync_per_param"][c] * p * tables.unit + a["merge_s"][c, s] + inst.busy(s)
             worst = max(worst, t)
             busy += n * inst.busy(s)
     return max(worst, busy)

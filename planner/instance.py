@@ -4,7 +4,8 @@ and the rank utility g(q). All solvers read this object; none recomputes a cost.
 
 A client's configuration is (s, zs, P, ranks): split s (client runs blocks [0, s)), zs = number of
 client blocks that are back-propagated (from the lowest adapted block up to s-1), P = adapter
-parameters. Every cost is linear in (s, zs, P) with the coefficients below (docs/formulation.md).
+parameters. Every cost is linear in (s, zs, P) with the coefficients below, plus (hsplitlora) the
+merge download charged per split, a constant of (class, s) (docs/formulation.md).
 """
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, DTYPE_BYTES, GIB, Coefficients,
-                                 coefficients, link_seconds, server_slot_bytes, server_step_flops)
+from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, DTYPE_BYTES, GIB, MERGE_RANK_FACTOR,
+                                 Coefficients, coefficients, link_seconds, merge_matrix_bytes, server_slot_bytes,
+                                 server_step_flops)
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Client, Fleet
 from hsplit.planner.importance import Importance, uniform
 from hsplit.planner.model import ModelProfile
-from hsplit.planner.plan import Training
+from hsplit.planner.plan import AGGREGATIONS, Training
+from hsplit.planner.strategies import traits
 
 
 def rank_utility(ranks: tuple[int, ...]) -> np.ndarray:
@@ -45,10 +48,14 @@ class ClientClass:
     step_per_block: float         # seconds per client block forward
     step_per_zblock: float        # seconds per back-propagated client block
     step_per_param: float         # seconds per adapter parameter per step
-    sync_per_param: float         # seconds per adapter parameter per round (upload + download)
+    sync_per_param: float         # seconds per adapter parameter per round (upload + download; hsplitlora: upload)
     split_range: tuple[int, int] = (1, 1)
     link_s: float = 0.0           # seconds per step on the link: activations up + gradients down
     time_model: str = "flops"     # "flops" (FLOPs / throughput) or "measured" (profile block_times)
+    # hsplitlora's merge download charged at split s ([L+1]; zeros for other strategies): an upper bound
+    # U(s) on the exact download that depends on s only (docs/formulation.md, "Merge download")
+    merge_bytes: np.ndarray | None = None
+    merge_s: np.ndarray | None = None     # its seconds on the client's downlink
 
     @property
     def count(self) -> int:
@@ -80,6 +87,14 @@ class Instance:
     concurrency: int
     fleet: Fleet
     server_time_model: str = "flops"
+    aggregation: str = "warm"     # hsplitlora's aggregation (plan `aggregation`): warm | restart
+    merge_download: bool = False  # the strategy's clients download the round's merged update (hsplitlora)
+
+    @property
+    def sync_bytes_per_param(self) -> int:
+        """Adapter bytes per parameter a client moves per round: up and down (4 + 4), or with a merge
+        download (hsplitlora) only up (4): its own factors never come back, the merge replaces them."""
+        return ADAPTER_WIRE_BYTES * (1 if self.merge_download else 2)
 
     @property
     def L(self) -> int:
@@ -94,8 +109,9 @@ class Instance:
         return self.tau * self.server_step_s[s]
 
     def client_round(self, cls: ClientClass, s, zs, P):
-        """The client's own time per round: tau steps + adapter upload/download."""
-        return self.tau * cls.step(s, zs, P) + cls.sync_per_param * P
+        """The client's own time per round: tau steps + adapter upload/download + the merge download
+        charged at split s (hsplitlora; 0 otherwise)."""
+        return self.tau * cls.step(s, zs, P) + cls.sync_per_param * P + cls.merge_s[s]
 
     def round_time(self, cls: ClientClass, s, zs, P):
         """Round time of one client when served alone: its steps, the server's share, the sync."""
@@ -152,11 +168,21 @@ def two_amounts(a: float, b: float, decimals: int) -> tuple[str, str]:
     return f"{a:.{decimals}f}", f"{b:.{decimals}f}"
 
 
+def check_aggregation(aggregation: str) -> None:
+    if aggregation not in AGGREGATIONS:
+        raise ConfigError("aggregation", [f"must be {' or '.join(AGGREGATIONS)}, got {aggregation!r}"])
+
+
 def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance | None = None,
                    ranks=(0, 2, 4, 8, 16), modules=None, training: Training | None = None,
-                   server_rank: int = 8) -> Instance:
+                   server_rank: int = 8, strategy: str = "hsplitlora", aggregation: str = "warm") -> Instance:
+    """The instance of one planning problem. `strategy` decides whether the merge download is charged
+    (its `merge_download` trait: hsplitlora), `aggregation` how large it is (warm: 2 x rank per holder,
+    restart: 1 x)."""
     training = training or Training()
     check_dtype(training.dtype)
+    check_aggregation(aggregation)
+    merge = traits(strategy).merge_download
     ranks = check_ranks(ranks)
     mods = model.resolve_modules(modules)
     check_splits(fleet, model)
@@ -213,14 +239,49 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
             splits=allowed, mem_cap=mem_cap, round_budget=c.budget.round_s or math.inf,
             mem0=coef.embedding_bytes + coef.client_fixed_bytes,
             mem_per_block=coef.block_weight_bytes, mem_per_zblock=coef.block_act_bytes,
-            sync_per_param=link_seconds(ADAPTER_WIRE_BYTES, dev.uplink_mbps, dev.downlink_mbps),
+            sync_per_param=(8.0 * ADAPTER_WIRE_BYTES / (dev.uplink_mbps * 1e6) if merge else
+                            link_seconds(ADAPTER_WIRE_BYTES, dev.uplink_mbps, dev.downlink_mbps)),
             link_s=link, **times,
             split_range=(lo, hi))
+    classes_list = list(classes.values())
+    bounds = merge_bounds(classes_list, L, [shapes[m] for m in mods], max(ranks), server_rank,
+                          MERGE_RANK_FACTOR[aggregation]) if merge else None
+    for c in classes_list:
+        c.merge_bytes = bounds[c.index] if merge else np.zeros(L + 1)
+        down = clients[c.members[0]].device.downlink_mbps
+        c.merge_s = c.merge_bytes * 8.0 / (down * 1e6)
     return Instance(model=model, modules=mods, ranks=ranks, training=training, server_rank=server_rank,
-                    clients=clients, classes=list(classes.values()), v=v, g=rank_utility(ranks),
+                    clients=clients, classes=classes_list, v=v, g=rank_utility(ranks),
                     widths=widths, coef=coef, server_step_s=server_step_s, server_mem_free=server_mem_free,
                     server_slot=server_slot, concurrency=server.concurrency, fleet=fleet,
-                    server_time_model="measured" if server_bt is not None else "flops")
+                    server_time_model="measured" if server_bt is not None else "flops",
+                    aggregation=aggregation, merge_download=merge)
+
+
+def merge_bounds(classes: list[ClientClass], L: int, shapes: list[tuple[int, int]], max_rank: int,
+                 server_rank: int, factor: int) -> np.ndarray:
+    """[class, s]: U_c(s), the merge download charged to a client of class c split at s (bytes), an
+    upper bound on its exact download D_k (api.merge_download_bytes) under every assignment of the
+    other clients that their allowed splits permit (docs/formulation.md, "Merge download").
+
+    Each client k' adds to K of matrix (l, j) either its own rank there (l < s_k', at most max Q, and
+    only possible when l < max S_k') or the server's copy for it (l >= s_k', rank r_S, only possible when
+    l >= min S_k'): at most c_k'(l) = max(max Q [l < max S_k'], r_S [l >= min S_k']). The client itself
+    holds block l < s, so it adds at most max Q. K_c(l) = factor x (sum over the other clients of c_k'(l)
+    + max Q), and U_c(s) = sum over l < s and planned j of 4 min(K_c(l) (d_in + d_out), d_in d_out)."""
+    blocks = np.arange(L)
+    contrib = np.zeros((len(classes), L))
+    for c in classes:
+        if c.splits:
+            contrib[c.index] = np.maximum(np.where(blocks < max(c.splits), max_rank, 0),
+                                          np.where(blocks >= min(c.splits), server_rank, 0))
+    total = sum(c.count * contrib[c.index] for c in classes)
+    out = np.zeros((len(classes), L + 1))
+    for c in classes:
+        K = factor * (total - contrib[c.index] + max_rank)            # [L]
+        per_block = sum(merge_matrix_bytes(K, d_in, d_out) for d_in, d_out in shapes)
+        out[c.index, 1:] = np.cumsum(per_block)
+    return out
 
 
 def infeasibility_reasons(inst: Instance) -> list[str]:
@@ -256,10 +317,17 @@ def infeasibility_reasons(inst: Instance) -> list[str]:
         t = inst.client_round(cls, s, 0, 0)
         if t > cls.round_budget:
             took, cap = two_amounts(t, cls.round_budget, 1)
+            merge = float(cls.merge_s[s])
+            what = f"{inst.tau} steps" + (f" + {merge:.3g} s of merge download, up to {_mb(cls.merge_bytes[s])}"
+                                          if merge > 0 else "")
             reasons.append(
                 f"{who}: round time: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) takes "
-                f"{took} s per round ({inst.tau} steps), budget {cap} s")
+                f"{took} s per round ({what}), budget {cap} s")
     return reasons
+
+
+def _mb(nbytes: float) -> str:
+    return f"{nbytes / 1e6:,.1f} MB" if nbytes >= 1e5 else f"{nbytes / 1e3:,.1f} kB"
 
 
 def check_feasible(inst: Instance) -> None:

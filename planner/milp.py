@@ -68,14 +68,16 @@ def build_problem(inst: Instance, objective: str = "utility") -> tuple[pulp.LpPr
         # Client memory: frozen embeddings and blocks, activations of back-propagated blocks, adapter state.
         prob += (cls.mem0 + cls.mem_per_block * split + cls.mem_per_zblock * zs
                  + ADAPTER_STATE_BYTES * params) / GIB <= cls.mem_cap / GIB
+        # hsplitlora's merge download, charged as the bound U(s) of the client's own split (a constant per split).
+        merge = pulp.lpSum(float(cls.merge_s[s]) * y[k, s] for s in cls.splits if cls.merge_s[s] > 0)
         client_round = inst.tau * (cls.step0 + cls.step_per_block * split + cls.step_per_zblock * zs
-                                   + cls.step_per_param * params) + cls.sync_per_param * params
+                                   + cls.step_per_param * params) + cls.sync_per_param * params + merge
         # The client's own part of a round fits its budget.
         if np.isfinite(cls.round_budget):
             prob += client_round <= cls.round_budget
         busy = pulp.lpSum(float(inst.busy(s)) * y[k, s] for s in cls.splits)
         busy_terms.append(busy)
-        # The round lasts at least as long as each client's steps, server share and sync.
+        # The round lasts at least as long as each client's steps, server share, sync and merge download.
         prob += R >= client_round + busy
         util[k] = pulp.lpSum(float(inst.v[l, j] * inst.g[qi]) * x[k, l, j, qi]
                              for l in range(top) for j in range(J) for qi in range(1, len(Q)))

@@ -33,6 +33,32 @@ def test_plan_writes_a_plan_that_satisfies_its_constraints(tmp_path):
     assert len({c.split_layer for c in plan.clients}) >= 2
 
 
+def test_plan_charges_the_merge_download_in_the_round_times(tmp_path):
+    """hsplitlora: every client's round time contains its merge download (the charged bound), the plan
+    reports the exact download next to it, and the output no longer calls it extra."""
+    out = tmp_path / "plan.yaml"
+    r = runner.invoke(app, ["plan", "--fleet", "example", "--model", "smollm2-135m", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "not in the round times" not in text
+    assert "merge s" in text and "round times include the merge download" in text
+    plan = Plan.load(out)
+    ev, inst = check_plan(plan, "example")
+    for c, e, d, cl in zip(plan.clients, ev.clients, ev.merge_bytes, inst.clients):
+        pr = c.predicted
+        assert 0 < pr["merge_download_mb"] == round(d / 1e6, 6) <= pr["merge_download_charged_mb"]
+        assert pr["merge_download_charged_s"] == round(e.merge_charged_s, 3) > 0
+        upload = 4 * pr["adapter_params"] * 8 / (cl.device.uplink_mbps * 1e6)     # hsplitlora: no adapter download
+        assert e.client_round_s == pytest.approx(plan.training.local_steps * e.step_s + upload + e.merge_charged_s)
+        assert pr["round_s"] == round(e.round_s, 3)
+    assert plan.predicted["round_s_exact_merge"] <= plan.predicted["round_s"]
+    r = runner.invoke(app, ["plan", "--check", str(out), "--fleet", "example", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    for c, row in zip(plan.clients, json.loads(r.output)["clients"]):
+        assert round(row["merge_download_mb"], 6) == c.predicted["merge_download_mb"]
+        assert round(row["merge_download_charged_s"], 3) == c.predicted["merge_download_charged_s"]
+
+
 def test_plan_json_output(tmp_path):
     out = tmp_path / "p.yaml"
     r = runner.invoke(app, ["plan", "--fleet", "example", "--ranks", "0,4,8", "--modules", "q_proj,v_proj",

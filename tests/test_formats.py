@@ -111,12 +111,12 @@ def test_replan_resolves_with_new_importance_and_refuses_a_changed_fleet(tmp_pat
     fleet = tmp_path / "fleet.yaml"
     shutil.copy(PROFILE_DIR / "fleets" / "example.yaml", fleet)
     model = load_model_profile("smollm2-135m")
-    plan = make_plan(fleet, "smollm2-135m", modules=["q_proj", "v_proj"])
-    # Importance concentrated in the top blocks pulls the Pis' adapters upwards.
-    scores = {model.module_name(l, m): (10.0 if l >= 20 else 0.1) for l in range(30)
-              for m in ("self_attn.q_proj", "self_attn.v_proj")}
+    plan = make_plan(fleet, "smollm2-135m")
+    # Importance concentrated in the top blocks pulls the adapters (and the RTX's split) upwards.
+    mods = model.resolve_modules(None)
+    scores = {model.module_name(l, m): (10.0 if l >= 20 else 0.1) for l in range(30) for m in mods}
     imp = Importance(scores=scores, method="test", model_hash=model.arch_hash(), source="<drift>")
-    assert shift(Importance(scores={}), imp, model, ("self_attn.q_proj", "self_attn.v_proj")) > 0.5
+    assert shift(Importance(scores={}), imp, model, mods) > 0.5
     new = replan(plan, imp)
     assert new.inputs["importance_method"].startswith("test")
     assert [c.ranks for c in new.clients] != [c.ranks for c in plan.clients]

@@ -28,7 +28,7 @@ def test_round_time_binding_client():
         make_plan(fleet, "smollm2-135m")
     (line,) = e.value.reasons
     assert line.startswith("c0 (raspberry-pi-5-8gb): round time: even the smallest split (1 block, no adapters) takes")
-    assert "s per round (10 steps), budget 0.5 s" in line
+    assert "s per round (10 steps + 0.208 s of merge download, up to 2.6 MB), budget 0.5 s" in line
 
 
 def test_server_too_small_for_the_frozen_model():
