@@ -23,8 +23,11 @@ DEMO_TRAINING = dict(batch_size=2, seq_len=128, local_steps=2, rounds=2, dtype="
                      lr_schedule="constant", warmup_steps=0, max_grad_norm=1.0, seed=0)
 
 
-def scaled_fleet(ref: str, training: Training):
-    """The fleet with every round budget scaled by (tokens per round now) / (at hsplit plan's defaults)."""
+def scaled_fleet(ref: str, training: Training, model: str | None = None):
+    """The fleet with every round budget scaled by (tokens per round now) / (at hsplit plan's defaults).
+    With `model`, each group's budget also keeps the merge download hsplitlora charges at the split the
+    full-size plan gives it (docs/formulation.md, "Merge download"): that download does not shrink with
+    the tokens, so scaling it too would leave the small rounds no time to compute."""
     from dataclasses import replace
 
     from hsplit.planner.fleet import Fleet
@@ -32,9 +35,21 @@ def scaled_fleet(ref: str, training: Training):
     factor = (training.batch_size * training.seq_len * training.local_steps) / (
         full.batch_size * full.seq_len * full.local_steps)
     fleet = Fleet.load(ref)
+    merge_s = [0.0] * len(fleet.groups)
+    if model is not None:
+        from hsplit.planner.api import make_plan
+        from hsplit.planner.instance import build_instance
+        from hsplit.planner.model import load_model_profile
+        profile = load_model_profile(model)
+        inst = build_instance(fleet, profile, training=full)
+        at_full = make_plan(fleet, profile, training=full)
+        for c in inst.classes:
+            for k in c.members:
+                g = inst.clients[k].group
+                merge_s[g] = max(merge_s[g], float(c.merge_s[at_full.clients[k].split_layer]))
     return fleet.with_groups(
-        replace(g, budget=replace(g.budget, round_s=g.budget.round_s * factor if g.budget.round_s else None))
-        for g in fleet.groups)
+        replace(g, budget=replace(g.budget, round_s=g.budget.round_s * factor + merge_s[i] if g.budget.round_s else None))
+        for i, g in enumerate(fleet.groups))
 
 
 def _free_name(runs_dir: Path, base: str) -> str:
@@ -58,7 +73,7 @@ def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, t
     t0 = time.perf_counter()
     runs_dir = Path(runs_dir)
     training = Training(**{**DEMO_TRAINING, "rounds": rounds, "local_steps": local_steps})
-    fleet = scaled_fleet("example", training)
+    fleet = scaled_fleet("example", training, DEFAULT_MODEL)
     plan = make_plan(fleet, DEFAULT_MODEL, training=training,
                      data=DataSpec(path="shakespeare", partition="by-source", eval_fraction=0.05))
     name = _free_name(runs_dir, "demo")

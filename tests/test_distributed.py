@@ -532,10 +532,11 @@ def test_a_client_receives_only_its_blocks_and_its_own_entries():
     assert len(encode_tree(mine)) < len(encode_tree(u)) / 2
 
 
-def test_the_planned_merge_download_is_what_a_client_receives(env):
+@pytest.mark.parametrize("aggregation", ["warm", "restart"])
+def test_the_planned_merge_download_is_what_a_client_receives(env, aggregation):
     """hsplitlora: the planner's merge download per client (api.merge_download_bytes, reported as
-    predicted.merge_download_mb) = the bytes of merge factors the server sends that client
-    (distributed.for_client) after a round, exactly; clients with different splits, so that one
+    predicted.merge_download_mb) = the bytes of the merge the server sends that client (RoundUpdate.for_client:
+    per matrix the stacked factors or the dense update, whichever is smaller) after a round, exactly; clients with different splits, so that one
     downloads the other's server-side adapters on its blocks too."""
     import numpy as np
     from conftest import random_instance
@@ -548,7 +549,8 @@ def test_the_planned_merge_download_is_what_a_client_receives(env):
     root, model, text = env
     kw = random_instance(0, two_clients=True)
     inst = build_instance(kw["fleet"], load_model_profile(str(model)), ranks=(0, 2, 4, 8),
-                          modules=["q_proj", "v_proj"], training=kw["training"], server_rank=2)
+                          modules=["q_proj", "v_proj"], training=kw["training"], server_rank=2,
+                          aggregation=aggregation)
     r0 = np.zeros((inst.L, 2), dtype=np.int64)
     r0[0] = (2, 4)
     r1 = np.zeros((inst.L, 2), dtype=np.int64)
@@ -560,12 +562,13 @@ def test_the_planned_merge_download_is_what_a_client_receives(env):
                 "ranks": {f"model.layers.{l}.{mods[j]}": int(cfg.ranks[l, j]) for l, j in zip(*np.nonzero(cfg.ranks))}}
                for k, cfg in enumerate(configs)]
     plan = Plan.from_dict({"model": str(model), "strategy": "hsplitlora", "server_rank": 2, "modules": mods,
-                           "training": {"batch_size": 2, "seq_len": 32, "local_steps": 1},
+                           "aggregation": aggregation, "training": {"batch_size": 2, "seq_len": 32, "local_steps": 1},
                            "data": {"path": str(text), "eval_fraction": 0.1}, "clients": clients}, "merge.yaml")
     sim = build(plan, progress=False)
     update = sim.strategy.combine(sim.parties)
     for k, p in enumerate(sim.parties):
         got = update.for_client(p.adapter, p.split)
-        sent = sum(4 * (b.numel() + a.numel()) for b, a in got.merge.values())
+        sent = (sum(4 * (b.numel() + a.numel()) for b, a in got.merge.values())     # stacked factors
+                + sum(4 * d.numel() for d in got.dense.values()))                     # dense updates
         assert sent == want[k] > 0, (k, sent, want[k])
     assert want[1] > want[0] + 4 * 2 * 2 * inst.widths.sum()     # c1 gets c0's server-side adapters of blocks 1-2
