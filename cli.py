@@ -70,6 +70,8 @@ def plan(
     method: str = typer.Option("decomposed", help="decomposed (exact, fast) | full (one MILP over all clients)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds for the MILP solver."),
     strategy: str = typer.Option(STRATEGY_DEFAULT, help=" | ".join(STRATEGY_NAMES) + "."),
+    aggregation: str = typer.Option("warm", help="hsplitlora: warm (adapters and AdamW moments carry on) | restart "
+                                                 "(fresh adapters every round: the ablation); sizes the merge download."),
     data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
@@ -105,7 +107,8 @@ def plan(
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
-                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data))
+                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data),
+                      aggregation=aggregation)
         try:
             p.save(output)
         except OSError as e:
