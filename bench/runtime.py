@@ -72,14 +72,15 @@ def throughput(args) -> dict:
     model = _model_ref(args)
     lm0 = load_lm(model, progress=False)
     split = args.split or lm0.profile.layers // 2
-    plan = _expand_all(_plan(model, 1, split, args.rank, args.batch, args.seq), lm0.profile)
-    sim = build(plan, progress=False, device="cpu")
-    party = sim.parties[0]
-    side = ServerSide(sim)
-    side.begin_round([party])
-    server = LocalServer(side)
-    sim.bank.activate(party.adapter)
-    sim.lm.model.train()
+    steps = {}            # hsplit's split step, with hsplitlora's warm (base offset adapter) and restart aggregation
+    for agg in ("warm", "restart"):
+        plan = _expand_all(_plan(model, 1, split, args.rank, args.batch, args.seq, aggregation=agg), lm0.profile)
+        sim = build(plan, progress=False, device="cpu")
+        party = sim.parties[0]
+        side = ServerSide(sim)
+        side.begin_round([party])
+        sim.lm.model.train()
+        steps[agg] = (sim, party, LocalServer(side))
     # plain peft: the same model (a second copy), the same ranks, one AdamW, the unsplit forward
     ranks = dict(party.ranks)
     plain = get_peft_model(lm0.model, lora_config(ranks, 2.0, 0.0, lm0.profile.family))
@@ -94,25 +95,28 @@ def throughput(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {"hsplit": [], "peft": []}
+    times = {"warm": [], "restart": [], "peft": []}
     for s in range(args.steps + 1):                       # step 0 is warm-up
         b = party.data.batch(args.batch, 0, 0, 0, s)
-        order = ("hsplit", "peft") if s % 2 == 0 else ("peft", "hsplit")
+        order = list(times)[s % 3:] + list(times)[:s % 3]     # rotate, so that machine noise hits all alike
         for which in order:
             t = time.perf_counter()
-            if which == "hsplit":
-                client_step(sim, party, b, 0, s, server)
-            else:
+            if which == "peft":
                 plain_step(b)
+            else:
+                sim, p, server = steps[which]
+                sim.bank.activate(p.adapter, sim.strategy.offset(p))
+                client_step(sim, p, b, 0, s, server)
             if s > 0:
                 times[which].append(time.perf_counter() - t)
     tokens = args.batch * args.seq
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": args.model, "split": split, "rank": args.rank, "batch": args.batch, "seq_len": args.seq,
             "adapted_modules": len(ranks), "steps": args.steps,
-            "hsplit_step_s": med["hsplit"], "peft_step_s": med["peft"],
-            "hsplit_tokens_per_s": tokens / med["hsplit"], "peft_tokens_per_s": tokens / med["peft"],
-            "ratio": med["peft"] / med["hsplit"]}
+            "hsplit_step_s": med["warm"], "hsplit_restart_step_s": med["restart"], "peft_step_s": med["peft"],
+            "hsplit_tokens_per_s": tokens / med["warm"], "hsplit_restart_tokens_per_s": tokens / med["restart"],
+            "peft_tokens_per_s": tokens / med["peft"],
+            "ratio": med["peft"] / med["warm"], "ratio_restart": med["peft"] / med["restart"]}
 
 
 def memory_child(args) -> dict:
@@ -194,10 +198,15 @@ def write_section(result: dict, command: str) -> None:
              f"date {result['date']}. Timings are noisy on a shared machine.", "",
              "**Split step vs plain PEFT step** (same process, same model, ranks, batch and data; "
              "steps interleaved; medians):", "",
-             "| model | split | rank (all modules) | batch x seq | hsplit tokens/s | peft tokens/s | ratio (target >= 0.95) |",
+             "| model | split | rank (all modules) | batch x seq | hsplit tokens/s (warm / restart) | peft tokens/s "
+             "| ratio warm / restart (target >= 0.95) |",
              "|---|---|---|---|---|---|---|",
              f"| {t['model']} | {t['split']} | {t['rank']} ({t['adapted_modules']} modules) | {t['batch']} x {t['seq_len']} "
-             f"| {t['hsplit_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} | {t['ratio']:.3f} |", "",
+             f"| {t['hsplit_tokens_per_s']:.1f} / {t['hsplit_restart_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} "
+             f"| {t['ratio']:.3f} / {t['ratio_restart']:.3f} |", "",
+             "warm: hsplitlora's default aggregation, whose holders train with their frozen base offset adapter "
+             "(one more rank-r LoRA path per matrix, no gradient); restart: the aggregation every strategy but "
+             "hsplitlora warm runs (the split step alone).", "",
              "**Peak memory vs simulated clients** (fresh process: build + one round of 1 local step per "
              "client + hsplitlora aggregation; one copy of the base weights). warm (the default) keeps every "
              "holder's factors, AdamW moments and frozen base offset (4x its adapter's fp32 bytes) between "
@@ -221,7 +230,7 @@ def write_section(result: dict, command: str) -> None:
     start = text.find(HEADING)
     if start >= 0:
         end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + "\n".join(lines) + (text[end + 1:] if end >= 0 else "")
+        text = text[:start] + "\n".join(lines) + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + "\n".join(lines)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,8 +260,9 @@ def main() -> None:
         return
     print("throughput ...", file=sys.stderr)
     thr = throughput(args)
-    print(f"  hsplit {thr['hsplit_tokens_per_s']:.1f} tok/s, peft {thr['peft_tokens_per_s']:.1f} tok/s, "
-          f"ratio {thr['ratio']:.3f}", file=sys.stderr)
+    print(f"  hsplit warm {thr['hsplit_tokens_per_s']:.1f} tok/s, restart {thr['hsplit_restart_tokens_per_s']:.1f} "
+          f"tok/s, peft {thr['peft_tokens_per_s']:.1f} tok/s, ratio {thr['ratio']:.3f} / {thr['ratio_restart']:.3f}",
+          file=sys.stderr)
     print("memory ...", file=sys.stderr)
     mem = memory(args, "warm")
     print("memory (aggregation: restart) ...", file=sys.stderr)
