@@ -197,3 +197,18 @@ def test_splitlora_truncation_merges_the_cut_components_so_the_model_is_unchange
     # client side rank 8, server side rank 4 -> 2: the 6 / 2 cut components are merged
     assert update.merge and {a.shape[0] for _, a in update.merge.values()} == {6, 2}
     torch.testing.assert_close(logits(), before, rtol=1e-5, atol=1e-5)
+
+
+def test_a_distributed_run_refuses_a_plan_that_replans(env, tmp_path):
+    """Re-planning runs in-process only: the distributed server (an executor that cannot re-plan) refuses
+    the plan before anything is written, instead of ignoring `replan:`."""
+    from hsplit.planner.errors import ConfigError
+    from hsplit.runtime.distributed.server import Server
+    from hsplit.runtime.loop import rounds_loop
+
+    class Executor:
+        replans, sim = Server.replans, None
+    path, _ = plan_file(env, "dist-replan")
+    with pytest.raises(ConfigError, match="in-process only"):
+        rounds_loop(Executor(), Plan.load(path), path, opts(env), tmp_path / "x", [], 1, [None])
+    assert not (tmp_path / "x").exists()
