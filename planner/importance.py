@@ -20,20 +20,21 @@ from typing import Any
 
 import numpy as np
 
+from hsplit.planner.cost import ADAPTER_STATE_BYTES
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 
 NORMALIZATIONS = ("raw", "per-parameter", "per-byte")
-ADAPTER_STATE_BYTES = 16      # per adapter parameter: fp32 weight + gradient + two AdamW moments
 
 
 def finetune_bytes(d_in: int, d_out: int) -> int:
     """C(W) of the rngwp score: bytes it costs to fine-tune a (d_in, d_out) matrix, per unit of LoRA
     rank. A rank-q adapter adds q * (d_in + d_out) parameters (A: q x d_in, B: d_out x q), each held
-    as fp32 weight, gradient and two AdamW moments (ADAPTER_STATE_BYTES = 16); the frozen W itself
-    is held whether or not it is fine-tuned. A pure function of the shape (symmetric in d_in, d_out,
-    so a weight's storage layout does not matter). docs/measurement.md, "rngwp"."""
+    as fp32 weight, gradient and two AdamW moments (planner.cost.ADAPTER_STATE_BYTES = 16, what the
+    planner's memory model charges); the frozen W itself is held whether or not it is fine-tuned.
+    A pure function of the shape, symmetric in d_in and d_out (a weight's storage layout does not
+    matter). docs/measurement.md, "rngwp"."""
     return ADAPTER_STATE_BYTES * (int(d_in) + int(d_out))
 
 
