@@ -347,7 +347,7 @@ def importance_cmd(
                                                      "rngwp is always per-byte."),
     modules: Optional[str] = typer.Option(None, "--modules", help="Modules to score, comma-separated (default all)."),
     blocks_per_pass: Optional[int] = typer.Option(None, "--blocks-per-pass",
-                                                  help="Blocks scored together (default: as many as fit in half the weights' memory)."),
+                                                  help="Blocks scored together (default 1: group inputs are cached on disk)."),
     seed: int = typer.Option(0, "--seed", help="Selects the batches (and the held-out split, as `hsplit run`)."),
     threads: Optional[int] = THREADS,
     output: Path = output_option(Path("importance.yaml"), "Where to write the scores."),

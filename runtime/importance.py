@@ -250,8 +250,8 @@ def grouped_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[
     With `spill` (default) the cached group inputs go to a temporary folder instead of memory, so
     the group size costs nothing but smoothing states and the smallest groups (one block) are used,
     for rngwp too: it has no per-weight state, but a group's backward holds per-block checkpoint
-    state for every block of the group (one group of all SmolLM2 blocks: 2.00 x the weights at peak,
-    one block per group: 1.71 x)."""
+    state for every block of the group (SmolLM2-135M, 16 steps: one group of all blocks peaks at
+    2.06 x the weights, one block per group at 1.69 x; docs/measurement.md)."""
     make_smoother = _smoother_factory(method, beta1, beta2, gamma)
     split = SplitLM(model, profile.family)
     L = profile.layers
