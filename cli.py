@@ -339,32 +339,53 @@ def importance_cmd(
     steps: int = typer.Option(16, "--steps", help="Warm-up batches the scores are smoothed over."),
     batch_size: int = batch_option(),
     seq_len: int = seq_option(128),
-    beta1: float = typer.Option(0.85, "--beta1", help="Smoothing of the sensitivity (AdaLoRA beta1)."),
-    beta2: float = typer.Option(0.85, "--beta2", help="Smoothing of the uncertainty (AdaLoRA beta2)."),
-    normalization: str = typer.Option("raw", "--normalization", help="raw | per-parameter (score / (d_in + d_out))."),
+    method: str = typer.Option("sensitivity", "--method",
+                               help="sensitivity (AdaLoRA: |w*dL/dw| x uncertainty) | rngwp (HSplitLoRA: "
+                                    "|sum w*dL/dw| / C(W) per matrix)."),
+    beta1: Optional[float] = typer.Option(None, "--beta1", help="sensitivity: smoothing of |w*dL/dw| (default 0.85)."),
+    beta2: Optional[float] = typer.Option(None, "--beta2", help="sensitivity: smoothing of the uncertainty (default 0.85)."),
+    gamma: Optional[float] = typer.Option(None, "--gamma", help="rngwp: I_t = gamma I_{t-1} + (1-gamma) score_t (default 0.85)."),
+    normalization: Optional[str] = typer.Option(None, "--normalization",
+                                                help="sensitivity: raw (default) | per-parameter (score / (d_in + d_out)); "
+                                                     "rngwp is always per-byte."),
     modules: Optional[str] = typer.Option(None, "--modules", help="Modules to score, comma-separated (default all)."),
     blocks_per_pass: Optional[int] = typer.Option(None, "--blocks-per-pass",
-                                                  help="Blocks scored together (default: as many as fit in half the weights' memory)."),
+                                                  help="Blocks scored together (default 1: group inputs are cached on disk)."),
     seed: int = typer.Option(0, "--seed", help="Selects the batches (and the held-out split, as `hsplit run`)."),
     threads: Optional[int] = THREADS,
     output: Path = output_option(Path("importance.yaml"), "Where to write the scores."),
     fmt: str = FORMAT,
 ):
-    """Score every adaptable matrix (AdaLoRA's smoothed sensitivity |w*dL/dw| x uncertainty).
+    """Score every adaptable matrix: AdaLoRA's smoothed sensitivity (default) or HSplitLoRA's rngwp.
 
-    Writes importance.yaml for `hsplit plan --importance`; records the model hash, data, steps
-    and settings. Gradients are folded into the scores as they are produced, block group by
-    block group, so the whole model's gradients are never held.
+    sensitivity: sum over the matrix of Ibar*Ubar (|w*dL/dw| smoothed, x its uncertainty).
+    rngwp: |sum w*dL/dw| / C(W), C(W) = 16 (d_in + d_out) bytes, smoothed over the steps with
+    gamma (docs/measurement.md). Writes importance.yaml for `hsplit plan --importance`; records
+    the method, model hash, data, steps and settings. Gradients are folded into the scores as they
+    are produced, so the whole model's gradients are never held.
 
     Example: hsplit importance --model smollm2-135m --data shakespeare --steps 16 -o importance.yaml
+    Example: hsplit importance --method rngwp --steps 16 -o importance.yaml
     """
     check_format(fmt)
     from hsplit.runtime.importance import ImportanceSettings, compute_importance
     set_threads(threads)
     mods = _modules(modules)
-    settings = ImportanceSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, beta1=beta1, beta2=beta2,
-                                  seed=seed, normalization=normalization, blocks_per_pass=blocks_per_pass,
-                                  modules=tuple(mods) if mods else None)
+    smoothing = {"beta1": beta1, "beta2": beta2} if method != "rngwp" else {"gamma": gamma}
+    settings = ImportanceSettings(steps=steps, batch_size=batch_size, seq_len=seq_len, seed=seed, method=method,
+                                  normalization=normalization, blocks_per_pass=blocks_per_pass,
+                                  modules=tuple(mods) if mods else None,
+                                  **{k: v for k, v in smoothing.items() if v is not None})
+    with reported():               # every problem in one error, before the model is loaded
+        problems = [f"--{k}: applies to --method {'rngwp' if k == 'gamma' else 'sensitivity'}, not {method}"
+                    for k, v in {"beta1": beta1, "beta2": beta2, "gamma": gamma}.items()
+                    if v is not None and k not in smoothing]
+        try:
+            settings.check()
+        except ConfigError as e:
+            problems += e.problems
+        if problems:
+            raise ConfigError("hsplit importance", problems)
     with reported(), Bar("scoring", fmt == "text") as bar:
         imp, info = compute_importance(model, settings, data=data, data_format=data_format,
                                        progress=fmt == "text", on_step=bar.update)
@@ -374,7 +395,7 @@ def importance_cmd(
         print_json({"output": str(output), "model": imp.model, "model_hash": imp.model_hash,
                     "normalization": imp.normalization, "matrices": len(imp.scores), "top": dict(top), **info})
         return
-    console.print(f"wrote {output}: {len(imp.scores)} matrices of {imp.model} ({imp.normalization}), "
+    console.print(f"wrote {output}: {len(imp.scores)} matrices of {imp.model} ({imp.method}, {imp.normalization}), "
                   f"{steps} steps, {info['passes']} pass(es) of {info['blocks_per_pass']} blocks, {info['wall_s']:.0f} s, "
                   f"peak memory {info['peak_over_weights']:.2f}x the weights")
     total = sum(imp.scores.values()) or 1.0

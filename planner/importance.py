@@ -6,9 +6,9 @@ The planner normalises the scores of the planned matrices to sum 1 (`weights`).
     schema_version: 1
     model: smollm2-135m
     model_hash: <ModelProfile.arch_hash()>
-    method: sensitivity          # how the scores were produced
-    normalization: raw           # raw | per-parameter (importance per adapter parameter)
-    settings: {...}              # steps, data, betas, ...
+    method: sensitivity          # sensitivity (AdaLoRA) | rngwp (HSplitLoRA) | runtime-* | uniform | any
+    normalization: raw           # raw | per-parameter (per adapter parameter) | per-byte (rngwp: per C(W))
+    settings: {...}              # steps, data, betas or gamma, ...
     scores: {model.layers.0.self_attn.q_proj: 0.0123, ...}
     rank1: {module: [per-component scores]}   # optional, for HAFL
 """
@@ -20,9 +20,23 @@ from typing import Any
 
 import numpy as np
 
+from hsplit.planner.cost import ADAPTER_STATE_BYTES
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
+
+NORMALIZATIONS = ("raw", "per-parameter", "per-byte")
+
+
+def finetune_bytes(d_in: int, d_out: int) -> int:
+    """C(W) of the rngwp score: bytes it costs to fine-tune a (d_in, d_out) matrix, per unit of LoRA
+    rank. A rank-q adapter adds q * (d_in + d_out) parameters (A: q x d_in, B: d_out x q), each held
+    as fp32 weight, gradient and two AdamW moments (planner.cost.ADAPTER_STATE_BYTES = 16, what the
+    planner's memory model charges); the frozen W itself is held whether or not it is fine-tuned.
+    A pure function of the shape, symmetric in d_in and d_out (a weight's storage layout does not
+    matter). docs/measurement.md, "rngwp"."""
+    return ADAPTER_STATE_BYTES * (int(d_in) + int(d_out))
+
 
 HEADER = "# Importance scores: written by `hsplit importance`, read by `hsplit plan --importance` (docs/file-formats.md)."
 
@@ -97,8 +111,10 @@ class Importance:
             else:
                 clean[str(k)] = float(v)
         norm = data.get("normalization", "raw")
-        if norm not in ("raw", "per-parameter"):
-            p.add("normalization", f"must be raw or per-parameter, got {norm!r}")
+        if norm not in NORMALIZATIONS:
+            p.add("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}")
+        elif data.get("method") == "rngwp" and norm != "per-byte":
+            p.add("normalization", f"method rngwp scores are divided by C(W) (normalization per-byte), got {norm!r}")
         rank1 = data.get("rank1") or {}
         if not isinstance(rank1, dict):
             p.add("rank1", "must be a mapping module name -> list of component scores")

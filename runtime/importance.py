@@ -1,11 +1,14 @@
-"""Importance scoring (`hsplit importance`): a sensitivity score per adaptable weight matrix.
+"""Importance scoring (`hsplit importance`): one score per adaptable weight matrix, by one of two methods.
 
     imp, info = compute_importance("smollm2-135m", ImportanceSettings(steps=16, seq_len=128))
+    imp = compute_importance("smollm2-135m", ImportanceSettings(method="rngwp"))[0]
     imp.save("importance.yaml")          # read by `hsplit plan --importance importance.yaml`
 
-Per parameter w of every adaptable matrix, on N batches of the training data (the base weights are
-frozen and not updated: these are warm-up measurements, not training steps), AdaLoRA's smoothed
-sensitivity (Zhang et al. 2023, eqs. 8-10):
+On N batches of the training data (the base weights are frozen and not updated: these are warm-up
+measurements, not training steps), per step t:
+
+`sensitivity` (default): per parameter w of every adaptable matrix, AdaLoRA's smoothed sensitivity
+(Zhang et al. 2023, eqs. 8-10):
 
     I_t = |w * dL/dw|                                  (first-order loss change if w were removed)
     Ibar_t = beta1 * Ibar_{t-1} + (1 - beta1) * I_t      (smoothed sensitivity)
@@ -13,20 +16,32 @@ sensitivity (Zhang et al. 2023, eqs. 8-10):
     s(w) = Ibar_N * Ubar_N
 
 reduced per matrix by summing over its elements (`raw`). `per-parameter` divides by the adapter
-parameters per unit of rank, d_in + d_out: importance per adapter parameter, HSplitLoRA's
-"contribution relative to cost". The file records which one it holds.
+parameters per unit of rank, d_in + d_out: importance per adapter parameter. The file records which
+one it holds.
+
+`rngwp` (HSplitLoRA's importance as secondary summaries of the paper describe it): per matrix W,
+
+    score_t(W) = |sum_j w_j * dL/dw_j| / C(W)     (first-order loss change if all of W were removed,
+                                                   per byte of fine-tuning memory)
+    I_t = gamma * I_{t-1} + (1 - gamma) * score_t,   I_0 = 0;   the matrix's score is I_N
+
+with C(W) = hsplit.planner.importance.finetune_bytes(d_in, d_out) = 16 * (d_in + d_out) bytes (fp32
+LoRA weight, gradient and two AdamW moments per unit of rank). normalization `per-byte`. One float
+per matrix: no per-parameter state.
 
 Memory. Gradients of the whole model are never held: a post-accumulate-grad hook folds each
-matrix's gradient into its smoothing state and frees it at once. The two smoothing states (fp32)
-are held only for a group of `blocks_per_pass` blocks at a time. One no-grad forward pass caches
+matrix's gradient into its smoothing state and frees it at once. sensitivity's two smoothing states
+(fp32) are held only for a group of `blocks_per_pass` blocks at a time. One no-grad forward pass caches
 the input of every group (the frozen model's hidden state at the group boundary, per batch); groups
 are then scored top-down, each group's backward seeded by dL/dh at its upper boundary, which the
 group above produced (the weights are frozen, so it does not depend on which group is scored):
 every block runs forward twice and backward once in all, whatever the group size. Blocks run under
 activation checkpointing and the LM head + loss in 64-token chunks, so activations and logits stay
-small. With `blocks_per_pass=None` the group size minimises smoothing states + boundary cache
-(states capped at half of the weights' bytes). `reference_scores` is the plain all-at-once computation (whole-model forward and
-backward, every gradient held) that the tests compare the grouped computation with.
+small. With `blocks_per_pass=None` groups are one block each (the boundary cache is on disk; with
+the cache in memory, the group size minimises smoothing states + boundary cache, states capped at
+half of the weights' bytes; rngwp has no per-weight state). `reference_scores` is the plain
+all-at-once computation (whole-model forward and backward, every gradient held) that the tests
+compare the grouped computation with.
 """
 from __future__ import annotations
 
@@ -41,12 +56,14 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.importance import Importance
+from hsplit.planner.importance import Importance, finetune_bytes
 from hsplit.planner.model import ModelProfile
 from hsplit.runtime.data import TokenSet
 from hsplit.runtime.model import SplitLM, lm_loss
 
-NORMALIZATIONS = ("raw", "per-parameter")
+METHODS = ("sensitivity", "rngwp")
+NORMALIZATIONS = ("raw", "per-parameter")          # of sensitivity scores; rngwp's is always per-byte
+DEFAULT_NORMALIZATION = {"sensitivity": "raw", "rngwp": "per-byte"}
 STATE_SHARE_OF_WEIGHTS = 0.5     # auto blocks_per_pass: smoothing states use at most this share of weight bytes
 
 
@@ -55,23 +72,35 @@ class ImportanceSettings:
     steps: int = 16
     batch_size: int = 4
     seq_len: int = 128
-    beta1: float = 0.85
-    beta2: float = 0.85
+    beta1: float = 0.85                 # sensitivity: smoothing of I
+    beta2: float = 0.85                 # sensitivity: smoothing of U
     seed: int = 0
-    normalization: str = "raw"          # raw | per-parameter
+    normalization: str | None = None    # sensitivity: raw (default) | per-parameter; rngwp: per-byte
     modules: tuple[str, ...] | None = None   # None = every adaptable module of the family
     blocks_per_pass: int | None = None  # None = auto (1 block: the boundary cache is on disk)
     head_chunk_tokens: int = 64         # tokens per LM-head/loss chunk
+    method: str = "sensitivity"         # sensitivity | rngwp
+    gamma: float = 0.85                 # rngwp: I_t = gamma I_{t-1} + (1 - gamma) score_t
+
+    def __post_init__(self):
+        if self.normalization is None:
+            self.normalization = DEFAULT_NORMALIZATION.get(self.method, "raw")
 
     def check(self) -> None:
         problems = []
         for name in ("steps", "batch_size", "seq_len", "head_chunk_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "gamma"):
             if not 0 <= getattr(self, name) < 1:
                 problems.append(f"--{name}: must be in [0, 1), got {getattr(self, name)}")
-        if self.normalization not in NORMALIZATIONS:
+        if self.method not in METHODS:
+            problems.append(f"--method: must be sensitivity or rngwp, got {self.method!r}")
+        elif self.method == "rngwp":
+            if self.normalization != "per-byte":
+                problems.append(f"--normalization: applies to --method sensitivity; rngwp divides every score by "
+                                f"C(W) itself (per-byte), got {self.normalization!r}")
+        elif self.normalization not in NORMALIZATIONS:
             problems.append(f"--normalization: must be raw or per-parameter, got {self.normalization!r}")
         if self.blocks_per_pass is not None and self.blocks_per_pass < 1:
             problems.append(f"--blocks-per-pass: must be >= 1, got {self.blocks_per_pass}")
@@ -81,6 +110,7 @@ class ImportanceSettings:
 
 class _Smoother:
     """AdaLoRA's smoothed sensitivity and uncertainty of one weight matrix (fp32 states)."""
+    state_bytes_per_weight = 8
 
     def __init__(self, weight: torch.Tensor, beta1: float, beta2: float):
         self.w, self.b1, self.b2 = weight, beta1, beta2
@@ -100,6 +130,44 @@ class _Smoother:
         return float((self.ibar.double() * self.ubar.double()).sum())
 
 
+class _RngwpSmoother:
+    """rngwp of one weight matrix: I_t = gamma I_{t-1} + (1 - gamma) |sum w dL/dw| / C(W), I_0 = 0.
+    One float of state; the sum is taken in float64 (terms of both signs cancel in it)."""
+    state_bytes_per_weight = 0
+
+    def __init__(self, weight: torch.Tensor, gamma: float):
+        self.w, self.gamma = weight, gamma
+        self.value, self.updates = 0.0, 0
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor) -> None:
+        self.value = self.gamma * self.value + (1 - self.gamma) * rngwp_step_score(self.w, grad)
+        self.updates += 1
+
+    def score(self) -> float:
+        return self.value
+
+
+def rngwp_step_score(weight: torch.Tensor, grad: torch.Tensor) -> float:
+    """score_t(W) = |sum_j w_j dL/dw_j| / C(W) of one step (also the re-planner's per-step score).
+    C(W) from the weight's shape: finetune_bytes is symmetric in (d_in, d_out), so the storage layout
+    (Linear: (d_out, d_in); GPT-2 Conv1D: (d_in, d_out)) does not matter."""
+    dot = torch.dot(weight.detach().reshape(-1).double(), grad.detach().reshape(-1).double())
+    return abs(float(dot)) / finetune_bytes(*weight.shape)
+
+
+def _smoother_factory(method: str, beta1: float, beta2: float, gamma: float):
+    if method == "sensitivity":
+        return lambda w: _Smoother(w, beta1, beta2)
+    if method == "rngwp":
+        return lambda w: _RngwpSmoother(w, gamma)
+    raise ConfigError("--method", [f"must be one of {', '.join(METHODS)}, got {method!r}"])
+
+
+STATE_BYTES_PER_WEIGHT = {"sensitivity": _Smoother.state_bytes_per_weight,
+                          "rngwp": _RngwpSmoother.state_bytes_per_weight}
+
+
 def adaptable_matrices(model: torch.nn.Module, profile: ModelProfile, modules) -> dict[str, torch.nn.Parameter]:
     """Full module name -> weight Parameter of every planned matrix, block by block."""
     out = {}
@@ -110,14 +178,19 @@ def adaptable_matrices(model: torch.nn.Module, profile: ModelProfile, modules) -
     return out
 
 
-def auto_blocks_per_pass(model: torch.nn.Module, profile: ModelProfile, modules, boundary_bytes: int = 0) -> int:
-    """Blocks per group. At most as many blocks as fit their two fp32 smoothing states in
-    STATE_SHARE_OF_WEIGHTS of the weight bytes; with `boundary_bytes` (the cached hidden states of
-    one group boundary, all batches), the group size that minimises states + boundary cache."""
+def auto_blocks_per_pass(model: torch.nn.Module, profile: ModelProfile, modules, boundary_bytes: int = 0,
+                         state_bytes_per_weight: int = 8) -> int:
+    """Blocks per group. At most as many blocks as fit their smoothing states (8 bytes per weight:
+    sensitivity's two fp32 states) in STATE_SHARE_OF_WEIGHTS of the weight bytes; with
+    `boundary_bytes` (the cached hidden states of one group boundary, all batches), the group size
+    that minimises states + boundary cache. Without per-weight state (rngwp): all blocks, one group
+    (used only when the boundary cache is kept in memory, spill=False)."""
+    L = profile.layers
+    if state_bytes_per_weight <= 0:
+        return L
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     shapes = profile.module_shapes()
-    per_block = 8 * sum(shapes[m][0] * shapes[m][1] for m in modules)
-    L = profile.layers
+    per_block = state_bytes_per_weight * sum(shapes[m][0] * shapes[m][1] for m in modules)
     cap = max(1, min(L, int(STATE_SHARE_OF_WEIGHTS * weight_bytes // per_block)))
     if not boundary_bytes:
         return cap
@@ -146,7 +219,27 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
                        head_chunk_tokens: int = 64,
                        on_step: Callable[[int, int], None] | None = None, *,
                        spill: bool = True) -> tuple[dict[str, float], dict]:
-    """Raw scores (sum over each matrix of Ibar*Ubar), grouped computation; (scores, info).
+    """Raw sensitivity scores (sum over each matrix of Ibar*Ubar), grouped computation; (scores, info)."""
+    return grouped_scores(model, profile, batches, modules, "sensitivity", beta1=beta1, beta2=beta2,
+                          blocks_per_pass=blocks_per_pass, head_chunk_tokens=head_chunk_tokens, on_step=on_step,
+                          spill=spill)
+
+
+def rngwp_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,
+                 gamma: float = 0.85, blocks_per_pass: int | None = None, head_chunk_tokens: int = 64,
+                 on_step: Callable[[int, int], None] | None = None, *,
+                 spill: bool = True) -> tuple[dict[str, float], dict]:
+    """rngwp scores (I_N of |sum w dL/dw| / C(W) per matrix), grouped computation; (scores, info)."""
+    return grouped_scores(model, profile, batches, modules, "rngwp", gamma=gamma, blocks_per_pass=blocks_per_pass,
+                          head_chunk_tokens=head_chunk_tokens, on_step=on_step, spill=spill)
+
+
+def grouped_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,
+                   method: str = "sensitivity", *, beta1: float = 0.85, beta2: float = 0.85, gamma: float = 0.85,
+                   blocks_per_pass: int | None = None, head_chunk_tokens: int = 64,
+                   on_step: Callable[[int, int], None] | None = None,
+                   spill: bool = True) -> tuple[dict[str, float], dict]:
+    """Per-matrix scores of `method` (sensitivity: raw; rngwp), grouped computation; (scores, info).
 
     One no-grad forward pass caches the input of every group, per batch. Groups are then scored
     top-down: group [a, b) runs forward from its cached input and backward, seeded at the top by the
@@ -155,11 +248,16 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
     forward twice and backward once in all, whatever the group size.
 
     With `spill` (default) the cached group inputs go to a temporary folder instead of memory, so
-    the group size costs nothing but smoothing states and the smallest groups (one block) are used."""
+    the group size costs nothing but smoothing states and the smallest groups (one block) are used,
+    for rngwp too: it has no per-weight state, but a group's backward holds per-block checkpoint
+    state for every block of the group (SmolLM2-135M, 16 steps: one group of all blocks peaks at
+    2.06 x the weights, one block per group at 1.69 x; docs/measurement.md)."""
+    make_smoother = _smoother_factory(method, beta1, beta2, gamma)
     split = SplitLM(model, profile.family)
     L = profile.layers
     boundary = sum(b.input_ids.numel() for b in batches) * profile.hidden * 4
-    g = blocks_per_pass or (1 if spill else auto_blocks_per_pass(model, profile, modules, boundary))
+    g = blocks_per_pass or (1 if spill else auto_blocks_per_pass(model, profile, modules, boundary,
+                                                                  STATE_BYTES_PER_WEIGHT[method]))
     g = min(g, L)
     groups = [(a, min(a + g, L)) for a in range(0, L, g)]
     weights = adaptable_matrices(model, profile, modules)
@@ -207,7 +305,7 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
                 for m in modules:
                     name = profile.module_name(l, m)
                     w = weights[name]
-                    sm = _Smoother(w, beta1, beta2)
+                    sm = make_smoother(w)
                     smoothers[name] = sm
                     w.requires_grad_(True)
 
@@ -247,19 +345,22 @@ def sensitivity_scores(model: torch.nn.Module, profile: ModelProfile, batches: l
             p.requires_grad_(saved_flags[id(p)])
             p.grad = None
         model.train(was_training)
-    return scores, {"blocks_per_pass": g, "passes": len(groups), "boundary_cache": "disk" if spill else "memory"}
+    return scores, {"method": method, "blocks_per_pass": g, "passes": len(groups),
+                    "boundary_cache": "disk" if spill else "memory"}
 
 
 def reference_scores(model: torch.nn.Module, profile: ModelProfile, batches: list[TokenSet], modules,
-                     beta1: float = 0.85, beta2: float = 0.85) -> dict[str, float]:
+                     beta1: float = 0.85, beta2: float = 0.85, *, method: str = "sensitivity",
+                     gamma: float = 0.85) -> dict[str, float]:
     """All at once: whole-model forward and backward, every gradient held (for tests; no memory care)."""
+    make_smoother = _smoother_factory(method, beta1, beta2, gamma)
     weights = adaptable_matrices(model, profile, modules)
     saved = {id(p): p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
     for w in weights.values():
         w.requires_grad_(True)
-    smoothers = {n: _Smoother(w, beta1, beta2) for n, w in weights.items()}
+    smoothers = {n: make_smoother(w) for n, w in weights.items()}
     model.eval()
     try:
         for batch in batches:
@@ -277,8 +378,9 @@ def reference_scores(model: torch.nn.Module, profile: ModelProfile, batches: lis
 
 
 def normalise(raw: dict[str, float], profile: ModelProfile, how: str) -> dict[str, float]:
-    """raw: as is; per-parameter: divided by the adapter parameters per unit rank, d_in + d_out."""
-    if how == "raw":
+    """raw: as is; per-parameter: divided by the adapter parameters per unit rank, d_in + d_out;
+    per-byte: as is (rngwp scores are divided by C(W) at every step already)."""
+    if how in ("raw", "per-byte"):
         return dict(raw)
     if how != "per-parameter":
         raise ConfigError("--normalization", [f"must be raw or per-parameter, got {how!r}"])
@@ -309,11 +411,19 @@ def training_batches(data: str, tokenizer, settings: ImportanceSettings, data_fo
 
 def build_importance(raw: dict[str, float], profile: ModelProfile, settings: ImportanceSettings,
                      extra: dict | None = None) -> Importance:
+    """The Importance of `settings.method`; its settings record what that method used (sensitivity:
+    betas; rngwp: gamma, C(W) and the smoothing start)."""
     s = asdict(settings)
     s["modules"] = list(settings.modules) if settings.modules else None
+    s.pop("method")                                   # the file's top-level `method`
+    if settings.method == "rngwp":
+        s.pop("beta1"), s.pop("beta2")
+        s.update(cost="C(W) = 16 * (d_in + d_out) bytes", smoothing_start="I_0 = 0")
+    else:
+        s.pop("gamma")
     s.update(extra or {})
     return Importance(scores=normalise(raw, profile, settings.normalization), model=profile.name,
-                      model_hash=profile.arch_hash(), method="sensitivity", normalization=settings.normalization,
+                      model_hash=profile.arch_hash(), method=settings.method, normalization=settings.normalization,
                       settings=s, source="<computed>")
 
 
@@ -378,8 +488,9 @@ def compute_importance(model_ref: str, settings: ImportanceSettings, data: str =
     loaded_rss = PeakRSS.rss()
     t0 = time.perf_counter()
     with PeakRSS() as mem:
-        raw, info = sensitivity_scores(lm.model, profile, batches, modules, settings.beta1, settings.beta2,
-                                       settings.blocks_per_pass, settings.head_chunk_tokens, on_step)
+        raw, info = grouped_scores(lm.model, profile, batches, modules, settings.method, beta1=settings.beta1,
+                                   beta2=settings.beta2, gamma=settings.gamma, blocks_per_pass=settings.blocks_per_pass,
+                                   head_chunk_tokens=settings.head_chunk_tokens, on_step=on_step)
     wall = time.perf_counter() - t0
     info.update(wall_s=round(wall, 2), weight_bytes=weight_bytes, peak_rss_bytes=mem.peak,
                 peak_over_weights=round((mem.peak - base_rss) / weight_bytes, 3),
@@ -389,5 +500,6 @@ def compute_importance(model_ref: str, settings: ImportanceSettings, data: str =
     return imp, info
 
 
-__all__ = ["ImportanceSettings", "compute_importance", "sensitivity_scores", "reference_scores", "normalise",
-           "training_batches", "build_importance", "auto_blocks_per_pass", "PeakRSS", "NORMALIZATIONS"]
+__all__ = ["ImportanceSettings", "compute_importance", "sensitivity_scores", "rngwp_scores", "grouped_scores",
+           "rngwp_step_score", "reference_scores", "normalise", "training_batches", "build_importance",
+           "auto_blocks_per_pass", "PeakRSS", "NORMALIZATIONS", "METHODS"]

@@ -4,20 +4,31 @@ drifts while training").
 Scoring. In the last round of every window of N rounds (rounds N, 2N, ...), the base weight of
 every planned matrix (all blocks x the plan's `modules`) gets a post-accumulate-grad hook for the
 local steps of that round: the clients' (client-side blocks) and the server's (blocks above each
-client's cut) backward passes also produce dL/dW, the hook folds AdaLoRA's sensitivity
-I = sum_w |w * dL/dw| of the matrix into one scalar and frees the gradient at once (one matrix's
-gradient exists at a time, no per-weight state). No extra pass over data: the gradients are those
-of the round's training steps. Window score of matrix j = sum_k p_k * mean over k's steps of I_j,
-normalised to sum 1 over the planned matrices (p_k: data weights renormalised over the clients).
-It is AdaLoRA's I_t reduced per matrix and averaged over the window; the uncertainty term U of
-`hsplit importance` needs per-weight state and is left out. In a deployment, a client reports one
-scalar per matrix of its blocks, and in a scoring round runs its backward through all its blocks
-(weight gradients of frozen matrices: extra compute in 1 round of N only).
+client's cut) backward passes also produce dL/dW, the hook folds the step's score of the matrix into
+one scalar and frees the gradient at once (one matrix's gradient exists at a time, no per-weight
+state). No extra pass over data: the gradients are those of the round's training steps; w is the
+frozen base weight in the model during the step. The step's score is the one the plan's importance
+was made with (`scoring_method`: `inputs.importance_method`):
 
-Smoothing: S <- beta * S + (1 - beta) * window (beta = BETA = 0.5; the first window initialises S).
+- rngwp (a plan made from `hsplit importance --method rngwp`, or re-planned from such a run):
+  |sum_w w * dL/dw| / C(W), C(W) = finetune_bytes(d_in, d_out) = 16 (d_in + d_out) bytes, the same
+  per-step score as `hsplit importance --method rngwp` (`rngwp_step_score`).
+- sensitivity (anything else: sensitivity, uniform, hand-written scores): AdaLoRA's sensitivity
+  reduced per matrix, I = sum_w |w * dL/dw|; the uncertainty term U of `hsplit importance` needs
+  per-weight state and is left out.
+
+Window score of matrix j = sum_k p_k * mean over k's steps of the step score, normalised to sum 1
+over the planned matrices (p_k: data weights renormalised over the clients). In a deployment, a
+client reports one scalar per matrix of its blocks, and in a scoring round runs its backward through
+all its blocks (weight gradients of frozen matrices: extra compute in 1 round of N only).
+
+Smoothing over windows: S <- beta * S + (1 - beta) * window (beta = BETA = 0.5). rngwp starts from
+S = 0, as `hsplit importance --method rngwp` does over its steps (so S after window t is the
+exponentially weighted mean of windows 1..t, up to a common factor); sensitivity lets the first window
+initialise S (unchanged from before rngwp existed).
 The reference is S at the last re-plan; the first window sets it (the plan's own scores were
-measured differently - frozen base model, Ibar*Ubar - so comparing them with S would count a
-change of method as drift). When shift(reference, S) > threshold (total-variation distance of the
+measured differently - frozen base model, and for sensitivity Ibar*Ubar - so comparing them with S
+would count a change of measurement as drift). When shift(reference, S) > threshold (total-variation distance of the
 normalised scores, `hsplit.planner.importance.shift`), the plan is re-solved with
 `hsplit.planner.api.replan(plan, S)` on the plan's fleet (`inputs.fleet`) and the adapters move:
 
@@ -50,9 +61,18 @@ from hsplit.planner.plan import Plan
 from hsplit.planner.strategies import STRATEGIES, traits
 from hsplit.runtime import checkpoint
 from hsplit.runtime.common import GLOBAL, derive_seed
+from hsplit.runtime.importance import rngwp_step_score
 from hsplit.runtime.party import move_party
 
 BETA = 0.5
+RNGWP_METHODS = ("rngwp", "runtime-rngwp")     # importance methods whose plans are re-scored with rngwp
+
+
+def scoring_method(plan: Plan) -> str:
+    """rngwp when the plan's importance was made with rngwp (`hsplit importance --method rngwp`, or a
+    re-plan of a run that scored with it), sensitivity otherwise."""
+    made_with = str(plan.inputs.get("importance_method") or "").split(" ", 1)[0]
+    return "rngwp" if made_with in RNGWP_METHODS else "sensitivity"
 
 
 def check(plan: Plan) -> tuple[int, float] | None:
@@ -168,6 +188,7 @@ class Replanner:
         prof = sim.lm.profile
         self.modules = tuple(prof.resolve_modules(sim.plan.modules or None))
         self.names = [prof.module_name(l, m) for l in range(prof.layers) for m in self.modules]
+        self.method = scoring_method(sim.plan)
         self.smoothed: dict[str, float] | None = None
         self.reference: dict[str, float] | None = None
         self.plan_file: str | None = None
@@ -199,6 +220,7 @@ class Replanner:
         sim = self.sim
         total_w = sum(p.weight for p in sim.parties)
         self._acc = {n: 0.0 for n in self.names}
+        rngwp = self.method == "rngwp"
         for n in self.names:
             w = _base_weight(sim.lm.model, n)
             w.requires_grad_(True)
@@ -206,7 +228,11 @@ class Replanner:
             def hook(param, n=n):
                 p = self._party
                 k = p.weight / total_w / sim.steps_per_round if p is not None else 0.0
-                self._acc[n] += k * float((param.detach().double() * param.grad.double()).abs().sum())
+                if rngwp:                     # |sum w dL/dw| / C(W)
+                    score = rngwp_step_score(param, param.grad)
+                else:                         # sum |w dL/dw|
+                    score = float((param.detach().double() * param.grad.double()).abs().sum())
+                self._acc[n] += k * score
                 param.grad = None
             self._handles.append((w, w.register_post_accumulate_grad_hook(hook)))
 
@@ -239,10 +265,13 @@ class Replanner:
         if total <= 0:
             return
         window = {n: v / total for n, v in window.items()}
-        if self.smoothed is None:
+        previous = self.smoothed
+        if previous is None and self.method == "rngwp":
+            previous = dict.fromkeys(self.names, 0.0)          # rngwp: S_0 = 0
+        if previous is None:
             self.smoothed = window
         else:
-            self.smoothed = {n: BETA * self.smoothed[n] + (1 - BETA) * window[n] for n in self.names}
+            self.smoothed = {n: BETA * previous[n] + (1 - BETA) * window[n] for n in self.names}
         if self.reference is None:
             self.reference = dict(self.smoothed)
             return
@@ -254,7 +283,8 @@ class Replanner:
         if not moved > self.threshold:
             return
         from hsplit.planner.api import replan
-        imp = Importance(scores=dict(self.smoothed), model=prof.name, model_hash=h, method="runtime-sensitivity",
+        imp = Importance(scores=dict(self.smoothed), model=prof.name, model_hash=h, method=f"runtime-{self.method}",
+                         normalization="per-byte" if self.method == "rngwp" else "raw",
                          settings={"round": r + 1, "beta": BETA, "every": self.every}, source=f"<round {r + 1}>")
         old = sim.plan
         new = replan(old, imp)
@@ -265,4 +295,4 @@ class Replanner:
         self.reference = dict(self.smoothed)
 
 
-__all__ = ["Replanner", "check", "apply_plan", "restore", "describe", "BETA"]
+__all__ = ["Replanner", "check", "apply_plan", "restore", "describe", "scoring_method", "BETA"]

@@ -1,5 +1,6 @@
 """Re-planning during a run (runtime/replan.py): a forced importance drift re-plans, moves the
-adapters, is recorded, training goes on, and resume after a re-plan is exact."""
+adapters, is recorded, training goes on, and resume after a re-plan is exact; a plan made from rngwp
+scores is re-scored with rngwp."""
 import csv
 import os
 
@@ -47,10 +48,11 @@ def concentrated(prof, on_high: bool) -> dict[str, float]:
     return {prof.module_name(l, m): (1.0 if (l >= 2) == on_high else 1e-3) for l in range(prof.layers) for m in mods}
 
 
-def plan_file(env, name, threshold=0.2, every=1, rounds=3):
+def plan_file(env, name, threshold=0.2, every=1, rounds=3, method="test"):
     root, model, text = env
     prof = load_model_profile(str(model))
-    imp = Importance(scores=concentrated(prof, on_high=False), method="test", model_hash=prof.arch_hash())
+    imp = Importance(scores=concentrated(prof, on_high=False), method=method, model_hash=prof.arch_hash(),
+                     normalization="per-byte" if method == "rngwp" else "raw")
     plan = make_plan(root / "fleet.yaml", str(model), importance=imp, modules=MODULES, server_rank=4,
                      training=Training(batch_size=2, seq_len=32, local_steps=2, rounds=rounds, dtype="fp32",
                                        learning_rate=5e-3, warmup_steps=0, seed=0),
@@ -212,3 +214,60 @@ def test_a_distributed_run_refuses_a_plan_that_replans(env, tmp_path):
     with pytest.raises(ConfigError, match="in-process only"):
         rounds_loop(Executor(), Plan.load(path), path, opts(env), tmp_path / "x", [], 1, [None])
     assert not (tmp_path / "x").exists()
+
+
+def test_the_rescoring_method_follows_the_plans_importance(env):
+    path, _ = plan_file(env, "which")
+    plan = Plan.load(path)
+    for made_with, method in [("rngwp (per-byte)", "rngwp"), ("runtime-rngwp (per-byte)", "rngwp"),
+                              ("sensitivity (raw)", "sensitivity"), ("sensitivity (per-parameter)", "sensitivity"),
+                              ("uniform", "sensitivity"), ("runtime-sensitivity (raw)", "sensitivity")]:
+        plan.inputs["importance_method"] = made_with
+        assert replanning.scoring_method(plan) == method, made_with
+
+
+def test_an_rngwp_plan_is_rescored_with_rngwp_from_the_training_steps_and_drift_replans(env, monkeypatch):
+    """The window is sum_k p_k mean over k's steps of |sum w dL/dw| / C(W) (rngwp_step_score, the
+    function `hsplit importance --method rngwp` uses), smoothing starts from S = 0, and a drift re-plans."""
+    path, prof = plan_file(env, "rngwp", method="rngwp")
+    assert Plan.load(path).inputs["importance_method"] == "rngwp (per-byte)"
+    high = concentrated(prof, on_high=True)
+    real_score, real_begin = replanning.rngwp_step_score, replanning.Replanner.begin_round
+    expected, measured, live = {}, [], {}
+
+    def begin(self, r, on_step=None):
+        live["rp"] = self
+        live["names"] = {id(replanning._base_weight(self.sim.lm.model, n)): n for n in self.names}
+        return real_begin(self, r, on_step)
+
+    def spy(param, grad):                       # what the hook adds, recomputed from the same call
+        v = real_score(param, grad)
+        rp = live["rp"]
+        k = rp._party.weight / sum(p.weight for p in rp.sim.parties) / rp.sim.steps_per_round
+        name = live["names"][id(param)]
+        expected[name] = expected.get(name, 0.0) + k * v
+        return v
+
+    def window(self, r, scores):
+        measured.append((dict(scores), dict(expected)))
+        expected.clear()
+        return scores if r < 2 else dict(high)
+    monkeypatch.setattr(replanning.Replanner, "begin_round", begin)
+    monkeypatch.setattr(replanning, "rngwp_step_score", spy)
+    monkeypatch.setattr(replanning.Replanner, "window_scores", window)
+    res = run(path, opts(env, name="rngwp"))
+    assert live["rp"].method == "rngwp"
+    first, want = measured[0]
+    assert set(first) == set(want) == set(live["rp"].names)      # every planned matrix, every step scored
+    for n in first:
+        assert first[n] == pytest.approx(want[n], rel=1e-12) and first[n] > 0
+    state, _ = checkpoint.load(res.run_dir, 1)                     # S_1 = (1 - beta) * window_1 (S_0 = 0)
+    total = sum(first.values())
+    for n, v in state["replan"]["smoothed"].items():
+        assert v == pytest.approx((1 - replanning.BETA) * first[n] / total, rel=1e-12)
+    g = global_rows(res.run_dir)
+    assert float(g[2]["replan_shift"]) > 0.2 and "split" in g[2]["replan"]
+    new = Plan.load(res.run_dir / "plan-round-2.yaml")
+    assert new.inputs["importance_method"] == "runtime-rngwp (per-byte)"
+    assert replanning.scoring_method(new) == "rngwp"
+    assert float(g[3]["train_loss"]) > 0
