@@ -8,7 +8,8 @@ time, held-out and test perplexity, BLEU/ROUGE-L, bytes, paired differences agai
 
 The fleet is the embedded example fleet (2 Jetson Orin Nano, 2 Raspberry Pi 5, 1 RTX 3060; A100
 server) with its round-time budgets scaled by (batch x seq_len x local_steps) / (4 x 256 x 10), the
-settings they were written for, so that they bind at any size: the planner then gives the clients
+settings they were written for, plus hsplitlora's merge download at the full-size plan's splits
+(which does not shrink with the tokens; runtime/demo.py, scaled_fleet), so that they bind at any size: the planner then gives the clients
 different splits (and, for hsplitlora/hetlora/flexlora/hafl-*, different ranks). Every strategy gets
 the same model, data partition (by restaurant name), seeds, learning-rate schedule, rounds and local
 steps:
@@ -40,28 +41,24 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 ALL = ["centralized", "splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing", "hsplitlora"]
-BUDGET_WORK = 4 * 256 * 10          # batch x seq x local steps the example fleet's budgets were set for
 
 
-def bench_fleet(batch: int, seq: int, steps: int) -> dict:
-    fleet = yaml.safe_load((REPO / "profiles" / "fleets" / "example.yaml").read_text())
-    scale = batch * seq * steps / BUDGET_WORK
-    for c in fleet["clients"]:
-        b = c.get("budget", {})
-        if "round_s" in b:
-            b["round_s"] = round(b["round_s"] * scale, 4)
-    fleet["name"] = "example-scaled"
-    fleet["description"] = f"example fleet, round budgets x {scale:.3g} (bench/strategies.py)"
+def bench_fleet(args):
+    """The example fleet with its round budgets scaled to the benchmark's tokens per round (the demo's
+    scaling: runtime/demo.py, scaled_fleet; the merge download kept unscaled), so that they bind."""
+    from hsplit.planner.plan import Training
+    from hsplit.runtime.demo import scaled_fleet
+    fleet = scaled_fleet("example", Training(batch_size=args.batch_size, seq_len=args.seq_len,
+                                             local_steps=args.local_steps), args.model)
     return fleet
 
 
 def make_plan_for(args, label: str, strategy: str, seed: int, out: Path) -> Path:
     """The plan of one run: `strategy` on the scaled fleet, with the run variant's changes."""
     from hsplit.planner.api import make_plan
-    from hsplit.planner.fleet import Fleet
     from hsplit.planner.plan import DataSpec, Training
 
-    fleet = Fleet.from_dict(bench_fleet(args.batch_size, args.seq_len, args.local_steps), "<bench fleet>")
+    fleet = bench_fleet(args)
     training = Training(batch_size=args.batch_size, seq_len=args.seq_len, local_steps=args.local_steps,
                         rounds=args.rounds, learning_rate=args.lr, warmup_steps=args.warmup, seed=seed,
                         lr_schedule="cosine", dtype=args.dtype)
@@ -87,7 +84,7 @@ def _fleet_file(args, out: Path) -> Path:
     """The scaled fleet as a file (re-planning during a run re-solves on the plan's inputs.fleet)."""
     path = out / "plans" / "fleet.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(bench_fleet(args.batch_size, args.seq_len, args.local_steps)))
+    path.write_text(yaml.safe_dump(bench_fleet(args).to_dict()))
     return path
 
 
