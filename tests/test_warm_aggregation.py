@@ -147,7 +147,7 @@ def test_replanning_moves_adapters_without_changing_the_model(env, move):
 
 def test_a_client_gets_the_cheaper_exact_form_of_each_matrix_update():
     from hsplit.runtime.strategies import RoundUpdate
-    from hsplit.runtime.strategies.base import update_bytes
+    from hsplit.runtime.strategies.base import merge_bytes_for, update_bytes
     g = torch.Generator().manual_seed(0)
     thin = (torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g))      # 2 x 11 < 30: stacked
     wide = (torch.randn(6, 4, generator=g), torch.randn(4, 5, generator=g))      # 4 x 11 > 30: dense
@@ -155,4 +155,4 @@ def test_a_client_gets_the_cheaper_exact_form_of_each_matrix_update():
     mine = u.for_client("k0", 1)
     assert list(mine.merge) == ["model.layers.0.self_attn.q_proj"]
     torch.testing.assert_close(mine.dense["model.layers.0.self_attn.v_proj"], wide[0] @ wide[1])
-    assert update_bytes(mine) == 4 * (2 * 11 + 30)
+    assert update_bytes(mine) == merge_bytes_for(u, 1) == 4 * (2 * 11 + 30)

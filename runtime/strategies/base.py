@@ -51,11 +51,11 @@ class RoundUpdate:
         """The part a client process uses: entries of the blocks it holds ([0, split)) and, of the
         per-party entries, its own. What it downloads grows with its own blocks, not with the fleet."""
         def keep(d: dict) -> dict:
-            return {k: v for k, v in d.items() if (block_of(k) is None or block_of(k) < split)}
+            return {k: v for k, v in d.items() if on_blocks(k, split)}
 
         merge, dense = {}, {}
         for m, (b, a) in keep(self.merge).items():     # the cheaper exact form of each matrix's update
-            if b.shape[1] * (a.shape[1] + b.shape[0]) > a.shape[1] * b.shape[0]:
+            if dense_is_smaller(b, a):
                 dense[m] = b @ a
             else:
                 merge[m] = (b, a)
@@ -66,10 +66,27 @@ class RoundUpdate:
                            local_scores={party: keep(self.local_scores[party])} if party in self.local_scores else {})
 
 
+def on_blocks(module: str, split: int) -> bool:
+    """The module is in blocks [0, split) (or outside the blocks: embeddings, head)."""
+    block = block_of(module)
+    return block is None or block < split
+
+
+def dense_is_smaller(b: torch.Tensor, a: torch.Tensor) -> bool:
+    """B (d_out, K) @ A (K, d_in): the dense update has fewer numbers than the stacked factors."""
+    return b.shape[1] * (a.shape[1] + b.shape[0]) > a.shape[1] * b.shape[0]
+
+
 def update_bytes(update: RoundUpdate) -> int:
     """fp32 bytes of an update's merges (stacked factors and dense updates): what a client downloads."""
     return (sum(4 * (b.numel() + a.numel()) for b, a in update.merge.values())
             + sum(4 * d.numel() for d in update.dense.values()))
+
+
+def merge_bytes_for(update: RoundUpdate, split: int) -> int:
+    """update_bytes(update.for_client(..., split)) from the shapes alone (nothing is multiplied)."""
+    return sum(4 * (a.shape[1] * b.shape[0] if dense_is_smaller(b, a) else b.numel() + a.numel())
+               for m, (b, a) in update.merge.items() if on_blocks(m, split))
 
 
 def normalised(weights: list[float]) -> list[float]:

@@ -25,8 +25,8 @@ from __future__ import annotations
 import torch
 
 from hsplit.runtime.common import derive_seed
-from hsplit.runtime.strategies.base import (ClientFactors, RoundUpdate, Strategy, adapter_bytes, normalised,
-                                            update_bytes)
+from hsplit.runtime.strategies.base import (ClientFactors, RoundUpdate, Strategy, adapter_bytes, merge_bytes_for,
+                                            normalised)
 
 
 class HSplitLoRA(Strategy):
@@ -100,7 +100,7 @@ class HSplitLoRA(Strategy):
         """Up: its client-side factors; down: the update of every matrix on its blocks, in the cheaper of
         the stacked and the dense form (what the distributed server sends it)."""
         own = self.sim.bank.factors(p.adapter)
-        return adapter_bytes(own, p.client_modules), update_bytes(update.for_client(p.adapter, p.split))
+        return adapter_bytes(own, p.client_modules), merge_bytes_for(update, p.split)
 
     # ---- state ----
     def state_tensors(self) -> dict[str, torch.Tensor]:
