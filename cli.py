@@ -111,13 +111,16 @@ def plan(
                       modules=modules.split(",") if modules else None, training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data))
-        p.save(output)
+        try:
+            p.save(output)
+        except OSError as e:
+            fail(f"--output: cannot write {output}: {e.strerror or e}", 1)
     except (ConfigError, InfeasibleError) as e:
         fail(str(e), 1)
     except ValueError as e:
         fail(str(e), 1)
-    except OSError as e:
-        fail(f"--output: cannot write {output}: {e.strerror or e}", 1)
+    except OSError as e:        # reading an input: name the file, not --output
+        fail(f"{e.filename or 'input'}: cannot read: {e.strerror or e}", 1)
     if fmt == "json":
         from hsplit.planner.plan import _plain
         console.print_json(json.dumps(_plain({"plan": str(output), **p.to_dict()})))

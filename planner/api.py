@@ -145,8 +145,10 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
 
 def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEval, Instance]:
     """Predicted costs and every violated constraint of a (possibly hand-written) plan."""
-    fleet_obj, model_obj, imp = load_inputs(fleet, model or plan.model, importance)
-    plan.validate_for(model_obj)
+    if model is None and not isinstance(plan.model, ModelProfile):    # the plan's own `model:` names the plan
+        model = load_model_profile(plan.model, field="model", source=plan.source)
+    fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
+    plan.validate_for(model_obj)            # the same check as `hsplit run` (model hash, splits, ranks, seq_len)
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
                           modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank)
     if len(plan.clients) != len(inst.clients):
