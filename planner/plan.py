@@ -18,7 +18,8 @@ from typing import Any
 from hsplit import __version__
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
-from hsplit.planner.yamlio import atomic_write_text, cut, dump_yaml, kind, number, read_yaml, short, whole
+from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, number, path_text_problem, read_yaml,
+                                  short, whole)
 
 SCHEMA_VERSION = 1
 STRATEGIES = ("hsplitlora", "splitlora", "hetlora", "flexlora", "hafl-truncation", "hafl-freezing",
@@ -32,7 +33,7 @@ MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index
 MAX_SEED = 2 ** 63 - 1
 
 # The check of every training and data field: (kind, minimum, maximum, what). kind: "int" (whole number,
-# also written 4.0 or 1e3), "float" (finite number), "choice" (one of `what`), "text". Bounds are inclusive
+# also written 4.0 or 1e3), "float" (finite number), "choice" (one of `what`), "path" (a file name). Bounds are inclusive
 # unless written as ("<", x). docs/file-formats.md lists the same table.
 TRAINING_RULES = {
     "batch_size": ("int", 1, MAX_INT, "sequences per step"),
@@ -50,7 +51,7 @@ TRAINING_RULES = {
     "seed": ("int", 0, MAX_SEED, "random seed"),
 }
 DATA_RULES = {
-    "path": ("text", None, None, "shakespeare, or a data file or folder"),
+    "path": ("path", None, None, "shakespeare, or a data file or folder"),
     "format": ("choice", None, None, DATA_FORMATS),
     "partition": ("choice", None, None, PARTITIONS),
     "alpha": ("float", ("<", 0.0), None, "Dirichlet concentration, > 0"),
@@ -207,8 +208,8 @@ class Plan:
         model = data.get("model")
         if model is None or model == "":
             p.add("model", "missing: the model name or path the plan is for (e.g. smollm2-135m)")
-        elif not isinstance(model, str):
-            p.add("model", f"must be a model name or path (e.g. smollm2-135m), found {kind(model)}")
+        elif (why := path_text_problem(model)) is not None:
+            p.add("model", f"{why} (a model name or path, e.g. smollm2-135m)")
         strategy = data.get("strategy", "hsplitlora")
         if strategy not in STRATEGIES:
             p.add("strategy", f"must be one of {', '.join(STRATEGIES)}, got {short(strategy)}")
@@ -336,9 +337,9 @@ def _section(cls, rules: dict, raw, name, p):
             if val not in what:
                 p.add(f, f"must be one of {', '.join(what)}, got {short(val)}")
                 continue
-        elif kind_ == "text":
-            if not isinstance(val, str) or not val:
-                p.add(f, f"must be text ({what}), found {kind(val)}")
+        elif kind_ == "path":
+            if (why := path_text_problem(val)) is not None:
+                p.add(f, f"{why} ({what})")
                 continue
         elif kind_ == "int":
             val = whole(val, f, p, minimum=lo, maximum=hi, what=f" ({what})")

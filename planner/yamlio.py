@@ -98,6 +98,18 @@ def is_dir(path: str | Path) -> bool:
         return False
 
 
+def path_text_problem(value: Any) -> str | None:
+    """Why `value` cannot be a file name or path on this OS (None if it can): text, one line, no NUL byte,
+    each part at most 255 characters (a longer one is an OS error, not a missing file)."""
+    if not isinstance(value, str) or not value:
+        return f"must be a name or path, found {kind(value)}"
+    if "\x00" in value or "\n" in value:
+        return f"must be one line of text without NUL bytes, got {short(value)}"
+    if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in re.split(r"[/\\]", value)):
+        return f"each part of a name or path must be at most 255 bytes, got {short(value)}"
+    return None
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """Parse a YAML mapping; a missing file, bytes that are not UTF-8, a syntax error, a duplicate key
     or a non-mapping is one ConfigError naming the file."""

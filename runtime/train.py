@@ -456,7 +456,12 @@ def pick_device(name: str) -> torch.device:
 def build(plan: Plan, progress: bool = True, device: str = "auto", compute: str = "auto") -> Simulation:
     """Load and check everything a run needs (raises ConfigError before anything is written)."""
     dev = pick_device(device)                   # before the (slow) model load
-    lm = load_lm(plan.model, progress=progress)
+    try:
+        lm = load_lm(plan.model, progress=progress)
+    except ConfigError as e:                    # the plan's `model:` could not be loaded: name the plan
+        if e.source != plan.model:
+            raise
+        raise ConfigError(plan.source, [f"model: {x.removeprefix('model: ')}" for x in e.problems]) from None
     check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
     plan.validate_for(lm.profile)
     strategy_for(plan.strategy, plan.source)
