@@ -74,7 +74,9 @@ class AdapterBank:
         cfg = lora_config(ranks, self.alpha_over_rank, self.dropout, self.family)
         if self.peft_model is None:
             from peft import get_peft_model
-            self.peft_model = get_peft_model(self.model, cfg, adapter_name=name)
+            with warnings.catch_warnings():     # peft reads transformers' deprecated is_gradient_checkpointing
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                self.peft_model = get_peft_model(self.model, cfg, adapter_name=name)
         else:
             self.peft_model.add_adapter(name, cfg)
         self._layers = None
