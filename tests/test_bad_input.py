@@ -254,3 +254,13 @@ def test_a_huge_count_is_refused_at_once(tmp_path):
     assert "clients[0].count: must be a whole number in 0..10000" in str(e)
     f.write_text("server: {device: a100-80gb}\nclients:\n" + "  - {device: jetson-orin-nano-8gb, count: 6000}\n" * 2)
     assert "20,000" not in str(_error(Fleet.load, f)) and "12,000 clients in all" in str(_error(Fleet.load, f))
+
+
+def test_the_docs_list_the_check_of_every_training_and_data_field():
+    from pathlib import Path
+
+    from hsplit.planner.plan import DATA_RULES, TRAINING_RULES
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "file-formats.md").read_text()
+    checks = docs[docs.index("## Checks"):]
+    for name in list(TRAINING_RULES) + list(DATA_RULES):
+        assert f"| `{name}`" in checks or f", `{name}`" in checks, name
