@@ -212,7 +212,8 @@ class Fleet:
                 groups.append(ClientGroup(dev, count, weight, budget, splits, entry["device"]))
         if total > MAX_CLIENTS:
             p.add("clients", f"{total:,} clients in all (sum of the counts) is more than the {MAX_CLIENTS:,} a plan "
-                             "can list and plan in reasonable time (10,000 take about 20 s); plan a representative sample of each group with smaller counts")
+                             "can list and plan in reasonable time (10,000 take about 20 s); plan a representative "
+                             "sample of each group with smaller counts")
         p.raise_if_any()
         return cls(name=str(name or Path(source).stem), server=server, groups=tuple(groups),
                    description=str(description or ""), source=source)

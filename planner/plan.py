@@ -33,8 +33,8 @@ MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index
 MAX_SEED = 2 ** 63 - 1
 
 # The check of every training and data field: (kind, minimum, maximum, what). kind: "int" (whole number,
-# also written 4.0 or 1e3), "float" (finite number), "choice" (one of `what`), "path" (a file name). Bounds are inclusive
-# unless written as ("<", x). docs/file-formats.md lists the same table.
+# also written 4.0 or 1e3), "float" (finite number), "choice" (one of `what`), "path" (a file name).
+# Bounds are inclusive unless written as ("<", x). docs/file-formats.md lists the same table.
 TRAINING_RULES = {
     "batch_size": ("int", 1, MAX_INT, "sequences per step"),
     "seq_len": ("int", 1, MAX_INT, "tokens per sequence; at most the model's maximum positions"),
@@ -224,7 +224,9 @@ class Plan:
             p.add("ranks_allowed", f"must be a non-empty list of whole numbers >= 0, found {kind(raw_ranks)}")
         else:
             vals = [whole(r, f"ranks_allowed[{i}]", p, minimum=0, maximum=MAX_INT) for i, r in enumerate(raw_ranks)]
-            if None not in vals:
+            if None not in vals and not any(vals):
+                p.add("ranks_allowed", "give at least one rank > 0 (0 = no adapter), e.g. [0, 2, 4, 8, 16]")
+            elif None not in vals:
                 ranks_allowed = vals
         server_rank = whole(data.get("server_rank"), "server_rank", p, minimum=0, maximum=MAX_INT, required=False,
                             default=8)

@@ -264,3 +264,10 @@ def test_the_docs_list_the_check_of_every_training_and_data_field():
     checks = docs[docs.index("## Checks"):]
     for name in list(TRAINING_RULES) + list(DATA_RULES):
         assert f"| `{name}`" in checks or f", `{name}`" in checks, name
+
+
+def test_a_plans_own_fields_are_not_blamed_on_command_line_flags(tmp_path, plan_file):
+    f = _mutated_plan(tmp_path, plan_file, lambda d: d.__setitem__("ranks_allowed", [0]))
+    r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
+    assert r.exit_code == 1 and f"{f}: ranks_allowed: give at least one rank > 0" in r.output, r.output
+    assert "--ranks" not in r.output
