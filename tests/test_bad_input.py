@@ -130,6 +130,10 @@ def test_out_of_range_training_and_data_values_are_refused_by_check(tmp_path, pl
     assert str(f) in str(e) and f"{section}.{field}" in str(e) and says in str(e)
     r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
     assert r.exit_code == 1 and f"{section}.{field}" in r.output and "Traceback" not in r.output
+    runs = tmp_path / "runs"                   # hsplit run refuses it before loading anything, writing nothing
+    r = runner.invoke(app, ["run", str(f), "--runs-dir", str(runs)])
+    assert r.exit_code == 2 and f"{section}.{field}" in r.output and isinstance(r.exception, SystemExit), r.output
+    assert not runs.exists()
 
 
 def test_a_rank_larger_than_its_matrix_and_a_too_long_seq_len_are_refused(tmp_path, plan_file):
