@@ -87,7 +87,7 @@ def plan(
     check_format(fmt)
     if check is None and (problem := output_problem(output, "--output")):
         fail(problem)
-    with reported(ValueError):
+    with reported(ValueError), input_errors():
         if check is not None:
             p = Plan.load(check)
             ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)

@@ -56,6 +56,15 @@ def reported(*bad_input: type[Exception]):
         fail(str(e))
 
 
+@contextmanager
+def input_errors():
+    """An OSError while reading an input names that file (never --output: its errors are caught at save)."""
+    try:
+        yield
+    except OSError as e:
+        fail(f"{e.filename or 'input'}: cannot read: {e.strerror or e}")
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

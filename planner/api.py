@@ -152,11 +152,19 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
 
 def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEval, Instance]:
     """Predicted costs and every violated constraint of a (possibly hand-written) plan."""
-    fleet_obj, model_obj, imp = load_inputs(fleet, model or plan.model, importance)
-    plan.validate_for(model_obj)
-    inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
-                          modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank,
-                          strategy=plan.strategy, aggregation=plan.aggregation)
+    if model is None and not isinstance(plan.model, ModelProfile):    # the plan's own `model:` names the plan
+        model = load_model_profile(plan.model, field="model", source=plan.source)
+    fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
+    plan.validate_for(model_obj)            # the same check as `hsplit run` (model hash, splits, ranks, seq_len)
+    try:
+        inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
+                              modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank,
+                              strategy=plan.strategy, aggregation=plan.aggregation)
+    except ConfigError as e:        # the plan's ranks_allowed / modules, not the --ranks / --modules flags
+        fields = {"--ranks": "ranks_allowed", "--modules": "modules"}
+        if e.source not in fields:
+            raise
+        raise ConfigError(plan.source, [f"{fields[e.source]}: {x}" for x in e.problems]) from None
     if len(plan.clients) != len(inst.clients):
         raise ConfigError(plan.source, [f"clients: the plan has {len(plan.clients)} clients, the fleet "
                                         f"{fleet_obj.source} has {len(inst.clients)}"])

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from hsplit.planner.errors import ConfigError, Problems
-from hsplit.planner.yamlio import number, read_yaml
+from hsplit.planner.yamlio import kind as kind_of
+from hsplit.planner.yamlio import cut, is_file, number, read_yaml, short, whole
 
 KINDS = ("cpu", "gpu", "soc", "phone")
+MAX_NAME = 100           # characters in a device name (it is echoed in tables and plan files)
 DTYPES = ("fp32", "bf16", "fp16")
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "profiles"
 
@@ -108,11 +110,15 @@ class DeviceProfile:
             if key not in known:
                 p.add(prefix + key, f"unknown field; expected one of {', '.join(sorted(known))}")
         name = data.get("name")
-        if not isinstance(name, str) or not name:
+        if name is None or name == "":
             p.add(prefix + "name", "missing: give the device a name (e.g. jetson-orin-nano-8gb)")
+        elif not isinstance(name, str):
+            p.add(prefix + "name", f"must be text (e.g. jetson-orin-nano-8gb), found {kind_of(name)}")
+        elif len(name) > MAX_NAME or "\n" in name:
+            p.add(prefix + "name", f"must be one line of at most {MAX_NAME} characters, got {short(name)}")
         kind = data.get("kind")
         if kind not in KINDS:
-            p.add(prefix + "kind", f"must be one of {', '.join(KINDS)}, got {kind!r}")
+            p.add(prefix + "kind", f"must be one of {', '.join(KINDS)}, got {short(kind)}")
         mem = number(data.get("memory_gib"), prefix + "memory_gib", p, positive=True)
         total = number(data.get("memory_total_gib"), prefix + "memory_total_gib", p, positive=True, required=False)
         if mem and total and mem > total:
@@ -124,7 +130,7 @@ class DeviceProfile:
             given[key] = data.get(key) is not None
             raw = data.get(key) or {}
             if not isinstance(raw, dict):
-                p.add(prefix + key, "must be a mapping dtype -> FLOP/s, e.g. {fp32: 1.0e12}")
+                p.add(prefix + key, f"must be a mapping dtype -> FLOP/s, e.g. {{fp32: 1.0e12}}, found {kind_of(raw)}")
                 raw = {}
             table = {}
             for dt, val in raw.items():
@@ -138,6 +144,7 @@ class DeviceProfile:
         eff = number(data.get("efficiency"), prefix + "efficiency", p, positive=True, required=False)
         if eff is not None and eff > 1:
             p.add(prefix + "efficiency", f"is sustained/peak and must be <= 1, got {eff:g}")
+            eff = None
         # "missing" only when the fields are absent: an invalid value already has its own problem.
         if not given["flops"] and not given["peak_flops"]:
             p.add(prefix + "flops", "missing: give measured `flops` or datasheet `peak_flops` with `efficiency`")
@@ -145,7 +152,10 @@ class DeviceProfile:
             p.add(prefix + "efficiency", "missing: peak_flops needs an efficiency factor (docs/file-formats.md)")
         measured = data.get("measured")
         if measured is not None and not isinstance(measured, dict):
-            p.add(prefix + "measured", "must be a mapping (written by `hsplit profile`)")
+            p.add(prefix + "measured", f"must be a mapping (written by `hsplit profile`), found {kind_of(measured)}")
+        for key in ("source", "notes"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                p.add(prefix + key, f"must be text, found {kind_of(data[key])}")
         block_times = _block_times(data.get("block_times"), prefix, p)
         p.raise_if_any()
         return cls(name=name, kind=kind, memory_gib=mem, uplink_mbps=up, downlink_mbps=down,
@@ -162,30 +172,31 @@ def _block_times(raw, prefix: str, p: Problems) -> tuple[BlockTimes, ...]:
     if raw is None:
         return ()
     if not isinstance(raw, list):
-        p.add(prefix + "block_times", "must be a list of measurements (written by `hsplit profile --model`)")
+        p.add(prefix + "block_times", "must be a list of measurements (written by `hsplit profile --model`), "
+                                      f"found {kind_of(raw)}")
         return ()
     out = []
     for i, entry in enumerate(raw):
         f = f"{prefix}block_times[{i}]"
         if not isinstance(entry, dict):
-            p.add(f, "must be a mapping")
+            p.add(f, f"must be a mapping (model, model_hash, batch_size, ...), found {kind_of(entry)}")
             continue
         missing = [k for k in BlockTimes.FIELDS if k not in entry]
         if missing:
             p.add(f, f"missing {', '.join(missing)}; re-run `hsplit profile --model ...`")
             continue
-        vals = {}
-        for k in BlockTimes.FIELDS[5:]:
-            vals[k] = number(entry[k], f"{f}.{k}", p, minimum=0.0)
-        for k in ("batch_size", "seq_len"):
-            if not isinstance(entry[k], int) or entry[k] < 1:
-                p.add(f"{f}.{k}", f"must be a whole number >= 1, got {entry[k]!r}")
+        before = len(p.items)
+        vals = {k: number(entry[k], f"{f}.{k}", p, minimum=0.0) for k in BlockTimes.FIELDS[5:]}
+        shape = {k: whole(entry[k], f"{f}.{k}", p, minimum=1) for k in ("batch_size", "seq_len")}
         if entry["dtype"] not in DTYPES:
-            p.add(f"{f}.dtype", f"must be one of {', '.join(DTYPES)}")
-        if None in vals.values() or p.items:
+            p.add(f"{f}.dtype", f"must be one of {', '.join(DTYPES)}, got {short(entry['dtype'])}")
+        for k in ("model", "model_hash"):
+            if not isinstance(entry[k], str) or not entry[k]:
+                p.add(f"{f}.{k}", f"must be text (written by `hsplit profile --model`), found {kind_of(entry[k])}")
+        if len(p.items) > before:
             continue
-        out.append(BlockTimes(model=str(entry["model"]), model_hash=str(entry["model_hash"]),
-                              batch_size=entry["batch_size"], seq_len=entry["seq_len"], dtype=entry["dtype"],
+        out.append(BlockTimes(model=entry["model"], model_hash=entry["model_hash"],
+                              batch_size=shape["batch_size"], seq_len=shape["seq_len"], dtype=entry["dtype"],
                               extra={k: v for k, v in entry.items() if k not in BlockTimes.FIELDS}, **vals))
     return tuple(out)
 
@@ -201,14 +212,19 @@ def resolve_device(ref: str, base_dir: Path | None = None) -> DeviceProfile:
         candidates += [base_dir / ref, base_dir / f"{ref}.yaml"]
     candidates += [Path(ref), PROFILE_DIR / "devices" / f"{ref}.yaml"]
     for c in candidates:
-        if c.is_file():
+        if is_file(c):
             return DeviceProfile.load(c)
     if "/" in ref or "\\" in ref or ref.endswith((".yaml", ".yml")):  # meant as a path
-        resolved = (base_dir / ref if base_dir is not None else Path(ref)).resolve()
+        resolved = base_dir / ref if base_dir is not None else Path(ref)
+        try:
+            resolved = resolved.resolve()
+        except (OSError, ValueError):
+            pass
         where = " (a relative path is read from the fleet file's folder)" if base_dir is not None else ""
-        raise DeviceNotFound(f"device {ref!r}", [f"file not found: {resolved}{where}; check the path"])
-    raise DeviceNotFound(f"device {ref!r}", [
-        f"no profile named {ref!r}; shipped: {', '.join(shipped_device_names())}; "
+        raise DeviceNotFound(f"device {short(ref)}", [f"file not found: {cut(str(resolved), 300)}{where}; "
+                                                      "check the path"])
+    raise DeviceNotFound(f"device {short(ref)}", [
+        f"no profile named {short(ref)}; shipped: {', '.join(shipped_device_names())}; "
         "or give a path to a profile YAML, or an inline mapping"])
 
 

@@ -7,16 +7,47 @@ from __future__ import annotations
 
 
 class ConfigError(ValueError):
-    """Every problem found in one input file, reported together."""
+    """Every problem found in one input file, reported together. Problems with the same message for
+    several fields are grouped on one line, and at most MAX_SHOWN lines are printed (`problems` keeps all)."""
+
+    MAX_SHOWN = 20
 
     def __init__(self, source: str, problems: list[str]):
         self.source = source
         self.problems = list(problems)
-        if len(self.problems) == 1:           # one problem: one line
-            super().__init__(f"{source}: {self.problems[0]}")
+        lines = group_problems(self.problems)
+        if len(lines) > self.MAX_SHOWN:
+            hidden = len(lines) - self.MAX_SHOWN
+            lines = lines[:self.MAX_SHOWN] + [f"... and {hidden} more (fix the ones above first)"]
+        if len(lines) == 1:           # one problem: one line
+            super().__init__(f"{source}: {lines[0]}")
         else:
-            lines = "\n".join(f"  - {p}" for p in self.problems)
-            super().__init__(f"{source}: {len(self.problems)} problems:\n{lines}")
+            body = "\n".join(f"  - {p}" for p in lines)
+            super().__init__(f"{source}: {len(self.problems)} problems:\n{body}")
+
+
+def group_problems(problems: list[str]) -> list[str]:
+    """`field: message` lines with one message for many fields become one line naming the fields
+    (the first three and how many more), in the order first seen; other lines are kept as they are."""
+    groups: dict[str, list[str]] = {}
+    for p in problems:
+        field, sep, message = p.partition(": ")
+        if not sep or " " in field or "=" in field:     # not a field name (e.g. what-if `seq_len=0`)
+            groups.setdefault(p, []).append("")
+            continue
+        groups.setdefault(message, []).append(field)
+    out = []
+    for message, fields in groups.items():
+        named = [f for f in dict.fromkeys(fields) if f]
+        if not named:
+            out.append(message)
+            continue
+        if len(named) == 1:
+            out.append(f"{named[0]}: {message}")
+            continue
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        out.append(f"{', '.join(named[:3])}{more}: {message}")
+    return out
 
 
 class Problems:

@@ -120,6 +120,8 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
         first = len(violations)
         cid = f"{inst.clients[k].id} ({cls.device})"
         lo, hi = cls.split_range
+        if inst.clients[k].splits is None:  # no `splits:` in the fleet: a given plan may also run every block
+            hi = inst.L                     # on the client (split_layer L; hsplit plan chooses in 1..L-1)
         if not lo <= cfg.split <= hi:
             violations.append(f"{cid}: split_layer {cfg.split} outside the allowed range {lo}..{hi}")
         bad = sorted(set(int(q) for q in np.unique(cfg.ranks)) - set(inst.ranks))

@@ -18,7 +18,14 @@ from typing import Any
 
 from hsplit.planner.device import DeviceNotFound, DeviceProfile, resolve_device
 from hsplit.planner.errors import ConfigError, Problems
-from hsplit.planner.yamlio import dump_yaml, number, read_yaml, sha256_text
+from hsplit.planner.yamlio import cut, dump_yaml, is_file, kind, number, read_yaml, sha256_text, short, whole
+
+
+# Clients in one fleet, all groups together: each is a row of the plan (plan.yaml lists every client) and
+# of the planner's tables, so a larger fleet is refused when it is loaded instead of hanging the planner.
+MAX_CLIENTS = 10_000
+MAX_SERVERS = 1_000_000     # server.count and server.concurrency
+MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
 
 @dataclass(frozen=True)
@@ -114,15 +121,31 @@ class Fleet:
         p = Problems(source)
         for key in data:
             if key not in ("name", "description", "server", "clients"):
-                p.add(key, "unknown field; expected name, description, server, clients")
+                p.add(str(key), "unknown field; expected name, description, server, clients")
+        name = data.get("name")
+        if name is not None and (not isinstance(name, str) or len(name) > MAX_NAME or "\n" in name
+                                 or "/" in name or "\\" in name):
+            p.add("name", f"must be one line of text of at most {MAX_NAME} characters without / or \\ "
+                          f"(it names what-if scenarios and files), found {kind(name)}")
+            name = None
+        description = data.get("description")
+        if description is not None and not isinstance(description, str):
+            p.add("description", f"must be text, found {kind(description)}")
+            description = None
         server = None
         raw_server = data.get("server")
-        if not isinstance(raw_server, dict) or "device" not in raw_server:
+        if raw_server is None:
             p.add("server", "missing: add `server: {device: a100-80gb}`")
+        elif not isinstance(raw_server, dict):
+            p.add("server", f"must be a mapping such as `server: {{device: a100-80gb}}`, found {kind(raw_server)}")
+        elif "device" not in raw_server:
+            p.add("server.device", "missing: add `device: a100-80gb` (a shipped name, a path or an inline profile)")
         else:
             dev = _device(raw_server["device"], "server.device", p, source, base_dir)
-            count = _count(raw_server.get("count", 1), "server.count", p)
-            conc = _count(raw_server.get("concurrency", 1), "server.concurrency", p)
+            count = whole(raw_server.get("count"), "server.count", p, minimum=1, maximum=MAX_SERVERS,
+                          required=False, default=1)
+            conc = whole(raw_server.get("concurrency"), "server.concurrency", p, minimum=1, maximum=MAX_SERVERS,
+                         required=False, default=1)
             for key in raw_server:
                 if key not in ("device", "count", "concurrency"):
                     p.add(f"server.{key}", "unknown field; expected device, count, concurrency")
@@ -136,26 +159,34 @@ class Fleet:
             raw_clients = []
         elif not isinstance(raw_clients, list):
             p.add("clients", f"must be a list of client groups (each item starts with `- `), "
-                             f"got a {type(raw_clients).__name__}; {example}")
+                             f"found {kind(raw_clients)}; {example}")
             raw_clients = []
         elif not raw_clients:
             p.add("clients", f"is empty: add at least one client group, {example}")
+        total = 0
         for i, entry in enumerate(raw_clients):
             f = f"clients[{i}]"
-            if not isinstance(entry, dict) or "device" not in entry:
-                p.add(f, "each client group needs at least `device:`")
+            if not isinstance(entry, dict):
+                p.add(f, f"must be a mapping with at least `device:` (e.g. `- device: raspberry-pi-5-8gb`), "
+                         f"found {kind(entry)}")
+                continue
+            if "device" not in entry:
+                p.add(f"{f}.device", "missing: each client group needs `device:` (a shipped name, a path or "
+                                     "an inline profile)")
                 continue
             for key in entry:
                 if key not in ("device", "count", "data_weight", "budget", "splits"):
                     p.add(f"{f}.{key}", "unknown field; expected device, count, data_weight, budget, splits")
             dev = _device(entry["device"], f"{f}.device", p, source, base_dir)
-            count = _count(entry.get("count", 1), f"{f}.count", p, minimum=0)
+            count = whole(entry.get("count"), f"{f}.count", p, minimum=0, maximum=MAX_CLIENTS, required=False,
+                          default=1, what=" (clients in this group)")
+            total += count or 0
             weight = number(entry.get("data_weight", 1.0), f"{f}.data_weight", p, positive=True)
             budget = Budget()
-            raw_budget = entry.get("budget") or {}
-            if not isinstance(raw_budget, dict):
-                p.add(f"{f}.budget", "must be a mapping {round_s: ..., memory_gib: ...}")
-            else:
+            raw_budget = entry.get("budget")
+            if raw_budget is not None and not isinstance(raw_budget, dict):
+                p.add(f"{f}.budget", f"must be a mapping {{round_s: ..., memory_gib: ...}}, found {kind(raw_budget)}")
+            elif raw_budget:
                 for key in raw_budget:
                     if key not in ("round_s", "memory_gib"):
                         p.add(f"{f}.budget.{key}", "unknown field; expected round_s, memory_gib")
@@ -169,18 +200,23 @@ class Fleet:
             splits = None
             if "splits" in entry:
                 raw = entry["splits"]
-                if (not isinstance(raw, list) or len(raw) != 2
-                        or not all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
-                        or raw[0] < 1 or raw[1] < raw[0]):
+                sp = Problems(source)
+                pair = ([whole(v, "", sp, minimum=1, maximum=MAX_CLIENTS) for v in raw]
+                        if isinstance(raw, list) and len(raw) == 2 else None)
+                if pair is None or None in pair or pair[1] < pair[0]:
                     p.add(f"{f}.splits", f"must be [min, max] with whole numbers 1 <= min <= max (allowed "
-                                         f"split_layer range; max at most the model's blocks - 1), got {raw!r}")
+                                         f"split_layer range; max at most the model's blocks - 1), got {short(raw)}")
                 else:
-                    splits = (raw[0], raw[1])
+                    splits = (pair[0], pair[1])
             if dev and count is not None and weight:
                 groups.append(ClientGroup(dev, count, weight, budget, splits, entry["device"]))
+        if total > MAX_CLIENTS:
+            p.add("clients", f"{total:,} clients in all (sum of the counts) is more than the {MAX_CLIENTS:,} a plan "
+                             "can list and plan in reasonable time (10,000 take about 20 s); plan a representative "
+                             "sample of each group with smaller counts")
         p.raise_if_any()
-        return cls(name=str(data.get("name") or Path(source).stem), server=server, groups=tuple(groups),
-                   description=str(data.get("description") or ""), source=source)
+        return cls(name=str(name or Path(source).stem), server=server, groups=tuple(groups),
+                   description=str(description or ""), source=source)
 
     @classmethod
     def load(cls, path: str | Path) -> "Fleet":
@@ -192,20 +228,13 @@ def resolve_fleet_path(ref: str | Path) -> Path:
     """A fleet by path, or by shipped name (`example` -> profiles/fleets/example.yaml)."""
     from hsplit.planner.device import PROFILE_DIR
     path = Path(ref)
-    if path.is_file():
+    if is_file(path):
         return path
     shipped = PROFILE_DIR / "fleets" / f"{ref}.yaml"
-    if shipped.is_file():
+    if is_file(shipped):
         return shipped
     names = ", ".join(sorted(q.stem for q in (PROFILE_DIR / "fleets").glob("*.yaml")))
-    raise ConfigError(str(ref), [f"fleet file not found; give a path or a shipped fleet name ({names})"])
-
-
-def _count(value, field_name, p, minimum: int = 1) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        p.add(field_name, f"must be a whole number >= {minimum}, got {value!r}")
-        return None
-    return value
+    raise ConfigError(cut(str(ref)), [f"fleet file not found; give a path or a shipped fleet name ({names})"])
 
 
 def _device(ref, field_name, p, source, base_dir) -> DeviceProfile | None:
@@ -216,7 +245,7 @@ def _device(ref, field_name, p, source, base_dir) -> DeviceProfile | None:
             p.items.extend(e.problems)  # already prefixed with field_name
             return None
     if not isinstance(ref, str):
-        p.add(field_name, "must be a device name, a path, or an inline profile mapping")
+        p.add(field_name, f"must be a device name, a path, or an inline profile mapping, found {kind(ref)}")
         return None
     try:
         return resolve_device(ref, base_dir)

@@ -23,7 +23,7 @@ import numpy as np
 from hsplit.planner.cost import ADAPTER_STATE_BYTES
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
-from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
+from hsplit.planner.yamlio import atomic_write_text, cut, dump_yaml, kind, number, read_yaml, short
 
 NORMALIZATIONS = ("raw", "per-parameter", "per-byte")
 
@@ -74,10 +74,11 @@ class Importance:
             more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
             raise ConfigError(self.source, [f"scores: no score for {', '.join(missing[:3])}{more}; "
                                             "compute importance for the planned --modules"])
-        total = w.sum()
-        if total <= 0:
+        top = w.max()
+        if not top > 0:
             raise ConfigError(self.source, ["scores: all planned matrices have score 0"])
-        return w / total
+        w = w / top                     # first to [0, 1]: huge finite scores cannot overflow the sum
+        return w / w.sum()
 
     def to_dict(self) -> dict[str, Any]:
         out = {"schema_version": 1, "model": self.model, "model_hash": self.model_hash, "method": self.method,
@@ -97,32 +98,51 @@ class Importance:
         known = ("schema_version", "model", "model_hash", "method", "normalization", "settings", "scores", "rank1")
         for key in data:
             if key not in known:
-                p.add(key, f"unknown field; expected one of {', '.join(known)}")
+                p.add(cut(str(key)), f"unknown field; expected one of {', '.join(known)}")
         if data.get("schema_version", 1) != 1:
-            p.add("schema_version", f"{data.get('schema_version')!r} is not supported (this hsplit reads 1)")
+            p.add("schema_version", f"{short(data.get('schema_version'))} is not supported (this hsplit reads 1)")
+        for key in ("model", "model_hash", "method"):
+            if data.get(key) is not None and not isinstance(data[key], str):
+                p.add(key, f"must be text, found {kind(data[key])}")
         scores = data.get("scores")
-        if not isinstance(scores, dict) or not scores:
-            p.add("scores", "missing: a mapping module name -> score")
+        if scores is None or scores == {}:
+            p.add("scores", "missing: a mapping module name -> score (e.g. model.layers.0.self_attn.q_proj: 0.01)")
+            scores = {}
+        elif not isinstance(scores, dict):
+            p.add("scores", f"must be a mapping module name -> score (e.g. model.layers.0.self_attn.q_proj: 0.01), "
+                            f"found {kind(scores)}")
             scores = {}
         clean = {}
         for k, v in scores.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or v != v:
-                p.add(f"scores.{k}", f"must be a number >= 0, got {v!r}")
-            else:
-                clean[str(k)] = float(v)
+            x = number(v, f"scores.{cut(str(k))}", p, minimum=0.0)
+            if x is not None:
+                clean[str(k)] = x
         norm = data.get("normalization", "raw")
         if norm not in NORMALIZATIONS:
-            p.add("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}")
+            p.add("normalization", f"must be one of {', '.join(NORMALIZATIONS)}, got {short(norm)}")
         elif data.get("method") == "rngwp" and norm != "per-byte":
-            p.add("normalization", f"method rngwp scores are divided by C(W) (normalization per-byte), got {norm!r}")
+            p.add("normalization", f"method rngwp scores are divided by C(W) (normalization per-byte), got {short(norm)}")
         rank1 = data.get("rank1") or {}
+        clean_rank1 = {}
         if not isinstance(rank1, dict):
-            p.add("rank1", "must be a mapping module name -> list of component scores")
+            p.add("rank1", f"must be a mapping module name -> list of component scores, found {kind(rank1)}")
             rank1 = {}
+        for k, v in rank1.items():
+            f = f"rank1.{cut(str(k))}"
+            if not isinstance(v, list):
+                p.add(f, f"must be a list of component scores >= 0, found {kind(v)}")
+                continue
+            values = [number(x, f"{f}[{i}]", p, minimum=0.0) for i, x in enumerate(v)]
+            if None not in values:
+                clean_rank1[str(k)] = values
+        settings = data.get("settings")
+        if settings is not None and not isinstance(settings, dict):
+            p.add("settings", f"must be a mapping (e.g. {{steps: 16, data: shakespeare}}), found {kind(settings)}")
+            settings = None
         p.raise_if_any()
-        return cls(scores=clean, model=str(data.get("model", "")), model_hash=str(data.get("model_hash") or ""),
-                   method=str(data.get("method", "unknown")), normalization=norm,
-                   settings=dict(data.get("settings") or {}), rank1=dict(rank1), source=str(path))
+        return cls(scores=clean, model=str(data.get("model") or ""), model_hash=str(data.get("model_hash") or ""),
+                   method=str(data.get("method") or "unknown"), normalization=norm,
+                   settings=dict(settings or {}), rank1=clean_rank1, source=str(path))
 
 
 def uniform() -> Importance:

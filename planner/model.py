@@ -15,7 +15,7 @@ from typing import Any
 
 from hsplit.planner.device import PROFILE_DIR
 from hsplit.planner.errors import ConfigError, Problems
-from hsplit.planner.yamlio import sha256_text
+from hsplit.planner.yamlio import cut, is_dir, is_file, sha256_text, short, whole
 
 
 @dataclass(frozen=True)
@@ -136,15 +136,15 @@ class ModelProfile:
     def from_config(cls, config: dict[str, Any], name: str, source: str) -> "ModelProfile":
         p = Problems(source)
         mtype = config.get("model_type")
-        family = FAMILY_OF_MODEL_TYPE.get(mtype)
+        family = FAMILY_OF_MODEL_TYPE.get(mtype) if isinstance(mtype, str) else None
         if family is None:
-            p.add("model_type", f"{mtype!r} is not supported; supported: {', '.join(FAMILY_OF_MODEL_TYPE)}")
+            p.add("model_type", f"{short(mtype)} is not supported; supported: {', '.join(FAMILY_OF_MODEL_TYPE)}")
             p.raise_if_any()
 
         def get(*keys, default=None):
             for k in keys:
                 if config.get(k) is not None:
-                    return config[k]
+                    return whole(config[k], k, p, minimum=1, maximum=2 ** 31 - 1)
             if default is None:
                 p.add(keys[0], "missing from config.json")
             return default
@@ -168,22 +168,27 @@ class ModelProfile:
                    max_positions=int(pos), qkv_bias=bias, source=source)
 
 
-def load_model_profile(ref: str | Path) -> ModelProfile:
-    """A model by shipped name (`llama-2-7b`), folder with config.json, or config.json path."""
+def load_model_profile(ref: str | Path, field: str = "--model", source: str | None = None) -> ModelProfile:
+    """A model by shipped name (`llama-2-7b`), folder with config.json, or config.json path.
+    `field` and `source` say where the reference was written (a plan's `model:` field names the plan)."""
     ref_s = str(ref)
     path = Path(ref_s)
     shipped = PROFILE_DIR / "models" / f"{ref_s}.json"
-    if path.is_dir():
+    if is_dir(path):
         path = path / "config.json"
-    elif not path.is_file() and shipped.is_file():
+    elif not is_file(path) and is_file(shipped):
         path = shipped
-    if not path.is_file():
-        raise ConfigError(ref_s, [
-            f"--model: not a shipped model ({', '.join(SHIPPED_MODELS)}), nor a folder with config.json, "
-            "nor a config.json file"])
+    if not is_file(path):
+        raise ConfigError(source or cut(ref_s), [
+            f"{field}: {cut(ref_s) + ' is ' if source else ''}not a shipped model ({', '.join(SHIPPED_MODELS)}), "
+            "nor a folder with config.json, nor a config.json file"])
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [f"not UTF-8 text: cannot decode byte {e.start}"]) from None
     except json.JSONDecodeError as e:
         raise ConfigError(str(path), [f"not valid JSON: {e}"]) from None
+    if not isinstance(config, dict):
+        raise ConfigError(str(path), ["not a model config: the top level must be a JSON object"])
     name = ref_s if path == shipped else str(ref)
     return ModelProfile.from_config(config, name=name, source=str(path))

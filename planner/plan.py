@@ -20,10 +20,44 @@ from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
 from hsplit.planner.strategies import DEFAULT as DEFAULT_STRATEGY
 from hsplit.planner.strategies import NAMES as STRATEGIES
-from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
+from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, number, path_text_problem, read_yaml,
+                                  short, whole)
 
 SCHEMA_VERSION = 1
 AGGREGATIONS = ("warm", "restart")   # hsplitlora's exact aggregation: holders carry on, or restart each round
+DTYPES = ("fp32", "bf16", "fp16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "e2e")
+PARTITIONS = ("by-source", "iid", "dirichlet")
+OBJECTIVES = ("utility", "latency")
+MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index with
+MAX_SEED = 2 ** 63 - 1
+
+# The check of every training and data field: (kind, minimum, maximum, what). kind: "int" (whole number,
+# also written 4.0 or 1e3), "float" (finite number), "choice" (one of `what`), "path" (a file name).
+# Bounds are inclusive unless written as ("<", x). docs/file-formats.md lists the same table.
+TRAINING_RULES = {
+    "batch_size": ("int", 1, MAX_INT, "sequences per step"),
+    "seq_len": ("int", 1, MAX_INT, "tokens per sequence; at most the model's maximum positions"),
+    "local_steps": ("int", 1, MAX_INT, "steps per client per round"),
+    "rounds": ("int", 1, MAX_INT, "rounds hsplit run trains"),
+    "dtype": ("choice", None, None, DTYPES),
+    "learning_rate": ("float", ("<", 0.0), None, "AdamW step size, > 0"),
+    "lr_schedule": ("choice", None, None, LR_SCHEDULES),
+    "warmup_steps": ("int", 0, MAX_INT, "steps of linear warm-up"),
+    "weight_decay": ("float", 0.0, None, "AdamW weight decay"),
+    "max_grad_norm": ("float", 0.0, None, "gradient clipping norm; 0 = no clipping"),
+    "lora_alpha_over_rank": ("float", ("<", 0.0), None, "lora_alpha / rank, > 0"),
+    "lora_dropout": ("float", 0.0, ("<", 1.0), "dropout probability in [0, 1)"),
+    "seed": ("int", 0, MAX_SEED, "random seed"),
+}
+DATA_RULES = {
+    "path": ("path", None, None, "shakespeare, or a data file or folder"),
+    "format": ("choice", None, None, DATA_FORMATS),
+    "partition": ("choice", None, None, PARTITIONS),
+    "alpha": ("float", ("<", 0.0), None, "Dirichlet concentration, > 0"),
+    "eval_fraction": ("float", 0.0, ("<", 1.0), "held-out share in [0, 1)"),
+}
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
 
 
@@ -103,19 +137,38 @@ class Plan:
                 for m in mods}
 
     def validate_for(self, model: ModelProfile) -> None:
-        """Every client's split and ranks make sense for `model` (one error listing all problems)."""
+        """Everything about the plan that depends on the model, one error listing all problems: the model
+        hash, each client's split and ranks (names, blocks, rank at most the matrix's smaller side), the
+        server rank, the modules and seq_len against the model's maximum positions. The one check of a
+        plan against its model, shared by `hsplit plan --check` and `hsplit run`."""
         p = Problems(self.source)
+        planned = self.inputs.get("model_hash")
+        if planned and planned != model.arch_hash():       # one root cause: say it alone
+            p.add("inputs.model_hash", f"the plan was made for another model architecture than {model.name} "
+                                       f"({model.family.name}, {model.layers} blocks, hidden {model.hidden}); "
+                                       "re-plan for this model with `hsplit plan --model ...`")
+            p.raise_if_any()
+        if self.training.seq_len > model.max_positions:
+            p.add("training.seq_len", f"{self.training.seq_len} is more than {model.name}'s maximum of "
+                                      f"{model.max_positions} positions; use at most {model.max_positions}")
+        shapes = model.module_shapes()
+        mods = ()
+        try:
+            mods = model.resolve_modules(self.modules, f"{self.source}: modules") if self.modules else ()
+        except ConfigError as e:
+            p.items.extend(f"modules: {x.split(': ', 1)[-1]}" for x in e.problems)
+        if self.server_rank > 0 and any(c.split_layer < model.layers for c in self.clients):
+            for m in mods or model.family.default_modules:
+                if self.server_rank > min(shapes[m]):
+                    p.add("server_rank", f"{self.server_rank} is larger than {m} ({shapes[m][0]} x {shapes[m][1]}) "
+                                         f"allows: a rank is at most {min(shapes[m])} for it")
+                    break
         for i, c in enumerate(self.clients):
             top = model.layers
             if not 1 <= c.split_layer <= top:
                 p.add(f"clients[{i}].split_layer",
                       f"{c.split_layer} is outside 1..{top} for {model.name} ({model.layers} blocks)")
             _expand_ranks(c, model, p, f"clients[{i}]")
-        if self.modules:
-            try:
-                model.resolve_modules(self.modules, f"{self.source}: modules")
-            except ConfigError as e:
-                p.items.extend(f"modules: {x}" for x in e.problems)
         p.raise_if_any()
 
     # ---- YAML ----
@@ -142,119 +195,177 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "Plan":
+        """Check every field's type, range and finiteness (one ConfigError listing all problems); the checks
+        that need the model are in validate_for."""
         p = Problems(source)
         known = {"schema_version", "hsplit_version", "model", "inputs", "strategy", "objective", "modules",
                  "ranks_allowed", "server_rank", "training", "data", "replan", "solver", "predicted",
                  "server", "clients", "aggregation"}
         for key in data:
             if key not in known:
-                p.add(key, f"unknown field; expected one of {', '.join(sorted(known))}")
+                p.add(cut(str(key)), f"unknown field; expected one of {', '.join(sorted(known))}")
         if data.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
-            p.add("schema_version", f"{data.get('schema_version')!r} is not supported (this hsplit reads "
+            p.add("schema_version", f"{short(data.get('schema_version'))} is not supported (this hsplit reads "
                                     f"{SCHEMA_VERSION}); re-run `hsplit plan`")
         model = data.get("model")
-        if not isinstance(model, str) or not model:
+        if model is None or model == "":
             p.add("model", "missing: the model name or path the plan is for (e.g. smollm2-135m)")
+        elif (why := path_text_problem(model)) is not None:
+            p.add("model", f"{why} (a model name or path, e.g. smollm2-135m)")
         strategy = data.get("strategy", DEFAULT_STRATEGY)
         if strategy not in STRATEGIES:
-            p.add("strategy", f"must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-        training = _section(Training, data.get("training"), "training", p)
-        data_spec = _section(DataSpec, data.get("data"), "data", p)
-        if training and training.dtype not in ("fp32", "bf16", "fp16"):
-            p.add("training.dtype", f"must be fp32, bf16 or fp16, got {training.dtype!r}")
-        if training and training.lr_schedule not in ("constant", "linear", "cosine"):
-            p.add("training.lr_schedule", f"must be constant, linear or cosine, got {training.lr_schedule!r}")
-        if data_spec and data_spec.partition not in ("by-source", "iid", "dirichlet"):
-            p.add("data.partition", f"must be by-source, iid or dirichlet, got {data_spec.partition!r}")
-        ranks_allowed = data.get("ranks_allowed", [0, 2, 4, 8, 16])
-        if not (isinstance(ranks_allowed, list) and ranks_allowed
-                and all(isinstance(r, int) and r >= 0 for r in ranks_allowed)):
-            p.add("ranks_allowed", f"must be a list of whole numbers >= 0, got {ranks_allowed!r}")
-        server_rank = data.get("server_rank", 8)
-        if not isinstance(server_rank, int) or server_rank < 0:
-            p.add("server_rank", f"must be a whole number >= 0, got {server_rank!r}")
+            p.add("strategy", f"must be one of {', '.join(STRATEGIES)}, got {short(strategy)}")
+        objective = data.get("objective", "utility")
+        if objective not in OBJECTIVES:
+            p.add("objective", f"must be one of {', '.join(OBJECTIVES)}, got {short(objective)}")
+        training = _section(Training, TRAINING_RULES, data.get("training"), "training", p)
+        data_spec = _section(DataSpec, DATA_RULES, data.get("data"), "data", p)
+        raw_ranks = data.get("ranks_allowed", [0, 2, 4, 8, 16])
+        ranks_allowed = [0, 2, 4, 8, 16]
+        if not isinstance(raw_ranks, list) or not raw_ranks:
+            p.add("ranks_allowed", f"must be a non-empty list of whole numbers >= 0, found {kind(raw_ranks)}")
+        else:
+            vals = [whole(r, f"ranks_allowed[{i}]", p, minimum=0, maximum=MAX_INT) for i, r in enumerate(raw_ranks)]
+            if None not in vals and not any(vals):
+                p.add("ranks_allowed", "give at least one rank > 0 (0 = no adapter), e.g. [0, 2, 4, 8, 16]")
+            elif None not in vals:
+                ranks_allowed = vals
+        server_rank = whole(data.get("server_rank"), "server_rank", p, minimum=0, maximum=MAX_INT, required=False,
+                            default=8)
         modules = data.get("modules") or []
         if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
-            p.add("modules", "must be a list of module names (e.g. [self_attn.q_proj, self_attn.v_proj])")
+            p.add("modules", f"must be a list of module names (e.g. [self_attn.q_proj, self_attn.v_proj]), "
+                             f"found {kind(modules)}")
             modules = []
         aggregation = data.get("aggregation", "warm")
         if aggregation not in AGGREGATIONS:
             p.add("aggregation", f"must be {' or '.join(AGGREGATIONS)} (hsplitlora: adapters and AdamW moments carry "
-                                 f"on / restart from a fresh init every round), got {aggregation!r}")
-        replan = data.get("replan")
-        if replan is not None and not (isinstance(replan, dict) and set(replan) <= {"every", "threshold"}):
-            p.add("replan", "must be {every: N, threshold: t}")
+                                 f"on / restart from a fresh init every round), got {short(aggregation)}")
+        mappings = {}
+        for key in ("inputs", "solver", "server", "predicted"):
+            raw = data.get(key)
+            if raw is not None and not isinstance(raw, dict):
+                p.add(key, f"must be a mapping (key: value; written by `hsplit plan`), found {kind(raw)}")
+                raw = None
+            mappings[key] = dict(raw or {})
+        if mappings["inputs"].get("model_hash") is not None and not isinstance(mappings["inputs"]["model_hash"], str):
+            p.add("inputs.model_hash", f"must be text (written by `hsplit plan`), found "
+                                       f"{kind(mappings['inputs']['model_hash'])}")
+            mappings["inputs"].pop("model_hash")
+        replan = _replan(data.get("replan"), p)
         clients = []
         raw_clients = data.get("clients")
-        if not isinstance(raw_clients, list) or not raw_clients:
+        if raw_clients is None or raw_clients == []:
             p.add("clients", "missing: a list of clients with device, split_layer and ranks")
+            raw_clients = []
+        elif not isinstance(raw_clients, list):
+            p.add("clients", f"must be a list of clients (each item starts with `- `), found {kind(raw_clients)}")
             raw_clients = []
         for i, c in enumerate(raw_clients):
             f = f"clients[{i}]"
             if not isinstance(c, dict):
-                p.add(f, "must be a mapping with device, split_layer, ranks")
+                p.add(f, f"must be a mapping with device, split_layer, ranks, found {kind(c)}")
                 continue
             for key in c:
                 if key not in ("id", "device", "data_weight", "split_layer", "ranks", "predicted"):
-                    p.add(f"{f}.{key}", "unknown field; expected id, device, data_weight, split_layer, ranks")
-            split = c.get("split_layer")
-            if isinstance(split, bool) or not isinstance(split, int) or split < 1:
-                p.add(f"{f}.split_layer", f"must be a whole number >= 1 (client runs blocks [0, split)), got {split!r}")
+                    p.add(f"{f}.{cut(str(key))}", "unknown field; expected id, device, data_weight, split_layer, ranks")
+            split = whole(c.get("split_layer"), f"{f}.split_layer", p, minimum=1, maximum=MAX_INT,
+                          what=" (the client runs blocks [0, split_layer))")
             ranks = c.get("ranks") or {}
             if not isinstance(ranks, dict):
-                p.add(f"{f}.ranks", "must be a mapping module name -> rank")
+                p.add(f"{f}.ranks", f"must be a mapping module name -> rank, found {kind(ranks)}")
                 ranks = {}
+            clean = {}
             for k, v in ranks.items():
-                if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                    p.add(f"{f}.ranks.{k}", f"must be a whole number >= 0, got {v!r}")
-            weight = c.get("data_weight", 1.0)
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
-                p.add(f"{f}.data_weight", f"must be a number > 0, got {weight!r}")
-            clients.append(ClientPlan(id=str(c.get("id", f"c{i}")), device=str(c.get("device", "")),
-                                      split_layer=split if isinstance(split, int) else 0,
-                                      ranks={str(k): v for k, v in ranks.items()},
-                                      data_weight=float(weight) if isinstance(weight, (int, float)) else 1.0,
-                                      predicted=dict(c.get("predicted") or {})))
+                r = whole(v, f"{f}.ranks.{cut(str(k))}", p, minimum=0, maximum=MAX_INT)
+                if r is not None:
+                    clean[str(k)] = r
+            weight = number(c.get("data_weight", 1.0), f"{f}.data_weight", p, positive=True)
+            for key in ("id", "device"):
+                if c.get(key) is not None and not isinstance(c[key], (str, int)) or isinstance(c.get(key), bool):
+                    p.add(f"{f}.{key}", f"must be text, found {kind(c[key])}")
+            predicted = c.get("predicted")
+            if predicted is not None and not isinstance(predicted, dict):
+                p.add(f"{f}.predicted", f"must be a mapping (written by `hsplit plan`), found {kind(predicted)}")
+                predicted = None
+            clients.append(ClientPlan(id=str(c.get("id", f"c{i}")), device=str(c.get("device") or ""),
+                                      split_layer=split or 0, ranks=clean, data_weight=weight or 1.0,
+                                      predicted=dict(predicted or {})))
         ids = [c.id for c in clients]
         for cid in dict.fromkeys(ids):
             where = [f"clients[{i}]" for i, x in enumerate(ids) if x == cid]
             if len(where) > 1:
-                p.add("clients", f"client ids must be unique: id {cid!r} is used by {', '.join(where)}; "
+                more = f" and {len(where) - 3} more" if len(where) > 3 else ""
+                p.add("clients", f"client ids must be unique: id {short(cid)} is used by {', '.join(where[:3])}{more}; "
                                  "rename or remove the `id:` fields (default c0, c1, ...)")
         p.raise_if_any()
         return cls(model=model, strategy=strategy, clients=clients, modules=list(modules),
                    ranks_allowed=sorted(set(ranks_allowed)), server_rank=server_rank,
-                   objective=str(data.get("objective", "utility")), training=training, data=data_spec,
-                   inputs=dict(data.get("inputs") or {}), solver=dict(data.get("solver") or {}),
-                   server=dict(data.get("server") or {}), predicted=dict(data.get("predicted") or {}),
-                   replan=replan, aggregation=str(aggregation), hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
+                   objective=objective, training=training, data=data_spec,
+                   inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
+                   predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation),
+                   hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
 
 
-def _section(cls, raw, name, p):
+def _replan(raw, p: Problems) -> dict | None:
+    """`replan: {every: N, threshold: t}`: N a whole number >= 1, t a number in [0, 1]."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        p.add("replan", f"must be a mapping {{every: N, threshold: t}}, found {kind(raw)}")
+        return None
+    for key in raw:
+        if key not in ("every", "threshold"):
+            p.add(f"replan.{cut(str(key))}", "unknown field; expected every, threshold")
+    out = dict(raw)
+    if "every" in raw:
+        out["every"] = whole(raw["every"], "replan.every", p, minimum=1, maximum=MAX_INT,
+                             what=" (re-score importance every N rounds)")
+    if "threshold" in raw:
+        out["threshold"] = number(raw["threshold"], "replan.threshold", p, minimum=0.0, maximum=1.0)
+    return out
+
+
+def _section(cls, rules: dict, raw, name, p):
+    """A dataclass section (training, data) checked field by field against `rules`."""
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
-        p.add(name, "must be a mapping")
+        p.add(name, f"must be a mapping (key: value), found {kind(raw)}")
         return cls()
-    fields = cls.__dataclass_fields__
     for key in raw:
-        if key not in fields:
-            p.add(f"{name}.{key}", f"unknown field; expected one of {', '.join(fields)}")
+        if key not in rules:
+            p.add(f"{name}.{cut(str(key))}", f"unknown field; expected one of {', '.join(rules)}")
     kwargs = {}
-    for key, f in fields.items():
-        if key in raw:
-            default = getattr(cls(), key)
-            val = raw[key]
-            if isinstance(default, bool) or isinstance(default, str):
-                ok = isinstance(val, type(default))
-            elif isinstance(default, int):
-                ok = isinstance(val, int) and not isinstance(val, bool)
-            else:
-                ok = isinstance(val, (int, float)) and not isinstance(val, bool)
-            if not ok:
-                p.add(f"{name}.{key}", f"must be a {type(default).__name__}, got {val!r}")
-            else:
-                kwargs[key] = float(val) if isinstance(default, float) else val
+    for key, (kind_, lo, hi, what) in rules.items():
+        if key not in raw:
+            continue
+        val, f = raw[key], f"{name}.{key}"
+        if kind_ == "choice":
+            if val not in what:
+                p.add(f, f"must be one of {', '.join(what)}, got {short(val)}")
+                continue
+        elif kind_ == "path":
+            if (why := path_text_problem(val)) is not None:
+                p.add(f, f"{why} ({what})")
+                continue
+        elif kind_ == "int":
+            val = whole(val, f, p, minimum=lo, maximum=hi, what=f" ({what})")
+            if val is None:
+                continue
+        else:
+            x = number(val, f, p, minimum=lo if not isinstance(lo, tuple) else None,
+                       maximum=hi if not isinstance(hi, tuple) else None)
+            if x is None:
+                continue
+            if isinstance(lo, tuple) and not x > lo[1]:
+                p.add(f, f"must be > {lo[1]:g} ({what}), got {x:g}")
+                continue
+            if isinstance(hi, tuple) and not x < hi[1]:
+                p.add(f, f"must be < {hi[1]:g} ({what}), got {x:g}")
+                continue
+            val = x
+        kwargs[key] = val
     return cls(**kwargs)
 
 
@@ -281,7 +392,7 @@ def _expand_ranks(client: ClientPlan, model: ModelProfile, p: Problems, field_na
                 p.add(f"{field_name}.ranks.{key}",
                       f"block {block} is on the server (split_layer {client.split_layer}); "
                       "client adapters must be in blocks [0, split_layer)")
-            elif rank > 0:
+            elif _rank_fits(model, suffix, rank, p, f"{field_name}.ranks.{key}") and rank > 0:
                 out[key] = rank
             continue
         if m:
@@ -293,10 +404,19 @@ def _expand_ranks(client: ClientPlan, model: ModelProfile, p: Problems, field_na
         except ConfigError as e:
             p.items.extend(e.problems)
             continue
-        if rank > 0:
+        if _rank_fits(model, suffix, rank, p, f"{field_name}.ranks.{key}") and rank > 0:
             for block in range(min(client.split_layer, model.layers)):
                 out.setdefault(model.module_name(block, suffix), rank)
     return out
+
+
+def _rank_fits(model: ModelProfile, suffix: str, rank: int, p: Problems, field_name: str) -> bool:
+    """A LoRA rank is at most the smaller side of its matrix (d_in x d_out)."""
+    d_in, d_out = model.module_shapes()[suffix]
+    if rank > min(d_in, d_out):
+        p.add(field_name, f"rank {rank} is larger than {suffix} ({d_in} x {d_out}) allows: at most {min(d_in, d_out)}")
+        return False
+    return True
 
 
 def _plain(obj):

@@ -162,7 +162,7 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
               on_step: Callable[[int, int], None] | None = None, lm=None) -> Calibration:
     """Measure and predict every (split, rank); `ranks` at every split in `splits` (default 1..L-1),
     `extra_ranks` only at `extra_splits` (default: 1, L/2, L-1)."""
-    from peft import get_peft_model
+    from hsplit.runtime.lora import get_peft_model
 
     from hsplit.runtime.lora import lora_config
     from hsplit.runtime.model import SplitLM, lm_loss, load_lm

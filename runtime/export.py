@@ -182,7 +182,9 @@ def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: s
 
 
 def _write_adapter(path: Path, factors, ranks, model_path: str, progress: bool) -> None:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
+
+    from hsplit.runtime.lora import get_peft_model
 
     tmp = _fresh_target(path)
     try:

@@ -51,6 +51,15 @@ def lora_config(ranks: dict[str, int], alpha_over_rank: float, dropout: float, f
         fan_in_fan_out=family is GPT2, init_lora_weights=True)
 
 
+def get_peft_model(model, config, **kw):
+    """peft.get_peft_model, without the FutureWarning peft itself causes by reading transformers'
+    deprecated `is_gradient_checkpointing` (nothing hsplit can change; every other warning shows)."""
+    from peft import get_peft_model as peft_get_peft_model
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        return peft_get_peft_model(model, config, **kw)
+
+
 class AdapterBank:
     """Named LoRA adapters (one per client, plus optional extras) sharing one base model."""
 
@@ -75,7 +84,6 @@ class AdapterBank:
             return                               # a client that trains nothing: no layers to add
         cfg = lora_config(ranks, self.alpha_over_rank, self.dropout if dropout is None else dropout, self.family)
         if self.peft_model is None:
-            from peft import get_peft_model
             self.peft_model = get_peft_model(self.model, cfg, adapter_name=name)
         else:
             self.peft_model.add_adapter(name, cfg)

@@ -17,7 +17,9 @@ cached as a plain HF folder under $HSPLIT_CACHE (default ~/.cache/hsplit)/models
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import os
 import shutil
 import sys
@@ -128,6 +130,13 @@ def load_lm(ref: str, progress: bool = True) -> LoadedLM:
     return LoadedLM(model=model, tokenizer=tokenizer, profile=profile, path=path)
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(mask_fn) -> str:
+    """The KV-cache argument of transformers' mask functions: `cache` (transformers >= 5.x; the old
+    `past_key_values` gives a FutureWarning there) or `past_key_values` (older releases)."""
+    return "cache" if "cache" in inspect.signature(mask_fn).parameters else "past_key_values"
+
+
 def check_model_hash(plan_hash: str | None, profile: ModelProfile, plan_source: str) -> None:
     """A plan made for another architecture is an error (inputs.model_hash vs the loaded config)."""
     if plan_hash and plan_hash != profile.arch_hash():
@@ -165,8 +174,8 @@ class SplitLM:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
         pos = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
-        kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                  past_key_values=None, position_ids=pos)
+        kw = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, position_ids=pos,
+                  **{_cache_kwarg(create_causal_mask): None})    # no KV cache: training and evaluation
         masks = {"full_attention": create_causal_mask(**kw)}
         if self.family is GPT2:
             return pos, masks, None

@@ -148,7 +148,7 @@ def block_times(model_ref: str, batch_size: int, seq_len: int, *, rank: int = 8,
     Blocks are timed as a run of `blocks` consecutive blocks (default min(L, 4)) through the split
     runtime's own code path (SplitLM), divided by their number. LoRA: the same run with rank-`rank`
     adapters on every adaptable module, minus the frozen run, per adapter parameter."""
-    from peft import get_peft_model
+    from hsplit.runtime.lora import get_peft_model
 
     from hsplit.runtime.lora import lora_config
     from hsplit.runtime.model import SplitLM, lm_loss, load_lm

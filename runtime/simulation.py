@@ -20,7 +20,7 @@ from hsplit.planner.strategies import traits
 from hsplit.runtime.common import GLOBAL, compute_dtype, derive_seed, pick_device
 from hsplit.runtime.data import FederatedData, load_federated_data
 from hsplit.runtime.lora import AdapterBank
-from hsplit.runtime.model import LoadedLM, SplitLM, check_model_hash, load_lm
+from hsplit.runtime.model import LoadedLM, SplitLM, load_lm
 from hsplit.runtime.party import Party
 from hsplit.runtime.strategies import RoundUpdate, make
 
@@ -150,9 +150,13 @@ def _data(plan: Plan, lm: LoadedLM) -> FederatedData:
 def build(plan: Plan, progress: bool = True, device: str = "auto", compute: str = "auto") -> Simulation:
     """Load and check everything an in-process run needs (raises ConfigError before anything is written)."""
     dev = pick_device(device)                   # before the (slow) model load
-    lm = load_lm(plan.model, progress=progress)
-    check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
-    plan.validate_for(lm.profile)
+    try:
+        lm = load_lm(plan.model, progress=progress)
+    except ConfigError as e:                    # the plan's `model:` could not be loaded: name the plan
+        if e.source != plan.model:
+            raise
+        raise ConfigError(plan.source, [f"model: {x.removeprefix('model: ')}" for x in e.problems]) from None
+    plan.validate_for(lm.profile)               # model hash, splits, ranks, seq_len (as `hsplit plan --check`)
     traits(plan.strategy, plan.source)
     lm.model.to(dev)
     lm.model.requires_grad_(False)
@@ -176,7 +180,6 @@ def build_part(plan: Plan, rank: int, device: str = "cpu", compute: str = "auto"
     else:
         s = plan.clients[rank - 1].split_layer
         lm = load_part(path, range(0, s), embeddings=True, head=False, device=pick_device(device))
-    check_model_hash(plan.inputs.get("model_hash"), lm.profile, plan.source)
     plan.validate_for(lm.profile)
     lm.model.requires_grad_(False)
     return Simulation(plan, lm, _data(plan, lm), pick_device(device), compute)
