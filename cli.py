@@ -17,7 +17,7 @@ from rich.markup import escape
 from hsplit import __version__
 from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
                             batch_option, calibration_table, check_format, console, device_option, err, fail,
-                            options_from, with_options,
+                            input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError

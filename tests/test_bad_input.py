@@ -129,7 +129,7 @@ def test_out_of_range_training_and_data_values_are_refused_by_check(tmp_path, pl
     e = _error(Plan.load, f)
     assert str(f) in str(e) and f"{section}.{field}" in str(e) and says in str(e)
     r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
-    assert r.exit_code == 1 and f"{section}.{field}" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and f"{section}.{field}" in r.output and "Traceback" not in r.output
     runs = tmp_path / "runs"                   # hsplit run refuses it before loading anything, writing nothing
     r = runner.invoke(app, ["run", str(f), "--runs-dir", str(runs)])
     assert r.exit_code == 2 and f"{section}.{field}" in r.output and isinstance(r.exception, SystemExit), r.output
@@ -155,7 +155,7 @@ def test_check_refuses_what_run_refuses(tmp_path, plan_file):
     for field, edit in cases.items():
         f = _mutated_plan(tmp_path, plan_file, edit)
         r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
-        assert r.exit_code == 1 and field in r.output, (field, r.output)
+        assert r.exit_code == 2 and field in r.output, (field, r.output)
 
 
 def test_check_accepts_split_layer_equal_to_the_number_of_blocks(tmp_path, plan_file):
@@ -217,7 +217,7 @@ def test_a_file_that_is_not_utf8_is_named_by_plan_and_run(tmp_path, plan_file, r
         assert str(f) in r.output and "not UTF-8" in r.output, r.output
     fleet = _write(tmp_path, "fleet.yaml", raw + b"server: {device: a100-80gb}\n")
     r = runner.invoke(app, ["plan", "--fleet", str(fleet), "-o", str(tmp_path / "p.yaml")])
-    assert r.exit_code == 1 and str(fleet) in r.output and "not UTF-8" in r.output
+    assert r.exit_code == 2 and str(fleet) in r.output and "not UTF-8" in r.output
 
 
 # ---------------------------------------------------------------- errors that name the file
@@ -225,20 +225,20 @@ def test_a_file_that_is_not_utf8_is_named_by_plan_and_run(tmp_path, plan_file, r
 def test_a_plans_unknown_model_is_blamed_on_the_plan_not_on_model_flag(tmp_path, plan_file):
     f = _mutated_plan(tmp_path, plan_file, lambda d: d.__setitem__("model", "no-such-model"))
     r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
-    assert r.exit_code == 1 and f"{f}: model: no-such-model is not a shipped model" in r.output, r.output
+    assert r.exit_code == 2 and f"{f}: model: no-such-model is not a shipped model" in r.output, r.output
     assert "--model" not in r.output
 
 
 def test_a_long_device_name_is_not_blamed_on_output(tmp_path):
     fleet = _write(tmp_path, "fleet.yaml", "server: {device: a100-80gb}\nclients:\n  - device: " + "x" * 400 + "\n")
     r = runner.invoke(app, ["plan", "--fleet", str(fleet), "-o", str(tmp_path / "p.yaml")])
-    assert r.exit_code == 1 and "--output" not in r.output and "clients[0].device" in r.output, r.output
+    assert r.exit_code == 2 and "--output" not in r.output and "clients[0].device" in r.output, r.output
     assert "characters)" in " ".join(r.output.split()) and len(r.output) < 1500     # the name is cut
 
 
 def test_a_plan_for_another_model_gives_one_problem_not_hundreds(tmp_path, plan_file):
     r = runner.invoke(app, ["plan", "--check", str(plan_file), "--fleet", "example", "--model", "gpt2"])
-    assert r.exit_code == 1 and "inputs.model_hash: the plan was made for another model" in r.output
+    assert r.exit_code == 2 and "inputs.model_hash: the plan was made for another model" in r.output
     assert len(r.output) < 1000, r.output
     # Without a hash (hand-written), the repeated problem is grouped, and the message stays short.
     f = _mutated_plan(tmp_path, plan_file, lambda d: d["inputs"].pop("model_hash"))
@@ -273,5 +273,5 @@ def test_the_docs_list_the_check_of_every_training_and_data_field():
 def test_a_plans_own_fields_are_not_blamed_on_command_line_flags(tmp_path, plan_file):
     f = _mutated_plan(tmp_path, plan_file, lambda d: d.__setitem__("ranks_allowed", [0]))
     r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
-    assert r.exit_code == 1 and f"{f}: ranks_allowed: give at least one rank > 0" in r.output, r.output
+    assert r.exit_code == 2 and f"{f}: ranks_allowed: give at least one rank > 0" in r.output, r.output
     assert "--ranks" not in r.output

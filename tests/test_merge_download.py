@@ -72,7 +72,7 @@ def test_exact_download_of_clients_at_different_splits_matches_a_hand_computatio
     # check_plan (hsplit plan --check) evaluates a hand-written plan the same way, and charges the bound
     plan = Plan.from_dict({"model": "tiny-llama", "strategy": "hsplitlora", "server_rank": server_rank,
                            "modules": [f"self_attn.{m}" for m in MODULES], "ranks_allowed": [0, 2, 4, 8, 16],
-                           "aggregation": aggregation,
+                           "aggregation": aggregation, "training": {"seq_len": 16},
                            "clients": [{"id": f"c{k}", "device": f"d{k}", "split_layer": c.split,
                                         "ranks": {f"model.layers.{l}.self_attn.{MODULES[j]}": int(c.ranks[l, j])
                                                   for l, j in zip(*np.nonzero(c.ranks))}}
