@@ -54,7 +54,11 @@ def bench_fleet(args):
 
 
 def make_plan_for(args, label: str, strategy: str, seed: int, out: Path) -> Path:
-    """The plan of one run: `strategy` on the scaled fleet, with the run variant's changes."""
+    """The plan of one run: `strategy` on the scaled fleet, with the run variant's changes. An existing plan
+    file is used as it is (a resumed run must see the plan it started with; solve times differ)."""
+    path = out / "plans" / f"{label}-seed{seed}.yaml"
+    if path.is_file():
+        return path
     from hsplit.planner.api import make_plan
     from hsplit.planner.plan import DataSpec, Training
 
@@ -74,7 +78,6 @@ def make_plan_for(args, label: str, strategy: str, seed: int, out: Path) -> Path
     if variant == "replan":
         plan.replan = {"every": 2, "threshold": 0.05}
         plan.inputs["fleet"] = str(_fleet_file(args, out))
-    path = out / "plans" / f"{label}-seed{seed}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(path)
     return path
