@@ -18,7 +18,7 @@ steps:
   hetlora, flexlora, hafl-truncation, hafl-freezing   per-client split, one rank per client
   hsplitlora       per-client split, per-matrix ranks, exact warm aggregation
 Ablations of hsplitlora (--variants / --importance): `restart` (aggregation: restart), `replan`
-(replan: {every: 2, threshold: 0.05}), and importance files (`NAME=PATH`, e.g. from `hsplit
+(replan: {every: 2, threshold: 0.02}), and importance files (`NAME=PATH`, e.g. from `hsplit
 importance --method sensitivity|rngwp`) instead of uniform importance.
 After every round the runtime evaluates held-out perplexity (a slice of the training file no client
 trains on); at the end each run is decoded on the test MRs (greedy unless --beams) and scored with
@@ -76,7 +76,7 @@ def make_plan_for(args, label: str, strategy: str, seed: int, out: Path) -> Path
     if variant == "restart":
         plan.aggregation = "restart"
     if variant == "replan":
-        plan.replan = {"every": 2, "threshold": 0.05}
+        plan.replan = {"every": 2, "threshold": 0.02}
         plan.inputs["fleet"] = str(_fleet_file(args, out))
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(path)
