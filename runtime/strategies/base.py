@@ -21,6 +21,7 @@ import torch
 from hsplit.planner.plan import block_of
 from hsplit.planner.strategies import traits
 from hsplit.runtime.common import GLOBAL
+from hsplit.runtime.party import client_parties
 
 
 @dataclass
@@ -113,7 +114,6 @@ class Strategy:
         self.sim = sim
 
     def make_parties(self):
-        from hsplit.runtime.party import client_parties
         sim = self.sim
         return client_parties(sim.plan, sim.lm.profile, sim.data)
 
