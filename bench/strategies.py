@@ -154,9 +154,9 @@ def summarise(results: dict, args, out: Path) -> str:
     lines = [f"Seeds {', '.join(map(str, seeds))}; target held-out perplexity per seed: "
              + ", ".join(f"{target[sd]:.3f}" for sd in seeds)
              + ("" if args.target_ppl else " (the worst final perplexity among the federated strategies)"),
-             "", "| run | splits | ranks | final held-out ppl | test ppl | BLEU (seed 0) | ROUGE-L (seed 0) "
-             "| BLEU mean | fleet s to target | MB per client per round | vs hsplitlora: final ppl diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "", "| run | seeds | splits | ranks | final held-out ppl | test ppl | BLEU (seed 0) | ROUGE-L (seed 0) "
+             "| BLEU mean | fleet s to target | MB per client per round | vs hsplitlora: final ppl diff (paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     ref = final.get("hsplitlora", {})
     for lab, by in results.items():
         r0 = by.get(0) or next(iter(by.values()))
@@ -165,7 +165,7 @@ def summarise(results: dict, args, out: Path) -> str:
         diffs = [final[lab][sd] - ref[sd] for sd in by if sd in ref] if lab != "hsplitlora" else []
         reached = sum(t is not None for t in to)
         lines.append(
-            f"| {lab} | {','.join(map(str, r0['splits']))} | {ranks} | {_stats(final[lab].values())} "
+            f"| {lab} | {len(by)} | {','.join(map(str, r0['splits']))} | {ranks} | {_stats(final[lab].values())} "
             f"| {_stats([r['generation']['perplexity'] for r in by.values()])} "
             f"| {r0['generation']['bleu']:.2f} | {r0['generation']['rouge_l']:.2f} "
             f"| {_stats([r['generation']['bleu'] for r in by.values()])} "
