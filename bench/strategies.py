@@ -189,6 +189,8 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    most = max(len(by) for by in results.values())
+    results = {lab: by for lab, by in results.items() if len(by) == most}   # the runs of every seed
     colors = dict(zip([lab for lab in results if lab != "centralized"], plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for lab, by in results.items():
