@@ -131,12 +131,15 @@ def test_distributed_run_equals_the_in_process_simulation(env, dist_runs, strate
 
 @pytest.mark.parametrize("aggregation", ["restart", "warm"])
 def test_a_killed_client_is_named_and_the_round_finishes_without_it(env, aggregation):
-    path = make_plan(env, f"kill-{aggregation}.yaml", "hsplitlora", rounds=2, local_steps=40)
+    # 400 local steps: round 1 lasts seconds even on an idle machine, and b is killed within 50 ms of the
+    # round-0 checkpoint, so it is lost in round 1 whatever the machine's speed
+    path = make_plan(env, f"kill-{aggregation}.yaml", "hsplitlora", rounds=2, local_steps=400)
     plan = Plan.load(path)
     plan.aggregation = aggregation
     plan.save(path)
     name = f"kill-{aggregation}"
-    kill_client_2 = lambda procs: _after_round_0(env[0] / "runs" / name, procs[2], signal.SIGKILL)  # noqa: E731
+    kill_client_2 = lambda procs: _after_round_0(env[0] / "runs" / name, procs[2], signal.SIGKILL,  # noqa: E731
+                                                 settle_s=0.0)
     code, logs = dist_run(env, path, name, dopts=DistOptions(timeout_s=30, min_clients=1), on_start=kill_client_2)
     assert code == 0, logs
     assert "client b (rank 2, jetson) was lost in round 1" in logs["rank0"]
