@@ -189,9 +189,10 @@ def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(e
 
 
 def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
-    path = make_plan(env, "stop.yaml", "hsplitlora", rounds=2, local_steps=40)
+    path = make_plan(env, "stop.yaml", "hsplitlora", rounds=2, local_steps=400)     # a round of seconds
 
-    kill_client_1 = lambda procs: _after_round_0(env[0] / "runs" / "stop", procs[1], signal.SIGKILL)  # noqa: E731
+    kill_client_1 = lambda procs: _after_round_0(env[0] / "runs" / "stop", procs[1], signal.SIGKILL,  # noqa: E731
+                                                 settle_s=0.0)
     code, logs = dist_run(env, path, "stop", dopts=DistOptions(timeout_s=30), on_start=kill_client_1)
     assert code == EXIT_FAULT, logs
     assert "client a (rank 1, pi) was lost in round 1" in logs["rank0"]
