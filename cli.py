@@ -61,6 +61,16 @@ def plan(
     local_steps: int = typer.Option(10, "--local-steps", min=1, help="Local steps per round (tau)."),
     rounds: int = typer.Option(2, "--rounds", min=1, help="Rounds `hsplit run` will train."),
     dtype: str = typer.Option("fp32", help="fp32 | bf16 | fp16: dtype of frozen weights and activations."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Learning rate, > 0 (plan training.learning_rate; default 2e-4)."),
+    lr_schedule: Optional[str] = typer.Option(None, "--lr-schedule", help="constant | linear | cosine (default), after warm-up."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Steps of linear warm-up, counted over all rounds (default 0)."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay, >= 0 (default 0)."),
+    max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm; 0 = none (default 1)."),
+    lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout in [0, 1) (default 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run: adapters, batches, hold-out, partition (default 0)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help="How clients split the data: by-source (default) | iid | dirichlet."),
+    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="--partition dirichlet: concentration, > 0 (default 0.5; small = skewed)."),
+    eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help="Held-out share no client trains on, in [0, 1) (default 0.05)."),
     server_rank: Optional[int] = typer.Option(None, "--server-rank", min=0, help="LoRA rank of server-side adapters (default 8; splitlora: its one rank)."),
     objective: str = typer.Option("utility", help="utility: max adapted importance, then fastest round; "
                                                   "latency: fastest round reaching --min-utility."),
@@ -80,10 +90,12 @@ def plan(
     """Choose every client's split point and LoRA ranks (an integer program solved to optimality).
 
     Example: hsplit plan --fleet example --model smollm2-135m -o plan.yaml
+    Training settings go into the plan, which `hsplit run` follows:
+      hsplit plan --lr 5e-4 --lr-schedule linear --warmup 4 --partition dirichlet --dirichlet-alpha 0.3
     Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
     """
     from hsplit.planner.api import check_options, check_plan, full_time_limit, make_plan
-    from hsplit.planner.plan import DataSpec, Plan, Training
+    from hsplit.planner.plan import Plan, settings_from_flags
     check_format(fmt)
     if check is None and (problem := output_problem(output, "--output")):
         fail(problem)
@@ -93,8 +105,14 @@ def plan(
             ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
             render_check(p, ev, inst, fmt)
             raise typer.Exit(NO_SOLUTION if ev.violations else 0)
-        training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,
-                            dtype=dtype)
+        training, data_spec, notes = settings_from_flags({
+            "--batch-size": batch_size, "--seq-len": seq_len, "--local-steps": local_steps, "--rounds": rounds,
+            "--dtype": dtype, "--lr": lr, "--lr-schedule": lr_schedule, "--warmup": warmup,
+            "--weight-decay": weight_decay, "--max-grad-norm": max_grad_norm, "--lora-dropout": lora_dropout,
+            "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha,
+            "--eval-fraction": eval_fraction, "--data": data})
+        for note in notes if fmt != "json" else ():
+            err.print(f"note: {note}", highlight=False, markup=False)
         check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                       min_utility=min_utility)
         how = traits(strategy).ranks
@@ -107,7 +125,7 @@ def plan(
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
-                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data),
+                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=data_spec,
                       aggregation=aggregation)
         try:
             p.save(output)

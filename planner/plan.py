@@ -58,6 +58,18 @@ DATA_RULES = {
     "alpha": ("float", ("<", 0.0), None, "Dirichlet concentration, > 0"),
     "eval_fraction": ("float", 0.0, ("<", 1.0), "held-out share in [0, 1)"),
 }
+# `hsplit plan` flags that set plan fields: flag -> (section, field). The flags are checked with the rules
+# above (settings_from_flags) and written into the plan, which `hsplit run` follows.
+PLAN_FLAGS = {
+    "--batch-size": ("training", "batch_size"), "--seq-len": ("training", "seq_len"),
+    "--local-steps": ("training", "local_steps"), "--rounds": ("training", "rounds"),
+    "--dtype": ("training", "dtype"), "--lr": ("training", "learning_rate"),
+    "--lr-schedule": ("training", "lr_schedule"), "--warmup": ("training", "warmup_steps"),
+    "--weight-decay": ("training", "weight_decay"), "--max-grad-norm": ("training", "max_grad_norm"),
+    "--lora-dropout": ("training", "lora_dropout"), "--seed": ("training", "seed"),
+    "--partition": ("data", "partition"), "--dirichlet-alpha": ("data", "alpha"),
+    "--eval-fraction": ("data", "eval_fraction"), "--data": ("data", "path"),
+}
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
 
 
@@ -305,6 +317,30 @@ class Plan:
                    inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
                    predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation),
                    hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
+
+
+def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list[str]]:
+    """(Training, DataSpec, notes) from `hsplit plan` flags {flag: value} (None: the plan's default), checked
+    with the plan file's rules (TRAINING_RULES, DATA_RULES): one ConfigError naming every bad flag."""
+    raw: dict[str, dict] = {"training": {}, "data": {}}
+    for flag, value in given.items():
+        if value is not None:
+            section, key = PLAN_FLAGS[flag]
+            raw[section][key] = value
+    p = Problems("hsplit plan")
+    training = _section(Training, TRAINING_RULES, raw["training"], "training", p)
+    data = _section(DataSpec, DATA_RULES, raw["data"], "data", p)
+    names = {f"{section}.{key}": flag for flag, (section, key) in PLAN_FLAGS.items()}
+    p.items = [names.get(x.partition(": ")[0], x.partition(": ")[0]) + ": " + x.partition(": ")[2] for x in p.items]
+    if given.get("--dirichlet-alpha") is not None and data.partition != "dirichlet":
+        p.add("--dirichlet-alpha", f"applies to --partition dirichlet only (this plan partitions {data.partition}); "
+                                   "add --partition dirichlet or leave --dirichlet-alpha out")
+    p.raise_if_any()
+    notes = []
+    if training.warmup_steps >= training.rounds * training.local_steps:
+        notes.append(f"--warmup {training.warmup_steps} is not shorter than the run ({training.rounds} rounds x "
+                     f"{training.local_steps} local steps): the learning rate never reaches {training.learning_rate:g}")
+    return training, data, notes
 
 
 def _replan(raw, p: Problems) -> dict | None:
