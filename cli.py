@@ -253,18 +253,19 @@ def eval_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
     data: Optional[str] = typer.Option(None, "--data", help="Evaluate on this data file instead of the held-out split (FORMAT:PATH names the format, e.g. e2e:test.csv)."),
     max_seqs: Optional[int] = typer.Option(None, "--max-seqs", min=1, help="Evaluate at most this many sequences (default: held-out split: the run's --eval-seqs; --data: all)."),
-    generate: bool = typer.Option(False, "--generate", help="Decode every MR of --data e2e:PATH: BLEU, ROUGE-L against all its references, perplexity."),
+    generate: bool = typer.Option(False, "--generate", help="Decode the prompts of the held-out split (or of --data: E2E CSV, prompt/completion JSONL/CSV, chat JSONL): BLEU, ROUGE-L against all references of each prompt, perplexity; outputs saved in the run folder."),
     beams: int = typer.Option(1, "--beams", min=1, help="--generate: 1 = greedy, >1 = beam search."),
-    max_new_tokens: int = typer.Option(64, "--max-new-tokens", min=1, help="--generate: longest output."),
-    max_mrs: Optional[int] = typer.Option(None, "--max-mrs", min=1, help="--generate: only the first N MRs."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="--generate: longest output (default: 1.5 x the longest reference in tokens, at least 16)."),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", "--max-mrs", min=1, help="--generate: only the first N prompts (E2E: MRs)."),
     device: str = device_option("cpu", "auto | cpu | cuda: where the model runs (perplexity and --generate)."),
     fmt: str = FORMAT,
 ):
     """Held-out perplexity of a run's aggregated model (latest checkpoint); --generate: BLEU/ROUGE-L.
 
     Example: hsplit eval runs/demo --format json
+    Example: hsplit eval runs/demo --generate          (the held-out split: writes runs/demo/generate-heldout.{jsonl,json})
     Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
-    (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json})
+    (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
     """
     check_format(fmt)
     from hsplit.runtime.evaluate import evaluate_run
@@ -272,12 +273,15 @@ def eval_cmd(
 
     with reported():
         pick_device(device)                     # before any model is loaded
-    if generate and not data:
-        fail("--generate needs --data e2e:PATH (an E2E CSV with mr, ref columns)")
+    if generate and max_seqs is not None:
+        fail("--max-seqs applies to the perplexity-only evaluation; with --generate use --max-prompts N")
+    if not generate and (given := [f for f, v in (("--beams", beams != 1), ("--max-new-tokens", max_new_tokens),
+                                                  ("--max-prompts", max_prompts)) if v]):
+        fail(f"{given[0]} applies to --generate: add --generate, or leave it out")
     with reported():
         if generate:
             from hsplit.runtime.generate import generate_run
-            rep = generate_run(run_dir, data, max_mrs=max_mrs, beams=beams, max_new_tokens=max_new_tokens,
+            rep = generate_run(run_dir, data, max_prompts=max_prompts, beams=beams, max_new_tokens=max_new_tokens,
                                device=device)
         else:
             rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs, device=device)
@@ -285,7 +289,9 @@ def eval_cmd(
         print_json(rep)
     elif generate:
         console.print(samples_table(rep["outputs"][0], 3))
-        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['mrs']} MRs ({rep['decoding']}): "
+        what = "the held-out split" if rep["split"] == "held-out" else rep["data"]
+        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['prompts']} prompts of {what} ({rep['kind']}, "
+                             f"{rep['references']} references, {rep['decoding']}): "
                              f"BLEU {rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity "
                              f"{ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}"))
     else:

@@ -290,15 +290,15 @@ def render_check(p, ev, inst, fmt) -> None:
 
 
 def samples_table(jsonl: str, n: int) -> Table:
-    """The first n decoded MRs next to one of their references (the rest are in the .jsonl file)."""
+    """The first n generated outputs next to their prompt and one reference (the rest are in the .jsonl file)."""
     with open(jsonl) as fh:
         rows = [json.loads(line) for line, _ in zip(fh, range(n))]
     t = Table(title=escape(f"first {len(rows)} outputs (all in {Path(jsonl).name})"), show_lines=True)
-    for col in ("MR", "output", "a reference"):
+    for col in ("prompt", "generated", "a reference"):
         t.add_column(col, overflow="fold")
     for row in rows:
-        # escape(): MRs such as `eatType[coffee shop]` are data, not rich markup
-        t.add_row(escape(row["mr"]), escape(row["hypothesis"]),
+        # escape(): prompts such as `eatType[coffee shop]` are data, not rich markup
+        t.add_row(escape(row["prompt"]), escape(row["generated"]),
                   escape(row["references"][0]) if row["references"] else "")
     return t
 

@@ -1,39 +1,66 @@
-"""Generation metrics of a run: `hsplit eval RUN --data e2e:PATH --generate [--beams 4]`.
+"""Generation metrics of a run: `hsplit eval RUN --generate [--data [FORMAT:]PATH] [--beams 4]`.
 
-    rep = generate_run("runs/demo", "e2e:/data/e2e/testset_w_refs.csv", beams=1, max_mrs=100)
-    # runs/demo/generate-testset_w_refs.jsonl  one line per MR: mr, hypothesis, references
-    # runs/demo/generate-testset_w_refs.json   the report: bleu, rouge_l, perplexity, settings
+    rep = generate_run("runs/demo")                                    # the run's held-out split
+    rep = generate_run("runs/demo", "e2e:/data/e2e/testset_w_refs.csv", beams=4, max_prompts=100)
+    rep = generate_run("runs/demo", "test.jsonl")                      # prompt/completion or chat JSONL
+    # runs/demo/generate-<heldout | file stem>[-beamN].jsonl  one line per prompt: prompt, generated, references
+    # runs/demo/generate-<heldout | file stem>[-beamN].json   the report: bleu, rouge_l, perplexity, settings
 
-Every distinct MR of the file (in file order, the first `max_mrs`) is decoded from the training
-prompt "MR\\n" with the run's aggregated model (greedy, or beam search with `beams` > 1; at most
-`max_new_tokens`; the text is cut at EOS or the first newline). Metrics are against ALL references
-of that MR: corpus BLEU from sacrebleu (default 13a tokenisation, a variable number of references per
-MR) and ROUGE-L F1 from rouge-score (stemming on; max over an MR's references, averaged over MRs),
-both x100. Perplexity is exp(mean next-token loss) over every reference of the selected MRs (loss on
-the reference only, as in training).
+Data that can be generated from (anything else, e.g. plain text or Shakespeare, is refused, naming these):
+- E2E CSV (`mr`, `ref`): prompt = the MR + newline (as trained); the output is cut at its first newline.
+- prompt/completion: JSONL `{"prompt", "completion"}` or CSV columns `prompt`, `completion`.
+- chat JSONL `{"messages": [{"role", "content"}, ...]}`: prompt = the tokenizer's chat template over every
+  turn before the last assistant turn, with the generation prompt; reference = that turn's content.
+Without --data, the run's own held-out split is used, from its token sequences exactly as trained: the
+tokens before the last labelled span are the prompt, the span (less EOS) the reference; sequences cut at
+seq_len are skipped (their reference is incomplete).
+
+Examples sharing a prompt are one prompt with several references (E2E: an MR's references). Each prompt
+(first appearance order; `max_prompts`: the first N) is decoded with the run's aggregated model (greedy,
+or beam search with `beams` > 1) until EOS (chat: or the template's end-of-turn token), at most
+`max_new_tokens` (default: 1.5 x the longest reference in tokens, at least 16). Metrics are against ALL
+references of a prompt: corpus BLEU from sacrebleu (default 13a tokenisation, a variable number of
+references) and ROUGE-L F1 from rouge-score (stemming on; max over the references, averaged over
+prompts), both x100. Perplexity is exp(mean next-token loss) over every reference of the selected
+prompts (loss on the reference only, as in training).
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.yamlio import atomic_write_text
+from hsplit.planner.yamlio import atomic_write_text, read_yaml
 from hsplit.runtime import rundir
-from hsplit.runtime.data import check_data_ref
+from hsplit.runtime.data import TokenSet, check_data_ref
+
+KINDS = "E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages)"
 
 
-def e2e_path(data: str) -> str:
-    """The path of an E2E --data argument for --generate (checked: exists, E2E or unnamed format)."""
-    path, fmt = check_data_ref(data)
-    if fmt not in ("e2e", "auto"):
-        raise ConfigError("--data", [f"--generate needs E2E data (e2e:PATH), got format {fmt}"])
-    return path
+@dataclass
+class Example:
+    """One record of a --data file: what to generate from and its reference."""
+    kind: str                       # e2e | prompt-completion | chat
+    prompt: str | list[dict]        # text (E2E: the MR), or chat turns before the last assistant turn
+    reference: str
 
+
+@dataclass
+class Prompt:
+    """A distinct prompt with every reference it has."""
+    kind: str
+    ids: list[int]                  # the tokens the model is given
+    shown: str                      # what the outputs show (E2E: the MR; chat: the templated prompt)
+    references: list[str] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)    # held-out split: its sequences (for the perplexity)
+
+
+# ---------------------------------------------------------------- reading --data files
 
 def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
     """E2E CSV (mr, ref) -> [(mr, [ref, ...])] in order of first appearance."""
@@ -52,37 +79,230 @@ def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
+def _record(obj, where: str, problems: list[str]) -> Example | None:
+    """A JSONL object or CSV row as an Example (None and a problem when it has nothing to generate from)."""
+    if not isinstance(obj, dict):
+        problems.append(f"{where}: expected an object with prompt/completion or messages")
+        return None
+    if obj.get("messages") is not None:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                                 and isinstance(m.get("content"), str) for m in msgs):
+            problems.append(f"{where}: messages must be a list of {{role, content}} objects with text values")
+            return None
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None or last == 0:
+            problems.append(f"{where}: messages need an assistant turn after at least one other turn "
+                            "(the last assistant turn is the reference, the turns before it the prompt)")
+            return None
+        return Example("chat", [{"role": m["role"], "content": m["content"]} for m in msgs[:last]],
+                       msgs[last]["content"].strip())
+    if obj.get("prompt") is not None and obj.get("completion") is not None:
+        return Example("prompt-completion", str(obj["prompt"]), str(obj["completion"]).strip())
+    what = "a text record (nothing to generate from)" if obj.get("text") is not None else "no prompt"
+    problems.append(f"{where}: {what}; --generate needs prompt and completion fields, or messages")
+    return None
+
+
+def read_examples(data: str) -> list[Example]:
+    """The records of a --data argument ([FORMAT:]PATH) that --generate can score (ConfigError naming the
+    file, the line and what works otherwise). Checked before any model is loaded."""
+    path, fmt = check_data_ref(data)
+    p = Path(path).expanduser()
+    suffix = p.suffix.lower()
+    if fmt in ("text", "shakespeare") or p.is_dir() or suffix in (".txt", ".md"):
+        raise ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
+                                     f"and references: {KINDS}"])
+    if suffix not in (".csv", ".jsonl", ".json"):
+        raise ConfigError("--data", [f"{data}: --generate reads .csv and .jsonl files ({KINDS}); "
+                                     f"convert {p.name} to one of those"])
+    if fmt == "e2e" or (suffix == ".csv" and fmt == "auto" and _csv_header(p) >= {"mr", "ref"}):
+        return [Example("e2e", mr, ref) for mr, refs in read_mr_groups(p) for ref in refs]
+    problems: list[str] = []
+    out = []
+    if suffix == ".csv" or fmt == "csv":
+        if not _csv_header(p) >= {"prompt", "completion"}:
+            raise ConfigError(str(path), [f"--generate needs columns prompt and completion (or mr and ref: E2E); "
+                                          f"this CSV has {', '.join(sorted(_csv_header(p))) or 'no header'}"])
+        with open(p, newline="", encoding="utf-8") as f:
+            for i, row in enumerate(csv.DictReader(f)):
+                out.append(_record({"prompt": row.get("prompt"), "completion": row.get("completion"),
+                                    "text": row.get("text")}, f"row {i + 2}", problems))
+    else:
+        try:
+            lines = p.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ConfigError(str(path), ["not UTF-8 text: --generate reads JSONL, one object per line"]) from None
+        for i, line in enumerate(lines):
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    problems.append(f"line {i + 1}: not valid JSON: {e}")
+                    continue
+                out.append(_record(obj, f"line {i + 1}", problems))
+    if problems:
+        raise ConfigError(str(path), problems)
+    if not out:
+        raise ConfigError(str(path), [f"no records; --generate needs {KINDS}"])
+    return out
+
+
+def _csv_header(path: Path) -> set[str]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return set(next(csv.reader(f), []))
+
+
+# ---------------------------------------------------------------- prompts
+
+def _render(tok, turns: list[dict], generation_prompt: bool = False) -> str | None:
+    """The chat template applied to `turns`; None when the template cannot render them."""
+    from jinja2 import TemplateError
+    try:
+        return tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    except (TemplateError, ValueError, TypeError, KeyError):
+        return None
+
+
+def chat_end_ids(tok) -> list[int]:
+    """The special token that ends an assistant turn in the tokenizer's chat template (e.g. <|im_end|>)."""
+    text = _render(tok, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "\x07"}]) or ""
+    tail = text[text.rfind("\x07") + 1:] if "\x07" in text else ""
+    special = set(tok.all_special_ids)
+    return [i for i in tok(tail, add_special_tokens=False)["input_ids"] if i in special][:1]
+
+
+def generation_header(tok) -> str:
+    """What the chat template adds for add_generation_prompt (e.g. `<|im_start|>assistant\\n`); '' without one."""
+    if not getattr(tok, "chat_template", None):
+        return ""
+    turn = [{"role": "user", "content": "\x07"}]
+    with_header, without = _render(tok, turn, True), _render(tok, turn)
+    return with_header[len(without):] if with_header and without and with_header.startswith(without) else ""
+
+
+def prompts_of(examples: list[Example], tok, source: str) -> list[Prompt]:
+    """Group examples by prompt (first appearance order) and tokenise the prompts as training does."""
+    groups: dict[str, Prompt] = {}
+    if any(e.kind == "chat" for e in examples) and not getattr(tok, "chat_template", None):
+        raise ConfigError(source, [f"chat records need the model's chat template, and its tokenizer "
+                                   f"({tok.name_or_path}) has none: use a model that ships one (set "
+                                   "chat_template in its tokenizer_config.json) or prompt/completion records"])
+    for k, e in enumerate(examples):
+        if e.kind == "chat":
+            text = shown = _render(tok, e.prompt, True)
+            if text is None:
+                raise ConfigError(source, [f"record {k + 1}: the chat template of {tok.name_or_path} cannot render "
+                                           "its turns (roles it does not accept, or their order)"])
+        else:
+            text = e.prompt + "\n" if e.kind == "e2e" else e.prompt
+            shown = e.prompt
+        g = groups.get(text)
+        if g is None:
+            g = groups[text] = Prompt(e.kind, tok(text, add_special_tokens=False)["input_ids"], shown)
+        g.references.append(e.reference)
+    return list(groups.values())
+
+
+def _file_references(tok, data_ref: str) -> dict[tuple, list[tuple[list[int], str]]]:
+    """{prompt ids: [(reference ids, reference)]} of a data file --generate can read ({} when it cannot)."""
+    try:
+        examples = read_examples(data_ref)
+        prompts = prompts_of(examples, tok, data_ref)
+    except (ConfigError, OSError, UnicodeDecodeError):
+        return {}
+    refs = [r for g in prompts for r in g.references]
+    ids = iter(tok(refs, add_special_tokens=False)["input_ids"] if refs else [])
+    return {tuple(g.ids): [(next(ids), r) for r in g.references] for g in prompts}
+
+
+def heldout_prompts(sim, data: dict) -> tuple[list[Prompt], int]:
+    """The run's held-out split as prompts (see the module docstring); (prompts, sequences skipped because
+    seq_len cut their reference and the data file does not give it whole). data: config.yaml's `data`."""
+    tok, ev = sim.lm.tokenizer, sim.data.eval
+    fmt, width = str(data.get("format", "")), ev.input_ids.shape[1]
+    special = set(tok.all_special_ids)
+    groups: dict[tuple, Prompt] = {}
+    whole: dict | None = None
+    cut = 0
+    header = generation_header(tok)
+    for i in range(len(ev)):
+        n = int(ev.attention_mask[i].sum())
+        ids, lab = ev.input_ids[i, :n].tolist(), ev.labels[i, :n].tolist()
+        on = [j for j, x in enumerate(lab) if x != -100]
+        if not on or on[0] == 0:             # no prompt (a text chunk), or a prompt that fills seq_len
+            cut += bool(not on and n == width)
+            continue
+        start = on[-1]
+        while lab[start - 1] != -100:        # the last labelled span
+            start -= 1
+        key, span = tuple(ids[:start]), ids[start:on[-1] + 1]
+        if n == width and span[-1] not in special:      # seq_len cut the reference: take it whole from the file
+            if whole is None:
+                whole = _file_references(tok, f"{fmt}:{data.get('path')}" if fmt else str(data.get("path")))
+            found = [r for r_ids, r in whole.get(key, []) if r_ids[:len(span)] == span]
+            if not found:
+                cut += 1
+                continue
+            ref = found[0]
+        else:
+            ref = tok.decode(span, skip_special_tokens=True).strip()
+        g = groups.get(key)
+        if g is None:
+            shown = tok.decode(key)
+            kind = ("e2e" if fmt == "e2e" else "chat" if "chat" in fmt or (header and shown.endswith(header))
+                    else "prompt-completion")
+            shown = tok.decode(key, skip_special_tokens=True).strip() if kind == "e2e" else shown
+            g = groups[key] = Prompt(kind, list(key), shown)
+        g.references.append(ref)
+        g.rows.append(i)
+    if not groups:
+        why = (f"all {cut} held-out sequences are cut at seq_len {width}" if cut else
+               "its held-out sequences have no prompt (text data)")
+        raise ConfigError("--generate", [f"nothing to generate from in the run's held-out split: {why}; "
+                                         f"give --data FILE ({KINDS})"])
+    return list(groups.values()), cut
+
+
+# ---------------------------------------------------------------- decoding and scoring
+
 @torch.no_grad()
-def generate_texts(sim, prompts: list[str], max_new_tokens: int = 64, beams: int = 1,
-                   batch_size: int = 16) -> list[str]:
-    """Decode every prompt with the simulation's aggregated model (left-padded batches)."""
+def generate_ids(sim, prompts: list[list[int]], max_new_tokens: int, beams: int = 1, batch_size: int = 16,
+                 stop_ids: list[int] = (), first_line: bool = False) -> list[str]:
+    """Decode every prompt (token ids) with the simulation's aggregated model (left-padded batches)."""
     tok, model = sim.lm.tokenizer, sim.lm.model
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    ids = tok(prompts, add_special_tokens=False)["input_ids"]
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    out: list[str] = [""] * len(ids)
+    stops = list(dict.fromkeys([eos, *stop_ids]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[str] = [""] * len(prompts)
     model.eval()
     sim.bank.activate(sim.eval_adapter())
     try:
         for s in range(0, len(order), batch_size):
             chunk = order[s:s + batch_size]
-            width = max(len(ids[i]) for i in chunk)
+            width = max(len(prompts[i]) for i in chunk)
             x = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros_like(x)
             for row, i in enumerate(chunk):
-                x[row, width - len(ids[i]):] = torch.tensor(ids[i])
-                mask[row, width - len(ids[i]):] = 1
+                x[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[row, width - len(prompts[i]):] = 1
             with sim.autocast():
                 gen = model.generate(input_ids=x.to(sim.device), attention_mask=mask.to(sim.device),
                                      max_new_tokens=max_new_tokens, num_beams=beams, do_sample=False,
-                                     eos_token_id=eos, pad_token_id=pad, use_cache=True)
+                                     eos_token_id=stops, pad_token_id=pad, use_cache=True)
             for row, i in enumerate(chunk):
-                text = tok.decode(gen[row, width:], skip_special_tokens=True)
-                out[i] = text.strip().split("\n")[0].strip()     # first non-empty line
+                text = tok.decode(gen[row, width:], skip_special_tokens=True).strip()
+                out[i] = text.split("\n")[0].strip() if first_line else text
     finally:
         sim.bank.activate(None)
     return out
+
+
+def generate_texts(sim, prompts: list[str], max_new_tokens: int = 64, beams: int = 1, batch_size: int = 16) -> list[str]:
+    """E2E-style: decode text prompts, keep each output's first line."""
+    ids = sim.lm.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    return generate_ids(sim, ids, max_new_tokens, beams, batch_size, first_line=True)
 
 
 def text_metrics(hyps: list[str], refs: list[list[str]]) -> dict:
@@ -99,43 +319,76 @@ def text_metrics(hyps: list[str], refs: list[list[str]]) -> dict:
     return {"bleu": bleu.score, "rouge_l": 100.0 * sum(rouge) / len(rouge), "bleu_signature": str(metric.get_signature())}
 
 
-def reference_perplexity(sim, groups: list[tuple[str, list[str]]], max_refs: int | None = None) -> tuple[float, int]:
-    """Loss over the references of `groups` (prompt = MR + newline, as in training): all of them, or
-    `max_refs` evenly spread; returns (loss, references used)."""
-    from hsplit.runtime.data import TokenSet, _tokenise
+def reference_set(tok, prompts: list[Prompt], seq_len: int, end_ids: list[int]) -> TokenSet:
+    """Every (prompt, reference) pair as training tokenises it: prompt + reference + end, loss on the reference."""
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pairs = [(g.ids, r) for g in prompts for r in g.references]
+    refs = tok([r for _, r in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+    ids = torch.full((len(pairs), seq_len), pad, dtype=torch.long)
+    mask, labels = torch.zeros_like(ids), torch.full_like(ids, -100)
+    for i, ((p, _), c) in enumerate(zip(pairs, refs)):
+        seq = (p + c + end_ids)[:seq_len]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        mask[i, :len(seq)] = 1
+        labels[i, len(p):len(seq)] = ids[i, len(p):len(seq)]
+    return TokenSet(ids, mask, labels)
+
+
+def auto_max_new_tokens(tok, prompts: list[Prompt]) -> int:
+    """1.5 x the longest reference in tokens, at least 16."""
+    longest = max(len(x) for x in tok([r for g in prompts for r in g.references], add_special_tokens=False)["input_ids"])
+    return max(16, math.ceil(1.5 * longest))
+
+
+def generate_on(sim, prompts: list[Prompt], *, beams: int = 1, max_new_tokens: int | None = None,
+                batch_size: int = 16, heldout: bool = False) -> tuple[dict, list[dict]]:
+    """(report, one row per prompt) of the simulation's aggregated model on `prompts`."""
     from hsplit.runtime.evaluate import evaluate
 
-    records = [("e2e", mr + "\n", ref) for mr, refs in groups for ref in refs]
-    sets = _tokenise(records, "e2e", sim.lm.tokenizer, sim.training.seq_len)
-    data = TokenSet.cat(list(sets.values()), sim.training.seq_len)
-    return evaluate(sim, data, max_refs), min(len(data), max_refs or len(data))
-
-
-def generate_on(sim, data: str, max_mrs: int | None = None, beams: int = 1, max_new_tokens: int = 64,
-                batch_size: int = 16, ppl_max_refs: int | None = None) -> tuple[dict, list[dict]]:
-    """(report, per-MR rows) of the simulation's aggregated model on an E2E file."""
-    path = e2e_path(data)
-    groups = read_mr_groups(path)[:max_mrs] if max_mrs else read_mr_groups(path)
-    hyps = generate_texts(sim, [mr + "\n" for mr, _ in groups], max_new_tokens, beams, batch_size)
-    metrics = text_metrics(hyps, [refs for _, refs in groups])
-    loss, n_refs = reference_perplexity(sim, groups, ppl_max_refs)
-    report = {"data": str(path), "mrs": len(groups), "references": n_refs, "decoding": "greedy" if beams == 1
-              else f"beam {beams}", "max_new_tokens": max_new_tokens, **metrics, "eval_loss": loss,
-              "perplexity": math.exp(loss) if loss == loss else None}
-    rows = [{"mr": mr, "hypothesis": h, "references": refs} for (mr, refs), h in zip(groups, hyps)]
+    tok = sim.lm.tokenizer
+    end = chat_end_ids(tok) if any(g.kind == "chat" for g in prompts) else []
+    new = max_new_tokens or auto_max_new_tokens(tok, prompts)
+    hyps = generate_ids(sim, [g.ids for g in prompts], new, beams, batch_size, end,
+                        first_line=prompts[0].kind == "e2e")
+    refs = [g.references for g in prompts]
+    metrics = text_metrics(hyps, refs)
+    data = (sim.data.eval.subset([i for g in prompts for i in g.rows]) if heldout
+            else reference_set(tok, prompts, sim.training.seq_len, end or [tok.eos_token_id]))
+    loss = evaluate(sim, data)
+    report = {"prompts": len(prompts), "references": sum(map(len, refs)),
+              "decoding": "greedy" if beams == 1 else f"beam {beams}", "max_new_tokens": new, **metrics,
+              "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}
+    rows = [{"prompt": g.shown, "generated": h, "references": g.references} for g, h in zip(prompts, hyps)]
     return report, rows
 
 
-def generate_run(run_dir: str | Path, data: str, max_mrs: int | None = None, beams: int = 1,
-                 max_new_tokens: int = 64, batch_size: int = 16, device: str = "cpu") -> dict:
-    """Generation metrics of a run's latest aggregated model; writes generate-<stem>.{jsonl,json} there."""
+def generate_run(run_dir: str | Path, data: str | None = None, max_prompts: int | None = None, beams: int = 1,
+                 max_new_tokens: int | None = None, batch_size: int = 16, device: str = "cpu") -> dict:
+    """Generation metrics of a run's latest aggregated model on its held-out split (data None) or a --data
+    file; writes generate-<heldout | stem>[-beamN].{jsonl,json} into the run folder."""
     run_dir = Path(run_dir)
-    path = e2e_path(data)                       # a bad --data fails before the model loads
-    read_mr_groups(path)
-    sim, _, r = rundir.load_run(run_dir, device=device)   # --device is checked first thing (common.pick_device)
-    report, rows = generate_on(sim, data, max_mrs, beams, max_new_tokens, batch_size)
-    report = {"run": str(run_dir), "round": r, "device": str(sim.device), **report}
-    stem = f"generate-{Path(path).stem}" + ("" if beams == 1 else f"-beam{beams}")
+    examples = read_examples(data) if data else None     # a bad --data fails before the model loads
+    if data is None:
+        cfg = run_dir / "config.yaml"
+        fmt = (read_yaml(cfg).get("data") or {}).get("format") if cfg.is_file() else None
+        if fmt in ("text", "shakespeare"):
+            raise ConfigError("--generate", [f"the run's data is {fmt}: nothing to generate from; --generate needs "
+                                             f"prompts and references: give --data FILE ({KINDS})"])
+    sim, config, r = rundir.load_run(run_dir, device=device)   # --device is checked first thing (common.pick_device)
+    cut = 0
+    if examples is not None:
+        prompts = prompts_of(examples, sim.lm.tokenizer, check_data_ref(data)[0])
+    else:
+        prompts, cut = heldout_prompts(sim, config.get("data") or {})
+    prompts = prompts[:max_prompts] if max_prompts else prompts
+    report, rows = generate_on(sim, prompts, beams=beams, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               heldout=examples is None)
+    source = check_data_ref(data)[0] if data else (config.get("data") or {}).get("path")
+    report = {"run": str(run_dir), "round": r, "device": str(sim.device), "split": "held-out" if data is None else
+              "file", "data": str(source), "kind": prompts[0].kind,
+              **report, **({"skipped_cut_at_seq_len": cut} if examples is None else {})}
+    stem = ("generate-heldout" if data is None else f"generate-{Path(source).stem}") + (
+        "" if beams == 1 else f"-beam{beams}")
     atomic_write_text(run_dir / f"{stem}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
     atomic_write_text(run_dir / f"{stem}.json", json.dumps(report, indent=1) + "\n")
     report["outputs"] = [str(run_dir / f"{stem}.jsonl"), str(run_dir / f"{stem}.json")]

@@ -3,6 +3,7 @@ import json
 import os
 
 import pytest
+import yaml
 from conftest import tiny_e2e_plan
 import torch
 
@@ -14,6 +15,10 @@ from typer.testing import CliRunner
 from hsplit.cli import app
 from hsplit.runtime.data import split_data_ref
 from hsplit.runtime.generate import read_mr_groups, text_metrics
+
+
+def read_mr_groups_pairs(path):
+    return [(mr, ref) for mr, refs in read_mr_groups(path) for ref in refs]
 
 
 def test_metrics_use_every_reference_of_an_mr():
@@ -43,7 +48,7 @@ def test_generate_through_the_cli_writes_outputs_next_to_the_run(tmp_path, monke
                               "--max-new-tokens", "8", "--max-mrs", "3", "--format", "json"])
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["mrs"] == 3 and rep["references"] == 36 and rep["decoding"] == "beam 2"
+    assert rep["prompts"] == 3 and rep["references"] == 36 and rep["decoding"] == "beam 2" and rep["kind"] == "e2e"
     assert 0 <= rep["bleu"] <= 100 and 0 <= rep["rouge_l"] <= 100 and rep["perplexity"] > 1
     lines = (run_dir / "generate-e2e-beam2.jsonl").read_text().splitlines()
     assert len(lines) == 3 and len(json.loads(lines[0])["references"]) == 12
@@ -55,9 +60,17 @@ def test_generate_through_the_cli_writes_outputs_next_to_the_run(tmp_path, monke
     assert res.exit_code == 0, res.output
     assert "first 2 outputs" in res.output and "name[Place0], food[French]" in res.output
     assert "BLEU" in res.output and "generate-e2e.jsonl" in res.output
-    # without --data it is one clear error
-    res = runner.invoke(app, ["eval", str(run_dir), "--generate"])
-    assert res.exit_code == 2 and "--data" in res.output
+    # without --data: the run's held-out split, its MRs as trained, every held-out reference of an MR
+    res = runner.invoke(app, ["eval", str(run_dir), "--generate", "--max-new-tokens", "8", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    held = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["eval_sequences"]
+    assert rep["split"] == "held-out" and rep["kind"] == "e2e" and rep["references"] == held == 5   # 1 of 12 x 5
+    assert rep["skipped_cut_at_seq_len"] == 0        # seq_len 32 cut them: the references come whole from the file
+    rows = [json.loads(x) for x in (run_dir / "generate-heldout.jsonl").read_text().splitlines()]
+    assert len(rows) == rep["prompts"] and sum(len(r["references"]) for r in rows) == 5
+    pairs = set(read_mr_groups_pairs(data))
+    assert all((r["prompt"], ref) in pairs for r in rows for ref in r["references"])
 
 
 # ---------------------------------------------------------------- QA fixes: --data, markup, signature, --device, --format
