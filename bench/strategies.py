@@ -93,7 +93,7 @@ def _fleet_file(args, out: Path) -> Path:
 
 def run_one(label: str, plan_path: Path, args, out: Path) -> dict:
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.generate import generate_on
+    from hsplit.runtime.generate import generate_file
     from hsplit.runtime.loop import run
     from hsplit.runtime.options import RunOptions
     from hsplit.runtime.rundir import RunFinished, RunResult, load_run
@@ -109,9 +109,9 @@ def run_one(label: str, plan_path: Path, args, out: Path) -> dict:
         res = RunResult.of_run(runs / name)
     train_s = time.perf_counter() - t0
     sim, _, _ = load_run(res.run_dir, device=args.device)
-    gen, rows = generate_on(sim, f"e2e:{args.test}", max_mrs=args.test_mrs or None, beams=args.beams,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
-                            ppl_max_refs=args.test_ppl_refs or None)
+    gen, rows = generate_file(sim, f"e2e:{args.test}", max_prompts=args.test_mrs or None, beams=args.beams,
+                              max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                              ppl_max_refs=args.test_ppl_refs or None)
     (res.run_dir / "generations.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     plan = Plan.load(plan_path)
     curve = [{"round": r["round"], "eval_ppl": r["eval_ppl"], "fleet_s": r["fleet_total_s"], "wall_s": r["wall_s"],

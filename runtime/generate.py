@@ -341,8 +341,9 @@ def auto_max_new_tokens(tok, prompts: list[Prompt]) -> int:
 
 
 def generate_on(sim, prompts: list[Prompt], *, beams: int = 1, max_new_tokens: int | None = None,
-                batch_size: int = 16, heldout: bool = False) -> tuple[dict, list[dict]]:
-    """(report, one row per prompt) of the simulation's aggregated model on `prompts`."""
+                batch_size: int = 16, heldout: bool = False, ppl_max_refs: int | None = None) -> tuple[dict, list[dict]]:
+    """(report, one row per prompt) of the simulation's aggregated model on `prompts` (perplexity over all
+    their references, or `ppl_max_refs` evenly spread)."""
     from hsplit.runtime.evaluate import evaluate
 
     tok = sim.lm.tokenizer
@@ -354,12 +355,19 @@ def generate_on(sim, prompts: list[Prompt], *, beams: int = 1, max_new_tokens: i
     metrics = text_metrics(hyps, refs)
     data = (sim.data.eval.subset([i for g in prompts for i in g.rows]) if heldout
             else reference_set(tok, prompts, sim.training.seq_len, end or [tok.eos_token_id]))
-    loss = evaluate(sim, data)
+    loss = evaluate(sim, data, ppl_max_refs)
     report = {"prompts": len(prompts), "references": sum(map(len, refs)),
+              "perplexity_references": min(len(data), ppl_max_refs or len(data)),
               "decoding": "greedy" if beams == 1 else f"beam {beams}", "max_new_tokens": new, **metrics,
               "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}
     rows = [{"prompt": g.shown, "generated": h, "references": g.references} for g, h in zip(prompts, hyps)]
     return report, rows
+
+
+def generate_file(sim, data: str, max_prompts: int | None = None, **kw) -> tuple[dict, list[dict]]:
+    """(report, rows) of a loaded simulation on a --data file (bench/strategies.py); kw: generate_on's."""
+    prompts = prompts_of(read_examples(data), sim.lm.tokenizer, check_data_ref(data)[0])
+    return generate_on(sim, prompts[:max_prompts] if max_prompts else prompts, **kw)
 
 
 def generate_run(run_dir: str | Path, data: str | None = None, max_prompts: int | None = None, beams: int = 1,

@@ -173,3 +173,14 @@ def test_a_missing_csv_data_path_is_a_config_error_not_a_traceback(tmp_path):
     from hsplit.runtime.data import detect_format
     with pytest.raises(ConfigError, match="no such file"):
         detect_format(DataSpec(path=str(tmp_path / "nope.csv")))
+
+
+def test_generate_file_on_a_loaded_run_as_the_benchmark_calls_it(bracket_run):
+    """bench/strategies.py: a loaded simulation, the first N MRs, perplexity over N references spread out."""
+    from hsplit.runtime.generate import generate_file
+    from hsplit.runtime.rundir import load_run
+    run_dir, data = bracket_run
+    sim, _, _ = load_run(run_dir)
+    rep, rows = generate_file(sim, f"e2e:{data}", max_prompts=1, max_new_tokens=4, ppl_max_refs=3)
+    assert rep["prompts"] == 1 == len(rows) and rep["references"] == 40 and rep["perplexity_references"] == 3
+    assert rows[0]["prompt"] == BRACKET_MR and len(rows[0]["references"]) == 40
