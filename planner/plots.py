@@ -7,9 +7,10 @@
                       joins only that fleet's scenarios and is labelled
     splits_ranks.png  per device name: chosen split points and total ranks across scenarios
 
-`plot_vs_value(df, metric)` draws one metric against the varied value when exactly one field is
-varied (notebooks/whatif.ipynb uses it; the CLI does not write it). Every mark drawn has a legend
-entry, and every figure has its own title. A plot with nothing to show (no feasible scenario) is
+`FIGURES[name](df)` builds the figure of one file (tests inspect them). `plot_vs_value(df, metric)`
+draws one metric against the varied value when exactly one field is varied (notebooks/whatif.ipynb
+uses it; the CLI does not write it). Every mark drawn has a legend entry, and every figure has its
+own title, wrapped to its axes. A plot with nothing to show (no feasible scenario) is
 still written, and says so in its middle. Each file is written to a temporary name and renamed, so
 a failed run leaves no half-written PNG.
 """
@@ -66,6 +67,14 @@ def _partial(df: pd.DataFrame) -> pd.Series:
     return _feasible(df) & (share.fillna(1.0) < 1.0)
 
 
+def _fit(ax, title: str) -> str:
+    """The title wrapped to the width of its axes (about 0.6 em per character), so that the titles of
+    axes side by side never run into each other."""
+    size = plt.rcParams["axes.titlesize"]
+    em = matplotlib.font_manager.FontProperties(size=size).get_size_in_points() * ax.figure.dpi / 72
+    return "\n".join(textwrap.wrap(title, max(16, int(ax.get_window_extent().width / (0.6 * em)))))
+
+
 def _save(fig, path: Path) -> Path:
     """Write the figure to `path` via a temporary file and a rename; always closes the figure."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -85,7 +94,7 @@ def _say_nothing(ax, text: str = NOTHING_FEASIBLE) -> None:
     ax.set_yticks([])
 
 
-def plot_round_time(df: pd.DataFrame, path: Path) -> Path:
+def round_time_figure(df: pd.DataFrame):
     n = len(df)
     fig, ax = plt.subplots(figsize=(9, max(2.5, 0.32 * n + 1.4)))
     ok, partial = _feasible(df), _partial(df)
@@ -119,16 +128,16 @@ def plot_round_time(df: pd.DataFrame, path: Path) -> Path:
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.set_xlim(0, float(df["round_s"].max()) * 1.15)   # room for the value labels
     ax.grid(axis="x", alpha=0.3)
-    return _save(fig, path)
+    return fig
 
 
-def plot_pareto(df: pd.DataFrame, path: Path) -> Path:
+def pareto_figure(df: pd.DataFrame):
     ok = _feasible(df)
     fig, ax = plt.subplots(figsize=(9, 6))
     ax.set_title("Utility against predicted round time, Pareto front per fleet")
     if not ok.any():
         _say_nothing(ax)
-        return _save(fig, path)
+        return fig
     front, partial = pareto_front(df, per_fleet=True), _partial(df)
     fleets = list(dict.fromkeys(df.loc[ok, "fleet"]))
     middle = (df.loc[ok, "round_s"].min() + df.loc[ok, "round_s"].max()) / 2
@@ -159,7 +168,7 @@ def plot_pareto(df: pd.DataFrame, path: Path) -> Path:
     ax.margins(x=0.12, y=0.08)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    return _save(fig, path)
+    return fig
 
 
 BOX_LEGEND = [Patch(facecolor="white", edgecolor="black", label="middle half (quartiles)"),
@@ -169,7 +178,7 @@ BOX_LEGEND = [Patch(facecolor="white", edgecolor="black", label="middle half (qu
               Line2D([], [], marker="o", color="black", mfc="none", ls="none", label="outlier")]
 
 
-def plot_splits_ranks(clients: pd.DataFrame, path: Path) -> Path:
+def splits_ranks_figure(clients: pd.DataFrame):
     devices = sorted(clients["device"].unique()) if len(clients) else []
     fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(devices) + 5), 5.5))
     fig.suptitle("Split points and total LoRA ranks per device, over all feasible scenarios")
@@ -186,13 +195,13 @@ def plot_splits_ranks(clients: pd.DataFrame, path: Path) -> Path:
         ax.grid(axis="y", alpha=0.3)
     if devices:
         fig.legend(handles=BOX_LEGEND, fontsize=8, loc="lower center", ncol=len(BOX_LEGEND), bbox_to_anchor=(0.5, -0.06))
-    return _save(fig, path)
+    return fig
 
 
 def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None):
     """One metric against the varied value, one line per fleet, for a what-if table that varies
-    exactly one field (`df.attrs["vary"]`). Numeric values are placed on a numeric axis, others in
-    order. Infeasible scenarios are crosses (on the bottom edge when the metric has no value for them)
+    exactly one field (`df.attrs["vary"]`). Numeric values are placed on a numeric axis (log when they
+    span more than two decades), others in order. Infeasible scenarios are crosses (on the bottom edge when the metric has no value for them)
     and scenarios in which some client groups cannot take part are ringed; each has a legend entry.
     Returns the axes."""
     vary = df.attrs.get("vary", [])
@@ -224,19 +233,28 @@ def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None):
         ax.scatter(x[~ok & ~has], [0.02] * int((~ok & ~has).sum()), marker="x", s=60, color=SERVER,
                    transform=edge, clip_on=False, label="infeasible: no client can take part" if
                    not (~ok & has).any() else None)
+    if x is numeric and x.min() > 0 and x.max() >= 100 * x.min():
+        ax.set_xscale("log")
     if x is not numeric:
         ax.set_xticks(list(x), [_short(str(v), 20) for v in df[field]], rotation=30, fontsize=8)
     ax.set_xlabel(field)
     ax.set_ylabel(label)
-    ax.set_title("\n".join(textwrap.wrap(f"{label[0].upper()}{label[1:]} against {short_path(field)}", 48)))
+    ax.set_title(_fit(ax, f"{label[0].upper()}{label[1:]} against {short_path(field)}"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return ax
 
 
+def _clients(df: pd.DataFrame) -> pd.DataFrame:
+    return df.attrs.get("clients", pd.DataFrame(columns=list(CLIENT_COLUMNS)))
+
+
+# The figures `hsplit whatif` writes: file name -> builder (each figure with its own title).
+FIGURES = {"round_time.png": round_time_figure, "pareto.png": pareto_figure,
+           "splits_ranks.png": lambda df: splits_ranks_figure(_clients(df))}
+
+
 def write_plots(df: pd.DataFrame, outdir: Path) -> list[Path]:
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    clients = df.attrs.get("clients", pd.DataFrame(columns=list(CLIENT_COLUMNS)))
-    return [plot_round_time(df, outdir / "round_time.png"), plot_pareto(df, outdir / "pareto.png"),
-            plot_splits_ranks(clients, outdir / "splits_ranks.png")]
+    return [_save(build(df), outdir / name) for name, build in FIGURES.items()]
