@@ -1,4 +1,4 @@
-"""Plots for what-if results (matplotlib, Agg backend): written as PNG files by `hsplit whatif`.
+"""Plots for what-if results (matplotlib): written as PNG files by `hsplit whatif`.
 
     round_time.png    predicted round time per scenario, bars coloured by who is the straggler,
                       hatched when some client groups cannot take part; infeasible scenarios are
@@ -21,10 +21,9 @@ import textwrap
 from pathlib import Path
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.transforms import blended_transform_factory
@@ -70,20 +69,20 @@ def _partial(df: pd.DataFrame) -> pd.Series:
 def _fit(ax, title: str) -> str:
     """The title wrapped to the width of its axes (about 0.6 em per character), so that the titles of
     axes side by side never run into each other."""
-    size = plt.rcParams["axes.titlesize"]
-    em = matplotlib.font_manager.FontProperties(size=size).get_size_in_points() * ax.figure.dpi / 72
-    return "\n".join(textwrap.wrap(title, max(16, int(ax.get_window_extent().width / (0.6 * em)))))
+    size = matplotlib.rcParams["axes.titlesize"]
+    em = FontProperties(size=size).get_size_in_points() * ax.figure.dpi / 72
+    return "\n".join(textwrap.wrap(title, max(16, int(ax.get_window_extent().width / (0.6 * em))), break_on_hyphens=False))
 
 
 def _save(fig, path: Path) -> Path:
-    """Write the figure to `path` via a temporary file and a rename; always closes the figure."""
+    """Write the figure to `path` via a temporary file and a rename. The figures are plain `Figure`s
+    (no pyplot): they render with Agg whatever backend a notebook or the user has chosen."""
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         fig.tight_layout()
         fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")   # legends beside the axes included
         os.replace(tmp, path)
     finally:
-        plt.close(fig)
         tmp.unlink(missing_ok=True)
     return path
 
@@ -96,7 +95,8 @@ def _say_nothing(ax, text: str = NOTHING_FEASIBLE) -> None:
 
 def round_time_figure(df: pd.DataFrame):
     n = len(df)
-    fig, ax = plt.subplots(figsize=(9, max(2.5, 0.32 * n + 1.4)))
+    fig = Figure(figsize=(9, max(2.5, 0.32 * n + 1.4)))
+    ax = fig.subplots()
     ok, partial = _feasible(df), _partial(df)
     colours = [SERVER if str(s) == "server" else CLIENT for s in df["straggler"]]
     y = list(range(n))
@@ -133,7 +133,8 @@ def round_time_figure(df: pd.DataFrame):
 
 def pareto_figure(df: pd.DataFrame):
     ok = _feasible(df)
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig = Figure(figsize=(9, 6))
+    ax = fig.subplots()
     ax.set_title("Utility against predicted round time, Pareto front per fleet")
     if not ok.any():
         _say_nothing(ax)
@@ -180,7 +181,8 @@ BOX_LEGEND = [Patch(facecolor="white", edgecolor="black", label="middle half (qu
 
 def splits_ranks_figure(clients: pd.DataFrame):
     devices = sorted(clients["device"].unique()) if len(clients) else []
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.1 * len(devices) + 5), 5.5))
+    fig = Figure(figsize=(max(10, 1.1 * len(devices) + 5), 5.5))
+    axes = fig.subplots(1, 2)
     fig.suptitle("Split points and total LoRA ranks per device, over all feasible scenarios")
     for ax, col, label, title in ((axes[0], "split", "split point (client blocks)", "Split point"),
                                   (axes[1], "total_rank", "total LoRA rank", "Total LoRA rank")):
@@ -198,12 +200,13 @@ def splits_ranks_figure(clients: pd.DataFrame):
     return fig
 
 
-def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None):
+def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None, label: str | None = None):
     """One metric against the varied value, one line per fleet, for a what-if table that varies
     exactly one field (`df.attrs["vary"]`). Numeric values are placed on a numeric axis (log when they
-    span more than two decades), others in order. Infeasible scenarios are crosses (on the bottom edge when the metric has no value for them)
-    and scenarios in which some client groups cannot take part are ringed; each has a legend entry.
-    Returns the axes."""
+    span more than two decades), others in order. Infeasible scenarios are crosses (on the bottom edge
+    when the metric has no value for them) and scenarios in which some client groups cannot take part
+    are ringed; each has a legend entry. `label` names the metric on the axis, in the legend and the
+    title (default: METRIC_LABELS, else the column name). Returns the axes."""
     vary = df.attrs.get("vary", [])
     if len(vary) != 1:
         raise ValueError(f"plot_vs_value needs a what-if table that varies exactly one field; this one varies "
@@ -214,11 +217,12 @@ def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None):
     numeric = pd.to_numeric(df[field], errors="coerce")
     x = numeric if numeric.notna().all() else pd.Series(range(len(df)), index=df.index, dtype=float)
     if ax is None:
+        import matplotlib.pyplot as plt     # a new figure where pyplot shows it (a notebook's inline backend)
         _, ax = plt.subplots(figsize=(7, 4))
     ok, partial = _feasible(df), _partial(df)
     has = df[metric].notna()            # infeasible rows have no value, except fleet_share (0)
     fleets = list(dict.fromkeys(df["fleet"]))
-    label = METRIC_LABELS.get(metric, metric)
+    label = label or METRIC_LABELS.get(metric, metric)
     for n, fleet in enumerate(fleets):
         mine = has & (df["fleet"] == fleet)
         ax.plot(x[mine], df.loc[mine, metric], "-o", color=FLEET_COLOURS[n % len(FLEET_COLOURS)],
