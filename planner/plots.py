@@ -71,7 +71,8 @@ def _fit(ax, title: str) -> str:
     axes side by side never run into each other."""
     size = matplotlib.rcParams["axes.titlesize"]
     em = FontProperties(size=size).get_size_in_points() * ax.figure.dpi / 72
-    return "\n".join(textwrap.wrap(title, max(16, int(ax.get_window_extent().width / (0.6 * em))), break_on_hyphens=False))
+    width = max(16, int(ax.get_window_extent().width / (0.6 * em)))
+    return "\n".join(textwrap.wrap(title, width, break_on_hyphens=False))
 
 
 def _save(fig, path: Path) -> Path:
@@ -109,7 +110,7 @@ def round_time_figure(df: pd.DataFrame):
         ax.text((r if is_ok else 0), i, f" {r:.3g} s" if is_ok else " infeasible", va="center", fontsize=8,
                 color="black" if is_ok else GREY)
     ax.set_yticks(y, [_short(s) for s in df["label"]], fontsize=8)
-    ax.invert_yaxis()
+    ax.set_ylim(n - 0.5, -0.5)                  # first scenario on top, no empty band
     ax.set_xlabel("predicted round time (s)")
     if not ok.any():
         ax.set_xlim(0, 1)
@@ -152,12 +153,14 @@ def pareto_figure(df: pd.DataFrame):
                        label=f"{name}other scenarios")
         f = df[mine & front].sort_values("round_s")
         ax.plot(f["round_s"], f["utility"], "-o", color=colour, label=f"{name}Pareto front")
-        for k, (_, r) in enumerate(f.iterrows()):
-            text = r["label"].removeprefix(f"{fleet} ") if len(fleets) > 1 else r["label"]
-            right = r["round_s"] > middle          # label towards the middle, so it stays inside the axes
-            ax.annotate(_short(text, 70), (r["round_s"], r["utility"]), fontsize=7, color=colour,
-                        xytext=(-6 if right else 6, -10 if k % 2 else 4), textcoords="offset points",
-                        ha="right" if right else "left")
+        # one label per point: scenarios with the same round time and utility share it
+        points = f.groupby([f["round_s"].round(6), f["utility"].round(9)], sort=True)["label"].agg(list)
+        for k, ((x, y), names) in enumerate(points.items()):
+            text = names[0].removeprefix(f"{fleet} ") if len(fleets) > 1 else names[0]
+            text = _short(text, 70) + (f" (+{len(names) - 1} alike)" if len(names) > 1 else "")
+            right = x > middle                       # label towards the middle, so it stays inside the axes
+            ax.annotate(text, (x, y), fontsize=7, color=colour, xytext=(-6 if right else 6, -10 if k % 2 else 4),
+                        textcoords="offset points", ha="right" if right else "left")
     if partial.any():
         ax.scatter(df.loc[partial, "round_s"], df.loc[partial, "utility"], marker="s", s=110, facecolors="none",
                    edgecolors=GREY, label="some client groups cannot take part")
@@ -196,7 +199,8 @@ def splits_ranks_figure(clients: pd.DataFrame):
         ax.tick_params(axis="x", rotation=45, labelsize=8)
         ax.grid(axis="y", alpha=0.3)
     if devices:
-        fig.legend(handles=BOX_LEGEND, fontsize=8, loc="lower center", ncol=len(BOX_LEGEND), bbox_to_anchor=(0.5, -0.06))
+        fig.legend(handles=BOX_LEGEND, fontsize=8, loc="lower center", ncol=len(BOX_LEGEND),
+                   bbox_to_anchor=(0.5, -0.06))
     return fig
 
 
