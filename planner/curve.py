@@ -62,7 +62,7 @@ def read_curve(path: str | Path, target_ppl: float | None = None) -> Curve:
 
 def _points(path: Path, src: str) -> list[tuple[int, float]]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")      # a spreadsheet's byte-order mark is no column name
     except FileNotFoundError:
         raise ConfigError(src, ["no such file; pass the metrics.csv of a run (runs/NAME/metrics.csv, written "
                                 "by hsplit run)"]) from None
