@@ -17,6 +17,8 @@ from hsplit.planner.fleet import Fleet
 from hsplit.planner.plan import Training
 from hsplit.planner.plots import FIGURES, plot_vs_value
 from hsplit.planner.whatif import build_scenarios, pareto_front, run_whatif
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from matplotlib.collections import PathCollection
 from typer.testing import CliRunner
 
@@ -253,3 +255,40 @@ def test_plot_vs_value_needs_exactly_one_varied_field():
     assert ax.get_xscale() == "log"                          # values over more than two decades
     assert "uplink_mbps" in ax.get_title()
     plt.close(ax.figure)
+
+
+CELLS = st.one_of(st.sampled_from(["", "nan", "inf", "-inf", "-1", "0", "1e999", "3.5", "all", "c0", "2.0", "x,y",
+                                   '"', "\u00e9"]), st.text(max_size=8), st.floats(allow_nan=True).map(str))
+
+
+@given(data=st.data())
+@settings(max_examples=150, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_mutated_curve_is_read_or_refused_with_one_clear_error(tmp_path, data):
+    """A metrics.csv with a cell replaced, a column dropped, the file cut short or bytes that are not
+    UTF-8 is either read (a finite target reached at a round of the curve) or refused by one
+    ConfigError naming the file."""
+    lines = [line.split(",") for line in METRICS.strip().splitlines()]
+    how = data.draw(st.sampled_from(["cell", "column", "cut", "bytes"]))
+    if how == "cell":
+        r, c = data.draw(st.integers(0, len(lines) - 1)), data.draw(st.integers(0, len(lines[0]) - 1))
+        lines[r][c] = data.draw(CELLS)
+    elif how == "column":
+        c = data.draw(st.integers(0, len(lines[0]) - 1))
+        lines = [line[:c] + line[c + 1:] for line in lines]
+    text = "\n".join(",".join(line) for line in lines)
+    if how == "cut":
+        text = text[: data.draw(st.integers(0, len(text)))]
+    raw = text.encode() if how != "bytes" else text.encode()[:40] + b"\xff\xfe" + text.encode()[40:]
+    path = tmp_path / "mutated.csv"
+    path.write_bytes(raw)
+    target = data.draw(st.one_of(st.none(), st.floats(0.5, 20)))
+    try:
+        curve = read_curve(path, target)
+    except ConfigError as e:
+        assert str(e).startswith(str(path)) and "Traceback" not in str(e)
+        return
+    ppl = dict(curve.points)
+    assert math.isfinite(curve.target_ppl) and curve.target_ppl > 0
+    assert curve.rounds_to_target in ppl and ppl[curve.rounds_to_target] <= curve.target_ppl
+    assert all(ppl[r] > curve.target_ppl for r in ppl if r < curve.rounds_to_target)
