@@ -417,7 +417,7 @@ def _check_training(training: Training) -> None:
     """The fixed training settings (--batch-size, --seq-len, --local-steps, --dtype) by the rules of `hsplit plan`."""
     problems = []
     for flag, value in (("--batch-size", training.batch_size), ("--seq-len", training.seq_len),
-                        ("--local-steps", training.local_steps), ("--rounds", training.rounds)):
+                        ("--local-steps", training.local_steps), ("training.rounds", training.rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{flag}: must be a whole number >= 1, got {value!r}")
     if why := dtype_problem(training.dtype):
