@@ -155,16 +155,33 @@ def whatif(
     seq_len: int = seq_option(256),
     local_steps: int = typer.Option(10, "--local-steps", min=1),
     dtype: str = typer.Option("fp32"),
+    rounds: Optional[int] = typer.Option(None, "--rounds", help="Training budget in rounds (default 100): "
+                                         "fleet_hours = rounds x predicted round time / 3600."),
+    examples: Optional[int] = typer.Option(None, "--examples", help="Training budget in examples (sequences of "
+                                           "--seq-len tokens) instead of --rounds: rounds = ceil(examples / "
+                                           "(batch size x local steps x clients per round))."),
+    curve: Optional[Path] = typer.Option(None, "--curve", help="A run's metrics.csv (rounds against held-out "
+                                         "perplexity): adds fleet_hours_to_target = rounds the run took to reach "
+                                         "--target-ppl x each scenario's round time (assumes convergence in rounds "
+                                         "carries over to every scenario)."),
+    target_ppl: Optional[float] = typer.Option(None, "--target-ppl", help="Held-out perplexity to reach (with "
+                                               "--curve; default: the run's final perplexity)."),
     output: Path = output_option(Path("whatif"), "Folder for the table and plots."),
     fmt: str = FORMAT_TABLE,
 ):
     """Plan many fleet scenarios and compare them: a table (CSV, JSON, markdown) and plots.
 
+    Per scenario: fleet_share (clients that can take part / all; groups that cannot are left out,
+    with the reason), round_s, utility, fleet_hours (wall-clock hours of the fleet for the budget),
+    client_mb_per_round / _per_run (MB a client moves; mean, and _max over clients), server_busy_share
+    (server compute per round / round time). Definitions: docs/whatif.md.
+
     Example: hsplit whatif example edge-100 --vary 'clients.*.uplink_mbps=10,50,200' -o whatif/
+    Time to a target: hsplit whatif example --curve runs/first/metrics.csv --target-ppl 12
     """
     from hsplit.planner.plan import Training
     from hsplit.planner.plots import write_plots
-    from hsplit.planner.whatif import markdown_table, run_whatif, write_table
+    from hsplit.planner.whatif import budget_text, markdown_table, run_whatif, write_table
     check_format(fmt)
     if problem := output_problem(output, "--output", folder=True):
         fail(problem)
@@ -176,15 +193,21 @@ def whatif(
     with reported(ValueError), Bar("planning scenarios", err.is_terminal) as bar:
         df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
                         ranks=parse_ints(ranks, "--ranks"), modules=_modules(modules), training=training,
-                        progress=progress)
+                        rounds=rounds, examples=examples, curve=curve, target_ppl=target_ppl, progress=progress)
     files = write_table(df, output) + write_plots(df, output)
     if fmt == "json":
         console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
+                                       "budget": df.attrs["budget"], "curve": df.attrs.get("curve"),
                                        "scenarios": json.loads(df.to_json(orient="records"))}))
         return
     typer.echo(markdown_table(df))          # plain text: a markdown table is never wrapped
-    for _, r in df[df["status"] == "infeasible"].iterrows():
-        typer.echo(f"{r['scenario']}: infeasible: {r['infeasible']}")
+    for _, r in df.iterrows():
+        if r["status"] == "infeasible":
+            typer.echo(f"{r['scenario']}: infeasible: {r['infeasible']}")
+        elif r["excluded"]:
+            typer.echo(f"{r['scenario']}: {r['participating']} of {r['clients']} clients take part; left out: "
+                       f"{r['excluded']}")
+    typer.echo(budget_text(df))
     typer.echo(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}")
 
 

@@ -286,33 +286,40 @@ def merge_bounds(classes: list[ClientClass], L: int, shapes: list[tuple[int, int
 
 def infeasibility_reasons(inst: Instance) -> list[str]:
     """One line per client class that has no feasible configuration, naming the binding resource."""
-    reasons = []
+    return [reason for _, reason in infeasible_classes(inst)]
+
+
+def infeasible_classes(inst: Instance) -> list[tuple[int | None, str]]:
+    """(class index, reason) per client class that has no feasible configuration, naming the binding
+    resource; [(None, reason)] when the server cannot hold the frozen model (no client can take part)."""
+    reasons: list[tuple[int | None, str]] = []
     server = inst.fleet.server
     if inst.server_mem_free < 0:
         total = server.device.memory_gib * server.count
-        return [f"server ({server.device.name} x{server.count}): memory: the frozen model needs "
+        return [(None, f"server ({server.device.name} x{server.count}): memory: the frozen model needs "
                 f"{inst.coef.server_frozen_bytes / GIB:.1f} GiB in {inst.training.dtype}, the server has "
-                f"{total:.1f} GiB; use a larger server, more of them (server.count), or a smaller --dtype"]
+                f"{total:.1f} GiB; use a larger server, more of them (server.count), or a smaller --dtype")]
     for cls in inst.classes:
         who = _who(inst, cls)
         lo, hi = cls.split_range
         if lo > hi:
-            reasons.append(f"{who}: allowed splits {cls.split_range} are empty for a {inst.L}-block model")
+            reasons.append((cls.index, f"{who}: allowed splits {cls.split_range} are empty for a "
+                                       f"{inst.L}-block model"))
             continue
         if not cls.splits:
             need = inst.concurrency * inst.server_slot[hi] / GIB
-            reasons.append(
+            reasons.append((cls.index,
                 f"{who}: server memory: even the deepest allowed split ({hi} blocks on the client) needs "
                 f"{need:.1f} GiB per client in service, the server has {inst.server_mem_free / GIB:.1f} GiB "
-                f"left after the frozen model")
+                f"left after the frozen model"))
             continue
         s = cls.splits[0]
         mem = cls.memory(s, 0, 0)
         if mem > cls.mem_cap:
             need, cap = two_amounts(mem / GIB, cls.mem_cap / GIB, 2)
-            reasons.append(
+            reasons.append((cls.index,
                 f"{who}: memory: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) needs "
-                f"{need} GiB, budget {cap} GiB")
+                f"{need} GiB, budget {cap} GiB"))
             continue
         t = inst.client_round(cls, s, 0, 0)
         if t > cls.round_budget:
@@ -320,9 +327,9 @@ def infeasibility_reasons(inst: Instance) -> list[str]:
             merge = float(cls.merge_s[s])
             what = f"{inst.tau} steps" + (f" + {merge:.3g} s of merge download, up to {_mb(cls.merge_bytes[s])}"
                                           if merge > 0 else "")
-            reasons.append(
+            reasons.append((cls.index,
                 f"{who}: round time: even the smallest split ({s} block{'s' * (s > 1)}, no adapters) takes "
-                f"{took} s per round ({what}), budget {cap} s")
+                f"{took} s per round ({what}), budget {cap} s"))
     return reasons
 
 

@@ -9,6 +9,11 @@ file) raise one ConfigError listing every problem. Scenarios are named `FLEET PA
 repeated names get `#2`, `#3`, ...
 Scenarios share the decomposed method's frontier tables when model, modules, ranks and importance
 agree, so a sweep costs little more than its first plan.
+Besides utility, every scenario is reported in the units people decide in (docs/whatif.md,
+"Decision units"): fleet hours for a budget of rounds or examples, MB per client per round and per
+run, the share of the fleet that can take part (groups that cannot are left out, with the reason),
+the server's busy share and, with a measured convergence curve (planner/curve.py), the fleet hours
+to the curve's target perplexity. Round time and bytes come from the plan (planner/evaluate.py).
 
 Vary paths (PATH=V1,V2,...; use | to separate values that contain commas, e.g. ranks=0,4,8|0,2,4,8,16):
   clients.SEL.count | data_weight | budget.round_s | budget.memory_gib | uplink_mbps | downlink_mbps |
@@ -30,10 +35,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hsplit.planner.api import load_inputs, make_plan
+from hsplit.planner.curve import Curve, read_curve
 from hsplit.planner.device import resolve_device
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Fleet, resolve_fleet_path
-from hsplit.planner.instance import dtype_problem
+from hsplit.planner.instance import build_instance, dtype_problem, infeasible_classes
 from hsplit.planner.plan import Training
 from hsplit.planner.yamlio import read_yaml
 
@@ -45,12 +51,17 @@ SERVER_FIELDS = {"device": "str", "count": POSITIVE_INT, "concurrency": POSITIVE
 SETTINGS = {"ranks": "ranks", "modules": "names", "batch_size": POSITIVE_INT, "seq_len": POSITIVE_INT,
             "local_steps": POSITIVE_INT, "dtype": "dtype", "server_rank": WHOLE, "model": "str"}
 # Columns every result table has, feasible scenarios or not (docs/whatif.md).
-RESULT_COLUMNS = ("status", "round_s", "straggler", "utility", "server_busy_share", "server_memory_gib",
-                  "traffic_mb_per_round", "headroom_gib_min", "infeasible", "solve_s")
+RESULT_COLUMNS = ("status", "fleet_share", "participating", "round_s", "straggler", "utility", "examples_per_round",
+                  "rounds", "fleet_hours", "client_mb_per_round", "client_mb_per_round_max", "client_mb_per_run",
+                  "client_mb_per_run_max", "server_busy_share", "server_memory_gib", "traffic_mb_per_round",
+                  "headroom_gib_min", "excluded", "infeasible", "solve_s")
+TARGET_COLUMNS = ("rounds_to_target", "fleet_hours_to_target")     # with a convergence curve (--curve)
 CLIENT_COLUMNS = ("scenario", "client", "device", "split", "total_rank", "matrices", "round_s", "memory_gib",
-                  "memory_budget_gib")
+                  "memory_budget_gib", "mb_per_round")
 # The columns `hsplit whatif` prints as a markdown table.
-TABLE_COLUMNS = ("scenario", "status", "round_s", "straggler", "utility", "server_busy_share", "headroom_gib_min")
+TABLE_COLUMNS = ("scenario", "status", "fleet_share", "round_s", "straggler", "utility", "fleet_hours",
+                 "client_mb_per_round", "server_busy_share", "fleet_hours_to_target")
+DEFAULT_ROUNDS = 100      # the training budget when neither rounds nor examples is given
 
 
 @dataclass(frozen=True)
@@ -185,7 +196,7 @@ def _apply(fleet_dict: dict, fleet_path: Path, vary: Vary, value: str, problems:
                         f"{', '.join(list(CLIENT_FIELDS) + list(DEVICE_FIELDS) + ['device'])}")
 
 
-def _short_path(path: str) -> str:
+def short_path(path: str) -> str:
     """clients.*.uplink_mbps -> uplink_mbps; clients.jetson.count -> jetson.count; server.device -> server.device."""
     parts = path.split(".")
     if parts[0] == "clients" and len(parts) >= 3:
@@ -245,7 +256,7 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
                 problems.append(f"scenario {name}: clients: the fleet has no clients (all counts are 0); "
                                 f"keep a count >= 1 in at least one group")
                 continue
-            short = " ".join(f"{_short_path(k)}={val}" for k, val in settings.items())
+            short = " ".join(f"{short_path(k)}={val}" for k, val in settings.items())
             short = (f"{fleet_name} " if len(fleets) > 1 or not short else "") + short
             scenarios.append(Scenario(name, str(ref), fleet, settings, kwargs, _unique(short.strip(), seen_labels)))
     if problems:
@@ -262,11 +273,23 @@ def _unique(name: str, seen: dict[str, int]) -> str:
 def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool = False, model: str = "smollm2-135m",
                importance=None, objective: str = "utility", ranks=(0, 2, 4, 8, 16), modules=None,
                training: Training | None = None, solver: str = "highs", server_rank: int = 8,
+               rounds: int | None = None, examples: int | None = None, curve: Curve | str | Path | None = None,
+               target_ppl: float | None = None,
                progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
     """Plan every scenario; one row per scenario (columns: docs/whatif.md). The per-client choices
-    are in `df.attrs["clients"]` (one row per scenario and client)."""
+    are in `df.attrs["clients"]` (one row per scenario and client).
+    The training budget is `rounds` or `examples` (sequences; default DEFAULT_ROUNDS rounds); `curve`
+    (a run's metrics.csv, or a Curve) adds the predicted fleet time to `target_ppl` (default: that
+    run's final held-out perplexity). Client groups that cannot take part are left out of their
+    scenario (`fleet_share`, `excluded`); a scenario none of whose clients can take part is infeasible."""
     training = training or Training()
     _check_training(training)
+    budget = _budget(rounds, examples)
+    if curve is not None and not isinstance(curve, Curve):
+        curve = read_curve(curve, target_ppl)
+    elif target_ppl is not None and curve is None:
+        raise ConfigError("--target-ppl", ["needs --curve: the measured convergence curve (a run's metrics.csv) "
+                                           "whose rounds to that perplexity are timed per scenario"])
     scenarios = build_scenarios(list(fleets), list(vary), zip_vary)
     _, _, imp = load_inputs(scenarios[0].fleet, "smollm2-135m", importance) if importance else (None, None, None)
     cache: dict = {}
@@ -279,37 +302,122 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
         row: dict[str, Any] = {"scenario": sc.name, "label": sc.label, "fleet": sc.fleet_ref, **sc.settings,
                                "clients": sc.fleet.num_clients}
         t0 = time.perf_counter()
-        try:
-            plan = make_plan(sc.fleet, kw.get("model", model), importance=imp, ranks=kw.get("ranks", ranks),
-                             modules=kw.get("modules", modules), training=t, objective=objective, solver=solver,
-                             server_rank=kw.get("server_rank", server_rank), tables_cache=cache)
-        except InfeasibleError as e:
-            row.update(status="infeasible", infeasible="; ".join(e.reasons), solve_s=time.perf_counter() - t0)
+        args = dict(model=kw.get("model", model), importance=imp, ranks=kw.get("ranks", ranks),
+                    modules=kw.get("modules", modules), training=t, server_rank=kw.get("server_rank", server_rank))
+        plan, excluded, reasons, data_share = _plan_participants(sc.fleet, args, objective, solver, cache)
+        if plan is None:
+            row.update(status="infeasible", fleet_share=0.0, participating=0, infeasible="; ".join(reasons),
+                       solve_s=time.perf_counter() - t0)
             rows.append(row)
             continue
-        row.update(_summarise(plan), solve_s=time.perf_counter() - t0)
+        row.update(_summarise(plan), **_decision_units(plan, t, budget, curve, sc.fleet.num_clients),
+                   excluded="; ".join(excluded), solve_s=time.perf_counter() - t0)
+        row["utility"] = plan.predicted["utility"] * data_share   # left-out clients adapt nothing
         rows.append(row)
         for c in plan.clients:
             client_rows.append({"scenario": sc.name, "client": c.id, "device": c.device, "split": c.split_layer,
                                 "total_rank": sum(c.ranks.values()), "matrices": len(c.ranks),
                                 "round_s": c.predicted["round_s"], "memory_gib": c.predicted["memory_gib"],
-                                "memory_budget_gib": c.predicted["memory_budget_gib"]})
+                                "memory_budget_gib": c.predicted["memory_budget_gib"],
+                                "mb_per_round": client_mb_per_round(c)})
     if progress:
         progress(len(scenarios), len(scenarios), "done")
     # The same columns whether or not any scenario is feasible: per-device columns go last.
     df = pd.DataFrame(rows)
-    lead = ["scenario", "label", "fleet", *scenarios[0].settings, "clients", *RESULT_COLUMNS]
+    lead = ["scenario", "label", "fleet", *scenarios[0].settings, "clients", *RESULT_COLUMNS,
+            *(TARGET_COLUMNS if curve is not None else ())]
     df = df.reindex(columns=lead + [c for c in df.columns if c not in lead])
     df.attrs["clients"] = pd.DataFrame(client_rows, columns=list(CLIENT_COLUMNS))
     df.attrs["vary"] = list(scenarios[0].settings)
+    df.attrs["budget"] = budget
+    if curve is not None:
+        df.attrs["curve"] = {"file": curve.source, "target_ppl": curve.target_ppl,
+                             "target_is_final": not curve.target_given, "rounds_to_target": curve.rounds_to_target}
     return df
+
+
+def _budget(rounds: int | None, examples: int | None) -> dict[str, int]:
+    """The training budget every scenario is timed for: {"rounds": R} or {"examples": N}."""
+    if rounds is not None and examples is not None:
+        raise ConfigError("hsplit whatif", ["give --rounds or --examples, not both: the budget is a number of "
+                                            "rounds or a number of training sequences"])
+    for flag, value in (("--rounds", rounds), ("--examples", examples)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(flag, [f"must be a whole number >= 1, got {value!r}"])
+    return {"examples": examples} if examples is not None else {"rounds": rounds or DEFAULT_ROUNDS}
+
+
+def _plan_participants(fleet: Fleet, args: dict, objective: str, solver: str, cache: dict):
+    """(plan, excluded reasons, infeasible reasons, data share): the plan of the clients that can take
+    part. Client groups with no feasible split (memory, round budget, server slot) are left out and the
+    rest is planned; the plan's client ids are those of the whole fleet; data share = the participants'
+    data weight / the fleet's. (None, [], reasons, 0.0) when no client can take part or the server
+    cannot hold the model."""
+    try:
+        return make_plan(fleet, objective=objective, solver=solver, tables_cache=cache, **args), [], [], 1.0
+    except InfeasibleError as e:
+        reasons = list(e.reasons)
+    fleet_obj, model_obj, _ = load_inputs(fleet, args["model"], None)
+    inst = build_instance(fleet_obj, model_obj, importance=args["importance"], ranks=args["ranks"],
+                          modules=args["modules"], training=args["training"], server_rank=args["server_rank"])
+    bad = infeasible_classes(inst)
+    if not bad or any(c is None for c, _ in bad):
+        return None, [], reasons, 0.0
+    out = {inst.clients[m].group for c, _ in bad for m in inst.classes[c].members}
+    kept = [g for i, g in enumerate(fleet.groups) if i not in out and g.count > 0]
+    if not kept:
+        return None, [], reasons, 0.0
+    ids = [c.id for c in inst.clients if c.group not in out]
+    try:
+        plan = make_plan(fleet.with_groups(kept), objective=objective, solver=solver, tables_cache=cache, **args)
+    except InfeasibleError as e:
+        return None, [], reasons + list(e.reasons), 0.0
+    rename = {c.id: ids[k] for k, c in enumerate(plan.clients)}
+    for c in plan.clients:
+        c.id = rename[c.id]
+    plan.predicted["straggler"] = rename.get(plan.predicted["straggler"], plan.predicted["straggler"])
+    weight = sum(g.count * g.data_weight for g in fleet.groups)
+    return plan, [r for _, r in bad], [], sum(g.count * g.data_weight for g in kept) / weight
+
+
+def clients_per_round(plan) -> int:
+    """Clients that train in one round of the plan: every client of the plan."""
+    return len(plan.clients)
+
+
+def client_mb_per_round(client) -> float:
+    """MB (1e6 bytes) a client sends and receives in a round it takes part in: activations up and their
+    gradients down for every local step, its adapters up, and (hsplitlora) the exact merge download the
+    runtime sends (`merge_download_mb`) in place of the bound its round time is charged with."""
+    p = client.predicted
+    return p["traffic_mb_per_round"] - p.get("merge_download_charged_mb", 0.0) + p.get("merge_download_mb", 0.0)
+
+
+def _decision_units(plan, training: Training, budget: dict, curve: Curve | None, fleet_clients: int) -> dict:
+    """The columns people decide in (docs/whatif.md, "Decision units"), from the plan's predictions."""
+    round_s = float(plan.predicted["round_s"])
+    per_round = clients_per_round(plan)
+    examples_per_round = training.batch_size * training.local_steps * per_round
+    rounds = budget.get("rounds") or math.ceil(budget["examples"] / examples_per_round)
+    traffic = np.array([client_mb_per_round(c) for c in plan.clients], dtype=float)
+    # a client takes part in per_round of the plan's len(plan.clients) clients' rounds
+    share = per_round / len(plan.clients)
+    out = {"fleet_share": len(plan.clients) / fleet_clients, "participating": len(plan.clients),
+           "examples_per_round": examples_per_round, "rounds": rounds, "fleet_hours": rounds * round_s / 3600,
+           "client_mb_per_round": float(traffic.mean()), "client_mb_per_round_max": float(traffic.max()),
+           "client_mb_per_run": float(traffic.mean()) * rounds * share,
+           "client_mb_per_run_max": float(traffic.max()) * rounds * share}
+    if curve is not None:
+        out.update(rounds_to_target=curve.rounds_to_target,
+                   fleet_hours_to_target=curve.rounds_to_target * round_s / 3600)
+    return out
 
 
 def _check_training(training: Training) -> None:
     """The fixed training settings (--batch-size, --seq-len, --local-steps, --dtype) by the rules of `hsplit plan`."""
     problems = []
     for flag, value in (("--batch-size", training.batch_size), ("--seq-len", training.seq_len),
-                        ("--local-steps", training.local_steps), ("--rounds", training.rounds)):
+                        ("--local-steps", training.local_steps), ("training.rounds", training.rounds)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             problems.append(f"{flag}: must be a whole number >= 1, got {value!r}")
     if why := dtype_problem(training.dtype):
@@ -326,7 +434,7 @@ def _summarise(plan) -> dict[str, Any]:
         "status": plan.solver["status"], "round_s": pr["round_s"], "straggler": straggler,
         "utility": pr["utility"], "server_busy_share": srv.get("busy_share"),
         "server_memory_gib": srv.get("memory_gib"),
-        "traffic_mb_per_round": round(sum(c.predicted["traffic_mb_per_round"] for c in plan.clients), 3),
+        "traffic_mb_per_round": round(sum(client_mb_per_round(c) for c in plan.clients), 3),
         "headroom_gib_min": round(min(c.predicted["memory_budget_gib"] - c.predicted["memory_gib"]
                                       for c in plan.clients), 3),
         "infeasible": "",
@@ -343,14 +451,34 @@ def _summarise(plan) -> dict[str, Any]:
     return out
 
 
-def pareto_front(df: pd.DataFrame) -> pd.Series:
-    """True for scenarios no other scenario beats on both utility (higher) and round time (lower)."""
-    ok = df.get("status", pd.Series(["optimal"] * len(df))) != "infeasible"
+def budget_text(df: pd.DataFrame) -> str:
+    """What fleet_hours (and fleet_hours_to_target) are the time for, in words (printed under the table)."""
+    budget = df.attrs.get("budget", {"rounds": DEFAULT_ROUNDS})
+    if "examples" in budget:
+        text = (f"fleet_hours: time to train {budget['examples']:,} examples (rounds = examples / (batch x local "
+                f"steps x clients per round), rounded up: column rounds)")
+    else:
+        text = f"fleet_hours: time to train {budget['rounds']:,} rounds"
+    if c := df.attrs.get("curve"):
+        what = "its final" if c["target_is_final"] else "the target"
+        text += (f"; fleet_hours_to_target: {c['file']} reaches {what} held-out perplexity {c['target_ppl']:.4g} "
+                 f"after {c['rounds_to_target']} rounds, times each scenario's round time (assumes convergence "
+                 f"in rounds carries over to every scenario)")
+    return text
+
+
+def pareto_front(df: pd.DataFrame, per_fleet: bool = True) -> pd.Series:
+    """True for feasible scenarios that no other feasible scenario beats on both utility (higher) and
+    round time (lower). With `per_fleet` (and a `fleet` column), scenarios compete only with scenarios
+    of the same fleet: one front per fleet."""
+    ok = df.get("status", pd.Series(["optimal"] * len(df), index=df.index)) != "infeasible"
+    groups = df["fleet"] if per_fleet and "fleet" in df else pd.Series("", index=df.index)
     front = pd.Series(False, index=df.index)
     for i in df.index[ok]:
+        same = ok & (groups == groups[i])
         u, r = df.at[i, "utility"], df.at[i, "round_s"]
-        dominated = ((df.loc[ok, "utility"] >= u) & (df.loc[ok, "round_s"] <= r)
-                     & ((df.loc[ok, "utility"] > u) | (df.loc[ok, "round_s"] < r))).any()
+        dominated = ((df.loc[same, "utility"] >= u) & (df.loc[same, "round_s"] <= r)
+                     & ((df.loc[same, "utility"] > u) | (df.loc[same, "round_s"] < r))).any()
         front[i] = not dominated
     return front
 
