@@ -252,7 +252,13 @@ def _group_rows(p):
 def render_check(p, ev, inst, fmt) -> None:
     from hsplit.planner.cost import GIB
     # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
-    matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
+    counted: dict[tuple[int, int], int] = {}           # the clients of one plan entry share their ranks
+    matrices = []
+    for c in p.clients:
+        key = (c.split_layer, id(c.ranks))
+        if key not in counted:
+            counted[key] = len(p.client_ranks(c, inst.model))
+        matrices.append(counted[key])
     if fmt == "json":
         console.print_json(json.dumps({
             "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
@@ -269,10 +275,18 @@ def render_check(p, ev, inst, fmt) -> None:
               ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"),
               left=("client", "device"))
     class_of = inst.class_of()
+    rows: list[list] = []       # consecutive clients with the same device, class and evaluation share a row
     for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
-        cap = inst.classes[class_of[k]].mem_cap / GIB
-        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(matrices[k]), num(e.step_s, 3),
-                  num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
+        key = (int(class_of[k]), id(e), matrices[k])
+        if rows and rows[-1][0] == key:
+            rows[-1][2] = c.id
+            rows[-1][3] += 1
+        else:
+            rows.append([key, c.id, c.id, 1, k, e])
+    for (cls, _, m), first, last, n, k, e in rows:
+        cap = inst.classes[cls].mem_cap / GIB
+        t.add_row(first if n == 1 else f"{first}-{last}", inst.clients[k].device.name, str(e.split), str(m),
+                  num(e.step_s, 3), num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
     console.print(t)
     console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
                   f"server busy {seconds(ev.server_busy_s)}", highlight=False)

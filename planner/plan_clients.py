@@ -86,7 +86,7 @@ def _ids_of(entry: dict, f: str, position: int, p: Problems) -> list[str] | None
         return None
     if "id" in entry:
         if count is not None and count != 1:
-            p.add(f"{f}.id", f"one id for count {count} clients; write `ids: {short(entry['id'])}..LAST` instead "
+            p.add(f"{f}.id", f"one id for count {count} clients; write `ids: {cut(str(entry['id']))}..LAST` instead "
                              "(the same text before the numbers, counting up by one)")
             return None
         return [str(entry["id"])]
