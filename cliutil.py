@@ -319,11 +319,11 @@ def samples_table(jsonl: str, n: int) -> Table:
 
 def calibration_table(res, batch_size: int, seq_len: int) -> Table:
     t = table(f"{res.settings['model']} b={batch_size} T={seq_len} on {res.settings['device']}",
-              ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err"))
-    for r in res.rows:
+              ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err", "spread"))
+    for r in res.rows:           # spread: the larger of client's and server's (max - min) / median over the repetitions
         t.add_row(str(r["split"]), str(r["rank"]), f"{r['predicted_client_s']:.3f}", f"{r['measured_client_s']:.3f}",
                   f"{r['error_client']:+.0%}", f"{r['predicted_server_s']:.3f}", f"{r['measured_server_s']:.3f}",
-                  f"{r['error_server']:+.0%}")
+                  f"{r['error_server']:+.0%}", f"{max(r['spread_client'], r['spread_server']):.0%}")
     return t
 
 
