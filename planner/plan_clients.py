@@ -59,7 +59,7 @@ def client_entries(clients: list[ClientPlan]) -> list[dict[str, Any]]:
     out, i = [], 0
     while i < len(clients):
         c, j = clients[i], i + 1
-        first = _numbered(c.id)
+        first = _numbered(c.id) if ".." not in c.id else None       # `ids:` must read back as written
         if first is not None:
             while (j < len(clients) and _same(c, clients[j])
                    and _numbered(clients[j].id) == (first[0], first[1] + j - i)):

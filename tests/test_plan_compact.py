@@ -97,6 +97,17 @@ def test_hand_written_entries_with_count_expand_in_order():
     assert _same(again, plan)
 
 
+def test_any_ids_read_back_as_written():
+    from hsplit.planner.plan_clients import ClientPlan
+    ids = ["c007", "c008", "c009", "c010", "c011", "a..b1", "a..b2", "5", "6", "x", "x1", "x2", "c12", "c13"]
+    plan = Plan(model="smollm2-135m", strategy="hsplitlora",
+                clients=[ClientPlan(id=i, device="d", split_layer=1) for i in ids])
+    data = plan.to_dict()
+    assert [e.get("ids") for e in data["clients"] if "ids" in e] == ["c007..c009", "c010..c011", "5..6", "x1..x2",
+                                                                     "c12..c13"]
+    assert [c.id for c in Plan.from_dict(data, "<p>").clients] == ids
+
+
 @pytest.mark.parametrize("entry,field,words", [
     ({"count": 0}, "clients[0].count", "must be a whole number in 1..1000000"),
     ({"count": 2.5}, "clients[0].count", "must be a whole number"),
