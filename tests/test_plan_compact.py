@@ -145,3 +145,16 @@ def test_a_plan_of_more_clients_than_the_limit_is_refused_before_expanding():
 def test_a_fleet_above_ten_thousand_clients_is_accepted(tmp_path):
     fleet = Fleet.load(_edge_fleet(50, tmp_path))
     assert fleet.num_clients == 50_000
+
+
+def test_the_plan_table_of_all_different_clients_is_cut_with_a_note():
+    from hsplit.cliutil import PLAN_ROWS, console, render_plan
+    from hsplit.planner.plan_clients import ClientPlan
+    n = PLAN_ROWS + 25
+    plan = Plan(model="smollm2-135m", strategy="hsplitlora",
+                clients=[ClientPlan(id=f"c{i}", device=f"board-{i}", split_layer=1) for i in range(n)])
+    with console.capture() as cap:
+        render_plan(plan)
+    text = cap.get()
+    assert f"board-{PLAN_ROWS - 1} " in text and f"board-{PLAN_ROWS} " not in text
+    assert "and 25 more rows: every client is in the plan file" in " ".join(text.split())
