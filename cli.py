@@ -513,17 +513,20 @@ def calibrate_cmd(
     seq_len: int = seq_option(64),
     ranks: str = typer.Option("8", "--ranks", help="LoRA ranks timed at every split."),
     extra_ranks: str = typer.Option("2,16", "--extra-ranks", help="Ranks timed at --extra-splits only."),
-    splits: Optional[str] = typer.Option(None, "--splits", help="Split points (default 1..L-1)."),
+    splits: Optional[str] = typer.Option(None, "--splits", help="Split points, e.g. 1,8,15, or `all` (1..L-1); "
+                                         "default: 5 spread over the model's blocks."),
     extra_splits: Optional[str] = typer.Option(None, "--extra-splits", help="Default: 1, L/2, L-1."),
-    repetitions: int = typer.Option(3, "--repetitions", "-r", min=1),
+    repetitions: int = typer.Option(3, "--repetitions", "-r", min=1, help="Timings per point (their spread says "
+                                    "whether the errors can be trusted; at least 3)."),
     warmup: int = typer.Option(1, "--warmup", min=0),
     threads: Optional[int] = THREADS,
     output: Path = output_option(Path("calibration"), "Writes OUTPUT.csv and OUTPUT.png."),
     fmt: str = FORMAT,
 ):
-    """Predicted (planner) vs measured client and server step time for every split point.
+    """Predicted (planner) vs measured client and server step time at a handful of split points.
 
-    Writes a CSV table and a PNG plot; prints the median and worst relative error.
+    Writes a CSV table and a PNG plot; prints the median and worst relative error, and a warning when the
+    repetitions of a point differ too much for the errors to be trusted.
 
     Example: hsplit calibrate --model smollm2-135m --profile profiles/devices/this-machine.yaml -o calibration
     """
@@ -534,14 +537,18 @@ def calibrate_cmd(
     set_threads(threads)
     with reported(), Bar("calibrating", fmt == "text") as bar:
         res = calibrate(model, profile, batch_size=batch_size, seq_len=seq_len, ranks=parse_ints(ranks, "--ranks"),
-                        extra_ranks=parse_ints(extra_ranks, "--extra-ranks"), splits=parse_ints(splits or None, "--splits"),
+                        extra_ranks=parse_ints(extra_ranks, "--extra-ranks"),
+                        splits="all" if (splits or "").strip().lower() == "all" else parse_ints(splits or None, "--splits"),
                         extra_splits=parse_ints(extra_splits or None, "--extra-splits"), reps=repetitions, warmup=warmup,
                         on_step=bar.update)
     output.parent.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = output.with_suffix(".csv"), output.with_suffix(".png")
     res.write_csv(csv_path)
     res.plot(png_path)
-    if fmt == "json":
+    warnings = [f"[bold yellow]warning:[/] {escape(w)}" for w in res.summary.get("warnings", [])]
+    if fmt == "json":                                   # stdout: one object (summary.warnings); stderr: the warnings
+        for w in warnings:
+            err.print(w, highlight=False)
         print_json({"csv": str(csv_path), "png": str(png_path), "settings": res.settings,
                     "summary": res.summary, "rows": res.rows})
         return
@@ -552,6 +559,11 @@ def calibrate_cmd(
     if "flops_median_abs_error" in s:
         console.print(f"FLOPs / throughput model alone (without the profile's block times): median |error| "
                       f"{s['flops_median_abs_error']:.1%}, worst {s['flops_worst_signed_error']:+.1%}")
+    if "median_spread" in s:
+        console.print(f"repetition spread (max - min) / median: median {s['median_spread']:.1%}, worst "
+                      f"{s['worst_spread']:.1%} (limit {s['spread_limit']:.0%})", highlight=False)
+    for w in warnings:
+        err.print(w, highlight=False)
     console.print(f"wrote {csv_path} and {png_path}")
 
 

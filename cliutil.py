@@ -191,6 +191,9 @@ def table(title: str, columns, left=(), **kw) -> Table:
     return t
 
 
+PLAN_ROWS = 60      # rows of `hsplit plan`'s table (runs of identical clients share a row)
+
+
 def render_plan(p) -> None:
     if traits(p.strategy).ranks == "reference":      # nothing to plan: no split, no fleet timing
         ranks = p.clients[0].ranks if p.clients else {}
@@ -202,9 +205,12 @@ def render_plan(p) -> None:
     merges = [c for c in p.clients if "merge_download_charged_s" in c.predicted]
     cols = ("client", "device", "split", "matrices", "Σ rank", "step s", "round s") \
         + (("merge s",) if merges else ()) + ("mem/budget GiB", "MB/round")
+    rows = _group_rows(p)
+    more = len(rows) - PLAN_ROWS if len(rows) > PLAN_ROWS else 0    # all-different fleets: one row per client
     t = table(f"{p.strategy} plan for {p.model} ({len(p.clients)} clients)", cols,
-              left=("client", "device"), show_lines=False)
-    for ids, c in _group_rows(p):
+              left=("client", "device"), show_lines=False,
+              caption=f"... and {more:,} more rows: every client is in the plan file (or --format json)" if more else None)
+    for ids, c in rows[:PLAN_ROWS]:
         pr = c.predicted
         t.add_row(ids, c.device, str(c.split_layer), f"{len(c.ranks)}", f"{sum(c.ranks.values())}",
                   num(pr.get('step_s', 0), 3), num(pr.get('round_s', 0), 4),
@@ -252,7 +258,13 @@ def _group_rows(p):
 def render_check(p, ev, inst, fmt) -> None:
     from hsplit.planner.cost import GIB
     # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
-    matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
+    counted: dict[tuple[int, int], int] = {}           # the clients of one plan entry share their ranks
+    matrices = []
+    for c in p.clients:
+        key = (c.split_layer, id(c.ranks))
+        if key not in counted:
+            counted[key] = len(p.client_ranks(c, inst.model))
+        matrices.append(counted[key])
     if fmt == "json":
         console.print_json(json.dumps({
             "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
@@ -265,14 +277,24 @@ def render_check(p, ev, inst, fmt) -> None:
                              "merge_download_mb": ev.merge_bytes[k] / 1e6} if ev.merge_bytes is not None else {})}
                         for k, (c, e, m) in enumerate(zip(p.clients, ev.clients, matrices))]}))
         return
+    class_of = inst.class_of()
+    rows: list[list] = []       # consecutive clients with the same device, class and evaluation share a row
+    for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
+        key = (int(class_of[k]), id(e), matrices[k])
+        if rows and rows[-1][0] == key:
+            rows[-1][2] = c.id
+            rows[-1][3] += 1
+        else:
+            rows.append([key, c.id, c.id, 1, k, e])
+    more = len(rows) - PLAN_ROWS if len(rows) > PLAN_ROWS else 0
     t = table(f"check of {p.source} against {inst.fleet.source}",
               ("client", "device", "split", "matrices", "step s", "round s", "mem/budget GiB", "utility"),
-              left=("client", "device"))
-    class_of = inst.class_of()
-    for k, (c, e) in enumerate(zip(p.clients, ev.clients)):
-        cap = inst.classes[class_of[k]].mem_cap / GIB
-        t.add_row(c.id, inst.clients[k].device.name, str(e.split), str(matrices[k]), num(e.step_s, 3),
-                  num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
+              left=("client", "device"),
+              caption=f"... and {more:,} more rows (every client: --format json)" if more else None)
+    for (cls, _, m), first, last, n, k, e in rows[:PLAN_ROWS]:
+        cap = inst.classes[cls].mem_cap / GIB
+        t.add_row(first if n == 1 else f"{first}-{last}", inst.clients[k].device.name, str(e.split), str(m),
+                  num(e.step_s, 3), num(e.round_s, 4), f"{e.memory_bytes / GIB:.2f}/{cap:.2f}", f"{e.utility:.4f}")
     console.print(t)
     console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
                   f"server busy {seconds(ev.server_busy_s)}", highlight=False)
@@ -305,11 +327,11 @@ def samples_table(jsonl: str, n: int) -> Table:
 
 def calibration_table(res, batch_size: int, seq_len: int) -> Table:
     t = table(f"{res.settings['model']} b={batch_size} T={seq_len} on {res.settings['device']}",
-              ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err"))
-    for r in res.rows:
+              ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err", "spread"))
+    for r in res.rows:           # spread: the larger of client's and server's (max - min) / median over the repetitions
         t.add_row(str(r["split"]), str(r["rank"]), f"{r['predicted_client_s']:.3f}", f"{r['measured_client_s']:.3f}",
                   f"{r['error_client']:+.0%}", f"{r['predicted_server_s']:.3f}", f"{r['measured_server_s']:.3f}",
-                  f"{r['error_server']:+.0%}")
+                  f"{r['error_server']:+.0%}", f"{max(r['spread_client'], r['spread_server']):.0%}")
     return t
 
 

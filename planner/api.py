@@ -170,21 +170,30 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
                                         f"{fleet_obj.source} has {len(inst.clients)}"])
     col = {m: j for j, m in enumerate(inst.modules)}
     configs, problems = [], []
+    shared: dict[tuple[str, int, int], Config] = {}     # the clients of one plan entry share one Config
     for i, c in enumerate(plan.clients):
+        key = (plan.field_of(i), c.split_layer, id(c.ranks))
+        if key in shared:
+            configs.append(shared[key])
+            continue
         ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
         for name, r in plan.client_ranks(c, model_obj).items():
             block, suffix = _split_name(name, model_obj)
             if suffix not in col:
-                problems.append(f"clients[{i}].ranks.{name}: module {suffix} is not in the plan's modules "
+                problems.append(f"{key[0]}.ranks.{name}: module {suffix} is not in the plan's modules "
                                 f"({', '.join(inst.modules)})")
                 continue
             ranks[block, col[suffix]] = r
-        configs.append(Config(c.split_layer, ranks))
+        configs.append(shared.setdefault(key, Config(c.split_layer, ranks)))
     if problems:
         raise ConfigError(plan.source, problems)
+    mismatch: dict[tuple[str, str, str], list[str]] = {}
     for i, (c, cl) in enumerate(zip(plan.clients, inst.clients)):
         if c.device and c.device != cl.device.name:
-            problems.append(f"clients[{i}]: plan says device {c.device}, fleet has {cl.device.name} at {cl.id}")
+            mismatch.setdefault((plan.field_of(i), c.device, cl.device.name), []).append(cl.id)
+    for (f, planned, actual), ids in mismatch.items():
+        at = ids[0] if len(ids) == 1 else f"{ids[0]}..{ids[-1]} ({len(ids):,} clients)"
+        problems.append(f"{f}: plan says device {planned}, fleet has {actual} at {at}")
     ev = evaluate_fleet(inst, configs)
     ev.violations[:0] = problems
     return ev, inst
@@ -253,7 +262,8 @@ def _fleet_uniform(inst: Instance, with_server_rank) -> tuple[Instance, list[Con
     _, inst_r, s, r = best
     ranks = np.zeros((inst_r.L, len(inst_r.modules)), dtype=np.int64)
     ranks[:s] = r
-    return inst_r, [Config(s, ranks) for _ in inst_r.clients]
+    cfg = Config(s, ranks)                 # one object for all: evaluated and written once
+    return inst_r, [cfg] * len(inst_r.clients)
 
 
 def exact_merge_round(inst: Instance, ev: FleetEval) -> float:
@@ -274,37 +284,41 @@ def _expand(inst: Instance, choice: dict) -> list[Config]:
     return configs
 
 
+def _predicted(inst, cls, e, merge_bytes, cl) -> dict:
+    """A client's `predicted` costs in the plan (the same for every client of a class with the same Config)."""
+    predicted = {"step_s": round(e.step_s, 4), "server_step_s": round(e.server_step_s, 4),
+                 "client_round_s": round(e.client_round_s, 3), "round_s": round(e.round_s, 3),
+                 "memory_gib": round(e.memory_bytes / GIB, 3), "memory_budget_gib": round(cls.mem_cap / GIB, 3),
+                 "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
+                 "adapter_params": int(e.params), "utility": round(e.utility, 6), "time_model": cls.time_model}
+    if merge_bytes is not None:      # docs/formulation.md, "Merge download"
+        # charged: the bound U(s) the solver optimised with, included in round_s and client_round_s;
+        # exact: D_k of this plan (what the runtime sends), <= the charged bound
+        predicted["merge_download_charged_mb"] = round(e.merge_charged_bytes / 1e6, 6)
+        predicted["merge_download_charged_s"] = round(e.merge_charged_s, 3)
+        predicted["merge_download_mb"] = round(merge_bytes / 1e6, 6)
+        predicted["merge_download_s"] = round(merge_bytes * 8 / (cl.device.downlink_mbps * 1e6), 3)
+    return predicted
+
+
 def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp_ref, imp, strategy, objective,
               training, data, solver_info) -> Plan:
     mods = list(inst.modules)
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
+    shared: dict[tuple[int, int], dict] = {}   # ... and their predicted costs: one mapping per (class, Config)
     merge = ev.merge_bytes if ev is not None else None      # hsplitlora: exact D_k per client
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
         if id(cfg) not in names:
             names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
                               for l, j in zip(*np.nonzero(cfg.ranks))}
-        ranks = dict(names[id(cfg)])
-        predicted = {}
-        if ev is not None:
-            e = ev.clients[k]
-            predicted = {"step_s": round(e.step_s, 4), "server_step_s": round(e.server_step_s, 4),
-                         "client_round_s": round(e.client_round_s, 3), "round_s": round(e.round_s, 3),
-                         "memory_gib": round(e.memory_bytes / GIB, 3),
-                         "memory_budget_gib": round(inst.classes[class_of[k]].mem_cap / GIB, 3),
-                         "traffic_mb_per_round": round(e.traffic_bytes / 1e6, 3),
-                         "adapter_params": int(e.params), "utility": round(e.utility, 6),
-                         "time_model": inst.classes[class_of[k]].time_model}
-            if merge is not None:      # docs/formulation.md, "Merge download"
-                # charged: the bound U(s) the solver optimised with, included in round_s and client_round_s;
-                # exact: D_k of this plan (what the runtime sends), <= the charged bound
-                predicted["merge_download_charged_mb"] = round(e.merge_charged_bytes / 1e6, 6)
-                predicted["merge_download_charged_s"] = round(e.merge_charged_s, 3)
-                predicted["merge_download_mb"] = round(merge[k] / 1e6, 6)
-                predicted["merge_download_s"] = round(merge[k] * 8 / (cl.device.downlink_mbps * 1e6), 3)
-        clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=ranks,
-                                  data_weight=round(inst.classes[class_of[k]].weight, 8), predicted=predicted))
+        key = (int(class_of[k]), id(cfg))
+        if key not in shared:
+            shared[key] = _predicted(inst, inst.classes[class_of[k]], ev.clients[k], merge[k] if merge is not None else None,
+                                     cl) if ev is not None else {}
+        clients.append(ClientPlan(id=cl.id, device=cl.device.name, split_layer=int(cfg.split), ranks=names[id(cfg)],
+                                  data_weight=round(inst.classes[class_of[k]].weight, 8), predicted=shared[key]))
     server = fleet_obj.server
     server_info = {"device": server.device.name, "count": server.count, "concurrency": server.concurrency,
                    "time_model": inst.server_time_model}

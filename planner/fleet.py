@@ -7,6 +7,8 @@
         data_weight: 1.0                   # FedAvg weight of each client in this group
         budget: {round_s: 600, memory_gib: 6.0}
         splits: [1, 12]                    # optional allowed range of split_layer (inclusive)
+        uplink_mbps: 20                    # optional: this group's links, in place of the device profile's
+        downlink_mbps: 80
 
 `Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order.
 """
@@ -18,12 +20,16 @@ from typing import Any
 
 from hsplit.planner.device import DeviceNotFound, DeviceProfile, resolve_device
 from hsplit.planner.errors import ConfigError, Problems
+from hsplit.planner.plan_clients import MAX_PLAN_CLIENTS
 from hsplit.planner.yamlio import cut, dump_yaml, is_file, kind, number, read_yaml, sha256_text, short, whole
 
 
-# Clients in one fleet, all groups together: each is a row of the plan (plan.yaml lists every client) and
-# of the planner's tables, so a larger fleet is refused when it is loaded instead of hanging the planner.
-MAX_CLIENTS = 10_000
+# Clients in one fleet, all groups together: the planner handles a million clients of a few dozen kinds in
+# seconds (docs/benchmarks.md) and plan.yaml writes identical clients once; a larger fleet is refused when it
+# is loaded, before a list of that many clients is built.
+MAX_CLIENTS = MAX_PLAN_CLIENTS
+LINK_FIELDS = ("uplink_mbps", "downlink_mbps")   # a group may override its device profile's link speeds
+GROUP_FIELDS = ("device", "count", "data_weight", "budget", "splits") + LINK_FIELDS
 MAX_SERVERS = 1_000_000     # server.count and server.concurrency
 MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
@@ -42,6 +48,8 @@ class ClientGroup:
     budget: Budget = field(default_factory=Budget)
     splits: tuple[int, int] | None = None
     device_ref: str | dict = ""  # as written in the file (name or inline mapping)
+    links: tuple[tuple[str, float], ...] = ()  # the group's own uplink_mbps / downlink_mbps, as written
+    # (`device` already carries them: the cost model reads device.uplink_mbps / downlink_mbps)
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,7 @@ class Fleet:
                 entry["budget"] = budget
             if g.splits:
                 entry["splits"] = list(g.splits)
+            entry.update(g.links)
             clients.append(entry)
         out: dict[str, Any] = {"name": self.name}
         if self.description:
@@ -175,9 +184,13 @@ class Fleet:
                                      "an inline profile)")
                 continue
             for key in entry:
-                if key not in ("device", "count", "data_weight", "budget", "splits"):
-                    p.add(f"{f}.{key}", "unknown field; expected device, count, data_weight, budget, splits")
+                if key not in GROUP_FIELDS:
+                    p.add(f"{f}.{key}", f"unknown field; expected {', '.join(GROUP_FIELDS)}")
             dev = _device(entry["device"], f"{f}.device", p, source, base_dir)
+            links = tuple((key, number(entry[key], f"{f}.{key}", p, positive=True)) for key in LINK_FIELDS
+                          if key in entry)
+            if dev and links and None not in dict(links).values():
+                dev = replace(dev, **dict(links))       # this group's links in place of the profile's
             count = whole(entry.get("count"), f"{f}.count", p, minimum=0, maximum=MAX_CLIENTS, required=False,
                           default=1, what=" (clients in this group)")
             total += count or 0
@@ -209,10 +222,10 @@ class Fleet:
                 else:
                     splits = (pair[0], pair[1])
             if dev and count is not None and weight:
-                groups.append(ClientGroup(dev, count, weight, budget, splits, entry["device"]))
+                groups.append(ClientGroup(dev, count, weight, budget, splits, entry["device"], links))
         if total > MAX_CLIENTS:
-            p.add("clients", f"{total:,} clients in all (sum of the counts) is more than the {MAX_CLIENTS:,} a plan "
-                             "can list and plan in reasonable time (10,000 take about 20 s); plan a representative "
+            p.add("clients", f"{total:,} clients in all (sum of the counts) is more than the {MAX_CLIENTS:,} hsplit "
+                             "plans (a million clients of a dozen kinds plan in seconds); plan a representative "
                              "sample of each group with smaller counts")
         p.raise_if_any()
         return cls(name=str(name or Path(source).stem), server=server, groups=tuple(groups),

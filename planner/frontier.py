@@ -82,18 +82,29 @@ class FrontierTables:
 
     def ranks(self, s: int, m: int, p: int) -> np.ndarray:
         """Rank values [L, J] of a configuration achieving F[s, m] at exactly cost p (backtracking)."""
+        return self.ranks_many([(s, m, p)])[(s, m, p)]
+
+    def ranks_many(self, wanted) -> dict[tuple[int, int, int], np.ndarray]:
+        """ranks(s, m, p) for every (s, m, p) in `wanted`, with one pass of the programme per split s (the
+        choices recorded for blocks s-1 .. m do not depend on where the pass stops)."""
         inst = self.inst
-        out = np.zeros((inst.L, len(inst.widths)), dtype=np.int64)
-        if m == s:
-            return out
-        record: list = []
-        for _ in self._pass(s, stop=m, record=record):
-            pass
-        for l, j, choice in reversed(record):
-            qi = int(choice[p])
-            out[l, j] = inst.ranks[qi]
-            p -= self.cost[j][qi]
-        assert p == 0, "backtracking did not return to cost 0"
+        out: dict[tuple[int, int, int], np.ndarray] = {}
+        by_split: dict[int, list] = {}
+        for s, m, p in set(wanted):
+            by_split.setdefault(s, []).append((m, p))
+        for s, todo in by_split.items():
+            record: list = []
+            for _ in self._pass(s, stop=min(m for m, _ in todo), record=record):
+                pass
+            for m, p in todo:
+                ranks = np.zeros((inst.L, len(inst.widths)), dtype=np.int64)
+                left = p
+                for l, j, choice in reversed([r for r in record if r[0] >= m]):
+                    qi = int(choice[left])
+                    ranks[l, j] = inst.ranks[qi]
+                    left -= self.cost[j][qi]
+                assert left == 0, "backtracking did not return to cost 0"
+                out[(s, m, p)] = ranks
         return out
 
 
@@ -189,14 +200,15 @@ def solve_decomposed(inst: Instance, objective: str = "utility", *, min_utility:
         choice, got_gap = _min_round_with_floor(inst, a, tables, floor, engine, time_limit, gap)
         status = "optimal" if got_gap <= gap else "gap"
     configs: list[Config | None] = [None] * len(inst.clients)
-    shared: dict[tuple[int, int, int], Config] = {}  # one Config object per distinct choice
+    ranks = tables.ranks_many([key for assigned in choice.values() for key, _ in assigned])
+    shared = {key: Config(key[0], r) for key, r in ranks.items()}  # one Config object per distinct choice
     for c, assigned in choice.items():
-        members = iter(inst.classes[c].members)
-        for (s, m, p), n in assigned:
-            if (s, m, p) not in shared:
-                shared[(s, m, p)] = Config(s, tables.ranks(s, m, p))
-            for _ in range(n):
-                configs[next(members)] = shared[(s, m, p)]
+        members = inst.classes[c].members
+        at = 0
+        for key, n in assigned:
+            for k in members[at:at + n]:
+                configs[k] = shared[key]
+            at += n
     return DecomposedResult(configs, status, got_gap, time.perf_counter() - t0,
                             {"tables_s": t_tables, "lattice_unit": tables.unit, "tables": len(tables.tables)})
 

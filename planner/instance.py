@@ -212,10 +212,15 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
 
     total_weight = sum(c.data_weight for c in clients)
     classes: dict[tuple, ClientClass] = {}
-    for i, c in enumerate(clients):
+    first = 0
+    for c in fleet.groups:        # a group's clients are alike: one class key per group, not per client
+        members = range(first, first + c.count)
+        first += c.count
+        if not members:
+            continue
         key = (repr(c.device.to_dict()), c.data_weight, c.budget, c.splits)
         if key in classes:
-            classes[key].members.append(i)
+            classes[key].members.extend(members)
             continue
         dev = c.device
         lo, hi = c.splits or (1, L - 1)   # check_splits: hi <= L - 1
@@ -235,7 +240,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
                          step_per_zblock=coef.backward_flops / phi,
                          step_per_param=coef.lora_flops_per_param / phi, time_model="flops")
         classes[key] = ClientClass(
-            index=len(classes), device=dev.name, members=[i], weight=c.data_weight / total_weight,
+            index=len(classes), device=dev.name, members=list(members), weight=c.data_weight / total_weight,
             splits=allowed, mem_cap=mem_cap, round_budget=c.budget.round_s or math.inf,
             mem0=coef.embedding_bytes + coef.client_fixed_bytes,
             mem_per_block=coef.block_weight_bytes, mem_per_zblock=coef.block_act_bytes,

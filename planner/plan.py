@@ -18,6 +18,7 @@ from typing import Any
 from hsplit import __version__
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
+from hsplit.planner.plan_clients import ClientPlan, client_entries, read_clients
 from hsplit.planner.strategies import DEFAULT as DEFAULT_STRATEGY
 from hsplit.planner.strategies import NAMES as STRATEGIES
 from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, number, path_text_problem, read_yaml,
@@ -102,16 +103,6 @@ class DataSpec:
 
 
 @dataclass
-class ClientPlan:
-    id: str
-    device: str
-    split_layer: int
-    ranks: dict[str, int] = field(default_factory=dict)
-    data_weight: float = 1.0
-    predicted: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
 class Plan:
     model: str
     strategy: str
@@ -131,14 +122,24 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
     hsplit_version: str = __version__
     source: str = "<plan>"
+    # the index of each client's entry in the file's `clients:` list (one entry may stand for `count`
+    # clients: plan_clients.py); empty for a plan built in memory
+    entries: list[int] = field(default_factory=list, compare=False, repr=False)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
         """Full module name -> rank for the client's own blocks; validates names against the model."""
         p = Problems(self.source)
-        out = _expand_ranks(client, model, p, f"clients[{self.clients.index(client)}]")
+        out = _expand_ranks(client, model, p, "clients[?]")
+        if p.items:          # name the client's entry (only now: finding it is a search)
+            p = Problems(self.source)
+            _expand_ranks(client, model, p, self.field_of(next(i for i, c in enumerate(self.clients) if c is client)))
         p.raise_if_any()
         return out
+
+    def field_of(self, k: int) -> str:
+        """`clients[i]`: the entry of the file that client k comes from (one entry may stand for many)."""
+        return f"clients[{self.entries[k] if len(self.entries) == len(self.clients) else k}]"
 
     def server_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
         """Full module name -> rank of the server-side adapters kept for this client."""
@@ -175,12 +176,16 @@ class Plan:
                     p.add("server_rank", f"{self.server_rank} is larger than {m} ({shapes[m][0]} x {shapes[m][1]}) "
                                          f"allows: a rank is at most {min(shapes[m])} for it")
                     break
+        seen = set()
         for i, c in enumerate(self.clients):
+            f = self.field_of(i)
+            if (f, c.split_layer, id(c.ranks)) in seen:      # the clients of one entry: checked once
+                continue
+            seen.add((f, c.split_layer, id(c.ranks)))
             top = model.layers
             if not 1 <= c.split_layer <= top:
-                p.add(f"clients[{i}].split_layer",
-                      f"{c.split_layer} is outside 1..{top} for {model.name} ({model.layers} blocks)")
-            _expand_ranks(c, model, p, f"clients[{i}]")
+                p.add(f"{f}.split_layer", f"{c.split_layer} is outside 1..{top} for {model.name} ({model.layers} blocks)")
+            _expand_ranks(c, model, p, f)
         p.raise_if_any()
 
     # ---- YAML ----
@@ -193,9 +198,7 @@ class Plan:
             "training": asdict(self.training), "data": asdict(self.data),
             **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
-            "clients": [{"id": c.id, "device": c.device, "data_weight": c.data_weight,
-                         "split_layer": c.split_layer, "ranks": dict(c.ranks), "predicted": c.predicted}
-                        for c in self.clients],
+            "clients": client_entries(self.clients),
         }
 
     def save(self, path: str | Path) -> None:
@@ -265,58 +268,14 @@ class Plan:
                                        f"{kind(mappings['inputs']['model_hash'])}")
             mappings["inputs"].pop("model_hash")
         replan = _replan(data.get("replan"), p)
-        clients = []
-        raw_clients = data.get("clients")
-        if raw_clients is None or raw_clients == []:
-            p.add("clients", "missing: a list of clients with device, split_layer and ranks")
-            raw_clients = []
-        elif not isinstance(raw_clients, list):
-            p.add("clients", f"must be a list of clients (each item starts with `- `), found {kind(raw_clients)}")
-            raw_clients = []
-        for i, c in enumerate(raw_clients):
-            f = f"clients[{i}]"
-            if not isinstance(c, dict):
-                p.add(f, f"must be a mapping with device, split_layer, ranks, found {kind(c)}")
-                continue
-            for key in c:
-                if key not in ("id", "device", "data_weight", "split_layer", "ranks", "predicted"):
-                    p.add(f"{f}.{cut(str(key))}", "unknown field; expected id, device, data_weight, split_layer, ranks")
-            split = whole(c.get("split_layer"), f"{f}.split_layer", p, minimum=1, maximum=MAX_INT,
-                          what=" (the client runs blocks [0, split_layer))")
-            ranks = c.get("ranks") or {}
-            if not isinstance(ranks, dict):
-                p.add(f"{f}.ranks", f"must be a mapping module name -> rank, found {kind(ranks)}")
-                ranks = {}
-            clean = {}
-            for k, v in ranks.items():
-                r = whole(v, f"{f}.ranks.{cut(str(k))}", p, minimum=0, maximum=MAX_INT)
-                if r is not None:
-                    clean[str(k)] = r
-            weight = number(c.get("data_weight", 1.0), f"{f}.data_weight", p, positive=True)
-            for key in ("id", "device"):
-                if c.get(key) is not None and not isinstance(c[key], (str, int)) or isinstance(c.get(key), bool):
-                    p.add(f"{f}.{key}", f"must be text, found {kind(c[key])}")
-            predicted = c.get("predicted")
-            if predicted is not None and not isinstance(predicted, dict):
-                p.add(f"{f}.predicted", f"must be a mapping (written by `hsplit plan`), found {kind(predicted)}")
-                predicted = None
-            clients.append(ClientPlan(id=str(c.get("id", f"c{i}")), device=str(c.get("device") or ""),
-                                      split_layer=split or 0, ranks=clean, data_weight=weight or 1.0,
-                                      predicted=dict(predicted or {})))
-        ids = [c.id for c in clients]
-        for cid in dict.fromkeys(ids):
-            where = [f"clients[{i}]" for i, x in enumerate(ids) if x == cid]
-            if len(where) > 1:
-                more = f" and {len(where) - 3} more" if len(where) > 3 else ""
-                p.add("clients", f"client ids must be unique: id {short(cid)} is used by {', '.join(where[:3])}{more}; "
-                                 "rename or remove the `id:` fields (default c0, c1, ...)")
+        clients, entries = read_clients(data.get("clients"), p)
         p.raise_if_any()
         return cls(model=model, strategy=strategy, clients=clients, modules=list(modules),
                    ranks_allowed=sorted(set(ranks_allowed)), server_rank=server_rank,
                    objective=objective, training=training, data=data_spec,
                    inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
                    predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation),
-                   hsplit_version=str(data.get("hsplit_version", __version__)), source=source)
+                   hsplit_version=str(data.get("hsplit_version", __version__)), source=source, entries=entries)
 
 
 def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list[str]]:

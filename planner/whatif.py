@@ -45,8 +45,11 @@ from hsplit.planner.yamlio import read_yaml
 
 # Each field's kind of value and its rule; the same rules as the fleet loader and `hsplit plan`.
 COUNT, WHOLE, POSITIVE_INT, POSITIVE, FRACTION = "count", "whole", "positive_int", "positive", "fraction"
-CLIENT_FIELDS = {"count": COUNT, "data_weight": POSITIVE, "budget.round_s": POSITIVE, "budget.memory_gib": POSITIVE}
-DEVICE_FIELDS = {"uplink_mbps": POSITIVE, "downlink_mbps": POSITIVE, "memory_gib": POSITIVE, "efficiency": FRACTION}
+# Fields of a fleet's client group (uplink_mbps / downlink_mbps: the group's own links, planner/fleet.py) ...
+CLIENT_FIELDS = {"count": COUNT, "data_weight": POSITIVE, "budget.round_s": POSITIVE, "budget.memory_gib": POSITIVE,
+                 "uplink_mbps": POSITIVE, "downlink_mbps": POSITIVE}
+# ... and of its device profile (written into an inline copy of the profile)
+DEVICE_FIELDS = {"memory_gib": POSITIVE, "efficiency": FRACTION}
 SERVER_FIELDS = {"device": "str", "count": POSITIVE_INT, "concurrency": POSITIVE_INT}
 SETTINGS = {"ranks": "ranks", "modules": "names", "batch_size": POSITIVE_INT, "seq_len": POSITIVE_INT,
             "local_steps": POSITIVE_INT, "dtype": "dtype", "server_rank": WHOLE, "model": "str"}

@@ -3,7 +3,8 @@
     res = calibrate("smollm2-135m", "profiles/devices/this-machine.yaml", batch_size=4, seq_len=64)
     res.write_csv("calibration.csv"); res.plot("calibration.png")
 
-For every split point s in 1..L-1 (and a few LoRA ranks r), on this machine:
+For a handful of split points s spread over 1..L-1 (`default_splits`; every one with splits="all") and a
+few LoRA ranks r, on this machine:
 
 - predicted, from the planner (hsplit.planner.instance.build_instance with a one-client fleet whose
   client and server are the measured device): client seconds per step = `cls.step(s, s, P) -
@@ -20,7 +21,8 @@ For every split point s in 1..L-1 (and a few LoRA ranks r), on this machine:
   does not model them). Median of `repetitions` after warm-up; repetitions are interleaved across
   splits so that a change in machine load spreads over all splits instead of biasing some.
 
-Error = (predicted - measured) / measured.
+Error = (predicted - measured) / measured. Spread of a point = (max - min) / median of its repetitions;
+`assess` says when the spread is too large for the errors to mean anything (docs/measurement.md).
 """
 from __future__ import annotations
 
@@ -46,6 +48,57 @@ COLUMNS = ("split", "rank", "predicted_client_s", "measured_client_s", "error_cl
            "blocks_client_s", "blocks_error_client", "blocks_server_s", "blocks_error_server",
            "flops_client_s", "flops_error_client", "flops_server_s", "flops_error_server",
            "spread_client", "spread_server")
+
+
+DEFAULT_SPLITS = 5       # split points timed by default, spread over the model's blocks
+SPREAD_LIMIT = 0.25      # a point's repetitions may differ by this share of their median before it is noisy
+MIN_REPS = 3             # fewer repetitions cannot show a spread
+
+
+def default_splits(layers: int, n: int = DEFAULT_SPLITS) -> list[int]:
+    """`n` split points evenly spread over 1..L-1, both ends included (every one when there are fewer)."""
+    top = layers - 1
+    if top <= n:
+        return list(range(1, top + 1))
+    return sorted({round(1 + i * (top - 1) / (n - 1)) for i in range(n)})
+
+
+def assess(rows: list[dict], reps: int, median_abs_error: float | None) -> dict:
+    """Whether the measurements can judge the planner: the spread of every point's repetitions (client and
+    server), against SPREAD_LIMIT and against the median |error| being reported. `warnings` says what is
+    wrong and what to do; `trusted` is False when the errors cannot be told from measurement noise."""
+    spreads = [(r[f"spread_{part}"], r["split"], r["rank"], part) for r in rows for part in ("client", "server")
+               if r.get(f"spread_{part}") is not None]
+    out: dict = {"spread_limit": SPREAD_LIMIT, "trusted": True, "warnings": []}
+    if not spreads:
+        return out
+    worst = max(spreads)
+    median = statistics.median(s for s, *_ in spreads)
+    noisy = [x for x in spreads if x[0] > SPREAD_LIMIT]
+    out.update(median_spread=median, worst_spread=worst[0], noisy_points=len(noisy), points=len(spreads))
+    advice = ("re-run on an idle machine (stop other jobs; --threads 1 steadies the timings) with more "
+              "repetitions (--repetitions 7)")
+    where = f"split {worst[1]}, rank {worst[2]}, {worst[3]}"
+    if reps < MIN_REPS:
+        out["trusted"] = False
+        out["warnings"].append(f"{reps} repetition{'s' * (reps != 1)} per point cannot show how much the timings "
+                               f"vary, so the errors above cannot be judged; use --repetitions {MIN_REPS + 2} or more")
+    elif median > SPREAD_LIMIT:
+        out["trusted"] = False
+        out["warnings"].append(
+            f"the timings are too noisy to judge the planner: a point's repetitions differ by {median:.0%} of their "
+            f"median (median over the points; worst {worst[0]:.0%}, at {where}), above the {SPREAD_LIMIT:.0%} limit "
+            f"for {len(noisy)} of {len(spreads)}; the errors above cannot be trusted: {advice}")
+    elif median_abs_error is not None and median > median_abs_error:
+        out["trusted"] = False
+        out["warnings"].append(
+            f"the median error ({median_abs_error:.0%}) is smaller than the timings' own spread ({median:.0%} median, "
+            f"worst {worst[0]:.0%}): the measurements cannot tell it from noise; {advice}")
+    elif noisy:
+        out["warnings"].append(f"{len(noisy)} of {len(spreads)} points vary by more than {SPREAD_LIMIT:.0%} between "
+                               f"repetitions (worst {worst[0]:.0%}, at {where}): their errors cannot be trusted; "
+                               f"{advice}")
+    return out
 
 
 def planner_label(settings: dict) -> str:
@@ -92,9 +145,11 @@ class Calibration:
         axes[0].set_ylabel("seconds")
         axes[1].legend(fontsize=7)
         s = self.settings
+        noisy = "" if self.summary.get("trusted", True) else (
+            f"\nNOT TRUSTED: repetitions differ by {self.summary.get('median_spread', 0):.0%} (median), see the warning")
         fig.suptitle(f"{s['model']} b={s['batch_size']} T={s['seq_len']} on {s['device']}: "
-                     f"planner median |err| {self.summary['median_abs_error']:.0%}, worst {self.summary['worst_abs_error']:.0%}",
-                     fontsize=10)
+                     f"planner median |err| {self.summary['median_abs_error']:.0%}, worst {self.summary['worst_abs_error']:.0%}"
+                     + noisy, fontsize=10, color="black" if not noisy else "firebrick")
         _save(fig, Path(path))           # temporary file + rename; closes the figure
 
 
@@ -160,8 +215,9 @@ def block_model_times(bt, L: int, s: int, rank: int, width: int) -> tuple[float,
 def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int = 64, ranks=(8,),
               splits=None, extra_ranks=(), extra_splits=None, reps: int = 3, warmup: int = 1,
               on_step: Callable[[int, int], None] | None = None, lm=None) -> Calibration:
-    """Measure and predict every (split, rank); `ranks` at every split in `splits` (default 1..L-1),
-    `extra_ranks` only at `extra_splits` (default: 1, L/2, L-1)."""
+    """Measure and predict every (split, rank); `ranks` at every split in `splits` (default: DEFAULT_SPLITS
+    points spread over 1..L-1, `default_splits`; "all": every split 1..L-1), `extra_ranks` only at
+    `extra_splits` (default: 1, L/2, L-1)."""
     from hsplit.runtime.lora import get_peft_model
 
     from hsplit.runtime.lora import lora_config
@@ -171,7 +227,7 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
     lm = lm or load_lm(model_ref, progress=False)
     profile = lm.profile
     L = profile.layers
-    splits = list(splits or range(1, L))
+    splits = list(range(1, L) if splits == "all" else splits or default_splits(L))
     extra_splits = list(extra_splits or sorted({1, L // 2, L - 1}))
     bad = [s for s in splits + extra_splits if not 1 <= s <= L - 1]
     if bad:
@@ -251,4 +307,6 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
                 "repetitions": reps, "warmup": warmup, "threads": torch.get_num_threads(),
                 "torch": str(torch.__version__), "flops_fp32": device.throughput("fp32"),
                 "block_times_used": bool(bt)}
-    return Calibration(rows=rows, settings=settings, summary=summarise(rows))
+    summary = summarise(rows)
+    summary.update(assess(rows, reps, summary.get("median_abs_error")))
+    return Calibration(rows=rows, settings=settings, summary=summary)

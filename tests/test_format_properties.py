@@ -85,6 +85,10 @@ def fleet(draw):
         if draw(st.booleans()):
             lo = draw(st.integers(1, MODEL.layers - 1))
             g["splits"] = [lo, draw(st.integers(lo, MODEL.layers - 1))]
+        if draw(st.booleans()):
+            g["uplink_mbps"] = draw(finite(1.0, 1e4))          # the group's own links
+        if draw(st.booleans()):
+            g["downlink_mbps"] = draw(finite(1.0, 1e4))
         groups.append(g)
     return {"name": draw(names), "server": {"device": "a100-80gb", "count": draw(st.integers(1, 2))},
             "clients": groups}

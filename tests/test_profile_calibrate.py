@@ -133,3 +133,93 @@ def test_profile_rejects_an_unknown_or_unavailable_device(app, tmp_path, monkeyp
         assert res.exit_code == 2, res.output
         assert "error:" in res.output and f"--device {dev}" in res.output and msg in res.output
         assert "Traceback" not in res.output and not out.exists()
+
+
+# ---- trust: the spread of the repetitions against the reported error (synthetic timings, no wall clock) ----
+
+def _rows(spreads, error=0.5):
+    return [{"split": i + 1, "rank": 8, "spread_client": s, "spread_server": s, "error_client": error,
+             "error_server": error} for i, s in enumerate(spreads)]
+
+
+def test_default_splits_are_a_handful_spread_over_the_blocks():
+    from hsplit.runtime.calibrate import default_splits
+    assert default_splits(30) == [1, 8, 15, 22, 29]             # SmolLM2-135M: 5 of its 29 split points
+    assert default_splits(12) == [1, 4, 6, 8, 11]
+    assert default_splits(3) == [1, 2] and default_splits(6) == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize("spreads,reps,error,trusted,words", [
+    ([14.78, 3.0, 0.9, 0.5], 3, 0.85, False, "too noisy to judge the planner"),   # the issue's 1,478 % spread
+    ([0.10, 0.12, 0.08], 3, 0.05, False, "cannot tell it from noise"),
+    ([0.02, 0.03, 0.01], 3, 0.30, True, None),
+    ([0.02, 0.03, 0.01, 0.02, 0.9], 3, 0.30, True, "2 of 10 points vary by more than 25%"),
+    ([0.0, 0.0], 1, 0.30, False, "1 repetition per point cannot show"),
+])
+def test_assess_says_when_the_spread_is_too_large_to_judge(spreads, reps, error, trusted, words):
+    from hsplit.runtime.calibrate import assess
+    a = assess(_rows(spreads), reps, error)
+    assert a["trusted"] is trusted and a["worst_spread"] == max(spreads)
+    if words is None:
+        assert a["warnings"] == []
+    else:
+        (w,) = a["warnings"]
+        assert words in w, w
+        assert "--repetitions" in w
+
+
+def _fake_clock(monkeypatch, noisy: bool):
+    """Replace calibrate's clock: every step takes client 2d and server d seconds, d = 0.01 s, except (noisy)
+    every third step, which takes 10 times as long (a busy machine)."""
+    import types
+
+    import hsplit.runtime.calibrate as cal
+    state = {"t": 0.0, "calls": 0}
+
+    def perf_counter():
+        step = state["calls"] // 4
+        state["calls"] += 1
+        state["t"] += 0.01 * (10 if noisy and step % 3 == 2 else 1)
+        return state["t"]
+    monkeypatch.setattr(cal, "time", types.SimpleNamespace(perf_counter=perf_counter))
+
+
+@pytest.fixture(scope="module")
+def tiny12_dir(tmp_path_factory):
+    from hsplit.runtime.tiny import save_tiny_model
+    return save_tiny_model(tmp_path_factory.mktemp("m12") / "tiny12", layers=12)
+
+
+def test_calibrate_times_a_handful_of_splits_by_default_or_all(app, measured, tiny12_dir, tmp_path, monkeypatch):
+    path, _ = measured
+    _fake_clock(monkeypatch, noisy=False)
+    base = ["calibrate", "--model", str(tiny12_dir), "--profile", str(path), "-b", "2", "-T", "16", "--ranks", "4",
+            "--extra-ranks", "", "--repetitions", "3", "--format", "json"]
+    res = CliRunner().invoke(app, base + ["-o", str(tmp_path / "a")])
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.stdout)
+    assert [r["split"] for r in info["rows"]] == [1, 4, 6, 8, 11]
+    assert info["summary"]["trusted"] is True and info["summary"]["warnings"] == []
+    assert info["summary"]["median_spread"] == pytest.approx(0.0, abs=1e-9)
+    res = CliRunner().invoke(app, base + ["--splits", "all", "-o", str(tmp_path / "b")])
+    assert res.exit_code == 0, res.output
+    assert [r["split"] for r in json.loads(res.stdout)["rows"]] == list(range(1, 12))
+
+
+def test_calibrate_warns_when_its_timings_are_too_noisy(app, measured, tiny_dir, tmp_path, monkeypatch):
+    path, _ = measured
+    _fake_clock(monkeypatch, noisy=True)
+    args = ["calibrate", "--model", str(tiny_dir), "--profile", str(path), "-b", "2", "-T", "16", "--ranks", "4",
+            "--extra-ranks", "", "--repetitions", "3", "--warmup", "0", "-o", str(tmp_path / "c")]
+    res = CliRunner().invoke(app, args + ["--format", "json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)["summary"]
+    assert s["trusted"] is False and s["worst_spread"] == pytest.approx(9.0)      # (10d - d) / d
+    assert "too noisy to judge the planner" in s["warnings"][0]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "warning: the timings are too noisy to judge the planner" in text and "cannot be trusted" in text
+    assert "repetition spread (max - min) / median: median 900.0%" in text
+    csv = (tmp_path / "c.csv").read_text()
+    assert "spread_client" in csv.splitlines()[0]

@@ -7,6 +7,7 @@ import hsplit.planner.whatif as whatif_mod
 import matplotlib.image as mpimg
 import pandas as pd
 import pytest
+import yaml
 from hsplit.cli import app
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.whatif import build_scenarios, pareto_front, run_whatif
@@ -213,3 +214,57 @@ def test_per_device_columns_and_wording_say_device_name(tmp_path):
     assert "device kind" not in inspect.getsource(plots)
     doc = (Path(__file__).resolve().parent.parent / "docs" / "whatif.md").read_text()
     assert "device kind" not in doc and "`split[DEVICE]`, `rank[DEVICE]`" in doc
+
+
+def test_a_group_link_override_is_planned_and_varied_end_to_end(tmp_path):
+    """`clients[i].uplink_mbps` / `downlink_mbps` in a fleet replace the profile's links for that group (the
+    cost model uses them); `hsplit whatif --vary 'clients.*.uplink_mbps=...'` sets the same fields."""
+    from hsplit.planner.api import make_plan
+    from hsplit.planner.fleet import Fleet
+    from hsplit.planner.instance import build_instance
+    from hsplit.planner.model import load_model_profile
+    from hsplit.planner.yamlio import read_yaml
+    base = read_yaml("profiles/fleets/example.yaml")
+    slow = dict(base, clients=[dict(g, uplink_mbps=0.5, downlink_mbps=2) if g["device"].startswith("jetson") else g
+                               for g in base["clients"]])
+    fleet = Fleet.from_dict(slow, "slow.yaml")
+    assert fleet.groups[0].device.uplink_mbps == 0.5 and fleet.groups[0].device.name == "jetson-orin-nano-8gb"
+    assert fleet.groups[1].device.uplink_mbps == Fleet.from_dict(base, "b.yaml").groups[1].device.uplink_mbps
+    assert Fleet.from_dict(fleet.to_dict(), "again.yaml").sha256() == fleet.sha256()
+    assert fleet.sha256() != Fleet.from_dict(base, "b.yaml").sha256()
+    model = load_model_profile("smollm2-135m")
+    a, b = build_instance(Fleet.from_dict(base, "b.yaml"), model), build_instance(fleet, model)
+    assert b.classes[0].link_s > 10 * a.classes[0].link_s
+    assert b.classes[1].link_s == a.classes[1].link_s
+    # the planner sees the slow links: the jetsons' round budget (12 s) cannot carry them
+    fast_plan, slow_plan = make_plan(Fleet.from_dict(base, "b.yaml"), model), None
+    with pytest.raises(Exception) as e:
+        slow_plan = make_plan(fleet, model)
+    assert slow_plan is None and "c0, c1 (jetson-orin-nano-8gb): round time" in str(e.value)
+    assert fast_plan.clients[0].predicted["round_s"] > 0
+    # whatif varies the same field, on a fleet that sets it and on one that does not; the jetsons of `mid`
+    # set their own links (uplink 1, downlink 20 Mbit/s) and have no round budget
+    mid = dict(base, name="mid", clients=[{k: v for k, v in dict(g, uplink_mbps=1, downlink_mbps=20).items()
+                                           if k != "budget"} if g["device"].startswith("jetson") else g
+                                          for g in base["clients"]])
+    path = tmp_path / "mid.yaml"
+    path.write_text(yaml.safe_dump(mid))
+    out = tmp_path / "wi"
+    r = runner.invoke(app, ["whatif", str(path), "--vary", "clients.jetson-orin-nano-8gb.uplink_mbps=2,200",
+                            "--format", "json", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = {row["clients.jetson-orin-nano-8gb.uplink_mbps"]: row for row in json.loads(r.output)["scenarios"]}
+    assert all(row["status"] == "optimal" for row in rows.values()), rows
+    assert rows["200"]["round_s"] < rows["2"]["round_s"]
+    assert rows["2"]["straggler"].split()[0] in ("c0", "c1")      # the jetsons, on their 2 Mbit/s uplink
+
+
+@pytest.mark.parametrize("value,words", [(-1, "must be > 0"), (".nan", "must be a finite number"),
+                                         ("fast", "must be a number"), (0, "must be > 0")])
+def test_a_bad_group_link_is_refused_naming_the_field(tmp_path, value, words):
+    from hsplit.planner.fleet import Fleet
+    f = tmp_path / "fleet.yaml"
+    f.write_text(f"server: {{device: a100-80gb}}\nclients:\n  - {{device: jetson-orin-nano-8gb, downlink_mbps: {value}}}\n")
+    with pytest.raises(ConfigError) as e:
+        Fleet.load(f)
+    assert f"{f}" in str(e.value) and f"clients[0].downlink_mbps: {words}" in str(e.value), str(e.value)
