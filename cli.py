@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from hsplit import __version__
 from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
-                            batch_option, calibration_table, check_format, console, device_option, err, fail,
-                            input_errors, options_from, with_options,
+                            batch_option, calibration_table, check_format, checked_data, console, device_option, err,
+                            fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
@@ -72,7 +72,10 @@ def plan(
     strategy: str = typer.Option(STRATEGY_DEFAULT, help=" | ".join(STRATEGY_NAMES) + "."),
     aggregation: str = typer.Option("warm", help="hsplitlora: warm (adapters and AdamW moments carry on) | restart "
                                                  "(fresh adapters every round: the ablation); sizes the merge download."),
-    data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
+    data: str = typer.Option("shakespeare", help="Training data the run will use, checked now and recorded in the "
+                             "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
+                             "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
+                             "format. A local path is written relative to the plan file."),
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
     fmt: str = FORMAT_TABLE,
@@ -107,7 +110,8 @@ def plan(
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
-                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data),
+                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
+                      data=checked_data(DataSpec(path=data), output, seq_len),
                       aggregation=aggregation)
         try:
             p.save(output)
