@@ -114,14 +114,15 @@ def _flower(sizes: dict[str, int], k: int, how: str, alpha: float, seed: int,
         with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():   # tqdm bars, Dirichlet re-draws
             warnings.simplefilter("ignore")
             for c in range(k):
-                p = part.load_partition(c)
+                p = part.load_partition(c).to_dict()        # plain lists (a Column iterates row by row)
                 got: dict[str, list[int]] = {}
                 for s, i in zip(p["source"], p["item"]):
                     got.setdefault(s, []).append(i)
                 out.append({s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in sorted(got.items())})
     except ValueError as e:          # e.g. Dirichlet draws that leave a client below min_partition_size
+        fix = {"flower-dirichlet": "a larger alpha", "flower-pathological": "another sources_per_client"}.get(how, "")
         raise ConfigError("data.partition", [f"{how}: {str(e).splitlines()[0]} ({n} training items, {k} clients); "
-                                             "use more data, a larger alpha, or another partition"]) from None
+                                             f"use more data, {fix + ', ' if fix else ''}or another partition"]) from None
     return out
 
 
@@ -143,7 +144,7 @@ def draw_partition(client_counts: list[dict[str, int]], client_ids: list[str], p
     layers = [(s, [d.get(s, 0) for d in client_counts]) for s in shown]
     if rest:
         layers.append((f"other ({len(rest)} sources)", [sum(d.get(s, 0) for s in rest) for d in client_counts]))
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.6 * len(client_ids) + 2.5), 3.6), dpi=100)
+    fig, ax = plt.subplots(figsize=(max(5.5, 0.6 * len(client_ids) + 3.0), 3.8), dpi=100)
     x = np.arange(len(client_ids))
     bottom = np.zeros(len(client_ids))
     cmap = plt.get_cmap("tab20")
@@ -165,6 +166,6 @@ def draw_partition(client_counts: list[dict[str, int]], client_ids: list[str], p
 def draw_data_partition(sim, plan, path: str | Path) -> Path:
     """partition.png of a run: the simulation's training data per client, stacked by source."""
     s = sim.data.summary
-    title = (f"{Path(str(plan.data.path)).name}: partition {plan.data.partition}, "
-             f"{sum(s['client_sequences'])} training and {s['eval_sequences']} held-out sequences of {s['seq_len']} tokens")
+    title = (f"{Path(str(plan.data.path)).name}: partition {plan.data.partition}\n"
+             f"{sum(s['client_sequences'])} training, {s['eval_sequences']} held-out sequences of {s['seq_len']} tokens")
     return draw_partition(sim.data.client_counts, [c.id for c in plan.clients], path, title)

@@ -154,7 +154,8 @@ def cache_key(kind: str, tokenizer, partition_by: str, data_key) -> str:
 
 def encode_dataset(ds, kind: str, tokenizer, partition_by: str, cache_file: Path | None, where: str = "data"):
     """ds (raw records) -> Dataset of (source, ids, loss), from `cache_file` when it exists."""
-    kwargs = {}
+    import datasets
+    datasets.disable_progress_bars()
     if cache_file is not None:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         kwargs = {"cache_file_name": str(cache_file), "load_from_cache_file": True,
