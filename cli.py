@@ -338,8 +338,10 @@ def demo_cmd(
 @app.command("importance")
 def importance_cmd(
     model: str = model_option(help="smollm2-135m (embedded), an HF folder, or a hub id."),
-    data: str = typer.Option("shakespeare", "--data", "-d", help="shakespeare (embedded) or a JSONL/CSV/text/E2E path."),
-    data_format: str = typer.Option("auto", "--data-format", help="auto | jsonl | csv | text | e2e | shakespeare"),
+    data: str = typer.Option("shakespeare", "--data", "-d", help="shakespeare (embedded), a data file or folder "
+                             "(JSONL, CSV, Parquet, Arrow, text, E2E; datasets' save_to_disk), or a hub dataset id."),
+    data_format: str = typer.Option("auto", "--data-format", help="auto | jsonl | csv | parquet | arrow | text | e2e | "
+                                    "shakespeare"),
     steps: int = typer.Option(16, "--steps", help="Warm-up batches the scores are smoothed over."),
     batch_size: int = batch_option(),
     seq_len: int = seq_option(128),

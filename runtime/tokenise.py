@@ -6,7 +6,8 @@
 Per record kind (runtime/datasource.py):
 - documents (text files, Shakespeare): the text's tokens + EOS, loss on every token (data.py joins a
   source's documents and cuts them into seq_len chunks);
-- text: the text's tokens + EOS, loss on every token; prompt-completion and E2E (prompt = MR + newline,
+- text: the text's tokens + EOS, loss on every token (a record without text: its prompt and completion,
+  so one file may mix the two); prompt-completion and E2E (prompt = MR + newline,
   completion = the reference): prompt tokens + completion tokens + EOS, loss on the completion and EOS;
 - chat: the tokenizer's chat template over the messages; loss on the assistant turns' tokens (their
   content and end-of-turn token, not the whitespace after it), none on system or user turns. TRL's
@@ -106,8 +107,8 @@ def _source_of(batch: dict, i: int, kind: str, partition_by: str) -> str:
 def _encoder(kind: str, tokenizer, partition_by: str, where: str):
     eos = tokenizer.eos_token_id
 
-    def encode(batch: dict) -> dict:
-        n = len(next(iter(batch.values())))
+    def encode(batch: dict, indices: list[int]) -> dict:
+        n = len(indices)
         sources = [_source_of(batch, i, kind, partition_by) for i in range(n)]
         out_ids, out_loss = [], []
         if kind == "chat":
@@ -121,14 +122,24 @@ def _encoder(kind: str, tokenizer, partition_by: str, where: str):
                 out_ids.append(ids)
                 out_loss.append(loss)
             return {"source": sources, "ids": out_ids, "loss": out_loss}
-        if kind in ("documents", "text"):
+        if kind == "documents":
             prompts, completions = [""] * n, [_text(t) for t in batch["text"]]
         elif kind == "e2e":
             mrs = batch["mr"] if "mr" in batch else batch["meaning_representation"]
             refs = batch["ref"] if "ref" in batch else batch["human_reference"]
             prompts, completions = [_text(m).strip() + "\n" for m in mrs], [_text(r).strip() for r in refs]
-        else:
-            prompts, completions = [_text(p) for p in batch["prompt"]], [_text(c) for c in batch["completion"]]
+        else:                   # per record: `text`, else `prompt` and `completion` (a file may mix them)
+            prompts, completions = [], []
+            for i in range(n):
+                if batch.get("text", [None] * n)[i] is not None:
+                    prompts.append("")
+                    completions.append(str(batch["text"][i]))
+                elif all(batch.get(k, [None] * n)[i] is not None for k in ("prompt", "completion")):
+                    prompts.append(str(batch["prompt"][i]))
+                    completions.append(str(batch["completion"][i]))
+                else:
+                    raise ConfigError(where, [f"record {indices[i] + 1}: needs a `text` field or `prompt` and "
+                                              "`completion` fields"])
         if kind == "documents":
             p_ids = [[] for _ in prompts]
             c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]
@@ -163,5 +174,5 @@ def encode_dataset(ds, kind: str, tokenizer, partition_by: str, cache_file: Path
     else:
         kwargs = {"load_from_cache_file": False, "keep_in_memory": True,
                   "new_fingerprint": hashlib.sha256(repr((kind, partition_by)).encode()).hexdigest()[:16]}
-    return ds.map(_encoder(kind, tokenizer, partition_by, where), batched=True, batch_size=256,
+    return ds.map(_encoder(kind, tokenizer, partition_by, where), batched=True, batch_size=256, with_indices=True,
                   remove_columns=ds.column_names, **kwargs)

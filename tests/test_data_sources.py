@@ -220,3 +220,18 @@ def test_plan_checks_the_data_and_warns_about_a_tiny_held_out_split(model, tmp_p
     big.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(400)))
     r = _plan(model, big, tmp_path / "p.yaml")
     assert r.exit_code == 0 and "held-out" not in r.stderr
+
+
+def test_a_file_may_mix_text_and_prompt_completion_records_and_a_record_with_neither_is_named(tmp_path):
+    tok = tiny_tokenizer()
+    f = tmp_path / "mixed.jsonl"
+    lines = [{"text": f"plain {i}"} if i % 2 else {"prompt": f"Q{i}", "completion": f" A{i}"} for i in range(20)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    d = load_federated_data(DataSpec(path=str(f), partition="iid", eval_fraction=0.1), tok, 16, [1], 0)
+    texts = {tok.decode(r[m == 1]) for r, m in zip(d.clients[0].input_ids, d.clients[0].attention_mask)}
+    targets = {tok.decode(r[r != -100]) for r in d.clients[0].labels}
+    assert any(t.startswith("plain") for t in targets) and any(t.startswith(" A") for t in targets)
+    assert not any(t.startswith("Q") for t in targets) and any(t.startswith("Q") for t in texts)
+    f.write_text(f.read_text() + json.dumps({"prompt": "only a prompt"}) + "\n")
+    with pytest.raises(ConfigError, match="record 21: needs a `text` field or `prompt` and `completion` fields"):
+        load_federated_data(DataSpec(path=str(f), partition="iid"), tok, 16, [1], 0)
