@@ -98,15 +98,16 @@ def token_sets(enc, documents: bool, tokenizer, seq_len: int) -> dict[str, Token
     documents: a source's token streams joined and cut into seq_len chunks (the remainder dropped);
     otherwise one row per record, truncated or padded (mask 0, label -100)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    cols = {c: enc.data.column(c).to_pylist() for c in ("source", "ids", "loss")}
+    ids_all, starts = _flat(enc, "ids")
+    loss_all, _ = _flat(enc, "loss")
     by_source: dict[str, list[int]] = {}
-    for i, src in enumerate(cols["source"]):
+    for i, src in enumerate(enc.data.column("source").to_pylist()):
         by_source.setdefault(src, []).append(i)
     out = {}
     for src in sorted(by_source):
         rows = by_source[src]
         if documents:
-            stream = np.fromiter((t for i in rows for t in cols["ids"][i]), dtype=np.int64)
+            stream = np.concatenate([ids_all[starts[i]:starts[i + 1]] for i in rows])
             n = len(stream) // seq_len
             ids = torch.from_numpy(stream[:n * seq_len].copy()).view(n, seq_len)
             out[src] = TokenSet(ids, torch.ones_like(ids), ids.clone())
@@ -115,13 +116,21 @@ def token_sets(enc, documents: bool, tokenizer, seq_len: int) -> dict[str, Token
         mask = np.zeros_like(ids)
         labels = np.full_like(ids, -100)
         for r, i in enumerate(rows):
-            x = np.asarray(cols["ids"][i][:seq_len], dtype=np.int64)
-            keep = np.asarray(cols["loss"][i][:seq_len], dtype=bool)
+            a, b = starts[i], min(starts[i + 1], starts[i] + seq_len)
+            x, keep = ids_all[a:b], loss_all[a:b].astype(bool)
             ids[r, :len(x)] = x
             mask[r, :len(x)] = 1
             labels[r, :len(x)] = np.where(keep, x, -100)
         out[src] = TokenSet(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels))
     return out
+
+
+def _flat(enc, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of encoded rows as (all values as int64, row starts with the end appended)."""
+    col = enc.data.column(column).combine_chunks()          # (Dataset.map's output: no indices mapping)
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
 def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) -> tuple[str, dict[str, TokenSet]]:
