@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from hsplit import __version__
 from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
-                            batch_option, calibration_table, check_format, checked_data, console, device_option, err,
-                            fail, input_errors, options_from, with_options,
+                            batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
+                            device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
@@ -94,6 +94,7 @@ def plan(
         if check is not None:
             p = Plan.load(check)
             ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
+            check_plan_data(p)
             render_check(p, ev, inst, fmt)
             raise typer.Exit(NO_SOLUTION if ev.violations else 0)
         training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,

@@ -80,6 +80,19 @@ def checked_data(spec, output: Path, seq_len: int):
     return spec
 
 
+def check_plan_data(plan) -> None:
+    """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
+    records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""
+    from hsplit.runtime.datasource import check_data
+    try:
+        lines = check_data(plan.data, plan.training.seq_len)
+    except ConfigError as e:
+        raise ConfigError(plan.source, [f"{e.source}: {x}" if not x.startswith(e.source) else x
+                                        for x in e.problems]) from None
+    for line in lines:
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

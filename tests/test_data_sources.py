@@ -235,3 +235,21 @@ def test_a_file_may_mix_text_and_prompt_completion_records_and_a_record_with_nei
     f.write_text(f.read_text() + json.dumps({"prompt": "only a prompt"}) + "\n")
     with pytest.raises(ConfigError, match="record 21: needs a `text` field or `prompt` and `completion` fields"):
         load_federated_data(DataSpec(path=str(f), partition="iid"), tok, 16, [1], 0)
+
+
+def test_plan_check_reads_the_data_path_from_the_plan_files_folder(model, tmp_path, monkeypatch):
+    (tmp_path / "plans").mkdir()
+    (tmp_path / "plans" / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(400)))
+    r = _plan(model, tmp_path / "plans" / "d.jsonl", tmp_path / "plans" / "plan.yaml")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "plans" / "plan.yaml").read_text())["data"]["path"] == "d.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert Plan.load("plans/plan.yaml").data.path == str(tmp_path / "plans" / "d.jsonl")
+    args = ["plan", "--check", "plans/plan.yaml", "--fleet", "example", "--model", str(model)]
+    r = runner.invoke(app, args)
+    assert r.exit_code in (0, 1) and "error" not in r.output, r.output          # 1: a violation, not bad input
+    (tmp_path / "plans" / "d.jsonl").unlink()
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2, r.output
+    assert f"plans/plan.yaml: data.path: {tmp_path / 'plans' / 'd.jsonl'}: no such file or folder" in \
+        " ".join(r.output.split())
