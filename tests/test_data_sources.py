@@ -253,3 +253,35 @@ def test_plan_check_reads_the_data_path_from_the_plan_files_folder(model, tmp_pa
     assert r.exit_code == 2, r.output
     assert f"plans/plan.yaml: data.path: {tmp_path / 'plans' / 'd.jsonl'}: no such file or folder" in \
         " ".join(r.output.split())
+
+
+def test_a_dataset_id_is_kept_in_the_plan_and_read_with_load_dataset(model, tmp_path, monkeypatch):
+    """The hub itself is never reached in tests: datasets.load_dataset(_builder) stand in for it."""
+    import types
+
+    import datasets
+    ds = datasets.Dataset.from_list([{"messages": [{"role": "user", "content": f"hi {i}"},
+                                                   {"role": "assistant", "content": "hello"}]} for i in range(200)])
+    asked = []
+
+    def load_dataset(ref, *a, **k):
+        if "data_files" in k:
+            raise AssertionError("a dataset id was read as a file")
+        asked.append(ref)
+        return datasets.DatasetDict({"train": ds})
+
+    def load_dataset_builder(ref, *a, **k):
+        asked.append(ref)
+        info = types.SimpleNamespace(features=ds.features, splits={"train": types.SimpleNamespace(num_examples=len(ds))})
+        return types.SimpleNamespace(info=info)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    monkeypatch.setattr(datasets, "load_dataset_builder", load_dataset_builder)
+    monkeypatch.chdir(tmp_path)
+    r = _plan(model, "someone/chat-data", tmp_path / "plan.yaml")
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "plan.yaml").read_text())["data"]["path"] == "someone/chat-data"
+    plan = Plan.load(tmp_path / "plan.yaml")
+    assert plan.data.path == "someone/chat-data"
+    from transformers import AutoTokenizer
+    d = load_federated_data(plan.data, AutoTokenizer.from_pretrained(str(model)), 64, [1, 1], 0)
+    assert d.summary["kind"] == "chat" and d.summary["format"] == "hub" and asked == ["someone/chat-data"] * 2
