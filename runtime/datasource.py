@@ -241,7 +241,8 @@ def _inspect_hub(src: Source, spec: DataSpec) -> Info:
     rows = splits["train"].num_examples if "train" in splits else None
     sample = None
     if feats and "prompt" in feats:
-        sample = {"prompt": [] if isinstance(feats["prompt"], (list, datasets.Sequence, datasets.List)) else ""}
+        lists = (list, datasets.Sequence, getattr(datasets, "List", list))     # datasets.List: datasets >= 4
+        sample = {"prompt": [] if isinstance(feats["prompt"], lists) else ""}
     if not cols:                                # features unknown until read: read the data
         ds = open_dataset(src, spec)
         return Info(record_kind(ds.column_names, ds[0] if len(ds) else None, spec, src.ref), ds.column_names, len(ds))
