@@ -158,6 +158,7 @@ class Plan:
     schema_version: int = SCHEMA_VERSION
     hsplit_version: str = __version__
     source: str = "<plan>"
+    written_data_path: str | None = None   # data.path as the file says (Plan.load makes data.path absolute)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
@@ -232,6 +233,7 @@ class Plan:
     def load(cls, path: str | Path) -> "Plan":
         """The plan in `path`; a relative data.path is read from the plan file's folder (made absolute here)."""
         plan = cls.from_dict(read_yaml(path), str(path))
+        plan.written_data_path = plan.data.path
         plan.data.path = resolve_data_path(plan.data.path, Path(path).parent)
         return plan
 

@@ -285,3 +285,16 @@ def test_a_dataset_id_is_kept_in_the_plan_and_read_with_load_dataset(model, tmp_
     from transformers import AutoTokenizer
     d = load_federated_data(plan.data, AutoTokenizer.from_pretrained(str(model)), 64, [1, 1], 0)
     assert d.summary["kind"] == "chat" and d.summary["format"] == "hub" and asked == ["someone/chat-data"] * 2
+
+
+def test_a_plan_copied_with_its_data_elsewhere_reads_that_data_and_keeps_its_hash(tmp_path):
+    from hsplit.runtime.distributed.auth import plan_hash
+    text = ("model: m\nclients: [{split_layer: 1}]\ndata: {path: data/d.jsonl}\n")
+    plans = []
+    for machine in ("a", "b"):
+        (tmp_path / machine / "data").mkdir(parents=True)
+        (tmp_path / machine / "data" / "d.jsonl").write_text('{"text": "x"}\n')
+        (tmp_path / machine / "plan.yaml").write_text(text)
+        plans.append(Plan.load(tmp_path / machine / "plan.yaml"))
+    assert [p.data.path for p in plans] == [str(tmp_path / m / "data" / "d.jsonl") for m in ("a", "b")]
+    assert plan_hash(plans[0]) == plan_hash(plans[1])
