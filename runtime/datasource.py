@@ -102,9 +102,8 @@ def resolve(spec: DataSpec) -> Source:
         return Source(ref, "folder", readers.pop(), files)
     if looks_like_hub_id(ref):
         return Source(ref, "hub", "hub")
-    raise ConfigError("data.path", [f"{ref}: no such file or folder (a relative path in a plan is read from the "
-                                    "plan file's folder); give shakespeare, a data file or folder, or a Hugging "
-                                    "Face dataset id (owner/name)"])
+    raise ConfigError("data.path", [f"{ref}: no such file or folder; give shakespeare, a data file or folder, or a "
+                                    "Hugging Face dataset id (owner/name)"])
 
 
 def hub_unavailable(ref: str, e: Exception) -> ConfigError:
