@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from hsplit import __version__
 from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
-                            batch_option, calibration_table, check_format, console, device_option, err, fail,
-                            input_errors, options_from, with_options,
+                            batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
+                            device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
@@ -82,7 +82,10 @@ def plan(
     strategy: str = typer.Option(STRATEGY_DEFAULT, help=" | ".join(STRATEGY_NAMES) + "."),
     aggregation: str = typer.Option("warm", help="hsplitlora: warm (adapters and AdamW moments carry on) | restart "
                                                  "(fresh adapters every round: the ablation); sizes the merge download."),
-    data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
+    data: str = typer.Option("shakespeare", help="Training data the run will use, checked now and recorded in the "
+                             "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
+                             "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
+                             "format. A local path is written relative to the plan file."),
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
     fmt: str = FORMAT_TABLE,
@@ -103,6 +106,7 @@ def plan(
         if check is not None:
             p = Plan.load(check)
             ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
+            check_plan_data(p)
             render_check(p, ev, inst, fmt)
             raise typer.Exit(NO_SOLUTION if ev.violations else 0)
         training, data_spec, notes = settings_from_flags({
@@ -125,7 +129,8 @@ def plan(
         p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
-                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=data_spec,
+                      time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
+                      data=checked_data(data_spec, output, training.seq_len),
                       aggregation=aggregation)
         try:
             p.save(output)
@@ -381,8 +386,10 @@ def demo_cmd(
 @app.command("importance")
 def importance_cmd(
     model: str = model_option(help="smollm2-135m (embedded), an HF folder, or a hub id."),
-    data: str = typer.Option("shakespeare", "--data", "-d", help="shakespeare (embedded) or a JSONL/CSV/text/E2E path."),
-    data_format: str = typer.Option("auto", "--data-format", help="auto | jsonl | csv | text | e2e | shakespeare"),
+    data: str = typer.Option("shakespeare", "--data", "-d", help="shakespeare (embedded), a data file or folder "
+                             "(JSONL, CSV, Parquet, Arrow, text, E2E; datasets' save_to_disk), or a hub dataset id."),
+    data_format: str = typer.Option("auto", "--data-format", help="auto | jsonl | csv | parquet | arrow | text | e2e | "
+                                    "shakespeare"),
     steps: int = typer.Option(16, "--steps", help="Warm-up batches the scores are smoothed over."),
     batch_size: int = batch_option(),
     seq_len: int = seq_option(128),

@@ -65,6 +65,34 @@ def input_errors():
         fail(f"{e.filename or 'input'}: cannot read: {e.strerror or e}")
 
 
+def checked_data(spec, output: Path, seq_len: int):
+    """`hsplit plan`'s data: a FORMAT:PATH prefix split off, the data checked (it resolves, its records are of
+    a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a local path
+    rewritten relative to the plan file's folder (where `hsplit run` reads it from). Imports `datasets`
+    only for folders saved by it and dataset ids; never torch."""
+    from hsplit.planner.plan import written_data_path
+    from hsplit.runtime.datasource import check_data, split_data_ref
+    if spec.format == "auto":
+        spec.path, spec.format = split_data_ref(spec.path)
+    for line in check_data(spec, seq_len):
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+    spec.path = written_data_path(spec.path, output)
+    return spec
+
+
+def check_plan_data(plan) -> None:
+    """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
+    records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""
+    from hsplit.runtime.datasource import check_data
+    try:
+        lines = check_data(plan.data, plan.training.seq_len)
+    except ConfigError as e:
+        raise ConfigError(plan.source, [f"{e.source}: {x}" if not x.startswith(e.source) else x
+                                        for x in e.problems]) from None
+    for line in lines:
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
 def check_format(fmt: str) -> None:
     if fmt not in FORMATS:
         fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")

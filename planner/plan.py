@@ -10,6 +10,7 @@ See docs/file-formats.md for every field.
 """
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,8 +29,11 @@ SCHEMA_VERSION = 1
 AGGREGATIONS = ("warm", "restart")   # hsplitlora's exact aggregation: holders carry on, or restart each round
 DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "e2e")
-PARTITIONS = ("by-source", "iid", "dirichlet")
+DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow", "e2e")
+# hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
+PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
+              "flower-pathological")
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".md")
 OBJECTIVES = ("utility", "latency")
 MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index with
 MAX_SEED = 2 ** 63 - 1
@@ -53,10 +57,12 @@ TRAINING_RULES = {
     "seed": ("int", 0, MAX_SEED, "random seed"),
 }
 DATA_RULES = {
-    "path": ("path", None, None, "shakespeare, or a data file or folder"),
+    "path": ("path", None, None, "shakespeare, a data file or folder, or a dataset id"),
     "format": ("choice", None, None, DATA_FORMATS),
     "partition": ("choice", None, None, PARTITIONS),
+    "partition_by": ("path", None, None, "the column naming each record's source"),
     "alpha": ("float", ("<", 0.0), None, "Dirichlet concentration, > 0"),
+    "sources_per_client": ("int", 1, MAX_INT, "flower-pathological: sources each client holds"),
     "eval_fraction": ("float", 0.0, ("<", 1.0), "held-out share in [0, 1)"),
 }
 # `hsplit plan` flags that set plan fields: flag -> (section, field). The flags are checked with the rules
@@ -95,11 +101,44 @@ class Training:
 @dataclass
 class DataSpec:
     """Which data the clients hold and how it is split among them (read by the runtime)."""
-    path: str = "shakespeare"       # shakespeare (embedded) | a JSONL, CSV, text or E2E CSV path
-    format: str = "auto"            # auto | jsonl | csv | text | e2e | shakespeare
-    partition: str = "by-source"    # by-source | iid | dirichlet
-    alpha: float = 0.5              # Dirichlet concentration (partition: dirichlet)
+    path: str = "shakespeare"       # shakespeare (embedded) | a data file or folder | a hub dataset id
+    format: str = "auto"            # auto | jsonl | csv | parquet | arrow | text | e2e | shakespeare
+    partition: str = "by-source"    # one of PARTITIONS
+    partition_by: str = "source"    # the column naming each record's source (natural id)
+    alpha: float = 0.5              # Dirichlet concentration (dirichlet, flower-dirichlet)
+    sources_per_client: int = 2     # flower-pathological: sources (classes) per client
     eval_fraction: float = 0.05     # held-out share no client trains on
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """`owner/name` that is not a data file name: read as a Hugging Face dataset id when no such path exists."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", ref) is not None
+            and not ref.lower().endswith(DATA_SUFFIXES))
+
+
+def resolve_data_path(ref: str, base_dir: str | Path) -> str:
+    """data.path as the runtime reads it: a relative path is read from `base_dir` (the plan file's folder),
+    made absolute; `shakespeare`, absolute paths and dataset ids that are no local path stay as written."""
+    if ref == "shakespeare" or not ref:
+        return ref
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return str(p)
+    local = Path(base_dir).resolve() / p
+    if not local.exists() and looks_like_hub_id(ref):
+        return ref
+    return os.path.normpath(local)
+
+
+def written_data_path(ref: str, plan_file: str | Path) -> str:
+    """data.path as `hsplit plan` writes it: a local path given on the command line (relative to the current
+    folder) becomes relative to the plan file's folder; anything else is written as given."""
+    if ref == "shakespeare":
+        return ref
+    p = Path(ref).expanduser()
+    if not p.exists():
+        return ref
+    return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
 
 
 @dataclass
@@ -125,6 +164,7 @@ class Plan:
     # the index of each client's entry in the file's `clients:` list (one entry may stand for `count`
     # clients: plan_clients.py); empty for a plan built in memory
     entries: list[int] = field(default_factory=list, compare=False, repr=False)
+    written_data_path: str | None = None   # data.path as the file says (Plan.load makes data.path absolute)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
@@ -206,7 +246,11 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        return cls.from_dict(read_yaml(path), str(path))
+        """The plan in `path`; a relative data.path is read from the plan file's folder (made absolute here)."""
+        plan = cls.from_dict(read_yaml(path), str(path))
+        plan.written_data_path = plan.data.path
+        plan.data.path = resolve_data_path(plan.data.path, Path(path).parent)
+        return plan
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str) -> "Plan":

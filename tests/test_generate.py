@@ -170,9 +170,9 @@ def test_format_help_lists_what_the_check_accepts():
 def test_a_missing_csv_data_path_is_a_config_error_not_a_traceback(tmp_path):
     from hsplit.planner.errors import ConfigError
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.data import detect_format
+    from hsplit.runtime.datasource import resolve
     with pytest.raises(ConfigError, match="no such file"):
-        detect_format(DataSpec(path=str(tmp_path / "nope.csv")))
+        resolve(DataSpec(path=str(tmp_path / "nope.csv")))
 
 
 def test_generate_file_on_a_loaded_run_as_the_benchmark_calls_it(bracket_run):

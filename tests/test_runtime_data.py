@@ -8,7 +8,8 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec
-from hsplit.runtime.data import detect_format, load_federated_data, partition, shakespeare_root
+from hsplit.runtime.data import load_federated_data, partition, shakespeare_root
+from hsplit.runtime.datasource import inspect, resolve
 from hsplit.runtime.tiny import tiny_tokenizer
 
 
@@ -49,7 +50,8 @@ def test_e2e_csv_puts_the_loss_on_the_reference_only(tok, tmp_path):
     f = tmp_path / "e2e.csv"
     f.write_text("mr,ref\n" + ('"name[Eagle], food[French]","The Eagle serves French food."\n'
                                 '"name[Mill], food[Thai]","The Mill serves Thai food."\n') * 10)
-    assert detect_format(DataSpec(path=str(f))) == "e2e"
+    spec = DataSpec(path=str(f))
+    assert inspect(resolve(spec), spec).kind == "e2e"
     d = load_federated_data(DataSpec(path=str(f), partition="iid", eval_fraction=0.1), tok, 32, [1, 1], 0)
     ts = d.clients[0]
     for i in range(len(ts)):
@@ -87,7 +89,7 @@ def test_jsonl_prompt_completion_and_text_and_errors(tok, tmp_path):
     assert tok.decode(lab[lab != -100]).startswith(" four")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": 1}\n')
-    with pytest.raises(ConfigError, match="needs a `text` field"):
+    with pytest.raises(ConfigError, match="unknown record fields: found question; hsplit reads messages"):
         load_federated_data(DataSpec(path=str(bad)), tok, 24, [1], 0)
     with pytest.raises(ConfigError, match="no such file"):
         load_federated_data(DataSpec(path=str(tmp_path / "missing.txt")), tok, 24, [1], 0)
@@ -129,12 +131,31 @@ def test_batches_are_a_pure_function_of_seed_round_client_step(tok):
     assert len(_rows(type(c)(seen, seen, seen))) == seen.shape[0]
 
 
-def test_tokenisation_is_cached(tok, tmp_path, monkeypatch):
+class _NoEncoding:
+    """The tokenizer, except that encoding text fails: what a cached tokenisation never does."""
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+    def __call__(self, *a, **k):
+        raise AssertionError("tokenised again")
+
+
+def test_tokenisation_is_cached_by_datasets_and_redone_when_the_file_changes(tok, tmp_path, monkeypatch):
     monkeypatch.setenv("HSPLIT_CACHE", str(tmp_path / "cache"))
     spec = DataSpec(path="shakespeare")
-    load_federated_data(spec, tok, 48, [1], 0)
-    files = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    first = load_federated_data(spec, tok, 48, [1], 0)
+    files = list((tmp_path / "cache" / "tokens").glob("*.arrow"))
     assert len(files) == 1
-    mtime = files[0].stat().st_mtime_ns
-    d = load_federated_data(spec, tok, 48, [1], 0)
-    assert files[0].stat().st_mtime_ns == mtime and len(d.clients[0]) > 0
+    d = load_federated_data(spec, _NoEncoding(tok), 48, [1], 0)          # from the cache: no encoding
+    assert torch.equal(d.clients[0].input_ids, first.clients[0].input_ids)
+    assert len(load_federated_data(spec, _NoEncoding(tok), 32, [1], 0).clients[0]) > 0   # seq_len: not in the key
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(20)))
+    load_federated_data(DataSpec(path=str(f), partition="iid"), tok, 16, [1], 0)
+    load_federated_data(DataSpec(path=str(f), partition="iid"), _NoEncoding(tok), 16, [1], 0)
+    f.write_text("".join(json.dumps({"text": f"other line {i}"}) + "\n" for i in range(21)))
+    with pytest.raises(AssertionError, match="tokenised again"):
+        load_federated_data(DataSpec(path=str(f), partition="iid"), _NoEncoding(tok), 16, [1], 0)

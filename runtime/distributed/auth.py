@@ -20,7 +20,11 @@ TOKEN_ENV = "HSPLIT_TOKEN"
 
 
 def plan_hash(plan: Plan) -> str:
-    return hashlib.sha256(json.dumps(_plain(plan.to_dict()), sort_keys=True).encode()).hexdigest()
+    """Of the plan as its file says (a relative data.path as written: machines may hold plan and data elsewhere)."""
+    d = _plain(plan.to_dict())
+    if plan.written_data_path is not None:
+        d["data"]["path"] = plan.written_data_path
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def token_mac(token: str, phash: str, rank: int) -> bytes:
