@@ -116,7 +116,7 @@ def read_examples(data: str) -> list[Example]:
     if suffix not in (".csv", ".jsonl", ".json"):
         raise ConfigError("--data", [f"{data}: --generate reads .csv and .jsonl files ({KINDS}); "
                                      f"convert {p.name} to one of those"])
-    if fmt == "e2e" or (suffix == ".csv" and fmt == "auto" and _csv_header(p) >= {"mr", "ref"}):
+    if fmt == "e2e" or (suffix == ".csv" and fmt in ("auto", "csv") and _csv_header(p) >= {"mr", "ref"}):
         return [Example("e2e", mr, ref) for mr, refs in read_mr_groups(p) for ref in refs]
     problems: list[str] = []
     out = []
@@ -221,6 +221,7 @@ def heldout_prompts(sim, data: dict) -> tuple[list[Prompt], int]:
     seq_len cut their reference and the data file does not give it whole). data: config.yaml's `data`."""
     tok, ev = sim.lm.tokenizer, sim.data.eval
     fmt, width = str(data.get("format", "")), ev.input_ids.shape[1]
+    recorded = str(data.get("kind", ""))     # the record kind the run's data summary names (runtime/data.py)
     special = set(tok.all_special_ids)
     groups: dict[tuple, Prompt] = {}
     whole: dict | None = None
@@ -250,8 +251,8 @@ def heldout_prompts(sim, data: dict) -> tuple[list[Prompt], int]:
         g = groups.get(key)
         if g is None:
             shown = tok.decode(key)
-            kind = ("e2e" if fmt == "e2e" else "chat" if "chat" in fmt or (header and shown.endswith(header))
-                    else "prompt-completion")
+            kind = ("e2e" if "e2e" in (fmt, recorded) else
+                    "chat" if "chat" in (fmt, recorded) or (header and shown.endswith(header)) else "prompt-completion")
             shown = tok.decode(key, skip_special_tokens=True).strip() if kind == "e2e" else shown
             g = groups[key] = Prompt(kind, list(key), shown)
         g.references.append(ref)
