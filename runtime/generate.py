@@ -37,9 +37,11 @@ import torch
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.yamlio import atomic_write_text, read_yaml
 from hsplit.runtime import rundir
+from hsplit.planner.plan import looks_like_hub_id
 from hsplit.runtime.data import TokenSet, check_data_ref
 
-KINDS = "E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages)"
+KINDS = ("E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages); Parquet, Arrow, "
+         "`datasets` folders and dataset ids with those columns")
 
 
 @dataclass
@@ -104,13 +106,42 @@ def _record(obj, where: str, problems: list[str]) -> Example | None:
     return None
 
 
+def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
+    """Records of a Parquet/Arrow file, a folder (data files, or saved by `datasets`) or a dataset id, read by
+    the training data loader (runtime/datasource.py): E2E columns, prompt/completion or messages."""
+    from hsplit.planner.plan import DataSpec
+    from hsplit.runtime.datasource import open_dataset, resolve
+    spec = DataSpec(path=path, format=fmt)
+    src = resolve(spec)
+    if src.reader in ("text", "shakespeare"):
+        raise ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
+                                     f"and references: {KINDS}"])
+    ds = open_dataset(src, spec)
+    cols = set(ds.column_names)
+    e2e = next(((m, r) for m, r in (("mr", "ref"), ("meaning_representation", "human_reference"))
+                if {m, r} <= cols), None)
+    problems: list[str] = []
+    if e2e:
+        out = [Example("e2e", str(row[e2e[0]]).strip(), str(row[e2e[1]]).strip()) for row in ds]
+    else:
+        out = [_record(row, f"record {i + 1}", problems) for i, row in enumerate(ds)]
+    if problems:
+        raise ConfigError(path, problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []))
+    if not out:
+        raise ConfigError(path, [f"no records; --generate needs {KINDS}"])
+    return out
+
+
 def read_examples(data: str) -> list[Example]:
     """The records of a --data argument ([FORMAT:]PATH) that --generate can score (ConfigError naming the
     file, the line and what works otherwise). Checked before any model is loaded."""
     path, fmt = check_data_ref(data)
     p = Path(path).expanduser()
     suffix = p.suffix.lower()
-    if fmt in ("text", "shakespeare") or p.is_dir() or suffix in (".txt", ".md"):
+    if fmt in ("parquet", "arrow") or suffix in (".parquet", ".arrow") or p.is_dir() or (
+            not p.exists() and looks_like_hub_id(path)):
+        return _dataset_examples(data, path, fmt)
+    if fmt in ("text", "shakespeare") or suffix in (".txt", ".md"):
         raise ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
                                      f"and references: {KINDS}"])
     if suffix not in (".csv", ".jsonl", ".json"):

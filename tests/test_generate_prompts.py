@@ -234,3 +234,30 @@ def test_held_out_chat_sequences_give_the_template_prompt_and_the_last_assistant
     assert [g.references for g in prompts] == [["Blue.", "Light blue."], ["White."]]
     assert prompts[0].ids == p1 and prompts[1].rows == [2]
     assert tok.decode(prompts[1].ids) == tok.apply_chat_template(two, tokenize=False, add_generation_prompt=True)
+
+
+def test_generate_reads_parquet_and_saved_datasets_as_training_does(smol_run, tmp_path):
+    """Parquet files and `datasets` save_to_disk folders (chat) are read by the training loader and scored."""
+    import datasets
+    run_dir, _, _ = smol_run
+    recs = {"prompt": ["Question 1: what colour?\nAnswer:", "Question 2: what colour?\nAnswer:"],
+            "completion": ["blue sky", "green grass"]}
+    datasets.Dataset.from_dict(recs).to_parquet(str(tmp_path / "qa.parquet"))
+    res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "qa.parquet"), "--generate",
+                              "--max-new-tokens", "3", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["kind"] == "prompt-completion" and rep["prompts"] == 2 and rep["references"] == 2
+    assert [r["references"] for r in _rows(run_dir / "generate-qa.jsonl")] == [["blue sky"], ["green grass"]]
+    chats = [[{"role": "user", "content": "The sky?"}, {"role": "assistant", "content": "Blue."}]]
+    datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(tmp_path / "chats"))
+    res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "chats"), "--generate",
+                              "--max-new-tokens", "3", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    assert rep["kind"] == "chat" and rep["prompts"] == 1 and rep["references"] == 1
+    # a folder of plain text is refused naming what works
+    (tmp_path / "txt").mkdir()
+    (tmp_path / "txt" / "a.txt").write_text("just some prose\n")
+    res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "txt"), "--generate"])
+    assert res.exit_code == 2 and "plain text" in res.output
