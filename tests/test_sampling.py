@@ -1,0 +1,229 @@
+"""Client sampling per round (the plan's `sampling:`): the same seed samples the same clients, aggregation
+is re-weighted over them, unsampled clients keep their state exactly, a resumed run samples what the
+uninterrupted one did, and sampling every client is the run without sampling."""
+import csv
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_runtime_env
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import Plan
+from hsplit.planner.sampling import Sampling, sample_clients, sampled_round_times
+from hsplit.planner.strategies import NAMES as STRATEGIES
+from hsplit.runtime import checkpoint
+from hsplit.runtime.loop import run
+from hsplit.runtime.options import RunOptions
+from hsplit.runtime.partystore import PartyStore
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SPLIT_STRATEGIES = [s for s in STRATEGIES if s != "centralized"]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    yield from tiny_runtime_env(tmp_path_factory, "sampling")
+
+
+def make_plan(env, name, strategy="hsplitlora", sampling=None, clients=5, **training):
+    root, model, text = env
+    t = {"batch_size": 2, "seq_len": 32, "local_steps": 2, "rounds": 3, "dtype": "fp32", "learning_rate": 5e-3,
+         "lr_schedule": "cosine", "warmup_steps": 1, "seed": 0, "lora_dropout": 0.1, "max_grad_norm": 0.5}
+    t.update(training)
+    cs = []
+    for i in range(clients):
+        if strategy == "splitlora":
+            cs.append({"id": f"c{i}", "device": "d", "split_layer": 2, "ranks": {"q_proj": 4, "v_proj": 4},
+                       "data_weight": 1.0 + i})
+        else:
+            cs.append({"id": f"c{i}", "device": "d", "split_layer": 1 + i % 3,
+                       "ranks": {"q_proj": 2 + 2 * (i % 2)}, "data_weight": 1.0 + i,
+                       "predicted": {"round_s": 1.0 + i, "server_step_s": 0.01}})
+    plan = {"model": str(model), "strategy": strategy, "server_rank": 4, "modules": ["q_proj", "v_proj"],
+            "training": t, "data": {"path": str(text), "partition": "iid", "eval_fraction": 0.1}, "clients": cs}
+    if sampling is not None:
+        plan["sampling"] = sampling
+    path = root / name
+    Plan.from_dict(plan, name).save(path)
+    return path
+
+
+def opts(env, name, **kw):
+    return RunOptions(runs_dir=env[0] / "runs", name=name, progress=False, eval_max_seqs=8, **kw)
+
+
+def trained(run_dir) -> dict[int, list[str]]:
+    with open(run_dir / "metrics.csv") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["client"] != "all"]
+    out: dict[int, list[str]] = {}
+    for r in rows:
+        out.setdefault(int(r["round"]), []).append(r["client"])
+    return out
+
+
+# ---- the sampler ----
+
+def test_the_same_seed_samples_the_same_clients_and_another_seed_others():
+    w = [1.0 + (i % 7) for i in range(1000)]
+    a = [sample_clients(0, r, w, 10) for r in range(20)]
+    assert a == [sample_clients(0, r, w, 10) for r in range(20)]
+    assert all(len(s) == len(set(s)) == 10 and s == sorted(s) for s in a)
+    assert a != [sample_clients(1, r, w, 10) for r in range(20)]
+    assert len({tuple(s) for s in a}) == 20            # rounds differ too
+
+
+def test_weighted_sampling_draws_heavy_clients_more_often_and_uniform_does_not():
+    w = [1.0] * 50 + [9.0] * 50
+    heavy = sum(i >= 50 for r in range(400) for i in sample_clients(3, r, w, 5))
+    assert heavy / 2000 > 0.8                           # successive sampling: ~0.9 of the draws
+    uni = sum(i >= 50 for r in range(400) for i in sample_clients(3, r, w, 5, "uniform"))
+    assert 0.4 < uni / 2000 < 0.6
+
+
+def test_count_and_fraction_with_a_minimum():
+    assert Sampling(clients_per_round=10).count(1000) == 10
+    assert Sampling(clients_per_round=10).count(4) == 4
+    assert Sampling(fraction=0.01, min_clients=2).count(1000) == 10
+    assert Sampling(fraction=0.01, min_clients=2).count(100) == 2
+    assert Sampling(fraction=0.29).count(100) == 29      # no float truncation to 28
+
+
+def test_bad_sampling_fields_are_refused_with_field_and_fix(env):
+    base = {"model": "smollm2-135m", "clients": [{"split_layer": 2}] * 3}
+    with pytest.raises(ConfigError, match=r"sampling.clients_per_round: 4 is more than the plan's 3 clients"):
+        Plan.from_dict({**base, "sampling": {"clients_per_round": 4}}, "p.yaml")
+    with pytest.raises(ConfigError, match=r"sampling.fraction: must be in \(0, 1\]"):
+        Plan.from_dict({**base, "sampling": {"fraction": 1.5}}, "p.yaml")
+    with pytest.raises(ConfigError, match="sampling: give exactly one of clients_per_round"):
+        Plan.from_dict({**base, "sampling": {"min_clients": 2}}, "p.yaml")
+    with pytest.raises(ConfigError, match="no clients to sample"):
+        Plan.from_dict({**base, "strategy": "centralized", "sampling": {"clients_per_round": 2}}, "p.yaml")
+    with pytest.raises(ConfigError, match="replan"):
+        Plan.from_dict({**base, "replan": {"every": 1}, "sampling": {"clients_per_round": 2}}, "p.yaml")
+    p = Plan.from_dict({**base, "sampling": {"fraction": 0.5, "min_clients": 2, "by": "uniform"}}, "p.yaml")
+    assert Plan.from_dict(p.to_dict(), "again").sampling == p.sampling
+
+
+# ---- runs ----
+
+def test_a_run_trains_only_the_sampled_clients_and_records_them(env):
+    path = make_plan(env, "two-of-five.yaml", sampling={"clients_per_round": 2})
+    res = run(path, opts(env, "two-of-five"))
+    plan = Plan.load(path)
+    w = [c.data_weight for c in plan.clients]
+    want = {r + 1: [f"c{i}" for i in sample_clients(0, r, w, 2)] for r in range(3)}
+    assert trained(res.run_dir) == want
+    lines = (res.run_dir / "sampled.csv").read_text().splitlines()
+    assert lines[1:] == [f"{r},{' '.join(ids)}" for r, ids in want.items()]
+    # fleet time: the slowest sampled client each round (the planner's figure for the same rounds)
+    g = [r for r in res.rows if r["client"] == "all"][1:]
+    planned = sampled_round_times(plan.clients, plan.sampling, 0, 3, 2)
+    assert [r["fleet_s"] for r in g] == pytest.approx([t for t, _, _ in planned])
+    assert g[-1]["fleet_total_s"] == pytest.approx(sum(t for t, _, _ in planned))
+    # only the sampled clients' state is written, once per round they trained
+    store = PartyStore(res.run_dir / "clients")
+    assert {k: v for k, v in store.versions.items()} == {
+        f"k{i}": [r for r, ids in want.items() if f"c{i}" in ids] for i in range(5) if any(
+            f"c{i}" in ids for ids in want.values())}
+
+
+@pytest.mark.parametrize("strategy", SPLIT_STRATEGIES + ["hsplitlora-restart"])
+def test_sampling_every_client_is_the_run_without_sampling(env, strategy):
+    name = strategy.removesuffix("-restart")
+    extra = {"aggregation": "restart"} if strategy.endswith("-restart") else {}
+    a = make_plan(env, f"all-{strategy}.yaml", name, clients=3)
+    b = make_plan(env, f"all-s-{strategy}.yaml", name, sampling={"clients_per_round": 3}, clients=3)
+    for p in (a, b):
+        if extra:
+            plan = Plan.load(p)
+            plan.aggregation = "restart"
+            plan.save(p)
+    ra = run(a, opts(env, f"all-{strategy}"))
+    rb = run(b, opts(env, f"all-s-{strategy}"))
+    for x, y in zip(ra.rows, rb.rows):
+        assert (x["round"], x["client"]) == (y["round"], y["client"])
+        for key in ("train_loss", "eval_loss"):
+            if x[key] is not None:
+                assert x[key] == pytest.approx(y[key], rel=1e-6, abs=1e-7), (key, x, y)
+
+
+def _party_after(run_dir, adapter):
+    return PartyStore(run_dir / "clients").load(adapter)
+
+
+def test_unsampled_clients_keep_their_state_exactly_hsplitlora_warm(env):
+    path = make_plan(env, "keep.yaml", sampling={"clients_per_round": 2}, rounds=4)
+    res = run(path, opts(env, "keep"))
+    store = PartyStore(res.run_dir / "clients")
+    sat_out = [(name, vs) for name, vs in store.versions.items() if len(vs) >= 2]
+    assert sat_out
+    # a client that trained in rounds v1 < v2: it starts v2 from its own factors and moments of v1
+    # (its base offset reset to them): in round v2 it continues, so its AdamW step count grows
+    for name, vs in sat_out:
+        first = store.load(name, vs[0])
+        second = store.load(name, vs[1])
+        steps = [k for k in first if k.endswith("/step")]
+        assert steps and all(float(second[k]) == float(first[k]) + 2 for k in steps)   # 2 local steps more
+    # a client that sat a round out is the same in the store before and after that round
+    plan = Plan.load(path)
+    w = [c.data_weight for c in plan.clients]
+    rounds = [sample_clients(0, r, w, 2) for r in range(4)]
+    i = next(i for i in range(5) if any(i in s for s in rounds[:2]) and i not in rounds[2])
+    v = max(r + 1 for r in range(2) if i in rounds[r])
+    assert store.latest(f"k{i}", 3) == v          # nothing written while it sat out
+
+
+def test_aggregation_is_reweighted_over_the_sampled_clients(env):
+    from hsplit.runtime.simulation import build
+    plan = Plan.load(make_plan(env, "weights.yaml", sampling={"clients_per_round": 2}))
+    sim = build(plan, progress=False, device="cpu")
+    parties = sim.round_parties(0)
+    sim.materialise(parties, 0)
+    for p in parties:          # distinct factors per party
+        for a, b in sim.bank.factors(p.adapter).values():
+            torch.manual_seed(p.index)
+            with torch.no_grad():
+                b.copy_(torch.randn_like(b))
+    update = sim.strategy.combine(parties)
+    m = next(iter(update.merge))
+    holders = [p for p in parties if m in p.ranks]
+    w = np.array([p.weight for p in holders]) / sum(p.weight for p in holders)
+    s = sim.training.lora_alpha_over_rank
+    fs = [sim.bank.factors(p.adapter)[m] for p in holders]
+    offs = [sim.bank.factors(f"{p.adapter}_base")[m] for p in holders]
+    want = sum(wk * s * (b @ a + ob @ oa) for wk, (a, b), (oa, ob) in zip(w, fs, offs))
+    b_cat, a_cat = update.merge[m]
+    torch.testing.assert_close(b_cat @ a_cat, want.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(env, monkeypatch):
+    from conftest import at_step
+    path = make_plan(env, "resume.yaml", "hafl-truncation", sampling={"fraction": 0.4, "min_clients": 2}, rounds=4)
+    full = run(path, opts(env, "resume-full"))
+
+    def boom(r, i, s):
+        if r == 2 and s == 1:
+            raise KeyboardInterrupt
+    with monkeypatch.context() as mp:
+        at_step(mp, boom)
+        with pytest.raises(KeyboardInterrupt):
+            run(path, opts(env, "resume-cut"))
+    cut = env[0] / "runs" / "resume-cut"
+    assert checkpoint.complete_rounds(cut) == [0, 1, 2]
+    res = run(path, opts(env, "resume-cut", resume=True))
+    assert trained(res.run_dir) == trained(full.run_dir)
+    _, a = checkpoint.load(full.run_dir, 4)
+    _, b = checkpoint.load(res.run_dir, 4)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=0)
+    sa, sb = PartyStore(full.run_dir / "clients"), PartyStore(res.run_dir / "clients")
+    assert sa.versions == sb.versions
+    for name in sa.versions:
+        x, y = sa.load(name), sb.load(name)
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
