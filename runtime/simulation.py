@@ -169,7 +169,10 @@ class Simulation:
 
     def load_tensors(self, adapters: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
         for name, p in self._holders():
-            self.bank.load_state(name, {k[len(name) + 1:]: v for k, v in adapters.items() if k.startswith(name + "/")})
+            state = {k[len(name) + 1:]: v for k, v in adapters.items() if k.startswith(name + "/")}
+            if p is not None and self.sampling and not state:
+                continue        # client sampling: a party's state is in the store (a client process's own)
+            self.bank.load_state(name, state)
             if p is None:
                 continue
             self.new_optimizers(p)

@@ -227,3 +227,62 @@ def test_a_resumed_run_samples_and_ends_as_the_uninterrupted_one(env, monkeypatc
     for name in sa.versions:
         x, y = sa.load(name), sb.load(name)
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+# ---- distributed ----
+
+DIST = SPLIT_STRATEGIES + ["hsplitlora-restart"]
+
+
+@pytest.fixture(scope="module")
+def dist_runs(env):
+    """Every split strategy with 2 of 3 clients per round, distributed, in ONE launch of 4 processes."""
+    from hsplit.runtime.distributed.launcher import launch_local
+    from hsplit.runtime.options import DistOptions
+    paths = []
+    for s in DIST:
+        # seed 1 samples c0 c2 | c0 c1 | c1 c2: c1 joins late, c2 sits round 2 out and comes back
+        path = make_plan(env, f"dist-{s}.yaml", s.removesuffix("-restart"), sampling={"clients_per_round": 2},
+                         clients=3, seed=1)
+        if s.endswith("-restart"):
+            plan = Plan.load(path)
+            plan.aggregation = "restart"
+            plan.save(path)
+        paths.append(path)
+    root = env[0]
+    logs = root / "logs" / "dist"
+    logs.mkdir(parents=True, exist_ok=True)
+    o = RunOptions(runs_dir=root / "runs-dist", progress=False, threads=1, eval_max_seqs=8)
+    code = launch_local(paths, o, DistOptions(timeout_s=60), env=dict(os.environ, HSPLIT_TOKEN="s3cret",
+                                                                      OMP_NUM_THREADS="1"),
+                        logs=logs, deadline_s=300)
+    return code, {f.stem: f.read_text() for f in sorted(logs.iterdir())}
+
+
+@pytest.mark.parametrize("strategy", DIST)
+def test_distributed_run_with_sampling_equals_the_in_process_one(env, dist_runs, strategy):
+    code, logs = dist_runs
+    assert code == 0, logs
+    ref = run(env[0] / f"dist-{strategy}.yaml", opts(env, f"ref-{strategy}"))
+    run_dir = env[0] / "runs-dist" / f"dist-{strategy}"
+    assert trained(run_dir) == trained(ref.run_dir)
+    assert trained(run_dir) == {1: ["c0", "c2"], 2: ["c0", "c1"], 3: ["c1", "c2"]}
+    _, a = checkpoint.load(ref.run_dir, 3)
+    _, b = checkpoint.load(run_dir, 3)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=1e-5)
+    sa, sb = PartyStore(ref.run_dir / "clients"), PartyStore(run_dir / "clients")
+    assert sa.versions == sb.versions
+    for name in sa.versions:        # every client's state: factors, AdamW moments (both sides), strategy's
+        x, y = sa.load(name), sb.load(name)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+    with open(run_dir / "metrics.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    for got, want in zip(rows, ref.rows):
+        for key in ("train_loss", "eval_loss", "tokens", "bytes_up", "bytes_down", "fleet_s"):
+            if want.get(key) is not None:
+                assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (key, got, want)
