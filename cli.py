@@ -73,6 +73,13 @@ def plan(
     aggregation: str = typer.Option("warm", help="hsplitlora: warm (adapters and AdamW moments carry on) | restart "
                                                  "(fresh adapters every round: the ablation); sizes the merge download."),
     data: str = typer.Option("shakespeare", help="Training data the run will use (recorded in the plan)."),
+    clients_per_round: Optional[str] = typer.Option(None, "--clients-per-round", help="Client sampling: clients that "
+                                                    "train each round, a count (10), fraction (0.01) or percentage "
+                                                    "(1%); default every client."),
+    min_clients_per_round: Optional[int] = typer.Option(None, "--min-clients-per-round", min=1, help="With a "
+                                                        "fraction: at least this many clients per round."),
+    sample_by: str = typer.Option("data_weight", "--sample-by", help="data_weight (a client is drawn with probability "
+                                                                     "growing with its data weight) | uniform."),
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
     fmt: str = FORMAT_TABLE,
@@ -80,6 +87,7 @@ def plan(
     """Choose every client's split point and LoRA ranks (an integer program solved to optimality).
 
     Example: hsplit plan --fleet example --model smollm2-135m -o plan.yaml
+    Sample 10 clients per round: hsplit plan --fleet big.yaml --clients-per-round 10
     Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
     """
     from hsplit.planner.api import check_options, check_plan, full_time_limit, make_plan
@@ -95,6 +103,12 @@ def plan(
             raise typer.Exit(NO_SOLUTION if ev.violations else 0)
         training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, rounds=rounds,
                             dtype=dtype)
+        sampling = None
+        if clients_per_round is not None:
+            from hsplit.planner.sampling import from_flags
+            sampling = from_flags(clients_per_round, min_clients_per_round, sample_by)
+        elif min_clients_per_round is not None or sample_by != "data_weight":
+            fail("--min-clients-per-round and --sample-by go with --clients-per-round (client sampling)")
         check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                       min_utility=min_utility)
         how = traits(strategy).ranks
@@ -108,7 +122,7 @@ def plan(
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank, data=DataSpec(path=data),
-                      aggregation=aggregation)
+                      aggregation=aggregation, sampling=sampling)
         try:
             p.save(output)
         except OSError as e:

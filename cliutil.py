@@ -221,6 +221,11 @@ def render_plan(p) -> None:
     say(f"solver: {s.get('method')} | status {status} | utility {pr.get('utility', 0):.4f} | "
         f"round {seconds(pr.get('round_s', 0))} (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
         f"wall {seconds(s.get('wall_s', 0))}")
+    if p.sampling is not None and "clients_per_round" in pr:
+        say(f"client sampling: {pr['clients_per_round']} of {len(p.clients)} clients per round (by "
+            f"{p.sampling.by}); round time above: the mean of this run's {p.training.rounds} sampled rounds "
+            f"(slowest {seconds(pr['round_s_max'])}; all clients at once {seconds(pr.get('round_s_all_clients', 0))}); "
+            f"fleet time {seconds(pr['fleet_time_s'])}")
     srv = p.server.get("predicted", {})
     console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",

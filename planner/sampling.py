@@ -103,8 +103,63 @@ def sample_clients(seed: int, round_index: int, weights, n: int, by: str = "data
     u = np.random.Generator(np.random.PCG64(ss)).random(K)
     u = np.maximum(u, np.finfo(np.float64).tiny)           # log(0) never happens
     keys = np.log(u) / (w if by == "data_weight" else np.ones(K))
-    top = np.argsort(-keys, kind="stable")[:n]
+    top = np.argpartition(-keys, n - 1)[:n]             # the n largest keys (ties have probability 0)
     return sorted(int(i) for i in top)
+
+
+def from_flags(value: str, min_clients: int | None = None, by: str = "data_weight") -> Sampling:
+    """`hsplit plan --clients-per-round N|F|P% [--min-clients-per-round M] [--sample-by B]`: a whole number is
+    a count, a number with a decimal point in (0, 1] or a percentage is a fraction (ConfigError otherwise)."""
+    from hsplit.planner.errors import ConfigError, Problems
+    text = str(value).strip()
+    raw: dict = {"by": by}
+    try:
+        if text.endswith("%"):
+            raw["fraction"] = float(text[:-1]) / 100
+        elif text.isdigit():
+            raw["clients_per_round"] = int(text)
+        else:
+            raw["fraction"] = float(text)
+    except ValueError:
+        raise ConfigError("--clients-per-round", [f"{text!r}: give a count (e.g. 10), a fraction (e.g. 0.01) or a "
+                                                  "percentage (e.g. 1%)"]) from None
+    if min_clients is not None:
+        if "fraction" not in raw:
+            raise ConfigError("--min-clients-per-round", ["goes with a fraction (--clients-per-round 0.01): with a "
+                                                          "count, drop it"])
+        raw["min_clients"] = min_clients
+    p = Problems("--clients-per-round")
+    out = Sampling.from_dict(raw, p)
+    p.items = [x.replace("sampling.clients_per_round", "--clients-per-round").replace("sampling.fraction",
+               "--clients-per-round").replace("sampling.min_clients", "--min-clients-per-round")
+               .replace("sampling.by", "--sample-by") for x in p.items]
+    p.raise_if_any()
+    return out
+
+
+def predict(plan) -> None:
+    """Fill a plan's predicted round and fleet times for its sampling (docs/formulation.md, "Client
+    sampling"): the rounds of `hsplit run` with this plan's seed and rounds draw exactly these clients."""
+    pr = plan.predicted
+    rounds = sampled_round_times(plan.clients, plan.sampling, plan.training.seed, plan.training.rounds,
+                                 plan.training.local_steps)
+    if not rounds or any(t is None for t, _, _ in rounds):
+        return
+    times = [t for t, _, _ in rounds]
+    worst = max(range(len(rounds)), key=lambda i: times[i])
+    busy = [plan.training.local_steps * sum(plan.clients[i].predicted.get("server_step_s") or 0.0 for i in ids)
+            for _, _, ids in rounds]
+    all_round = pr.get("round_s")
+    pr.update({"round_s": round(float(np.mean(times)), 3), "straggler": rounds[worst][1],
+               "round_s_max": round(times[worst], 3), "fleet_time_s": round(float(sum(times)), 3),
+               "clients_per_round": plan.sampling.count(len(plan.clients)),
+               "server_busy_s": round(float(np.mean(busy)), 3)})
+    if all_round is not None:
+        pr["round_s_all_clients"] = all_round
+    srv = plan.server.get("predicted")
+    if isinstance(srv, dict):
+        srv["busy_s"] = pr["server_busy_s"]
+        srv["busy_share"] = round(pr["server_busy_s"] / pr["round_s"], 4) if pr["round_s"] else 0.0
 
 
 def round_time(clients, ids, local_steps: int) -> tuple[float | None, str | None]:

@@ -286,3 +286,50 @@ def test_distributed_run_with_sampling_equals_the_in_process_one(env, dist_runs,
         for key in ("train_loss", "eval_loss", "tokens", "bytes_up", "bytes_down", "fleet_s"):
             if want.get(key) is not None:
                 assert float(got[key]) == pytest.approx(float(want[key]), rel=1e-5, abs=1e-6), (key, got, want)
+
+
+# ---- the planner ----
+
+def test_the_planner_charges_the_sampled_straggler_not_the_fleets(tmp_path):
+    from hsplit.planner.api import make_plan as plan_fleet
+    from hsplit.planner.plan import Training
+    fleet = tmp_path / "fleet.yaml"
+    fleet.write_text("server: {device: a100-80gb}\nclients:\n"
+                     "  - {device: raspberry-pi-5-8gb, count: 2, data_weight: 1.0}\n"
+                     "  - {device: jetson-orin-nano-8gb, count: 18, data_weight: 1.0}\n")
+    training = Training(rounds=20, seed=4)
+    full = plan_fleet(fleet, "smollm2-135m", training=training)
+    p = plan_fleet(fleet, "smollm2-135m", training=training, sampling=Sampling(clients_per_round=3))
+    assert [c.ranks for c in p.clients] == [c.ranks for c in full.clients]      # the same configurations
+    rounds = sampled_round_times(p.clients, p.sampling, 4, 20, training.local_steps)
+    by_hand = []
+    for r in range(20):        # the slowest of the round's 3 clients (or the server's busy time for them)
+        ids = sample_clients(4, r, [1.0] * 20, 3)
+        t = max(p.clients[i].predicted["round_s"] for i in ids)
+        busy = training.local_steps * sum(p.clients[i].predicted["server_step_s"] for i in ids)
+        by_hand.append(max(t, busy))
+    assert [t for t, _, _ in rounds] == pytest.approx(by_hand)
+    pr = p.predicted
+    assert pr["fleet_time_s"] == pytest.approx(sum(by_hand), abs=1e-3)
+    assert pr["round_s"] == pytest.approx(np.mean(by_hand), abs=1e-3)
+    assert pr["round_s_all_clients"] == full.predicted["round_s"]
+    pis = {c.id for c in p.clients if c.device.startswith("raspberry")}
+    slow_rounds = [t for t, _, ids in rounds if not pis & {p.clients[i].id for i in ids}]
+    assert slow_rounds and max(slow_rounds) < full.predicted["round_s"]      # rounds without a Pi are faster
+    assert pr["round_s"] < full.predicted["round_s"]
+    again = Plan.from_dict(p.to_dict(), "again")
+    assert again.sampling == Sampling(clients_per_round=3)
+
+
+def test_hsplit_plan_clients_per_round_writes_sampling_into_the_plan(tmp_path):
+    from typer.testing import CliRunner
+    from hsplit.cli import app
+    out = tmp_path / "p.yaml"
+    res = CliRunner().invoke(app, ["plan", "--fleet", "example", "--clients-per-round", "40%",
+                                   "--min-clients-per-round", "3", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    p = Plan.load(out)
+    assert p.sampling == Sampling(fraction=0.4, min_clients=3) and p.sampling.count(len(p.clients)) == 3
+    assert "3 of 5 clients per round" in res.output.replace("\n", " ")
+    res = CliRunner().invoke(app, ["plan", "--fleet", "example", "--clients-per-round", "9", "-o", str(out)])
+    assert res.exit_code == 2 and "--clients-per-round: 9 is more than the plan's 5 clients" in res.output
