@@ -103,7 +103,9 @@ class AdapterBank:
     def delete(self, name: str) -> None:
         """Remove adapter `name` (re-planning rebuilds adapters at new ranks)."""
         if self.ranks.get(name):
-            self.peft_model.delete_adapter(name)
+            with warnings.catch_warnings():     # "Adapter k0 was active which is now deleted": activate() decides
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted", category=UserWarning)
+                self.peft_model.delete_adapter(name)
             # peft re-activates what the layers had active (activate(None): a dummy name); point the
             # model-level active adapter at a real one so that add_adapter works again
             left = list(self.peft_model.peft_config)

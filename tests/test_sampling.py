@@ -131,6 +131,19 @@ def test_a_run_trains_only_the_sampled_clients_and_records_them(env):
             f"c{i}" in ids for ids in want.values())}
 
 
+@pytest.mark.parametrize("strategy", ["hsplitlora", "hetlora"])
+def test_a_sampled_run_reloads_for_eval_and_export_with_its_last_eval_loss(env, strategy):
+    from hsplit.runtime.evaluate import evaluate
+    from hsplit.runtime.rundir import load_run
+    res = run(make_plan(env, f"reload-{strategy}.yaml", strategy, sampling={"clients_per_round": 2}, rounds=2),
+              opts(env, f"reload-{strategy}", keep_checkpoints=1))
+    sim, _, r = load_run(res.run_dir)
+    assert r == 2 and not sim.active          # the aggregated model alone: no client is loaded
+    assert evaluate(sim, sim.data.eval, 8) == pytest.approx(res.eval_after, rel=1e-6)
+    store = PartyStore(res.run_dir / "clients")     # --keep-checkpoints 1: each client's newest state only
+    assert all(len(v) == 1 for v in store.versions.values())
+
+
 @pytest.mark.parametrize("strategy", SPLIT_STRATEGIES + ["hsplitlora-restart"])
 def test_sampling_every_client_is_the_run_without_sampling(env, strategy):
     name = strategy.removesuffix("-restart")
