@@ -228,7 +228,8 @@ def write_sampling_section(res: dict, command: str) -> None:
     base, big = res["runs"]
     lines = [SAMPLING_HEADING, "",
              f"Command: `{command}`  ",
-             f"Machine: {res['machine']}; {res['threads']} thread(s); date {res['date']}.", "",
+             f"Machine: {res['machine']}; {res['threads']} thread(s); date {res['date']}. Timings are noisy on a "
+             "shared machine; memory is not.", "",
              f"`hsplit run`'s round loop (run folder, checkpoints, the client store) for {big['rounds']} rounds of "
              f"{res['model']} (hsplitlora warm, split at half the blocks, rank {res['rank']} on every module, "
              f"batch {res['batch']} x {res['seq']} tokens, 1 local step), in a fresh process each:", "",
