@@ -346,3 +346,39 @@ def test_hsplit_plan_clients_per_round_writes_sampling_into_the_plan(tmp_path):
     assert "3 of 5 clients per round" in res.output.replace("\n", " ")
     res = CliRunner().invoke(app, ["plan", "--fleet", "example", "--clients-per-round", "9", "-o", str(out)])
     assert res.exit_code == 2 and "--clients-per-round: 9 is more than the plan's 5 clients" in res.output
+
+
+def test_a_resumed_distributed_run_with_sampling_equals_the_in_process_one(env):
+    """Resume after round 2 (--rounds 3): c2 trained in round 1, sat round 2 out and trains in round 3 from
+    the state the server sends it; the server's clients and checkpoints match the in-process run's."""
+    from hsplit.runtime.distributed.launcher import launch_local
+    from hsplit.runtime.options import DistOptions
+    root = env[0]
+    paths = [make_plan(env, f"dres-{s}.yaml", s, sampling={"clients_per_round": 2}, clients=3, seed=1)
+             for s in ("hsplitlora", "hafl-truncation")]
+    envv = dict(os.environ, HSPLIT_TOKEN="s3cret", OMP_NUM_THREADS="1")
+    for rounds, resume in ((2, False), (3, True)):
+        o = RunOptions(runs_dir=root / "runs-dres", progress=False, threads=1, eval_max_seqs=8, rounds=rounds,
+                       resume=resume)
+        logs = root / "logs" / f"dres-{rounds}"
+        logs.mkdir(parents=True, exist_ok=True)
+        code = launch_local(paths, o, DistOptions(timeout_s=60), env=envv, logs=logs, deadline_s=300)
+        assert code == 0, {f.stem: f.read_text() for f in sorted(logs.iterdir())}
+    for path in paths:
+        name = path.stem
+        run(path, opts(env, f"ires-{name}", rounds=2))
+        ref = run(path, opts(env, f"ires-{name}", rounds=3, resume=True))
+        run_dir = root / "runs-dres" / name
+        assert trained(run_dir) == trained(ref.run_dir) == {1: ["c0", "c2"], 2: ["c0", "c1"], 3: ["c1", "c2"]}
+        _, a = checkpoint.load(ref.run_dir, 3)
+        _, b = checkpoint.load(run_dir, 3)
+        for f in checkpoint.FILES:
+            assert a[f].keys() == b[f].keys()
+            for k in a[f]:
+                torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=1e-5)
+        sa, sb = PartyStore(ref.run_dir / "clients"), PartyStore(run_dir / "clients")
+        assert sa.versions == sb.versions
+        for n in sa.versions:
+            x, y = sa.load(n), sb.load(n)
+            for k in x:
+                torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)

@@ -130,8 +130,9 @@ class HSplitLoRA(Strategy):
         if self.warm:
             for p in self.sim.active:
                 prefix = f"offset/{p.adapter}/"
-                self.sim.bank.load_state(self.offset(p), {k[len(prefix):]: v for k, v in tensors.items()
-                                                          if k.startswith(prefix)})
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if state or not self.sim.sampling:      # sampling: reset when the party trains (enter)
+                    self.sim.bank.load_state(self.offset(p), state)
 
     # ---- re-planning ----
     def before_move(self):
