@@ -67,6 +67,7 @@ class InProcess:
         self.sim, self.eval_max_seqs = sim, eval_max_seqs
         self.side = ServerSide(sim)
         self.server = LocalServer(self.side)
+        self.current = list(sim.active)       # the parties of the round being trained (all without sampling)
 
     def restore(self, run_dir: Path, last: int) -> list[dict]:
         return restore(self.sim, run_dir, last)

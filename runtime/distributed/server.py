@@ -80,6 +80,7 @@ class Server:
         self.group, self.members, self.gen = None, None, 0
         self.faults: list[dict] = []
         self.sim = None
+        self.current = []             # the parties of the round being trained (its sampled live clients)
         self.round = 0
         self.run_dir: Path | None = None
 
