@@ -188,6 +188,21 @@ def test_unsampled_clients_keep_their_state_exactly_hsplitlora_warm(env):
     i = next(i for i in range(5) if any(i in s for s in rounds[:2]) and i not in rounds[2])
     v = max(r + 1 for r in range(2) if i in rounds[r])
     assert store.latest(f"k{i}", 3) == v          # nothing written while it sat out
+    # drawn again, it starts from exactly what it left: factors, AdamW moments (its base offset reset to them)
+    from hsplit.runtime.simulation import build, optimizer_tensors
+    sim = build(plan, progress=False, device="cpu")
+    sim.store = store
+    p = sim.parties[i]
+    sim.materialise([p], 4)                    # after the run: from its newest file
+    saved = store.load(f"k{i}")
+    for k, t in sim.bank.state(p.adapter).items():
+        assert torch.equal(t, saved[f"adapter/{k}"])
+    for side, opt in (("client", p.opt_client), ("server", p.opt_server)):
+        for k, t in optimizer_tensors(opt).items():
+            assert torch.equal(t, saved[f"{side}/{k}"])
+    for m, (a, b) in sim.bank.factors(f"{p.adapter}_base").items():
+        own = sim.bank.factors(p.adapter)[m]
+        assert torch.equal(a, own[0]) and torch.equal(b, -own[1])
 
 
 def test_aggregation_is_reweighted_over_the_sampled_clients(env):
