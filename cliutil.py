@@ -258,10 +258,15 @@ def render_check(p, ev, inst, fmt) -> None:
     from hsplit.planner.cost import GIB
     # Adapted matrices, with shorthand keys (q_proj = every client block) expanded: as `hsplit plan` counts.
     matrices = [len(p.client_ranks(c, inst.model)) for c in p.clients]
+    sampled = None
+    if p.sampling is not None:          # the rounds `hsplit run` trains with this plan's seed
+        from hsplit.planner.sampling import checked_rounds
+        sampled = checked_rounds(p, ev.clients)
     if fmt == "json":
         console.print_json(json.dumps({
             "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
             "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
+            **({"sampling": sampled} if sampled else {}),
             "server_busy_s": ev.server_busy_s,
             "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
                          "memory_gib": e.memory_bytes / GIB, "utility": e.utility,
@@ -281,6 +286,11 @@ def render_check(p, ev, inst, fmt) -> None:
     console.print(t)
     console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
                   f"server busy {seconds(ev.server_busy_s)}", highlight=False)
+    if sampled:
+        say(f"client sampling: {sampled['clients_per_round']} of {len(p.clients)} clients per round; the run's "
+            f"{sampled['rounds']} sampled rounds take {seconds(sampled['round_s'])} on average (slowest "
+            f"{seconds(sampled['round_s_max'])}), fleet time {seconds(sampled['fleet_time_s'])}; the round above "
+            "is every client at once")
     if ev.merge_bytes is not None:
         charged = max(e.merge_charged_bytes for e in ev.clients)
         say(f"round times include the merge download, charged as its upper bound (up to {charged / 1e6:,.1f} MB per "

@@ -162,6 +162,20 @@ def predict(plan) -> None:
         srv["busy_share"] = round(pr["server_busy_s"] / pr["round_s"], 4) if pr["round_s"] else 0.0
 
 
+def checked_rounds(plan, evals) -> dict:
+    """`hsplit plan --check` of a plan with sampling: its run's sampled rounds from the cost model's
+    per-client evaluations (`evals`: evaluate.ClientEval per plan client), as `predict` reports them."""
+    from types import SimpleNamespace
+    clients = [SimpleNamespace(id=c.id, data_weight=c.data_weight,
+                               predicted={"round_s": e.round_s, "server_step_s": e.server_step_s})
+               for c, e in zip(plan.clients, evals)]
+    rounds = sampled_round_times(clients, plan.sampling, plan.training.seed, plan.training.rounds,
+                                 plan.training.local_steps)
+    times = [t for t, _, _ in rounds]
+    return {"clients_per_round": plan.sampling.count(len(plan.clients)), "round_s": float(np.mean(times)),
+            "round_s_max": max(times), "fleet_time_s": float(sum(times)), "rounds": len(times)}
+
+
 def round_time(clients, ids, local_steps: int) -> tuple[float | None, str | None]:
     """One round's time with clients `ids` (plan ClientPlans with predicted round_s / server_step_s):
     max(slowest sampled client's round, the server's busy time for the sampled clients), and who sets it."""

@@ -397,3 +397,18 @@ def test_a_resumed_distributed_run_with_sampling_equals_the_in_process_one(env):
             x, y = sa.load(n), sb.load(n)
             for k in x:
                 torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+
+
+def test_hsplit_plan_check_reports_the_sampled_rounds(tmp_path):
+    from typer.testing import CliRunner
+    from hsplit.cli import app
+    out = tmp_path / "p.yaml"
+    assert CliRunner().invoke(app, ["plan", "--fleet", "example", "--clients-per-round", "2", "--rounds", "5",
+                                    "-o", str(out)]).exit_code == 0
+    res = CliRunner().invoke(app, ["plan", "--check", str(out), "--fleet", "example", "--format", "json"])
+    assert res.exit_code == 0, res.output
+    import json
+    got = json.loads(res.output)["sampling"]
+    pr = Plan.load(out).predicted
+    assert got["clients_per_round"] == 2 and got["fleet_time_s"] == pytest.approx(pr["fleet_time_s"], abs=2e-3)
+    assert got["round_s_max"] == pytest.approx(pr["round_s_max"], abs=2e-3)
