@@ -281,8 +281,9 @@ class Server:
                 self.absorb(self._party(k), blob)
         rows = [row for row in rows if row["client"] in {p.id for p in parties}]
         update = sim.strategy.combine(parties)    # over the live clients (re-weighted), applied to every party
-        sim.apply(update, r, self.current)         # of the round: a lost client that comes back (--resume) starts
-                                                   # from it; the idle clients receive it too (their global state)
+        # (with sampling: of the round): a lost client that comes back (--resume) starts from it; idle clients
+        # receive it too (their global state)
+        sim.apply(update, r, self.current if sim.sampling else None)
         for p, row in zip(parties, rows):
             up, down = sim.strategy.traffic(p, update)
             row["bytes_up"] += up
