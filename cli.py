@@ -86,6 +86,13 @@ def plan(
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
                              "format. A local path is written relative to the plan file."),
+    clients_per_round: Optional[str] = typer.Option(None, "--clients-per-round", help="Client sampling: clients that "
+                                                    "train each round, a count (10), fraction (0.01) or percentage "
+                                                    "(1%); default every client."),
+    min_clients_per_round: Optional[int] = typer.Option(None, "--min-clients-per-round", min=1, help="With a "
+                                                        "fraction: at least this many clients per round."),
+    sample_by: str = typer.Option("data_weight", "--sample-by", help="data_weight (a client is drawn with probability "
+                                                                     "growing with its data weight) | uniform."),
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
     fmt: str = FORMAT_TABLE,
@@ -95,6 +102,7 @@ def plan(
     Example: hsplit plan --fleet example --model smollm2-135m -o plan.yaml
     Training settings go into the plan, which `hsplit run` follows:
       hsplit plan --lr 5e-4 --lr-schedule linear --warmup 4 --partition dirichlet --dirichlet-alpha 0.3
+    Sample 10 clients per round: hsplit plan --fleet big.yaml --clients-per-round 10
     Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
     """
     from hsplit.planner.api import check_options, check_plan, full_time_limit, make_plan
@@ -117,6 +125,12 @@ def plan(
             "--eval-fraction": eval_fraction, "--data": data})
         for note in notes if fmt != "json" else ():
             err.print(f"note: {note}", highlight=False, markup=False)
+        sampling = None
+        if clients_per_round is not None:
+            from hsplit.planner.sampling import from_flags
+            sampling = from_flags(clients_per_round, min_clients_per_round, sample_by)
+        elif min_clients_per_round is not None or sample_by != "data_weight":
+            fail("--min-clients-per-round and --sample-by go with --clients-per-round (client sampling)")
         check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                       min_utility=min_utility)
         how = traits(strategy).ranks
@@ -131,7 +145,7 @@ def plan(
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
                       data=checked_data(data_spec, output, training.seq_len),
-                      aggregation=aggregation)
+                      aggregation=aggregation, sampling=sampling)
         try:
             p.save(output)
         except OSError as e:

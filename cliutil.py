@@ -255,6 +255,11 @@ def render_plan(p) -> None:
     say(f"solver: {s.get('method')} | status {status} | utility {pr.get('utility', 0):.4f} | "
         f"round {seconds(pr.get('round_s', 0))} (straggler {pr.get('straggler')}) | proven gap {gap_s} | "
         f"wall {seconds(s.get('wall_s', 0))}")
+    if p.sampling is not None and "clients_per_round" in pr:
+        say(f"client sampling: {pr['clients_per_round']} of {len(p.clients)} clients per round (by "
+            f"{p.sampling.by}); round time above: the mean of this run's {p.training.rounds} sampled rounds "
+            f"(slowest {seconds(pr['round_s_max'])}; all clients at once {seconds(pr.get('round_s_all_clients', 0))}); "
+            f"fleet time {seconds(pr['fleet_time_s'])}")
     srv = p.server.get("predicted", {})
     console.print(f"server: {p.server.get('device')} x{p.server.get('count')} | busy {seconds(srv.get('busy_s', 0))} "
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
@@ -293,10 +298,15 @@ def render_check(p, ev, inst, fmt) -> None:
         if key not in counted:
             counted[key] = len(p.client_ranks(c, inst.model))
         matrices.append(counted[key])
+    sampled = None
+    if p.sampling is not None:          # the rounds `hsplit run` trains with this plan's seed
+        from hsplit.planner.sampling import checked_rounds
+        sampled = checked_rounds(p, ev.clients)
     if fmt == "json":
         console.print_json(json.dumps({
             "plan": p.source, "valid": not ev.violations, "violations": ev.violations,
             "utility": ev.utility, "round_s": ev.round_s, "straggler": ev.straggler,
+            **({"sampling": sampled} if sampled else {}),
             "server_busy_s": ev.server_busy_s,
             "clients": [{"id": c.id, "split_layer": e.split, "matrices": m, "step_s": e.step_s, "round_s": e.round_s,
                          "memory_gib": e.memory_bytes / GIB, "utility": e.utility,
@@ -326,6 +336,11 @@ def render_check(p, ev, inst, fmt) -> None:
     console.print(t)
     console.print(f"utility {ev.utility:.4f} | round {seconds(ev.round_s)} (straggler {ev.straggler}) | "
                   f"server busy {seconds(ev.server_busy_s)}", highlight=False)
+    if sampled:
+        say(f"client sampling: {sampled['clients_per_round']} of {len(p.clients)} clients per round; the run's "
+            f"{sampled['rounds']} sampled rounds take {seconds(sampled['round_s'])} on average (slowest "
+            f"{seconds(sampled['round_s_max'])}), fleet time {seconds(sampled['fleet_time_s'])}; the round above "
+            "is every client at once")
     if ev.merge_bytes is not None:
         charged = max(e.merge_charged_bytes for e in ev.clients)
         say(f"round times include the merge download, charged as its upper bound (up to {charged / 1e6:,.1f} MB per "

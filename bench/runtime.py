@@ -11,6 +11,13 @@
    hsplitlora aggregation, for 1, 2, 5, 10 simulated clients. Target: 10 clients <= 1.3x one client.
 3. Aggregation time (exact merge incl. merging into the base; FedAvg) for 10 clients.
 Writes bench/results/runtime.json and replaces the "## Runtime" section of docs/benchmarks.md.
+
+    .venv/bin/python bench/runtime.py --sampling        # client sampling memory only (~2 min on 2 cores)
+
+4. Client sampling (--sampling): peak memory (fresh subprocess, VmHWM reset after loading) of
+   `hsplit run` rounds (hsplitlora warm, 1 local step) of a 1,000-client plan with 10 clients per
+   round vs a 10-client plan without sampling. Target <= 1.5x. Writes bench/results/sampling.json and
+   the "## Client sampling memory" section of docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -28,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Runtime (bench/runtime.py)"
+SAMPLING_HEADING = "## Client sampling memory (bench/runtime.py --sampling)"
 
 
 def _plan(model: str, clients: int, split: int, rank: int, batch: int, seq: int, strategy="hsplitlora",
@@ -153,6 +161,98 @@ def memory_child(args) -> dict:
             "adapter_params_per_client": sum(a.numel() + b.numel() for a, b in sim.bank.factors("k0").values())}
 
 
+def sampling_child(args) -> dict:
+    """One subprocess: a K-client plan (10 per round when K > 10) run for --rounds rounds through the
+    round loop of `hsplit run` (run folder, client store, checkpoints); peak RSS after loading."""
+    from hsplit.planner.model import load_model_profile
+    from hsplit.planner.sampling import Sampling
+    from hsplit.runtime.loop import InProcess, rounds_loop
+    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.rundir import prepare_run_dir
+    from hsplit.runtime.simulation import build
+
+    model = _model_ref(args)
+    profile = load_model_profile(model) if args.model != "tiny" else None
+    layers = profile.layers if profile else 8
+    split = args.split or layers // 2
+    plan = _expand_all(_plan(model, args.clients, split, args.rank, args.batch, args.seq), profile or _tiny_profile())
+    plan.training.rounds = args.rounds
+    if args.clients > args.per_round:
+        plan.sampling = Sampling(clients_per_round=args.per_round)
+    with tempfile.TemporaryDirectory(prefix="hsplit-bench-sampling-") as tmp:
+        path = Path(tmp) / "plan.yaml"
+        plan.save(path)
+        opts = RunOptions(runs_dir=Path(tmp) / "runs", name="bench", progress=False, eval_max_seqs=4)
+        run_dir, done, rounds = prepare_run_dir(plan, path, opts)
+        t0 = time.perf_counter()
+        sim = build(plan, progress=False, device="cpu")
+        load_peak = _vm_hwm_gib()
+        t1 = time.perf_counter()
+        _reset_peak()
+        rounds_loop(InProcess(sim, 4), plan, path, opts, run_dir, done, rounds, [None])
+        t2 = time.perf_counter()
+        store_mb = sum(f.stat().st_size for f in (run_dir / "clients").rglob("*") if f.is_file()) / 1e6 \
+            if (run_dir / "clients").is_dir() else 0.0
+    return {"clients": args.clients, "per_round": min(args.clients, args.per_round), "rounds": args.rounds,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "load_peak_rss_gib": load_peak, "train_peak_rss_gib": _vm_hwm_gib(), "build_s": t1 - t0,
+            "rounds_s": t2 - t1, "store_mb": store_mb}
+
+
+def _tiny_profile():
+    from hsplit.runtime.model import load_lm
+    return load_lm(_model_ref(argparse.Namespace(model="tiny")), progress=False).profile
+
+
+def sampling_memory(args) -> dict:
+    out = []
+    for k in (10, args.fleet):
+        cmd = [sys.executable, __file__, "--child-sampling", "--clients", str(k), "--per-round", "10",
+               "--rounds", str(args.rounds), "--model", args.model, "--rank", str(args.rank), "--batch",
+               str(args.batch), "--seq", str(args.seq), "--split", str(args.split or 0), "--threads", str(args.threads)]
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if res.returncode != 0:
+            raise SystemExit(f"sampling child failed for {k} clients:\n{res.stderr[-3000:]}")
+        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        print(f"  {k} clients ({out[-1]['per_round']} per round): peak {out[-1]['peak_rss_gib']:.2f} GiB, "
+              f"training-phase peak {out[-1]['train_peak_rss_gib']:.2f} GiB", file=sys.stderr)
+    base, big = out
+    return {"runs": out, "peak_ratio": big["peak_rss_gib"] / base["peak_rss_gib"],
+            "train_peak_ratio": big["train_peak_rss_gib"] / base["train_peak_rss_gib"],
+            "model": args.model, "rank": args.rank, "batch": args.batch, "seq": args.seq,
+            "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()} {os.cpu_count()} cores"}
+
+
+def write_sampling_section(res: dict, command: str) -> None:
+    base, big = res["runs"]
+    lines = [SAMPLING_HEADING, "",
+             f"Command: `{command}`  ",
+             f"Machine: {res['machine']}; {res['threads']} thread(s); date {res['date']}. Timings are noisy on a "
+             "shared machine; memory is not.", "",
+             f"`hsplit run`'s round loop (run folder, checkpoints, the client store) for {big['rounds']} rounds of "
+             f"{res['model']} (hsplitlora warm, split at half the blocks, rank {res['rank']} on every module, "
+             f"batch {res['batch']} x {res['seq']} tokens, 1 local step), in a fresh process each:", "",
+             "| plan | clients per round | peak RSS (GiB) | training-phase peak (GiB) | rounds (s) | client store (MB) |",
+             "|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        lines.append(f"| {r['clients']} clients | {r['per_round']} | {r['peak_rss_gib']:.2f} | "
+                     f"{r['train_peak_rss_gib']:.2f} | {r['rounds_s']:.1f} | {r['store_mb']:.0f} |")
+    lines += ["", f"**{big['clients']:,} clients with {big['per_round']} per round use {res['peak_ratio']:.2f}x the "
+              f"peak memory of a {base['clients']}-client plan** (training phase: {res['train_peak_ratio']:.2f}x; "
+              "target <= 1.5x). Only the round's sampled clients' adapters and AdamW moments are in memory; "
+              "the others' wait in runs/<name>/clients/ (written when a client finishes a round).", ""]
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
+    start = text.find(SAMPLING_HEADING)
+    if start >= 0:
+        end = text.find("\n## ", start + len(SAMPLING_HEADING))
+        text = text[:start] + "\n".join(lines) + ("\n" + text[end + 1:] if end >= 0 else "")
+    else:
+        text = text.rstrip() + "\n\n" + "\n".join(lines)
+    path.write_text(text)
+
+
 def _reset_peak() -> None:
     """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux >= 4.0)."""
     try:
@@ -251,12 +351,28 @@ def main() -> None:
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--clients", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--aggregation", default="warm", help=argparse.SUPPRESS)
+    ap.add_argument("--sampling", action="store_true", help="only the client sampling memory case (4.)")
+    ap.add_argument("--fleet", type=int, default=1000, help="--sampling: clients of the sampled plan")
+    ap.add_argument("--rounds", type=int, default=2, help="--sampling: rounds")
+    ap.add_argument("--child-sampling", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--per-round", type=int, default=10, help=argparse.SUPPRESS)
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     torch.set_num_threads(args.threads)
     if args.child_memory:
         print(json.dumps(memory_child(args)))
+        return
+    if args.child_sampling:
+        print(json.dumps(sampling_child(args)))
+        return
+    if args.sampling:
+        res = sampling_memory(args)
+        out = ROOT / "bench" / "results" / "sampling.json"
+        out.write_text(json.dumps(res, indent=1))
+        if not args.no_docs:
+            write_sampling_section(res, ("python bench/runtime.py " + " ".join(sys.argv[1:])).strip())
+        print(json.dumps(res, indent=1))
         return
     print("throughput ...", file=sys.stderr)
     thr = throughput(args)

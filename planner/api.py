@@ -15,7 +15,7 @@ import numpy as np
 
 from hsplit import __version__
 from hsplit.planner.cost import GIB
-from hsplit.planner.errors import ConfigError, InfeasibleError
+from hsplit.planner.errors import ConfigError, InfeasibleError, Problems
 from hsplit.planner.evaluate import Config, FleetEval, evaluate_client, evaluate_fleet
 from hsplit.planner.evaluate import merge_download_bytes  # noqa: F401  (api.merge_download_bytes, as before)
 from hsplit.planner.exhaustive import solve_exhaustive
@@ -26,6 +26,8 @@ from hsplit.planner.instance import Instance, build_instance, check_feasible
 from hsplit.planner.milp import solve_full
 from hsplit.planner.model import ModelProfile, load_model_profile
 from hsplit.planner.plan import ClientPlan, DataSpec, Plan, Training
+from hsplit.planner.sampling import Sampling
+from hsplit.planner.sampling import predict as predict_sampled
 from hsplit.planner.strategies import NAMES as STRATEGIES
 from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import sha256_file
@@ -72,10 +74,12 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
               time_limit: float | None = None, threads: int | None = None, server_rank: int = 8,
-              data: DataSpec | None = None, tables_cache: dict | None = None, aggregation: str = "warm") -> Plan:
+              data: DataSpec | None = None, tables_cache: dict | None = None, aggregation: str = "warm",
+              sampling: Sampling | None = None) -> Plan:
     """Solve the planning problem and return the Plan (not yet written; call plan.save(path)).
     `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables.
-    `aggregation` (hsplitlora: warm | restart) sizes the merge download charged in every round time."""
+    `aggregation` (hsplitlora: warm | restart) sizes the merge download charged in every round time.
+    `sampling`: clients per round (planner/sampling.py); the predicted round and fleet times follow it."""
     check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                   min_utility=min_utility)
     time_limit = full_time_limit(method, time_limit)
@@ -124,6 +128,15 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
                      objective, training, data or DataSpec(), dict(name=solver if how == "milp" else "enumeration",
                      method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
     plan.aggregation = aggregation
+    if sampling is not None:
+        p = Problems("sampling")
+        plan.sampling = Sampling.from_dict(sampling.to_dict(), p, len(plan.clients))     # checked against the fleet
+        if not traits(strategy).split:
+            p.add("sampling", f"strategy {strategy} trains one model on the pooled data: there are no clients to "
+                              "sample; remove --clients-per-round")
+        if p.items:
+            raise ConfigError("--clients-per-round", [x.split(": ", 1)[-1] for x in p.items])
+        predict_sampled(plan)
     return plan
 
 

@@ -20,8 +20,10 @@ from hsplit import __version__
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
 from hsplit.planner.plan_clients import ClientPlan, client_entries, read_clients
+from hsplit.planner.sampling import Sampling
 from hsplit.planner.strategies import DEFAULT as DEFAULT_STRATEGY
 from hsplit.planner.strategies import NAMES as STRATEGIES
+from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, number, path_text_problem, read_yaml,
                                   short, whole)
 
@@ -158,6 +160,7 @@ class Plan:
     predicted: dict[str, Any] = field(default_factory=dict)
     replan: dict[str, Any] | None = None
     aggregation: str = "warm"        # hsplitlora: warm (exact, adapters carry on) | restart (exact, fresh init)
+    sampling: Sampling | None = None  # clients that train each round (None: every client, every round)
     schema_version: int = SCHEMA_VERSION
     hsplit_version: str = __version__
     source: str = "<plan>"
@@ -237,6 +240,7 @@ class Plan:
             "ranks_allowed": list(self.ranks_allowed), "server_rank": self.server_rank,
             "training": asdict(self.training), "data": asdict(self.data),
             **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
+            **({"sampling": self.sampling.to_dict()} if self.sampling else {}),
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
             "clients": client_entries(self.clients),
         }
@@ -259,7 +263,7 @@ class Plan:
         p = Problems(source)
         known = {"schema_version", "hsplit_version", "model", "inputs", "strategy", "objective", "modules",
                  "ranks_allowed", "server_rank", "training", "data", "replan", "solver", "predicted",
-                 "server", "clients", "aggregation"}
+                 "server", "clients", "aggregation", "sampling"}
         for key in data:
             if key not in known:
                 p.add(cut(str(key)), f"unknown field; expected one of {', '.join(sorted(known))}")
@@ -313,12 +317,18 @@ class Plan:
             mappings["inputs"].pop("model_hash")
         replan = _replan(data.get("replan"), p)
         clients, entries = read_clients(data.get("clients"), p)
+        sampling = Sampling.from_dict(data.get("sampling"), p, len(clients) or None)
+        if sampling is not None and strategy in STRATEGIES and not traits(strategy).split:
+            p.add("sampling", f"strategy {strategy} trains one model on the pooled data: there are no clients to "
+                              "sample; remove sampling")
+        if sampling is not None and replan:
+            p.add("sampling", "re-planning (replan) and client sampling cannot be combined yet; remove one of them")
         p.raise_if_any()
         return cls(model=model, strategy=strategy, clients=clients, modules=list(modules),
                    ranks_allowed=sorted(set(ranks_allowed)), server_rank=server_rank,
                    objective=objective, training=training, data=data_spec,
                    inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
-                   predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation),
+                   predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation), sampling=sampling,
                    hsplit_version=str(data.get("hsplit_version", __version__)), source=source, entries=entries)
 
 

@@ -12,8 +12,10 @@ The recipe (DESIGN.md "Runtime semantics"):
         executor.evaluate()            held-out loss of the aggregated model
         re-plan when importance drifted (replan.py), checkpoint (atomic), append metrics.csv
 Clients are independent within a round, so the in-process simulation runs them one after the other
-and gets what parallel clients get. Fleet time is what the planned fleet would take: the plan's
-predicted round time (the straggler sets it). All randomness is derived from (seed, round, client,
+and gets what parallel clients get. With `sampling:` in the plan only the round's sampled clients
+train (sim.round_parties), and only they are in memory: the others' state waits in the run folder
+(runtime/partystore.py). Fleet time is what the planned fleet would take: the plan's predicted round
+time (the straggler sets it), or with sampling the slowest sampled client's (or the server's busy time). All randomness is derived from (seed, round, client,
 step): a resumed run ends with exactly the adapters of an uninterrupted one.
 """
 from __future__ import annotations
@@ -34,8 +36,10 @@ from hsplit.runtime.common import pick_device
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.options import RunOptions
 from hsplit.runtime.partition import draw_data_partition
+from hsplit.runtime.partystore import PartyStore
 from hsplit.runtime.rundir import (CONFIG_HEADER, RunResult, global_row, interrupted, prepare_run_dir, restore,
-                                   round_rows, run_config, set_config_rounds, write_metrics)
+                                   round_rows, run_config, set_config_rounds, write_metrics,
+                                   write_sampled)
 from hsplit.runtime.simulation import build
 from hsplit.runtime.step import LocalServer, ServerSide, client_round
 
@@ -64,31 +68,36 @@ class InProcess:
         self.sim, self.eval_max_seqs = sim, eval_max_seqs
         self.side = ServerSide(sim)
         self.server = LocalServer(self.side)
+        self.current = list(sim.active)       # the parties of the round being trained (all without sampling)
 
     def restore(self, run_dir: Path, last: int) -> list[dict]:
         return restore(self.sim, run_dir, last)
 
     def train_round(self, r: int, reporter, on_step=None) -> list[dict]:
         sim = self.sim
-        self.side.begin_round(sim.parties)
+        self.current = parties = sim.round_parties(r)      # client sampling: only these are in memory
+        sim.materialise(parties, r)
+        self.side.begin_round(parties)
 
         def step(rr, i, s):
             if on_step:
                 on_step(rr, i, s)
             reporter.advance()
-        for p in sim.parties:      # one after the other: each party's wall time starts with its turn
+        for p in parties:          # one after the other: each party's wall time starts with its turn
             self.side.rounds[p.index].start = time.perf_counter()
             client_round(sim, p, r, self.server, step)
-        return self.side.rows(r, sim.parties)
+        return self.side.rows(r, parties)
 
     def aggregate(self, r: int, rows: list[dict]):
-        sim = self.sim
-        update = sim.strategy.combine(sim.parties)
+        sim, parties = self.sim, self.current
+        update = sim.strategy.combine(parties)      # weights renormalised over the round's parties
         sim.apply(update, r)
-        for p, row in zip(sim.parties, rows):
+        for p, row in zip(parties, rows):
             up, down = sim.strategy.traffic(p, update)
             row["bytes_up"] += up
             row["bytes_down"] += down
+        if sim.sampling:
+            sim.release(parties, r + 1)             # their state to the run folder's store; out of memory
         return update, rows
 
     def evaluate(self) -> float:
@@ -109,6 +118,8 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
         raise ConfigError(plan.source, ["replan: re-planning runs in-process only (hsplit run without "
                                         "--distributed); remove replan from the plan to run it distributed"])
     replanner = replan.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
+    if sim.sampling:        # the state of the clients that sit a round out (runtime/partystore.py)
+        sim.store = PartyStore(run_dir / "clients", upto=done[-1] if opts.resume else 0)
     if opts.resume:
         checkpoint.remove_stale(run_dir)
         start = done[-1]
@@ -132,7 +143,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
     for r in range(start, rounds):
         where[0] = r + 1
         t0 = time.perf_counter()
-        reporter.start_round(r, len(sim.parties) * sim.steps_per_round)
+        reporter.start_round(r, len(sim.round_parties(r)) * sim.steps_per_round)
         client_rows = ex.train_round(r, reporter, replanner.begin_round(r) if replanner else None)
         t1 = time.perf_counter()
         update, client_rows = ex.aggregate(r, client_rows)
@@ -147,6 +158,10 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
                          **ex.checkpoint_state()}, keep=opts.keep_checkpoints)
         rows += new_rows
         write_metrics(run_dir, rows)
+        if sim.sampling:
+            write_sampled(run_dir, rows)
+        if sim.sampling and sim.store is not None and opts.keep_checkpoints is not None:
+            sim.store.prune(checkpoint.complete_rounds(run_dir)[-opts.keep_checkpoints:])
         reporter.end_round(g)
         ex.round_done(g)
     return RunResult.from_rows(run_dir, rounds, rows)

@@ -83,7 +83,17 @@ class AdapterBank:
         if not ranks:
             return                               # a client that trains nothing: no layers to add
         cfg = lora_config(ranks, self.alpha_over_rank, self.dropout if dropout is None else dropout, self.family)
-        if self.peft_model is None:
+        layers = self.layers() if self.peft_model is not None else {}
+        if self.peft_model is not None and all(m in layers for m in ranks):
+            # every module is a LoRA layer already: add the adapter to each directly (what peft's add_adapter
+            # does for them, without its pass over every module of the model per target: client sampling
+            # adds the round's clients every round)
+            for m, layer in layers.items():
+                if m in ranks:
+                    layer.update_layer(name, ranks[m], lora_alpha=self.alpha_over_rank * ranks[m], target_name=m,
+                                       config=cfg)
+            self.peft_model.peft_config[name] = cfg
+        elif self.peft_model is None:
             self.peft_model = get_peft_model(self.model, cfg, adapter_name=name)
         else:
             self.peft_model.add_adapter(name, cfg)
@@ -93,7 +103,9 @@ class AdapterBank:
     def delete(self, name: str) -> None:
         """Remove adapter `name` (re-planning rebuilds adapters at new ranks)."""
         if self.ranks.get(name):
-            self.peft_model.delete_adapter(name)
+            with warnings.catch_warnings():     # "Adapter k0 was active which is now deleted": activate() decides
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted", category=UserWarning)
+                self.peft_model.delete_adapter(name)
             # peft re-activates what the layers had active (activate(None): a dummy name); point the
             # model-level active adapter at a real one so that add_adapter works again
             left = list(self.peft_model.peft_config)

@@ -5,7 +5,8 @@
     cmd = resume_command(plan_path, run_dir, opts)                   # what the user types to continue
 
 runs/<name>/: config.yaml (the resolved run configuration), metrics.csv (one row per client per round
-and one `all` row per round), checkpoints/round-NNNN/ (checkpoint.py), plan-round-N.yaml (re-plans).
+and one `all` row per round), checkpoints/round-NNNN/ (checkpoint.py), plan-round-N.yaml (re-plans);
+with client sampling also sampled.csv (who trained in each round) and clients/ (partystore.py).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from pathlib import Path
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan, _plain
+from hsplit.planner.sampling import round_time
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint, replan
 from hsplit.runtime.options import RunOptions
@@ -63,6 +65,16 @@ def write_metrics(run_dir: Path, rows: list[dict]) -> None:
         w.writerow({k: ("" if row.get(k) is None else (f"{row[k]:.6g}" if isinstance(row[k], float) else row[k]))
                     for k in METRIC_FIELDS})
     atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
+
+
+def write_sampled(run_dir: Path, rows: list[dict]) -> None:
+    """sampled.csv: the clients that trained in each round (client sampling), ids space-separated."""
+    by_round: dict[int, list[str]] = {}
+    for row in rows:
+        if row["client"] != "all" and int(row["round"]) > 0:
+            by_round.setdefault(int(row["round"]), []).append(str(row["client"]))
+    atomic_write_text(run_dir / "sampled.csv", "round,clients\n" + "".join(
+        f"{r},{' '.join(ids)}\n" for r, ids in sorted(by_round.items())))
 
 
 class RunFinished(ConfigError):
@@ -161,6 +173,10 @@ def set_config_rounds(run_dir: Path, rounds: int) -> None:
 
 
 def fleet_round(sim: Simulation, rows: list[dict]) -> float | None:
+    if sim.sampling:        # the round's straggler is among its sampled clients (planner/sampling.py)
+        index = {c.id: i for i, c in enumerate(sim.plan.clients)}
+        ids = [index[r["client"]] for r in rows if r["client"] in index]
+        return round_time(sim.plan.clients, ids, sim.training.local_steps)[0] if ids else None
     planned = sim.plan.predicted.get("round_s")
     if isinstance(planned, (int, float)):
         return float(planned)

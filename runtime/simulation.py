@@ -16,12 +16,14 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
+from hsplit.planner.sampling import sample_clients
 from hsplit.planner.strategies import traits
 from hsplit.runtime.common import GLOBAL, compute_dtype, derive_seed, pick_device
 from hsplit.runtime.data import FederatedData, load_federated_data
 from hsplit.runtime.lora import AdapterBank
 from hsplit.runtime.model import LoadedLM, SplitLM, load_lm
 from hsplit.runtime.party import Party
+from hsplit.runtime.partystore import PartyStore
 from hsplit.runtime.strategies import RoundUpdate, make
 
 
@@ -36,20 +38,77 @@ class Simulation:
         self.strategy = make(plan.strategy, plan.source)
         self.strategy.setup(self)
         self.parties: list[Party] = self.strategy.make_parties()
+        self.sampling = plan.sampling                # None: every party trains every round
+        self.active: list[Party] = [] if self.sampling else list(self.parties)   # adapters in the bank
+        self.store: PartyStore | None = None         # sampling: the other parties' state (set by the loop)
         self.steps_per_round = self.strategy.steps_per_round()
         self.total_rounds = t.rounds
         torch.manual_seed(derive_seed(t.seed, 1))
         self.global_ranks = self.strategy.global_ranks()
-        for p in self.parties:
+        for p in self.active:
             self.bank.add(p.adapter, self.strategy.held_ranks(p))
         if self.global_ranks is not None:
             self.bank.add(GLOBAL, self.global_ranks)
-        for p in self.parties:
+        for p in self.active:
             self.bank.reinit(p.adapter, derive_seed(t.seed, 2, 0))
             self.new_optimizers(p)
         if self.global_ranks:
             self.bank.reinit(GLOBAL, derive_seed(t.seed, 2, 0))
         self.strategy.start()
+
+    # ---- client sampling (planner/sampling.py): only the round's parties are in memory ----
+    def round_parties(self, r: int) -> list[Party]:
+        """The parties that train in round r: every party, or the plan's sample of round r."""
+        if not self.sampling:
+            return list(self.parties)
+        ids = sample_clients(self.training.seed, r, [p.weight for p in self.parties],
+                             self.sampling.count(len(self.parties)), self.sampling.by)
+        return [self.parties[i] for i in ids]
+
+    def materialise(self, parties: list[Party], r: int, state=None) -> None:
+        """Bring `parties` into the bank for round r: a fresh init, their saved state (self.store, or
+        state(p) -> tensors), then the strategy catches each up with the global state (strategy.enter)."""
+        for p in parties:
+            if p in self.active:
+                continue
+            self.bank.add(p.adapter, self.strategy.held_ranks(p))
+            self.bank.reinit(p.adapter, derive_seed(self.training.seed, 2, 0))
+            self.new_optimizers(p)
+            self.active.append(p)
+            self.strategy.add_party(p)
+            saved = state(p) if state is not None else (self.store.load(p.adapter) if self.store else None)
+            if saved:
+                self.load_party(p, saved)
+            self.strategy.enter(p, r)
+        self.active.sort(key=lambda q: q.index)
+
+    def release(self, parties: list[Party], version: int) -> None:
+        """Save `parties`' state as of the end of round `version` (1-based) to the store and drop them."""
+        for p in parties:
+            if p not in self.active:
+                continue
+            if self.store is not None:
+                self.store.save(p.adapter, version, self.party_tensors(p))
+            self.strategy.drop_party(p)
+            self.bank.delete(p.adapter)
+            p.opt_client = p.opt_server = None
+            self.active.remove(p)
+
+    def party_tensors(self, p: Party) -> dict[str, torch.Tensor]:
+        """One party's whole state: adapter factors, AdamW moments (both sides), the strategy's per-client state."""
+        out = {f"adapter/{k}": v for k, v in self.bank.state(p.adapter, copy=False).items()}
+        for side, opt in (("client", p.opt_client), ("server", p.opt_server)):
+            out.update({f"{side}/{k}": v for k, v in optimizer_tensors(opt).items()})
+        out.update({f"strategy/{k}": v for k, v in self.strategy.party_state(p).items()})
+        return out
+
+    def load_party(self, p: Party, tensors: dict[str, torch.Tensor]) -> None:
+        def part(prefix):
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        self.bank.load_state(p.adapter, part("adapter/"))
+        load_optimizer_tensors(p.opt_client, part("client/"))
+        load_optimizer_tensors(p.opt_server, part("server/"))
+        self.strategy.load_party_state(p, part("strategy/"))
 
     def new_optimizers(self, p: Party) -> None:
         t = self.training
@@ -64,10 +123,10 @@ class Simulation:
         return torch.autocast(self.device.type, dtype=dt or torch.float32, enabled=dt is not None)
 
     # ---- the aggregated model ----
-    def apply(self, update: RoundUpdate, r: int) -> None:
-        """Every party (and the global adapter) continues from round r's update, as the strategy says;
-        the same in a live run, a resumed run and every process of a distributed run."""
-        self.strategy.apply(update, r)
+    def apply(self, update: RoundUpdate, r: int, parties: list[Party] | None = None) -> None:
+        """The global state and `parties` (default: every party in the bank) continue from round r's update,
+        as the strategy says; the same in a live run, a resumed run and every process of a distributed run."""
+        self.strategy.apply(update, r, self.active if parties is None else parties)
 
     @torch.no_grad()
     def merge(self, merged: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -90,7 +149,7 @@ class Simulation:
 
     # ---- state for checkpoints ----
     def _holders(self) -> list[tuple[str, Party | None]]:
-        return [(p.adapter, p) for p in self.parties] + ([(GLOBAL, None)] if self.global_ranks else [])
+        return [(p.adapter, p) for p in self.active] + ([(GLOBAL, None)] if self.global_ranks else [])
 
     def tensors(self, update: RoundUpdate | None) -> dict[str, dict[str, torch.Tensor]]:
         adapters, optim = {}, {}
@@ -110,7 +169,10 @@ class Simulation:
 
     def load_tensors(self, adapters: dict[str, torch.Tensor], optim: dict[str, torch.Tensor]) -> None:
         for name, p in self._holders():
-            self.bank.load_state(name, {k[len(name) + 1:]: v for k, v in adapters.items() if k.startswith(name + "/")})
+            state = {k[len(name) + 1:]: v for k, v in adapters.items() if k.startswith(name + "/")}
+            if p is not None and self.sampling and not state:
+                continue        # client sampling: a party's state is in the store (a client process's own)
+            self.bank.load_state(name, state)
             if p is None:
                 continue
             self.new_optimizers(p)

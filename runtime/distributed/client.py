@@ -4,9 +4,10 @@
 
 It loads only embeddings + blocks [0, split), joins (auth.hello), then does what the server says:
     ROUND r     its local steps (step.client_round; the server half through RemoteServer: ACT -> GRAD,
-                NORM -> TOTAL)
-    AGG         gather its client-side adapters, AdamW moments and the strategy's upload to the server,
-                receive its part of the update (scatter) and apply it
+                NORM -> TOTAL); with client sampling only the round's sampled clients get it, after
+                sitting rounds out a client first catches up with the global state (strategy.enter)
+    AGG         gather its client-side adapters, AdamW moments and the strategy's upload to the server
+                (nothing when it sat the round out), receive its part of the update (scatter) and apply it
     EVAL        the activations at its cut of the held-out batches (EVAL_H)
     RESTORE     replay the run's checkpoints (--resume)
     FINISH / ABORT
@@ -51,14 +52,17 @@ class RemoteServer:
         return self.link.expect(0, TOTAL).tensors[0]
 
 
-def upload(sim, p) -> torch.Tensor:
-    """A client's round result for the server: its client-side factors, AdamW state, strategy state."""
+def upload(sim, p, trained: bool = True) -> torch.Tensor:
+    """A client's round result for the server: its client-side factors, AdamW state, strategy state
+    (nothing when it sat the round out: client sampling)."""
+    if not trained:
+        return encode_tree({})
     own = {m: (a.detach(), b.detach()) for m, (a, b) in sim.bank.factors(p.adapter).items() if m in p.client_modules}
     return encode_tree({"factors": own, "opt": optimizer_tensors(p.opt_client),
                         "strategy": sim.strategy.upload(p, p.client_modules)})
 
 
-def restore_from(sim, blob: dict) -> None:
+def restore_from(sim, p, blob: dict) -> None:
     """Replay the checkpoint files the server sent (--resume)."""
     with tempfile.TemporaryDirectory(prefix="hsplit-restore-") as tmp:
         for rel, data in blob["files"].items():
@@ -66,6 +70,9 @@ def restore_from(sim, blob: dict) -> None:
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_bytes(bytes(data.numpy().tobytes()))
         restore(sim, Path(tmp), int(blob["last"]))
+        if "party" in blob:       # client sampling: its own state as of the last round it trained
+            from safetensors.torch import load
+            sim.load_party(p, load(bytes(blob["party"].numpy().tobytes())))
 
 
 class ClientProcess:
@@ -76,12 +83,16 @@ class ClientProcess:
         self.group, self.members, self.gen = None, None, 0
         self.rounds = self.adapters_up = self.adapters_down = 0     # adapter bytes of the aggregation collectives
         self.server = RemoteServer(sim, link)
+        self.trained = None                    # the round it last trained (an idle one gets the update too)
 
     def handle(self, m) -> None:
         sim, p, link = self.sim, self.p, self.link
         if m.kind == ROUND:
             t0, sent, got = time.perf_counter(), link.bytes_sent, link.bytes_received
             sim.total_rounds = m.ints[1]          # the server's --rounds: the LR schedule's horizon
+            if sim.sampling:                      # it may have sat rounds out: catch up with the global state
+                sim.strategy.enter(p, m.ints[0])
+            self.trained = m.ints[0]
             client_round(sim, p, m.ints[0], self.server)
             self.rounds += 1
             self.progress(f"round {m.ints[0] + 1}: {sim.steps_per_round} step(s) in {time.perf_counter() - t0:.1f} s; "
@@ -94,17 +105,18 @@ class ClientProcess:
                 self.group = subgroup(self.store, live, self.rank, f"{self.seq}.{self.gen}", self.dopts.timeout_s,
                                       self.dopts.bind)
                 self.members = live
-            up = upload(sim, p)
+            trained = self.trained == m.ints[0]
+            up = upload(sim, p, trained)
             gather_bytes(self.group, up, len(live), self.dopts.timeout_s)
             blob = scatter_bytes(self.group, None, self.dopts.timeout_s)
             self.adapters_up += up.numel()
             self.adapters_down += blob.numel()
-            sim.apply(decode_tree(blob, RoundUpdate), m.ints[0])
+            sim.apply(decode_tree(blob, RoundUpdate), m.ints[0], [p] if trained else [])
         elif m.kind == EVAL:
             for i, h in enumerate(client_activations(sim, p, sim.data.eval, m.ints[0] or None)):
                 link.send(0, EVAL_H, [i], [h])
         elif m.kind == RESTORE:
-            restore_from(sim, decode_tree(m.tensors[0]))
+            restore_from(sim, p, decode_tree(m.tensors[0]))
         else:
             raise PeerLost(0, f"protocol error: unexpected {KIND_NAMES.get(m.kind)}")
 
@@ -145,6 +157,7 @@ def client_main(plan_path: Path, link, store, rank: int, dopts, device: str, com
         return EXIT_REFUSED
     sim = build_part(plan, rank, device, compute)
     p = sim.parties[rank - 1]
+    sim.materialise([p], 0)           # client sampling: its own party only (without sampling, all are there)
     client = ClientProcess(sim, p, link, store, rank, dopts, seq, say)
     client.progress(f"joined as client {p.id} (device {p.device}): blocks 0-{p.split - 1} of {sim.lm.profile.layers} "
                     f"on {sim.device}, {len(p.data)} training sequences; rounds start when the server says")

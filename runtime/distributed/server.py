@@ -80,6 +80,7 @@ class Server:
         self.group, self.members, self.gen = None, None, 0
         self.faults: list[dict] = []
         self.sim = None
+        self.current = []             # the parties of the round being trained (its sampled live clients)
         self.round = 0
         self.run_dir: Path | None = None
 
@@ -140,7 +141,7 @@ class Server:
         for k in self.live:
             self.try_send(k, FINISH)
         self.link.flush(self.live, self.dopts.timeout_s)
-        steps = rounds_trained * self.sim.steps_per_round * len(self.sim.parties)
+        steps = rounds_trained * self.sim.steps_per_round * len(self.sim.round_parties(0))
         by_kind = self.link.by_kind
         atomic_write_text(self.run_dir / "traffic.json", json.dumps(
             {"training_steps": steps, "bytes_by_message": by_kind,
@@ -174,22 +175,30 @@ class Server:
     # ---- the executor of loop.rounds_loop ----
     def restore(self, run_dir: Path, last: int) -> list[dict]:
         rows = restore(self.sim, run_dir, last)
-        blob = encode_tree({"last": last, "files": checkpoint_files(run_dir, last)})
-        self._each(lambda k: self.link.send(k, RESTORE, [last], [blob]))
+        files = checkpoint_files(run_dir, last)
+
+        def send(k):
+            own = self.sim.store.read_bytes(self._party(k).adapter) if self.sim.store is not None else None
+            party = {"party": bytes_tensor(own)} if own is not None else {}     # client sampling: its own state
+            self.link.send(k, RESTORE, [last], [encode_tree({"last": last, "files": files, **party})])
+        self._each(send)
         return rows
 
     def train_round(self, r: int, reporter=None, on_step=None) -> list[dict]:
         sim, link = self.sim, self.link
         self.round = r
+        sampled = {p.index + 1 for p in sim.round_parties(r)}      # client sampling: the others wait
+        self.current = [self._party(k) for k in self.live if k in sampled]
+        sim.materialise(self.current, r)
         sim.lm.model.train()
-        self.side.begin_round([self._party(k) for k in self.live])
+        self.side.begin_round(self.current)
         state = {k: Serving() for k in self.live}
-        for k in list(self.live):
+        for k in [k for k in self.live if k in sampled]:
             try:
                 link.send(k, ROUND, [r, sim.total_rounds])
             except PeerLost as e:
                 self.lose(e.rank, e.reason)
-        active = set(self.live)
+        active = {k for k in self.live if k in sampled}
         last = {k: time.monotonic() for k in active}
         while active:
             deadline = min(last[k] for k in active) + self.dopts.timeout_s
@@ -214,7 +223,7 @@ class Server:
                 self.lose(e.rank, e.reason)
         sim.lm.model.eval()
         sim.bank.activate(None)
-        return self.side.rows(r, [self._party(k) for k in self.live])
+        return self.side.rows(r, [self._party(k) for k in self.live if k in sampled])
 
     def serve(self, st: Serving, m, r: int) -> bool:
         """One message of a client's local steps, through the server half of the split step; True when its
@@ -265,22 +274,28 @@ class Server:
             except Exception as e:
                 raise Stop(None, f"aggregation (gather) failed: {str(e).splitlines()[0][:200]}") from None
             break
-        parties = [self._party(k) for k in self.live]
-        for p, blob in zip(parties, blobs[1:]):
-            self.absorb(p, blob)
+        trained = {p.index + 1 for p in self.current}
+        parties = [self._party(k) for k in self.live if k in trained]
+        for k, blob in zip(self.live, blobs[1:]):      # a client that sat the round out sent nothing
+            if k in trained:
+                self.absorb(self._party(k), blob)
         rows = [row for row in rows if row["client"] in {p.id for p in parties}]
-        update = sim.strategy.combine(parties)    # over the live clients (re-weighted), applied to every party:
-        sim.apply(update, r)                       # a lost client that comes back (--resume) starts from it
+        update = sim.strategy.combine(parties)    # over the live clients (re-weighted), applied to every party
+        # (with sampling: of the round): a lost client that comes back (--resume) starts from it; idle clients
+        # receive it too (their global state)
+        sim.apply(update, r, self.current if sim.sampling else None)
         for p, row in zip(parties, rows):
             up, down = sim.strategy.traffic(p, update)
             row["bytes_up"] += up
             row["bytes_down"] += down
         blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(update.for_client(p.adapter, p.split))
-                                                       for p in parties]
+                                                       for p in map(self._party, self.live)]
         try:
             scatter_bytes(self.group, blobs, self.dopts.timeout_s)
         except Exception as e:
             raise Stop(None, f"aggregation (scatter) failed: {str(e).splitlines()[0][:200]}") from None
+        if sim.sampling:
+            sim.release(self.current, r + 1)
         return update, rows
 
     @torch.no_grad()
@@ -314,4 +329,5 @@ class Server:
 
     def round_done(self, g: dict) -> None:
         self.say(f"round {g['round']}: train loss {g['train_loss']:.4f}, eval loss {g['eval_loss']:.4f}, "
-                 f"wall {g['wall_s']:.1f} s, clients {len(self.live)}/{len(self.sim.parties)}")
+                 f"wall {g['wall_s']:.1f} s, clients {len(self.live)}/{len(self.sim.parties)}"
+                 + (f" ({len(self.current)} sampled)" if self.sim.sampling else ""))

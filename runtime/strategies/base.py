@@ -4,7 +4,8 @@
     strategy.setup(sim)                   # once, by the Simulation (the strategy keeps `sim`)
     ... strategy.before_step(p, s, modules) / after_step(p, snap)        around every optimizer step
     update = strategy.combine(parties)    # end of round: collect every holder's factors, aggregate
-    strategy.apply(update, r)             # every party (and the global adapter) continues from it
+    strategy.apply(update, r, parties)    # the global state and the round's parties continue from it
+    strategy.enter(p, r)                  # client sampling: a party that sat rounds out catches up
 
 Every (block, module) is aggregated over the parties that hold an adapter on it, whether the
 client or the server held it; weights are the data weights p_k renormalised over those holders.
@@ -167,8 +168,28 @@ class Strategy:
     def aggregate(self, updates: dict[str, list[ClientFactors]]) -> RoundUpdate:
         raise NotImplementedError
 
-    def apply(self, update: RoundUpdate, r: int) -> None:
-        """Every party (and the global adapter) continues from the update of round r (0-based)."""
+    def apply(self, update: RoundUpdate, r: int, parties) -> None:
+        """The global state (merged base weights, global adapter, scores) and `parties` continue from the update
+        of round r (0-based). The other parties keep their own state until they train again (enter)."""
+
+    # ---- client sampling: parties enter and leave the bank ----
+    def add_party(self, p) -> None:
+        """Party p's adapter was just added to the bank (fresh init, before its saved state is loaded)."""
+
+    def drop_party(self, p) -> None:
+        """Party p's adapter is about to leave the bank (its state is saved): drop what is kept for it."""
+
+    def enter(self, p, r: int) -> None:
+        """Party p, whose own state is as of the end of the last round it trained, catches up with the global
+        state at the start of round r (it sat rounds out). A party that continued from the update of round
+        r - 1 is left exactly as it is."""
+
+    def party_state(self, p) -> dict[str, torch.Tensor]:
+        """What the strategy keeps for party p beyond its factors and AdamW moments (saved while p sits out)."""
+        return {}
+
+    def load_party_state(self, p, tensors: dict[str, torch.Tensor]) -> None:
+        pass
 
     def traffic(self, p, update: RoundUpdate) -> tuple[int, int]:
         """Bytes party p's client uploads and downloads for the aggregation: its client-side adapters up,

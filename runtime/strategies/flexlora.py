@@ -29,8 +29,27 @@ class FlexLoRA(GlobalAdapterStrategy):
     def global_rank(self, module: str, ranks: list[int]) -> int:
         return min(sum(ranks), min(self.sim.lm.model.get_submodule(module).weight.shape))
 
+    def setup(self, sim) -> None:
+        super().setup(sim)
+        self.aggregated: set[str] = set()      # modules aggregated at least once (their global is the model's)
+
     def start(self) -> None:
         pass
+
+    def enter(self, p, r: int) -> None:
+        """Its top components of the global adapter on every module aggregated so far; elsewhere it keeps
+        its own LoRA init (as every holder does until the module's first aggregation)."""
+        self.copy_global_into(p, self.aggregated)
+
+    def apply(self, update: RoundUpdate, r: int, parties) -> None:
+        self.aggregated |= set(update.global_factors)
+        super().apply(update, r, parties)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:     # client sampling only (the same run's state otherwise)
+        return {f"flex/aggregated/{m}": torch.ones(1) for m in sorted(self.aggregated)} if self.sim.sampling else {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.aggregated |= {k[len("flex/aggregated/"):] for k in tensors if k.startswith("flex/aggregated/")}
 
     def aggregate(self, updates, glob) -> RoundUpdate:
         out = RoundUpdate()

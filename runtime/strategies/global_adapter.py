@@ -64,13 +64,23 @@ class GlobalAdapterStrategy(Strategy):
 
     @torch.no_grad()
     def copy_global_into_holders(self) -> None:
+        for p in self.sim.active:
+            self.copy_global_into(p)
+
+    @torch.no_grad()
+    def copy_global_into(self, p, modules=None) -> None:
+        """Party p's factors (on `modules`, default all) from the components of the global adapter it holds."""
         bank = self.sim.bank
         g = bank.factors(GLOBAL)
-        for p in self.sim.parties:
-            for m, (a, b) in bank.factors(p.adapter).items():
+        for m, (a, b) in bank.factors(p.adapter).items():
+            if modules is None or m in modules:
                 idx = self.held(p.adapter, m, a.shape[0])
                 a.copy_(g[m][0][idx])
                 b.copy_(g[m][1][:, idx])
+
+    def enter(self, p, r: int) -> None:
+        """Its part of the global adapter (what every holder continues from); its AdamW moments are its own."""
+        self.copy_global_into(p)
 
     def updated_ranks(self, p) -> dict[str, int]:
         """Rows of each of p's adapters that its client updated this round (and uploads)."""
@@ -84,7 +94,7 @@ class GlobalAdapterStrategy(Strategy):
         return self.aggregate(self.collect(parties), self.global_state())
 
     @torch.no_grad()
-    def apply(self, update: RoundUpdate, r: int) -> None:
+    def apply(self, update: RoundUpdate, r: int, parties) -> None:
         """The update's global adapter into the bank, then every holder continues from its part (nothing
         when the update has nothing for this process's blocks: a client process's part of it)."""
         if not (update.global_factors or update.assign_party):
@@ -93,11 +103,11 @@ class GlobalAdapterStrategy(Strategy):
         for m, (a, b) in update.global_factors.items():
             g[m][0].copy_(a)
             g[m][1].copy_(b)
-        self.continue_from(update, g)
+        self.continue_from(update, g, parties)
 
-    def continue_from(self, update: RoundUpdate, g) -> None:
+    def continue_from(self, update: RoundUpdate, g, parties) -> None:
         sim = self.sim
-        for p in sim.parties:
+        for p in parties:
             f = sim.bank.factors(p.adapter)
             mods = update.assign_party.get(p.adapter)
             if mods is None:    # a holder that was not aggregated (a lost client): the global at its rank

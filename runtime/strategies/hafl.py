@@ -43,9 +43,45 @@ class HAFL(GlobalAdapterStrategy):
 
     def start(self) -> None:
         sim = self.sim
-        self.selection = {p.adapter: {m: list(range(r)) for m, r in p.ranks.items() if r > 0} for p in sim.parties}
+        for p in sim.active:
+            self.add_party(p)
         self.scores = {m: torch.zeros(R) for m, R in self.global_ranks().items()}
         super().start()
+
+    # ---- client sampling: the state kept per party while it sits out ----
+    def add_party(self, p) -> None:
+        self.selection[p.adapter] = {m: list(range(r)) for m, r in p.ranks.items() if r > 0}
+
+    def drop_party(self, p) -> None:
+        for d in (self.selection, self.ema, self.local_scores):
+            d.pop(p.adapter, None)
+
+    def party_state(self, p) -> dict[str, torch.Tensor]:
+        out = {f"sel/{m}": torch.tensor(s, dtype=torch.int64) for m, s in self.selection.get(p.adapter, {}).items()}
+        out.update({f"local/{m}": s for m, s in self.local_scores.get(p.adapter, {}).items()})
+        return out
+
+    def load_party_state(self, p, tensors: dict[str, torch.Tensor]) -> None:
+        for k, v in tensors.items():
+            kind_, m = k.split("/", 1)
+            if kind_ == "sel":
+                self.selection.setdefault(p.adapter, {})[m] = [int(i) for i in v.tolist()]
+            elif kind_ == "local":
+                self.local_scores.setdefault(p.adapter, {})[m] = v.clone()
+
+    @torch.no_grad()
+    def enter(self, p, r: int) -> None:
+        """Next components from the current scores (truncation: the server's; freezing: its own), its
+        factors from the global adapter; truncation: a slot whose component changed since the party last
+        trained starts with zero AdamW moments (as after an aggregation it took part in)."""
+        old = {m: list(s) for m, s in self.selection[p.adapter].items()}
+        self.reselect([p])
+        self.copy_global_into(p)
+        if not self.freezing:
+            for m, (a, b) in self.sim.bank.factors(p.adapter).items():
+                changed = [j for j, (x, y) in enumerate(zip(old[m], self.selection[p.adapter][m])) if x != y]
+                if changed:
+                    self._zero_moments(p, a, b, changed)
 
     def held_ranks(self, p) -> dict[str, int]:
         if self.freezing:       # holds every component, updates its top r
@@ -152,7 +188,7 @@ class HAFL(GlobalAdapterStrategy):
             out.global_scores[m] = scores
         return out
 
-    def continue_from(self, update: RoundUpdate, g) -> None:
+    def continue_from(self, update: RoundUpdate, g, parties) -> None:
         """New scores and selections; every holder continues from the components it holds (truncation: a
         component newly selected into a slot starts with zero AdamW moments there)."""
         sim = self.sim
@@ -160,8 +196,8 @@ class HAFL(GlobalAdapterStrategy):
         for party, mods in update.local_scores.items():
             self.local_scores.setdefault(party, {}).update(mods)
         old = {k: {m: list(s) for m, s in v.items()} for k, v in self.selection.items()}
-        self.reselect()
-        for p in sim.parties:
+        self.reselect(parties)
+        for p in parties:
             for m, (a, b) in sim.bank.factors(p.adapter).items():
                 idx = self.held(p.adapter, m, a.shape[0])
                 a.copy_(g[m][0][idx])
@@ -170,9 +206,9 @@ class HAFL(GlobalAdapterStrategy):
                 if changed and not self.freezing:
                     self._zero_moments(p, a, b, changed)
 
-    def reselect(self) -> None:
-        """Next round's components per party from the current scores."""
-        for p in self.sim.parties:
+    def reselect(self, parties=None) -> None:
+        """Next round's components of `parties` (default: every party in the bank) from the current scores."""
+        for p in self.sim.active if parties is None else parties:
             for m, r in p.ranks.items():
                 if r <= 0:
                     continue

@@ -44,10 +44,27 @@ class HSplitLoRA(Strategy):
         return f"{p.adapter}_base" if self.warm else None
 
     def start(self) -> None:
+        for p in self.sim.active:
+            self.add_party(p)
+
+    def add_party(self, p) -> None:
         if self.warm:
-            for p in self.sim.parties:
-                self.sim.bank.add(self.offset(p), self.held_ranks(p), dropout=0.0)
-                self.reset_offset(p)
+            self.sim.bank.add(self.offset(p), self.held_ranks(p), dropout=0.0)
+            self.reset_offset(p)
+
+    def drop_party(self, p) -> None:
+        if self.warm:
+            self.sim.bank.delete(self.offset(p))
+
+    @torch.no_grad()
+    def enter(self, p, r: int) -> None:
+        """warm: its factors and moments are its own; its base is the global model again (offset reset).
+        restart: the fresh init of round r, as every holder after round r - 1."""
+        if self.warm:
+            self.reset_offset(p)
+        else:
+            self.sim.bank.reinit(p.adapter, derive_seed(self.sim.training.seed, 2, r))
+            self.sim.new_optimizers(p)
 
     @torch.no_grad()
     def reset_offset(self, p) -> None:
@@ -86,10 +103,10 @@ class HSplitLoRA(Strategy):
         return out
 
     @torch.no_grad()
-    def apply(self, update: RoundUpdate, r: int) -> None:
+    def apply(self, update: RoundUpdate, r: int, parties) -> None:
         sim = self.sim
         sim.merge_update(update)
-        for p in sim.parties:
+        for p in parties:
             if self.warm:
                 self.reset_offset(p)
             elif update.reinit:
@@ -106,15 +123,16 @@ class HSplitLoRA(Strategy):
     def state_tensors(self) -> dict[str, torch.Tensor]:
         if not self.warm:
             return {}
-        return {f"offset/{p.adapter}/{k}": v for p in self.sim.parties
+        return {f"offset/{p.adapter}/{k}": v for p in self.sim.active
                 for k, v in self.sim.bank.state(self.offset(p), copy=False).items()}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.warm:
-            for p in self.sim.parties:
+            for p in self.sim.active:
                 prefix = f"offset/{p.adapter}/"
-                self.sim.bank.load_state(self.offset(p), {k[len(prefix):]: v for k, v in tensors.items()
-                                                          if k.startswith(prefix)})
+                state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+                if state or not self.sim.sampling:      # sampling: reset when the party trains (enter)
+                    self.sim.bank.load_state(self.offset(p), state)
 
     # ---- re-planning ----
     def before_move(self):
@@ -122,8 +140,8 @@ class HSplitLoRA(Strategy):
         if not self.warm:
             return None
         carried = {p.adapter: {m: (a.detach().clone(), b.detach().clone())
-                               for m, (a, b) in self.sim.bank.factors(p.adapter).items()} for p in self.sim.parties}
-        for p in self.sim.parties:
+                               for m, (a, b) in self.sim.bank.factors(p.adapter).items()} for p in self.sim.active}
+        for p in self.sim.active:
             self.sim.bank.delete(self.offset(p))
         return carried
 
@@ -134,7 +152,7 @@ class HSplitLoRA(Strategy):
         the global model's, exactly: the move does not change the model."""
         if carried is None:
             return
-        for p in self.sim.parties:
+        for p in self.sim.active:
             for m, (a, b) in self.sim.bank.factors(p.adapter).items():
                 if m in carried[p.adapter]:
                     oa, ob = carried[p.adapter][m]

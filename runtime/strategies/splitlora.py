@@ -50,10 +50,18 @@ class SplitLoRA(Strategy):
         return out
 
     @torch.no_grad()
-    def apply(self, update: RoundUpdate, r: int) -> None:
+    def enter(self, p, r: int) -> None:
+        """The averaged factors (the global adapter); its AdamW moments are its own."""
+        g = self.sim.bank.factors(GLOBAL)
+        for m, (a, b) in self.sim.bank.factors(p.adapter).items():
+            a.copy_(g[m][0])
+            b.copy_(g[m][1])
+
+    @torch.no_grad()
+    def apply(self, update: RoundUpdate, r: int, parties) -> None:
         sim = self.sim
         sim.merge_update(update)           # residuals of a re-plan that lowered a rank
-        names = [p.adapter for p in sim.parties] + ([GLOBAL] if sim.global_ranks else [])
+        names = [p.adapter for p in parties] + ([GLOBAL] if sim.global_ranks else [])
         for m, (a, b) in update.assign.items():
             for name in names:
                 f = sim.bank.factors(name).get(m)
