@@ -146,7 +146,8 @@ def run_config(sim: Simulation, plan_path: Path, run_dir: Path, rounds: int, opt
     """config.yaml of a new run: the plan as written, how it runs, the data it got."""
     import torch
     return {"plan": Plan.load(plan_path).to_dict(),
-            "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path,
+            "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path, "hub_id": sim.lm.hub_id,
+                    "model_origin": sim.lm.origin,
                     "model_hash": sim.lm.profile.arch_hash(), "eval_max_seqs": opts.eval_max_seqs,
                     "device": str(sim.device), "torch": str(torch.__version__),
                     "compute_dtype": str(sim.autocast_dtype or torch.float32).removeprefix("torch."), **extra},
