@@ -5,7 +5,8 @@
     cmd = resume_command(plan_path, run_dir, opts)                   # what the user types to continue
 
 runs/<name>/: config.yaml (the resolved run configuration), metrics.csv (one row per client per round
-and one `all` row per round), checkpoints/round-NNNN/ (checkpoint.py), plan-round-N.yaml (re-plans).
+and one `all` row per round), tb/ (TensorBoard, logs.py), checkpoints/round-NNNN/ (checkpoint.py),
+plan-round-N.yaml (re-plans).
 """
 from __future__ import annotations
 
@@ -95,6 +96,8 @@ def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: boo
         cmd += ["--rounds", str(opts.rounds)]
     if opts.keep_checkpoints is not None:
         cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
+    if opts.wandb:
+        cmd += ["--wandb", opts.wandb]
     if opts.eval_max_seqs != RunOptions.eval_max_seqs:
         cmd += ["--eval-seqs", str(opts.eval_max_seqs)]
     return shlex.join(cmd + list(extra))
