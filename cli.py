@@ -227,7 +227,7 @@ def run_cmd(
         lost = ", ".join(f"{f['client']} (round {f['round']})" for f in faults)
         say(f"finished without {lost}: see {res.run_dir / 'faults.json'}")
     say(f"held-out perplexity {ppl(res.eval_before)} -> {ppl(res.eval_after)}; "
-        f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)")
+        f"outputs in {res.run_dir}/ (metrics.csv, tb/ for TensorBoard, checkpoints/)")
 
 
 @app.command("eval")

@@ -2,7 +2,7 @@
 server. What differs sits behind an executor: `InProcess` here, `Server` in runtime/distributed/server.py.
 
     result = run("plan.yaml", RunOptions(rounds=2, name="demo"))
-    # runs/demo/{config.yaml, metrics.csv, checkpoints/round-NNNN/}
+    # runs/demo/{config.yaml, metrics.csv, tb/, checkpoints/round-NNNN/}
 
 The recipe (DESIGN.md "Runtime semantics"):
     evaluate the starting model (round 0) and checkpoint it, or restore the last checkpoint (--resume)
