@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from pathlib import Path
 
 from hsplit import __version__
+from hsplit.planner.device import PROFILE_DIR
 from hsplit.planner.yamlio import dump_yaml
 
 
@@ -31,7 +33,9 @@ def _fleet_lines(plan: dict) -> list[str]:
     ranks = sorted({r for c in clients for r in c.get("ranks", {}).values()})
     server = plan.get("server", {}).get("device")
     fleet = plan.get("inputs", {}).get("fleet")
-    return [f"- Fleet: {fleet or 'hand-written plan'}; {len(clients)} clients "
+    if fleet and Path(fleet).parent == PROFILE_DIR / "fleets":
+        fleet = f"{Path(fleet).stem} (shipped: profiles/fleets/{Path(fleet).name})"
+    return [f"- Fleet: {fleet or 'hand-written plan'}; {len(clients)} client{'' if len(clients) == 1 else 's'} "
             f"({', '.join(f'{n} x {d}' for d, n in devices.items())})" + (f", server {server}" if server else ""),
             f"- Split points (client runs blocks [0, s)): {', '.join(map(str, splits)) or 'n/a'}; "
             f"client LoRA ranks: {', '.join(map(str, ranks)) or 'none'}; server-side rank {plan.get('server_rank')}"]
