@@ -81,6 +81,18 @@ def test_tensorboard_event_files_hold_the_fleet_and_every_client_per_round(env):
         assert [s for s, _ in scalars(tb / "clients" / client, "bytes/down_mb")] == [1, 2]
 
 
+def age_event_files(folder):
+    """Give the event files under `folder` names from the past, in the order they were written: what files of
+    an earlier process look like. (TensorBoard reads a folder's files in name order; names hold the second
+    and a per-process counter, so files one process writes within a second can sort out of order.)"""
+    for sub in {f.parent for f in folder.rglob("events.out.tfevents.*")}:
+        files = sorted(sub.glob("events.out.tfevents.*"), key=lambda f: f.stat().st_mtime_ns)
+        for i, f in enumerate(files):
+            parts = f.name.split(".")
+            parts[3] = f"{1_000_000_000 + i:010d}"
+            f.rename(sub / ".".join(parts))
+
+
 def test_a_resumed_run_logs_every_round_once_even_after_dying_while_logging(env):
     from torch.utils.tensorboard import SummaryWriter
     plan = make_plan(env, "resume.yaml")
@@ -90,6 +102,7 @@ def test_a_resumed_run_logs_every_round_once_even_after_dying_while_logging(env)
     w.add_scalar("eval/loss", 99.0, 2)
     w.add_scalar("eval/loss", 98.0, 1)
     w.close()
+    age_event_files(first.run_dir / "tb")
     res = run(plan, opts(env, name="res", rounds=2, resume=True))
     fleet = [r for r in metrics(res.run_dir) if r["client"] == "all"]
     got = scalars(res.run_dir / "tb", "eval/loss")
