@@ -28,12 +28,12 @@ from pathlib import Path
 import torch
 
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.model import is_hub_id
 from hsplit.planner.yamlio import output_problem
 from hsplit.planner.strategies import traits
 from hsplit.runtime import checkpoint
 from hsplit.runtime.common import GLOBAL
 from hsplit.runtime.lora import rank_pattern_key
-from hsplit.planner.model import is_hub_id
 from hsplit.runtime.hub import hub_id_of_folder
 from hsplit.runtime.model import load_lm
 from hsplit.runtime.modelcard import model_card
@@ -169,6 +169,8 @@ def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: s
     total, config, last = total_update(run_dir)
     model_path = config["run"]["model_path"]
     hub_id = base_model or config["run"].get("hub_id") or hub_id_of_folder(Path(model_path))
+    if not Path(model_path).exists() and config["run"].get("hub_id"):   # e.g. the run was trained elsewhere
+        model_path = config["run"]["hub_id"]
     report = {"run": str(run_dir), "round": last, "base_model": hub_id or model_path, "base_model_hub_id": hub_id,
               "model_path": model_path, "modules": len(total)}
     if adapter is not None:
