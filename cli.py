@@ -287,7 +287,7 @@ def run_cmd(
         lost = ", ".join(f"{f['client']} (round {f['round']})" for f in faults)
         say(f"finished without {lost}: see {res.run_dir / 'faults.json'}")
     say(f"held-out perplexity {ppl(res.eval_before)} -> {ppl(res.eval_after)}; "
-        f"outputs in {res.run_dir}/ (metrics.csv, checkpoints/)")
+        f"outputs in {res.run_dir}/ (metrics.csv, tb/ for TensorBoard, checkpoints/)")
 
 
 @app.command("eval")
@@ -344,30 +344,40 @@ def eval_cmd(
 @app.command("export")
 def export_cmd(
     run_dir: Path = typer.Argument(..., metavar="RUN", help="A run folder (runs/NAME)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write a PEFT adapter folder here."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="Write a PEFT adapter folder (with a model card) here."),
     merged: Optional[Path] = typer.Option(None, "--merged", help="Write a full merged HF model here."),
-    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="SVD rank of the adapter (default: exact)."),
+    rank: Optional[int] = typer.Option(None, "--rank", min=1, help="SVD rank of the adapter (default: the plan's largest rank; the truncation error is reported)."),
+    exact: bool = typer.Option(False, "--exact", help="Keep every rank: the adapter is the learned update exactly (larger)."),
+    base_model: Optional[str] = typer.Option(None, "--base-model", help="Hub id written as the adapter's base model (default: the run's model's hub id)."),
     fmt: str = FORMAT,
 ):
-    """Export the learned update as a PEFT adapter (SVD-factored) and/or a merged model.
+    """Export the learned update as a PEFT adapter (SVD-factored, with a model card) and/or a merged model.
 
-    Example: hsplit export runs/demo --adapter out/adapter --rank 16
-    Load it: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), "out/adapter")
+    The adapter names its base model by hub id (e.g. Qwen/Qwen2.5-0.5B), so it loads anywhere:
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(HUB_ID), "out/adapter")
+
+    Example: hsplit export runs/demo --adapter out/adapter
+    Example: hsplit export runs/demo --adapter out/exact --exact --merged out/merged
     """
     check_format(fmt)
     from hsplit.runtime.export import export_run
 
     with reported():
-        rep = export_run(run_dir, adapter=adapter, merged=merged, rank=rank)
+        rep = export_run(run_dir, adapter=adapter, merged=merged, rank=rank, exact=exact, base_model=base_model)
     if fmt == "json":
         print_json(rep)
         return
     if "adapter" in rep:
-        console.print(escape(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {rep['rank']}, max "
-                             f"{rep['max_rank']}); relative error {rep['relative_error']:.3g} (worst "
-                             f"{rep['worst_module']}: {rep['max_module_error']:.3g}); base model {rep['base_model']}"))
+        cut = ("exact" if rep["rank"] == "exact" else
+               f"{rep['rank']}, {rep['rank_source']}; --exact keeps all (up to {rep['exact_max_rank']})")
+        say(f"adapter: {rep['adapter']} ({rep['modules']} modules, rank {cut}; {rep['size_mb']:.1f} MB); "
+            f"truncation error {rep['relative_error']:.3g} of the update (relative Frobenius; worst "
+            f"{rep['worst_module']}: {rep['max_module_error']:.3g})")
+        say(f"base model {rep['base_model']}; model card {rep['model_card']}")
+        if not rep["base_model_hub_id"]:
+            say("note: the base model is a local folder: pass --base-model ORG/NAME to name its hub id")
     if "merged" in rep:
-        console.print(escape(f"merged model: {rep['merged']}"))
+        say(f"merged model: {rep['merged']}")
 
 
 @app.command("demo")

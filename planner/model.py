@@ -3,12 +3,16 @@
 No weights are needed to plan. A profile knows its family (how modules are named), the shape
 (d_in, d_out) of every adaptable weight matrix, and parameter counts; cost formulas live in
 hsplit.planner.cost. Shipped configs (facts only) live in profiles/models/<name>.json and are
-selectable by name (`--model llama-2-7b`); any folder with a config.json or a config.json path
-works too. The runtime uses the same `Family` descriptions to find blocks and modules.
+selectable by name (`--model llama-2-7b`); each names the Hugging Face hub id the runtime loads
+(`hub_id`, e.g. meta-llama/Llama-2-7b-hf). Any folder with a config.json, a config.json path, or a
+hub id whose config.json is in the local Hugging Face cache works too. The runtime uses the same
+`Family` descriptions to find blocks and modules.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,41 @@ FAMILY_OF_MODEL_TYPE = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "gpt2"
 
 SHIPPED_MODELS = ("smollm2-135m", "gpt2", "gpt2-medium", "gpt2-large", "llama-2-7b", "llama-3-8b",
                   "qwen2.5-0.5b", "qwen2.5-7b")
+# owner/name as the hub spells repositories (no leading dot, no `..`, exactly one slash)
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+def shipped_hub_id(name: str) -> str | None:
+    """The Hugging Face hub id a shipped model name loads (`qwen2.5-0.5b` -> Qwen/Qwen2.5-0.5B); None
+    for anything else."""
+    if name not in SHIPPED_MODELS:
+        return None
+    return json.loads((PROFILE_DIR / "models" / f"{name}.json").read_text())["hub_id"]
+
+
+def is_hub_id(ref: str) -> bool:
+    return bool(HUB_ID.match(ref)) and ".." not in ref
+
+
+def hub_cache() -> Path:
+    """The Hugging Face hub cache folder, as huggingface_hub finds it: $HF_HUB_CACHE, $HF_HOME/hub,
+    $XDG_CACHE_HOME/huggingface/hub, ~/.cache/huggingface/hub."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or str(Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                                               / "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def cached_hub_config(hub_id: str, cache: Path | None = None) -> Path | None:
+    """config.json of `hub_id` in the local hub cache (the `main` snapshot), or None."""
+    repo = (cache or hub_cache()) / ("models--" + hub_id.replace("/", "--"))
+    try:
+        sha = (repo / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    config = repo / "snapshots" / sha / "config.json"
+    return config if is_file(config) else None
 
 
 @dataclass(frozen=True)
@@ -178,10 +217,14 @@ def load_model_profile(ref: str | Path, field: str = "--model", source: str | No
         path = path / "config.json"
     elif not is_file(path) and is_file(shipped):
         path = shipped
+    elif not is_file(path) and is_hub_id(ref_s) and (cached := cached_hub_config(ref_s)):
+        path = cached
     if not is_file(path):
+        hub = (f"; {ref_s} is not in the local Hugging Face cache ({hub_cache()}): fetch it with "
+               f"`hf download {ref_s}`" if is_hub_id(ref_s) else "")
         raise ConfigError(source or cut(ref_s), [
             f"{field}: {cut(ref_s) + ' is ' if source else ''}not a shipped model ({', '.join(SHIPPED_MODELS)}), "
-            "nor a folder with config.json, nor a config.json file"])
+            f"nor a folder with config.json, nor a config.json file, nor a cached hub id{hub}"])
     try:
         config = json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as e:

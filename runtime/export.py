@@ -1,19 +1,24 @@
 """`hsplit export RUN --adapter DIR | --merged DIR`: the learned update as a PEFT adapter or full model.
 
-    report = export_run("runs/demo", adapter="out/adapter", rank=16)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "out/adapter")
+    report = export_run("runs/demo", adapter="out/adapter")          # rank: the plan's largest rank
+    report = export_run("runs/demo", adapter="out/exact", exact=True)  # every rank: the update exactly
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(report["base_model"]), "out/adapter")
 
 The total learned update of every module is kept in factored form: the exact aggregates merged in
 rounds 1..N (B_cat, A_cat from the checkpoints) plus, for strategies that keep adapters, the
 global adapter (scaling * B, A). Stacked, they are one product B_tot @ A_tot of rank R. It is
 factored by SVD without ever forming the dense matrix (QR of both factors, SVD of the R x R core)
-and cut to `rank` (default: exact, R per module); the relative Frobenius error of the cut is
-reported per module and overall. The adapter uses lora_alpha = r (scaling 1), per-module ranks as
-anchored rank_pattern keys, and base_model_name_or_path = the run's model folder.
+and cut to `rank` (default: the largest rank of the plan, client or server side, since the update
+of many rounds and clients has rank up to their sum; `exact`: R per module); the relative Frobenius
+error of the cut is reported per module and overall. The adapter uses lora_alpha = r (scaling 1),
+per-module ranks as anchored rank_pattern keys, and base_model_name_or_path = the model's hub id
+(shipped names and hub-cache folders know theirs; `base_model` overrides, else the model folder).
+A model card (README.md, runtime/modelcard.py) says how the adapter was trained.
 `--merged` adds the exact dense updates to the base weights and saves a plain HF model.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -23,12 +28,15 @@ from pathlib import Path
 import torch
 
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.model import is_hub_id
 from hsplit.planner.yamlio import output_problem
 from hsplit.planner.strategies import traits
 from hsplit.runtime import checkpoint
 from hsplit.runtime.common import GLOBAL
 from hsplit.runtime.lora import rank_pattern_key
+from hsplit.runtime.hub import hub_id_of_folder
 from hsplit.runtime.model import load_lm
+from hsplit.runtime.modelcard import model_card
 
 
 def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, int]:
@@ -66,7 +74,8 @@ def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, tor
 
 
 def svd_factor(b: torch.Tensor, a: torch.Tensor, rank: int | None):
-    """(B', A', rank, ||b a||_F^2, squared error): B' @ A' is the best rank-r approximation of b @ a."""
+    """(B', A', rank, ||b a||_F^2, squared error, full rank): B' @ A' is the best rank-r approximation
+    of b @ a."""
     qb, rb = torch.linalg.qr(b)               # b = qb rb
     qa, ra = torch.linalg.qr(a.T)             # a = ra^T qa^T
     u, s, vh = torch.linalg.svd(rb @ ra.T)
@@ -75,7 +84,7 @@ def svd_factor(b: torch.Tensor, a: torch.Tensor, rank: int | None):
     r = max(r, 1)
     b2 = qb @ (u[:, :r] * s[:r])
     a2 = vh[:r] @ qa.T
-    return b2, a2, r, float((s ** 2).sum()), float((s[r:] ** 2).sum())
+    return b2, a2, r, float((s ** 2).sum()), float((s[r:] ** 2).sum()), max(full, 1)
 
 
 def _target_problem(path: Path, flag: str | None = None) -> str | None:
@@ -133,34 +142,62 @@ def _commit(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def plan_max_rank(plan: dict) -> int:
+    """The largest LoRA rank the plan trains (any client's, or the server-side rank where blocks are on
+    the server): the default rank of an exported adapter."""
+    ranks = [r for c in plan.get("clients", []) for r in (c.get("ranks") or {}).values()]
+    server = int(plan.get("server_rank") or 0)
+    return max(ranks + [server] + [1])
+
+
 def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: str | Path | None = None,
-               rank: int | None = None, progress: bool = False) -> dict:
-    """Write a PEFT adapter folder and/or a merged HF model; returns a report (errors, ranks)."""
+               rank: int | None = None, exact: bool = False, base_model: str | None = None,
+               progress: bool = False) -> dict:
+    """Write a PEFT adapter folder (+ model card) and/or a merged HF model; returns a report (rank,
+    truncation errors, base model). rank: SVD rank (default: the plan's largest rank); exact: keep all."""
     if adapter is None and merged is None:
         raise ConfigError("hsplit export", ["pass --adapter DIR and/or --merged DIR"])
     if rank is not None and rank < 1:
-        raise ConfigError("hsplit export", ["--rank must be >= 1 (leave it out for the exact update)"])
+        raise ConfigError("hsplit export", ["--rank must be >= 1 (or --exact for the full-rank update)"])
+    if rank is not None and exact:
+        raise ConfigError("hsplit export", ["--rank and --exact exclude each other: --exact keeps every rank"])
+    if base_model is not None and not is_hub_id(base_model):
+        raise ConfigError("hsplit export", [f"--base-model: {base_model!r} is not a Hugging Face hub id (ORG/NAME)"])
     adapter = Path(adapter) if adapter is not None else None
     merged = Path(merged) if merged is not None else None
     check_targets(adapter, merged)              # every target before anything is written
     total, config, last = total_update(run_dir)
     model_path = config["run"]["model_path"]
-    report = {"run": str(run_dir), "round": last, "base_model": model_path, "modules": len(total)}
+    hub_id = base_model or config["run"].get("hub_id") or hub_id_of_folder(Path(model_path))
+    if not Path(model_path).exists() and config["run"].get("hub_id"):   # e.g. the run was trained elsewhere
+        model_path = config["run"]["hub_id"]
+    report = {"run": str(run_dir), "round": last, "base_model": hub_id or model_path, "base_model_hub_id": hub_id,
+              "model_path": model_path, "modules": len(total)}
     if adapter is not None:
         adapter = Path(adapter)
-        factors, errs, ranks, sq_total, sq_lost = {}, {}, {}, 0.0, 0.0
+        if exact:
+            cut, source = None, "--exact"
+        elif rank is not None:
+            cut, source = rank, "--rank"
+        else:
+            cut, source = plan_max_rank(config["plan"]), "the plan's largest rank"
+        factors, errs, ranks, full, sq_total, sq_lost = {}, {}, {}, {}, 0.0, 0.0
         for m, (b, a) in sorted(total.items()):
-            b2, a2, r, norm2, lost2 = svd_factor(b, a, rank)
+            b2, a2, r, norm2, lost2, full[m] = svd_factor(b, a, cut)
             sq_total += norm2
             sq_lost += lost2
             factors[m], ranks[m] = (b2, a2), r
             errs[m] = math.sqrt(lost2 / norm2) if norm2 > 0 else 0.0
-        _write_adapter(adapter, factors, ranks, model_path, progress)
-        report.update(adapter=str(adapter), rank=rank if rank is not None else "exact",
+        report.update(adapter=str(adapter), rank=cut if cut is not None else "exact", rank_source=source,
                       max_rank=max(ranks.values()) if ranks else 0,
+                      exact_max_rank=max(full.values()) if full else 0,
                       relative_error=math.sqrt(sq_lost / sq_total) if sq_total > 0 else 0.0,
                       max_module_error=max(errs.values()) if errs else 0.0,
-                      worst_module=max(errs, key=errs.get) if errs else None)
+                      worst_module=max(errs, key=errs.get) if errs else None,
+                      embedded=config["run"].get("model_origin") == "embedded" and not base_model)
+        card = model_card(config, _rows(run_dir, last), report)
+        report["size_mb"] = _write_adapter(adapter, factors, ranks, model_path, hub_id or model_path, card, progress)
+        report["model_card"] = str(adapter / "README.md")
     if merged is not None:
         merged = Path(merged)
         tmp = _fresh_target(merged)
@@ -181,7 +218,14 @@ def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: s
     return report
 
 
-def _write_adapter(path: Path, factors, ranks, model_path: str, progress: bool) -> None:
+def _rows(run_dir: str | Path, last: int) -> list[dict]:
+    """The run's metrics rows up to round `last` (from its checkpoints)."""
+    return [row for r in checkpoint.complete_rounds(Path(run_dir)) if r <= last
+            for row in checkpoint.read_state(Path(run_dir), r).get("metrics", [])]
+
+
+def _write_adapter(path: Path, factors, ranks, model_path: str, base_name: str, card: str, progress: bool) -> float:
+    """The PEFT adapter folder with its model card; returns the size of its weights in MB."""
     from peft import LoraConfig
 
     from hsplit.runtime.lora import get_peft_model
@@ -201,9 +245,16 @@ def _write_adapter(path: Path, factors, ranks, model_path: str, progress: bool) 
             for m, (b, a) in factors.items():
                 layers[m].lora_A["default"].weight.copy_(a.float())
                 layers[m].lora_B["default"].weight.copy_(b.float())
-        model.peft_config["default"].base_model_name_or_path = model_path
+        model.peft_config["default"].base_model_name_or_path = model_path   # PEFT reads its config.json when saving
         model.save_pretrained(tmp)
+        cfg_file = tmp / "adapter_config.json"
+        cfg = json.loads(cfg_file.read_text())
+        cfg["base_model_name_or_path"] = base_name                         # what users load: the hub id
+        cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (tmp / "README.md").write_text(card)           # instead of PEFT's empty template
+        size = sum(f.stat().st_size for f in tmp.glob("adapter_model.*")) / 1e6
         _commit(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return size

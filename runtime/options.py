@@ -27,6 +27,8 @@ class RunOptions:
     device: str = _opt("auto", "auto | cpu | cuda")
     threads: int | None = _opt(None, "torch CPU threads", minimum=1)
     compute_dtype: str = _opt("auto", "auto (the plan's dtype; fp32 on CPUs without fast bf16) | fp32 | bf16 | fp16")
+    wandb: str | None = _opt(None, "also log to this Weights & Biases project (needs `pip install wandb`; "
+                                   "or set $HSPLIT_WANDB_PROJECT); TensorBoard logs are always in runs/NAME/tb")
     keep_checkpoints: int | None = _opt(None, "newest rounds that keep adapters + optimizer state (merged factors "
                                               "and metrics of every round stay; default: all)", minimum=1)
 

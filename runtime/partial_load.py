@@ -25,7 +25,7 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import ModelProfile
-from hsplit.runtime.model import LoadedLM, resolve_model_path
+from hsplit.runtime.model import LoadedLM, locate_model
 
 
 def is_placeholder(t: torch.Tensor) -> bool:
@@ -68,11 +68,9 @@ def load_part(ref: str, blocks, embeddings: bool, head: bool, progress: bool = F
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_path(ref, progress)
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ConfigError(ref, ["the distributed runtime needs a local model folder (a hub id is not downloaded "
-                                "by worker processes)"])
+    src = locate_model(ref, progress)
+    path = src.path
+    folder = Path(path)                     # always a local folder (a hub id: its cached snapshot)
     config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False):         # parameters on meta, buffers (rotary) real
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -117,7 +115,8 @@ def load_part(ref: str, blocks, embeddings: bool, head: bool, progress: bool = F
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return LoadedLM(model=model, tokenizer=tokenizer, profile=profile, path=path)
+    return LoadedLM(model=model, tokenizer=tokenizer, profile=profile, path=path, hub_id=src.hub_id,
+                    origin=src.origin)
 
 
 def held_bytes(model: nn.Module) -> int:

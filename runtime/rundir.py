@@ -5,8 +5,9 @@
     cmd = resume_command(plan_path, run_dir, opts)                   # what the user types to continue
 
 runs/<name>/: config.yaml (the resolved run configuration), metrics.csv (one row per client per round
-and one `all` row per round), checkpoints/round-NNNN/ (checkpoint.py), plan-round-N.yaml (re-plans);
-with client sampling also sampled.csv (who trained in each round) and clients/ (partystore.py).
+and one `all` row per round), tb/ (TensorBoard, logs.py), checkpoints/round-NNNN/ (checkpoint.py),
+plan-round-N.yaml (re-plans); with client sampling also sampled.csv (who trained in each round) and
+clients/ (partystore.py).
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def resume_command(plan_path: Path, run_dir: Path, opts: RunOptions, resume: boo
         cmd += ["--rounds", str(opts.rounds)]
     if opts.keep_checkpoints is not None:
         cmd += ["--keep-checkpoints", str(opts.keep_checkpoints)]
+    if opts.wandb:
+        cmd += ["--wandb", opts.wandb]
     if opts.eval_max_seqs != RunOptions.eval_max_seqs:
         cmd += ["--eval-seqs", str(opts.eval_max_seqs)]
     return shlex.join(cmd + list(extra))
@@ -158,7 +161,8 @@ def run_config(sim: Simulation, plan_path: Path, run_dir: Path, rounds: int, opt
     """config.yaml of a new run: the plan as written, how it runs, the data it got."""
     import torch
     return {"plan": Plan.load(plan_path).to_dict(),
-            "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path,
+            "run": {"rounds": rounds, "name": run_dir.name, "model_path": sim.lm.path, "hub_id": sim.lm.hub_id,
+                    "model_origin": sim.lm.origin,
                     "model_hash": sim.lm.profile.arch_hash(), "eval_max_seqs": opts.eval_max_seqs,
                     "device": str(sim.device), "torch": str(torch.__version__),
                     "compute_dtype": str(sim.autocast_dtype or torch.float32).removeprefix("torch."), **extra},

@@ -2,6 +2,8 @@
 
     path = save_tiny_model(tmp_path / "tiny-llama", family="llama")   # or "gpt2", "qwen2", "mistral"
     # -> an HF folder (config.json, model.safetensors, tokenizer.json) that `hsplit run` can load
+    save_tiny_model_in_hub_cache(tmp_path / "hf" / "hub", "Qwen/Qwen2.5-0.5B", family="qwen2")
+    # -> the same, laid out as huggingface_hub caches a download of that hub id (for offline tests)
 
 The tokenizer is a byte-level BPE trained on a few sentences (any text encodes, no unknown tokens),
 so tests never touch the hub.
@@ -59,3 +61,16 @@ def save_tiny_model(path: str | Path, family: str = "llama", seed: int = 0, **kw
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_model_in_hub_cache(cache: str | Path, hub_id: str, family: str = "llama", **kw) -> Path:
+    """A tiny model stored in a Hugging Face hub cache folder (models--ORG--NAME/{refs/main, snapshots/SHA/})
+    as if `hf download hub_id` had fetched it, so that loading `hub_id` offline finds it. Returns the
+    snapshot folder."""
+    import hashlib
+    repo = Path(cache) / ("models--" + hub_id.replace("/", "--"))
+    sha = hashlib.sha1(hub_id.encode()).hexdigest()
+    snapshot = save_tiny_model(repo / "snapshots" / sha, family, **kw)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
+    return snapshot

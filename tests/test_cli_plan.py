@@ -262,10 +262,14 @@ def test_check_counts_adapted_matrices_like_plan(tmp_path):
 
 
 def test_readme_check_example_works_as_written(tmp_path, monkeypatch):
-    """README's `hsplit plan --check my-splitlora.yaml --fleet example` on docs/file-formats.md's example."""
+    """README's `hsplit plan --check examples/splitlora.yaml --fleet example`, from the repository root, on the
+    shipped file; docs/file-formats.md's example is that plan (same model, strategy, modules, clients) and
+    passes the check too."""
     import re
     import shlex
     from pathlib import Path
+
+    import yaml
 
     import hsplit
     root = Path(hsplit.__file__).parent
@@ -274,11 +278,19 @@ def test_readme_check_example_works_as_written(tmp_path, monkeypatch):
     plan_name = argv[argv.index("--check") + 1]
     docs = (root / "docs" / "file-formats.md").read_text()
     example = next(b for b in re.findall(r"```yaml\n(.*?)```", docs, re.S) if "strategy: splitlora" in b)
-    monkeypatch.chdir(tmp_path)
-    Path(plan_name).write_text(example)
+    shipped, documented = yaml.safe_load((root / plan_name).read_text()), yaml.safe_load(example)
+    for key in ("model", "strategy", "modules", "ranks_allowed"):
+        assert shipped[key] == documented[key], key
+    assert [(c["device"], c["split_layer"], c["ranks"]) for c in shipped["clients"]] == \
+        [(c["device"], c["split_layer"], c["ranks"]) for c in documented["clients"]]
+    monkeypatch.chdir(root)
     r = runner.invoke(app, argv[1:])
     assert r.exit_code == 0, r.output
     assert "all constraints satisfied" in r.output
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "documented.yaml").write_text(example)
+    r = runner.invoke(app, ["plan", "--check", "documented.yaml", "--fleet", "example"])
+    assert r.exit_code == 0 and "all constraints satisfied" in r.output, r.output
 
 
 def test_min_utility_and_time_limit_are_never_silently_ignored(tmp_path):

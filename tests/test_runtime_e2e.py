@@ -68,7 +68,7 @@ def test_plan_run_eval_export_and_peft_reload(tiny, family, strategy):
     assert ev2["sequences"] == 8
 
     rep = json.loads(_cli("export", run_dir, "--adapter", root / "adapter", "--merged", root / "merged",
-                          "--format", "json"))
+                          "--exact", "--format", "json"))
     assert rep["relative_error"] < 1e-6
     rep2 = json.loads(_cli("export", run_dir, "--adapter", root / "adapter-r1", "--rank", 1, "--format", "json"))
     assert rep2["max_rank"] == 1 and 0 < rep2["relative_error"] < 1

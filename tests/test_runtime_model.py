@@ -136,5 +136,5 @@ def test_an_unknown_model_name_says_what_to_give_instead():
     from hsplit.runtime.model import load_lm
     with pytest.raises(ConfigError) as e:
         load_lm("no-such-model-xyz", progress=False)
-    assert "no folder 'no-such-model-xyz' here and no cached Hugging Face model" in str(e.value)
-    assert "give a local model folder" in str(e.value)
+    assert "'no-such-model-xyz' is not a shipped model" in str(e.value)
+    assert "nor a local folder with config.json, nor a Hugging Face hub id" in str(e.value)

@@ -102,7 +102,7 @@ def test_a_warm_run_trains_and_exports_its_global_model(env, tmp_path):
                                                                   eval_max_seqs=8))
     assert res.eval_after < res.eval_before
     sim, _, _ = load_run(res.run_dir)
-    rep = export_run(res.run_dir, adapter=tmp_path / "adapter", merged=tmp_path / "merged")
+    rep = export_run(res.run_dir, adapter=tmp_path / "adapter", merged=tmp_path / "merged", exact=True)
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     from peft import PeftModel

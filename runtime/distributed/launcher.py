@@ -32,6 +32,7 @@ from hsplit.runtime.distributed.groups import connect
 from hsplit.runtime.distributed.link import Link
 from hsplit.runtime.distributed.server import Server, Stop, check_min_clients
 from hsplit.runtime.distributed.wire import ABORT, EXIT_FAULT, EXIT_REFUSED, Refused, text_tensor
+from hsplit.runtime.logs import wandb_project
 from hsplit.runtime.options import DistOptions, RunOptions, worker_flags
 from hsplit.runtime.rundir import RunResult, interrupted, prepare_run_dir, run_dir_of
 from hsplit.runtime.rundir import resume_command as run_resume_command
@@ -222,6 +223,7 @@ def run_local_cli(plan_path, opts: RunOptions, dopts: DistOptions) -> tuple[int,
     rundir.RunInterrupted (where it stopped, the exact --resume command)."""
     plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
     pick_device(opts.device)
+    wandb_project(opts.wandb)                   # W&B asked for but not installed (the server logs to it)
     check_min_clients(plan, plan_path, dopts)
     run_dir, _, _ = prepare_run_dir(plan, Path(plan_path), opts)
     # the in-process run's --resume command (every option it was started with) plus the distributed ones
