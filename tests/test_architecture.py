@@ -92,3 +92,14 @@ def test_the_name_check_finds_a_comparison(tmp_path):
 def test_every_registered_strategy_has_one_runtime_class():
     from hsplit.runtime.strategies import CLASSES
     assert list(CLASSES) == list(NAMES)
+
+
+def test_every_python_package_is_listed_for_a_regular_install():
+    """pyproject.toml lists packages by hand (the repo root is the package): a sub-package left out would be
+    missing from a wheel (pip install without -e) although the editable install finds it."""
+    import tomllib
+    root = Path(__file__).resolve().parents[1]
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {"hsplit." + ".".join(p.parent.relative_to(root).parts) for top in ("planner", "runtime")
+             for p in (root / top).rglob("__init__.py")}
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
