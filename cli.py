@@ -15,7 +15,8 @@ import typer
 from rich.markup import escape
 
 from hsplit import __version__
-from hsplit.cliutil import (FORMAT, FORMAT_TABLE, INTERRUPTED, NO_SOLUTION, THREADS, Bar, RoundBars,
+from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
+                            SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags,
                             batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
@@ -86,13 +87,9 @@ def plan(
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
                              "format. A local path is written relative to the plan file."),
-    clients_per_round: Optional[str] = typer.Option(None, "--clients-per-round", help="Client sampling: clients that "
-                                                    "train each round, a count (10), fraction (0.01) or percentage "
-                                                    "(1%); default every client."),
-    min_clients_per_round: Optional[int] = typer.Option(None, "--min-clients-per-round", min=1, help="With a "
-                                                        "fraction: at least this many clients per round."),
-    sample_by: str = typer.Option("data_weight", "--sample-by", help="data_weight (a client is drawn with probability "
-                                                                     "growing with its data weight) | uniform."),
+    clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
+    min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
+    sample_by: str = SAMPLE_BY,
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
     check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
     fmt: str = FORMAT_TABLE,
@@ -125,12 +122,7 @@ def plan(
             "--eval-fraction": eval_fraction, "--data": data})
         for note in notes if fmt != "json" else ():
             err.print(f"note: {note}", highlight=False, markup=False)
-        sampling = None
-        if clients_per_round is not None:
-            from hsplit.planner.sampling import from_flags
-            sampling = from_flags(clients_per_round, min_clients_per_round, sample_by)
-        elif min_clients_per_round is not None or sample_by != "data_weight":
-            fail("--min-clients-per-round and --sample-by go with --clients-per-round (client sampling)")
+        sampling = sampling_from_flags(clients_per_round, min_clients_per_round, sample_by)
         check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                       min_utility=min_utility)
         how = traits(strategy).ranks
@@ -185,6 +177,9 @@ def whatif(
                                          "carries over to every scenario)."),
     target_ppl: Optional[float] = typer.Option(None, "--target-ppl", help="Held-out perplexity to reach (with "
                                                "--curve; default: the run's final perplexity)."),
+    clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
+    min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
+    sample_by: str = SAMPLE_BY,
     output: Path = output_option(Path("whatif"), "Folder for the table and plots."),
     fmt: str = FORMAT_TABLE,
 ):
@@ -205,6 +200,8 @@ def whatif(
     if problem := output_problem(output, "--output", folder=True):
         fail(problem)
     training = Training(batch_size=batch_size, seq_len=seq_len, local_steps=local_steps, dtype=dtype)
+    with reported():
+        sampling = sampling_from_flags(clients_per_round, min_clients_per_round, sample_by)
 
     def progress(i: int, n: int, name: str) -> None:
         bar.update(i, n)
@@ -212,7 +209,8 @@ def whatif(
     with reported(ValueError), Bar("planning scenarios", err.is_terminal) as bar:
         df = run_whatif(fleets, vary, zip_vary=zip_vary, model=model, importance=importance, objective=objective,
                         ranks=parse_ints(ranks, "--ranks"), modules=_modules(modules), training=training,
-                        rounds=rounds, examples=examples, curve=curve, target_ppl=target_ppl, progress=progress)
+                        rounds=rounds, examples=examples, curve=curve, target_ppl=target_ppl, sampling=sampling,
+                        progress=progress)
     files = write_table(df, output) + write_plots(df, output)
     if fmt == "json":
         console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],

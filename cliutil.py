@@ -130,6 +130,24 @@ FORMAT = typer.Option("text", "--format", help=FORMAT_HELP)
 FORMAT_TABLE = typer.Option("table", "--format", help=FORMAT_HELP)
 THREADS = typer.Option(None, "--threads", min=1, help="torch CPU threads.")
 
+# Client sampling, as `hsplit plan` writes it into the plan and `hsplit whatif` plans every scenario with it.
+CLIENTS_PER_ROUND = typer.Option(None, "--clients-per-round", help="Client sampling: clients that train each round, "
+                                 "a count (10), fraction (0.01) or percentage (1%); default every client.")
+MIN_CLIENTS_PER_ROUND = typer.Option(None, "--min-clients-per-round", min=1,
+                                     help="With a fraction: at least this many clients per round.")
+SAMPLE_BY = typer.Option("data_weight", "--sample-by", help="data_weight (a client is drawn with probability "
+                                                           "growing with its data weight) | uniform.")
+
+
+def sampling_from_flags(clients_per_round, min_clients_per_round, sample_by):
+    """The Sampling the three flags ask for (None: every client, every round; ConfigError when bad)."""
+    from hsplit.planner.sampling import from_flags
+    if clients_per_round is not None:
+        return from_flags(clients_per_round, min_clients_per_round, sample_by)
+    if min_clients_per_round is not None or sample_by != "data_weight":
+        fail("--min-clients-per-round and --sample-by go with --clients-per-round (client sampling)")
+    return None
+
 
 _TYPES = {"int": int, "int | None": Optional[int], "float": float, "float | None": Optional[float], "str": str,
           "str | None": Optional[str], "str | Path": Path, "bool": bool}

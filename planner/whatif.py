@@ -41,6 +41,7 @@ from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Fleet, resolve_fleet_path
 from hsplit.planner.instance import build_instance, dtype_problem, infeasible_classes
 from hsplit.planner.plan import Training
+from hsplit.planner.sampling import Sampling
 from hsplit.planner.yamlio import read_yaml
 
 # Each field's kind of value and its rule; the same rules as the fleet loader and `hsplit plan`.
@@ -277,14 +278,16 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
                importance=None, objective: str = "utility", ranks=(0, 2, 4, 8, 16), modules=None,
                training: Training | None = None, solver: str = "highs", server_rank: int = 8,
                rounds: int | None = None, examples: int | None = None, curve: Curve | str | Path | None = None,
-               target_ppl: float | None = None,
+               target_ppl: float | None = None, sampling: Sampling | None = None,
                progress: Callable[[int, int, str], None] | None = None) -> pd.DataFrame:
     """Plan every scenario; one row per scenario (columns: docs/whatif.md). The per-client choices
     are in `df.attrs["clients"]` (one row per scenario and client).
     The training budget is `rounds` or `examples` (sequences; default DEFAULT_ROUNDS rounds); `curve`
     (a run's metrics.csv, or a Curve) adds the predicted fleet time to `target_ppl` (default: that
     run's final held-out perplexity). Client groups that cannot take part are left out of their
-    scenario (`fleet_share`, `excluded`); a scenario none of whose clients can take part is infeasible."""
+    scenario (`fleet_share`, `excluded`); a scenario none of whose clients can take part is infeasible.
+    `sampling` (clients per round, planner/sampling.py) plans every scenario with client sampling: round
+    times, examples and bytes per run are those of the sampled rounds."""
     training = training or Training()
     _check_training(training)
     budget = _budget(rounds, examples)
@@ -306,7 +309,8 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
                                "clients": sc.fleet.num_clients}
         t0 = time.perf_counter()
         args = dict(model=kw.get("model", model), importance=imp, ranks=kw.get("ranks", ranks),
-                    modules=kw.get("modules", modules), training=t, server_rank=kw.get("server_rank", server_rank))
+                    modules=kw.get("modules", modules), training=t, server_rank=kw.get("server_rank", server_rank),
+                    sampling=sampling)
         plan, excluded, reasons, data_share = _plan_participants(sc.fleet, args, objective, solver, cache)
         if plan is None:
             row.update(status="infeasible", fleet_share=0.0, participating=0, infeasible="; ".join(reasons),
@@ -371,6 +375,11 @@ def _plan_participants(fleet: Fleet, args: dict, objective: str, solver: str, ca
     if not kept:
         return None, [], reasons, 0.0
     ids = [c.id for c in inst.clients if c.group not in out]
+    sampling = args.get("sampling")
+    if sampling is not None:            # fewer clients can take part: at most all of them train in a round
+        args = {**args, "sampling": replace(
+            sampling, min_clients=min(sampling.min_clients, len(ids)),
+            clients_per_round=None if sampling.clients_per_round is None else min(sampling.clients_per_round, len(ids)))}
     try:
         plan = make_plan(fleet.with_groups(kept), objective=objective, solver=solver, tables_cache=cache, **args)
     except InfeasibleError as e:
@@ -384,8 +393,8 @@ def _plan_participants(fleet: Fleet, args: dict, objective: str, solver: str, ca
 
 
 def clients_per_round(plan) -> int:
-    """Clients that train in one round of the plan: every client of the plan."""
-    return len(plan.clients)
+    """Clients that train in one round of the plan: every client, or with client sampling the sampled count."""
+    return plan.sampling.count(len(plan.clients)) if plan.sampling is not None else len(plan.clients)
 
 
 def client_mb_per_round(client) -> float:

@@ -292,3 +292,25 @@ def test_any_mutated_curve_is_read_or_refused_with_one_clear_error(tmp_path, dat
     assert math.isfinite(curve.target_ppl) and curve.target_ppl > 0
     assert curve.rounds_to_target in ppl and ppl[curve.rounds_to_target] <= curve.target_ppl
     assert all(ppl[r] > curve.target_ppl for r in ppl if r < curve.rounds_to_target)
+
+
+def test_whatif_with_client_sampling_reports_the_sampled_rounds():
+    """--clients-per-round: every scenario is planned with sampling; its round time is the plan's (the mean
+    over the sampled rounds), examples per round count the sampled clients, and a client's MB per run is its
+    MB per round x the rounds it is drawn for on average."""
+    from hsplit.planner.sampling import Sampling
+    from hsplit.planner.whatif import client_mb_per_round
+    t = Training(batch_size=2, seq_len=64, local_steps=3)
+    sampling = Sampling(clients_per_round=10)
+    df = run_whatif(["edge-100"], training=t, rounds=40, sampling=sampling)
+    row = df.iloc[0]
+    plan = make_plan("edge-100", "smollm2-135m", training=t, solver="highs", sampling=sampling)
+    full = make_plan("edge-100", "smollm2-135m", training=t, solver="highs")
+    assert row["round_s"] == pytest.approx(plan.predicted["round_s"])
+    assert plan.predicted["round_s"] <= full.predicted["round_s"]      # the straggler is among 10, not 100
+    assert row["examples_per_round"] == 2 * 3 * 10
+    assert row["fleet_hours"] == pytest.approx(40 * plan.predicted["round_s"] / 3600)
+    mean_mb = sum(client_mb_per_round(c) for c in plan.clients) / len(plan.clients)
+    assert row["client_mb_per_run"] == pytest.approx(mean_mb * 40 * 10 / 100)
+    res = CliRunner().invoke(app, ["whatif", "edge-100", "--clients-per-round", "ten", "-o", "/tmp/nowhere-wi"])
+    assert res.exit_code == 2 and "--clients-per-round" in res.output
