@@ -20,7 +20,7 @@ from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED
                             batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
-                            reported, samples_table, say, seq_option, set_threads)
+                            reported, samples_table, save_plan, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
@@ -138,10 +138,7 @@ def plan(
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
                       data=checked_data(data_spec, output, training.seq_len),
                       aggregation=aggregation, sampling=sampling)
-        try:
-            p.save(output)
-        except OSError as e:
-            fail(f"--output: cannot write {output}: {e.strerror or e}")
+        save_plan(p, output)
     if fmt == "json":
         from hsplit.planner.plan import _plain
         console.print_json(json.dumps(_plain({"plan": str(output), **p.to_dict()})))

@@ -80,6 +80,18 @@ def checked_data(spec, output: Path, seq_len: int):
     return spec
 
 
+def save_plan(plan, output: Path) -> None:
+    """Write `hsplit plan`'s plan: a local model folder given relative to the current folder is written
+    relative to the plan file's folder (as data.path), so that `hsplit run PLAN` works from any folder."""
+    from hsplit.planner.plan import written_model_ref
+    plan.model = written_model_ref(plan.model, output)
+    plan.inputs["model"] = written_model_ref(plan.inputs.get("model", plan.model), output)
+    try:
+        plan.save(output)
+    except OSError as e:
+        fail(f"--output: cannot write {output}: {e.strerror or e}")
+
+
 def check_plan_data(plan) -> None:
     """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
     records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""

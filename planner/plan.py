@@ -143,6 +143,32 @@ def written_data_path(ref: str, plan_file: str | Path) -> str:
     return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
 
 
+def _model_folder(p: Path) -> bool:
+    return (p / "config.json").is_file() or (p.is_file() and p.suffix == ".json")
+
+
+def resolve_model_ref(ref: str, base_dir: str | Path) -> str:
+    """`model:` as the runtime reads it: a relative path to a local model folder (or config.json) is read
+    from `base_dir` (the plan file's folder), made absolute; shipped names, hub ids, absolute paths, and a
+    relative path that is no model folder there (a plan written before paths were plan-relative: read from
+    the current folder) stay as written."""
+    p = Path(ref).expanduser()
+    if not ref or p.is_absolute():
+        return ref
+    local = Path(os.path.normpath(Path(base_dir).resolve() / p))
+    return str(local) if _model_folder(local) else ref
+
+
+def written_model_ref(ref: str, plan_file: str | Path) -> str:
+    """`model:` as `hsplit plan` writes it: a relative path to a local model folder given on the command line
+    (relative to the current folder) becomes relative to the plan file's folder, as data.path; absolute
+    paths, shipped names and hub ids are written as given."""
+    p = Path(ref).expanduser()
+    if not ref or p.is_absolute() or not _model_folder(p):
+        return ref
+    return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
+
+
 @dataclass
 class Plan:
     model: str
@@ -168,6 +194,7 @@ class Plan:
     # clients: plan_clients.py); empty for a plan built in memory
     entries: list[int] = field(default_factory=list, compare=False, repr=False)
     written_data_path: str | None = None   # data.path as the file says (Plan.load makes data.path absolute)
+    written_model: str | None = None       # model as the file says (Plan.load makes a relative folder absolute)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
@@ -250,10 +277,13 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        """The plan in `path`; a relative data.path is read from the plan file's folder (made absolute here)."""
+        """The plan in `path`; a relative data.path and a relative model folder are read from the plan file's
+        folder (made absolute here)."""
         plan = cls.from_dict(read_yaml(path), str(path))
         plan.written_data_path = plan.data.path
         plan.data.path = resolve_data_path(plan.data.path, Path(path).parent)
+        plan.written_model = plan.model
+        plan.model = resolve_model_ref(plan.model, Path(path).parent)
         return plan
 
     @classmethod

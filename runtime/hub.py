@@ -13,6 +13,7 @@ names the model, its hub id, how to fetch it and which name works offline.
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,5 +105,13 @@ def hub_id_for(ref: str) -> str | None:
 
 
 def unknown(ref: str) -> ConfigError:
+    """No such model: a path-like reference names the folder it looked for (from the current folder)."""
+    rules = "a Hugging Face hub id (ORG/NAME: letters, digits, '-', '_', '.')"
+    if "/" in ref or ref.startswith((".", "~")) or "\\" in ref:
+        where = os.path.abspath(Path(ref).expanduser())
+        return ConfigError(ref, [f"model: {ref!r}: no model folder {where} (read from the current folder "
+                                 f"{Path.cwd()}), and not {rules}; give the path of a folder with config.json "
+                                 f"(absolute, or relative to where you run hsplit), a shipped model "
+                                 f"({', '.join(SHIPPED_MODELS)}) or a hub id"])
     return ConfigError(ref, [f"model: {ref!r} is not a shipped model ({', '.join(SHIPPED_MODELS)}), nor a local "
-                             "folder with config.json, nor a Hugging Face hub id (ORG/NAME)"])
+                             f"folder with config.json, nor {rules}"])

@@ -225,6 +225,16 @@ def restore(sim: Simulation, run_dir: Path, last: int) -> list[dict]:
     return rows
 
 
+def run_model(config: dict, planned: str) -> str:
+    """The model a run trained, for eval / generate / export: the absolute folder it recorded
+    (run.model_path), else its hub id (the run was trained elsewhere), else the plan's `model:` as written."""
+    run = config.get("run") or {}
+    path = run.get("model_path")
+    if path and Path(path).is_dir():
+        return str(path)
+    return run.get("hub_id") or planned
+
+
 def load_run(run_dir: str | Path, progress: bool = False, device: str = "cpu") -> tuple[Simulation, dict, int]:
     """Rebuild a run's aggregated model from its latest checkpoint: (simulation, config, round)."""
     run_dir = Path(run_dir)
@@ -234,6 +244,7 @@ def load_run(run_dir: str | Path, progress: bool = False, device: str = "cpu") -
     config = read_yaml(cfg_path)
     plan = Plan.from_dict(config["plan"], str(cfg_path))
     plan.training.rounds = int(config["run"]["rounds"])
+    plan.model = run_model(config, plan.model)
     done = checkpoint.complete_rounds(run_dir)
     if not done:
         raise ConfigError(str(run_dir), ["the run has no complete checkpoint yet"])

@@ -20,10 +20,12 @@ TOKEN_ENV = "HSPLIT_TOKEN"
 
 
 def plan_hash(plan: Plan) -> str:
-    """Of the plan as its file says (a relative data.path as written: machines may hold plan and data elsewhere)."""
+    """Of the plan as its file says (a relative data.path and model folder as written: machines may hold plan and data elsewhere)."""
     d = _plain(plan.to_dict())
     if plan.written_data_path is not None:
         d["data"]["path"] = plan.written_data_path
+    if plan.written_model is not None:
+        d["model"] = plan.written_model
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
