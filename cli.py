@@ -17,7 +17,7 @@ from rich.markup import escape
 from hsplit import __version__
 from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
                             SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags,
-                            batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
+                            batch_option, calibration_table, check_fleet, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, save_plan, say, seq_option, set_threads)
@@ -52,7 +52,8 @@ def _modules(text: str | None) -> list[str] | None:
 
 @app.command()
 def plan(
-    fleet: str = typer.Option("example", "--fleet", "-f", help="Fleet YAML path or shipped fleet name."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", "-f", help="Fleet YAML path or shipped fleet name (default "
+                                        "example; with --check, the plan's own fleet, inputs.fleet)."),
     model: str = model_option(help="Shipped model name, HF folder, or config.json."),
     importance: Optional[Path] = typer.Option(None, "--importance", "-i", help="importance.yaml (default: uniform)."),
     ranks: str = typer.Option("0,2,4,8,16", help="Allowed LoRA ranks, comma-separated (0 = no adapter)."),
@@ -91,7 +92,8 @@ def plan(
     min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
     sample_by: str = SAMPLE_BY,
     output: Path = output_option(Path("plan.yaml"), "Where to write the plan."),
-    check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against --fleet instead of planning."),
+    check: Optional[Path] = typer.Option(None, "--check", help="Validate this plan.yaml against its own fleet "
+                                         "(or --fleet) instead of planning."),
     fmt: str = FORMAT_TABLE,
 ):
     """Choose every client's split point and LoRA ranks (an integer program solved to optimality).
@@ -100,7 +102,7 @@ def plan(
     Training settings go into the plan, which `hsplit run` follows:
       hsplit plan --lr 5e-4 --lr-schedule linear --warmup 4 --partition dirichlet --dirichlet-alpha 0.3
     Sample 10 clients per round: hsplit plan --fleet big.yaml --clients-per-round 10
-    Check a hand-written plan: hsplit plan --check splitlora.yaml --fleet example
+    Check a plan against its fleet: hsplit plan --check plan.yaml (another fleet: --fleet big.yaml)
     """
     from hsplit.planner.api import check_options, check_plan, full_time_limit, make_plan
     from hsplit.planner.plan import Plan, settings_from_flags
@@ -110,7 +112,7 @@ def plan(
     with reported(ValueError), input_errors():
         if check is not None:
             p = Plan.load(check)
-            ev, inst = check_plan(p, fleet, model if model != "smollm2-135m" else None, importance)
+            ev, inst = check_plan(p, check_fleet(p, fleet), model if model != "smollm2-135m" else None, importance)
             check_plan_data(p)
             render_check(p, ev, inst, fmt)
             raise typer.Exit(NO_SOLUTION if ev.violations else 0)
@@ -132,7 +134,7 @@ def plan(
         if how == "one" and server_rank is not None:
             err.print(f"note: --server-rank does not apply to {strategy}: it uses one rank on both sides, "
                       "the one it picks for the clients", highlight=False, markup=False)
-        p = make_plan(fleet, model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
+        p = make_plan(fleet or "example", model, importance=importance, ranks=parse_ints(ranks, "--ranks"),
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,

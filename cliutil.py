@@ -29,7 +29,9 @@ OK, NO_SOLUTION, BAD_INPUT, PEER_LOST, INTERRUPTED = 0, 1, 2, 3, 130
 def console_for(stderr: bool = False) -> Console:
     stream = sys.stderr if stderr else sys.stdout
     # emoji=False: text such as `nowhere:x:` in a message is data, not an emoji code
-    return Console(stderr=stderr, width=None if stream.isatty() else 160, emoji=False)
+    # soft_wrap on stderr: errors, notes and warnings are never broken into lines by rich (a command in
+    # them stays copyable, a grep finds the whole line); the terminal wraps them for display.
+    return Console(stderr=stderr, width=None if stream.isatty() else 160, emoji=False, soft_wrap=stderr)
 
 
 # Piped output (files, CI logs) is not wrapped at 80 columns: tables stay readable.
@@ -40,7 +42,7 @@ err = console_for(stderr=True)
 def fail(message: str, code: int = BAD_INPUT) -> None:
     """Print one error line on stderr and exit with `code` (BAD_INPUT unless said)."""
     # escape(): text like `[min, max]` in a message is data, not rich markup.
-    console_for(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+    console_for(stderr=True).print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -81,15 +83,38 @@ def checked_data(spec, output: Path, seq_len: int):
 
 
 def save_plan(plan, output: Path) -> None:
-    """Write `hsplit plan`'s plan: a local model folder given relative to the current folder is written
-    relative to the plan file's folder (as data.path), so that `hsplit run PLAN` works from any folder."""
-    from hsplit.planner.plan import written_model_ref
+    """Write `hsplit plan`'s plan: a local model folder and fleet file given relative to the current folder are
+    written relative to the plan file's folder (as data.path), so that the plan works from any folder."""
+    from hsplit.planner.plan import written_fleet_ref, written_model_ref
     plan.model = written_model_ref(plan.model, output)
     plan.inputs["model"] = written_model_ref(plan.inputs.get("model", plan.model), output)
+    if isinstance(plan.inputs.get("fleet"), str):
+        plan.inputs["fleet"] = written_fleet_ref(plan.inputs["fleet"], output)
     try:
         plan.save(output)
     except OSError as e:
         fail(f"--output: cannot write {output}: {e.strerror or e}")
+
+
+def check_fleet(plan, fleet: str | None) -> str:
+    """The fleet `hsplit plan --check` checks against: --fleet when given, else the plan's own (inputs.fleet,
+    read from the plan file's folder by Plan.load; a shipped fleet recorded by another install's path is
+    found by its name), else `example` with a note (a hand-written plan names none)."""
+    from hsplit.planner.fleet import resolve_fleet_path
+    if fleet is not None:
+        return fleet
+    ref = plan.inputs.get("fleet")
+    if not isinstance(ref, str) or not ref:
+        err.print(f"note: {plan.source} records no fleet (inputs.fleet): checking against the shipped fleet "
+                  "example; pass --fleet FLEET to choose", highlight=False, markup=False, soft_wrap=True)
+        return "example"
+    for cand in (ref, Path(ref).stem):
+        try:
+            return str(resolve_fleet_path(cand))
+        except ConfigError:
+            pass
+    raise ConfigError(plan.source, [f"inputs.fleet: the plan's fleet {ref} is not found (read from the plan "
+                                    f"file's folder and the current folder); pass --fleet FLEET"])
 
 
 def check_plan_data(plan) -> None:
@@ -131,8 +156,8 @@ def print_json(obj) -> None:
 
 
 def say(text: str) -> None:
-    """A line of human output on stdout, printed as written (no markup, no highlighting)."""
-    console.print(text, highlight=False, markup=False)
+    """A line of human output on stdout, printed as written (no markup, no highlighting, never wrapped)."""
+    console.print(text, highlight=False, markup=False, soft_wrap=True)
 
 
 # ---- options several commands declare (one object each; typer reads them per command) ----
@@ -295,14 +320,23 @@ def render_plan(p) -> None:
                   f"({100 * srv.get('busy_share', 0):.1f}% of the round) | memory {srv.get('memory_gib', 0):.2f} GiB",
                   highlight=False)
     if merges:
-        worst = max(merges, key=lambda c: c.predicted["merge_download_charged_s"])
-        charged = max(c.predicted["merge_download_charged_mb"] for c in merges)
-        exact = max(c.predicted["merge_download_mb"] for c in merges)
-        exact_round = pr.get("round_s_exact_merge")
-        say(f"round times include the merge download (merge s, on each client's downlink): charged as its "
-            f"upper bound, up to {charged:,.1f} MB per client per round ({worst.id}: "
-            f"+{seconds(worst.predicted['merge_download_charged_s'])}); this plan's exact download is up to "
-            f"{exact:,.1f} MB" + (f" (round {seconds(exact_round)} with it)" if exact_round is not None else "")
+        say(merge_note(merges, pr.get("round_s_exact_merge")))
+
+
+def merge_note(merges, exact_round) -> str:
+    """`hsplit plan`'s merge-download note: the largest charged download with its client and that client's
+    time, and the longest charged time with its client (a slow link may take longest for fewer MB)."""
+    def mb_s(c):
+        return c.predicted["merge_download_charged_mb"], c.predicted["merge_download_charged_s"]
+    big = max(merges, key=lambda c: mb_s(c)[0])
+    slow = max(merges, key=lambda c: mb_s(c)[1])
+    text = (f"round times include the merge download (merge s, on each client's downlink), charged as its upper "
+            f"bound: the largest is {mb_s(big)[0]:,.1f} MB per round for {big.id} (+{seconds(mb_s(big)[1])})")
+    if slow.predicted["merge_download_charged_s"] > mb_s(big)[1]:
+        text += f"; the longest is +{seconds(mb_s(slow)[1])} for {slow.id} ({mb_s(slow)[0]:,.1f} MB)"
+    exact = max(c.predicted["merge_download_mb"] for c in merges)
+    return (text + f"; this plan's exact download is up to {exact:,.1f} MB"
+            + (f" (round {seconds(exact_round)} with it)" if exact_round is not None else "")
             + "; see docs/formulation.md, Merge download")
 
 

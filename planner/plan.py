@@ -169,6 +169,25 @@ def written_model_ref(ref: str, plan_file: str | Path) -> str:
     return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
 
 
+def resolve_fleet_ref(ref, base_dir: str | Path):
+    """inputs.fleet as the runtime and `hsplit plan --check` read it: a relative path to a fleet file next to
+    the plan (relative to its folder) made absolute; anything else (absolute paths, shipped names, an older
+    plan's path relative to the current folder) as written."""
+    if not isinstance(ref, str) or not ref or Path(ref).is_absolute():
+        return ref
+    local = Path(os.path.normpath(Path(base_dir).resolve() / ref))
+    return str(local) if local.is_file() else ref
+
+
+def written_fleet_ref(ref: str, plan_file: str | Path) -> str:
+    """inputs.fleet as `hsplit plan` writes it: a relative fleet path (from the current folder) becomes
+    relative to the plan file's folder; absolute paths (shipped fleets among them) are written as given."""
+    p = Path(ref)
+    if not ref or p.is_absolute() or not p.is_file():
+        return ref
+    return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
+
+
 @dataclass
 class Plan:
     model: str
@@ -195,6 +214,7 @@ class Plan:
     entries: list[int] = field(default_factory=list, compare=False, repr=False)
     written_data_path: str | None = None   # data.path as the file says (Plan.load makes data.path absolute)
     written_model: str | None = None       # model as the file says (Plan.load makes a relative folder absolute)
+    written_fleet: str | None = None       # inputs.fleet as the file says (Plan.load: a relative path absolute)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
@@ -277,13 +297,16 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
-        """The plan in `path`; a relative data.path and a relative model folder are read from the plan file's
-        folder (made absolute here)."""
+        """The plan in `path`; a relative data.path, model folder and inputs.fleet are read from the plan
+        file's folder (made absolute here)."""
         plan = cls.from_dict(read_yaml(path), str(path))
         plan.written_data_path = plan.data.path
         plan.data.path = resolve_data_path(plan.data.path, Path(path).parent)
         plan.written_model = plan.model
         plan.model = resolve_model_ref(plan.model, Path(path).parent)
+        if "fleet" in plan.inputs:
+            plan.written_fleet = plan.inputs["fleet"]
+            plan.inputs["fleet"] = resolve_fleet_ref(plan.inputs["fleet"], Path(path).parent)
         return plan
 
     @classmethod

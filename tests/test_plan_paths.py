@@ -90,3 +90,38 @@ def test_a_missing_model_folder_names_the_folder_and_the_fix(tmp_path, monkeypat
     assert f"no model folder {tmp_path.parent / 'no-such-model'}" in text, text
     assert "folder with config.json" in text and "ORG/NAME" in text
     assert "Repo id" not in text and "alphanumeric" not in text
+
+
+FLEET3 = """name: three
+server: {device: a100-80gb, count: 1}
+clients:
+  - device: rtx-3060-12gb
+    count: 3
+"""
+
+
+def test_check_uses_the_plans_own_fleet_unless_fleet_is_given(tmp_path, monkeypatch):
+    (tmp_path / "fleets").mkdir()
+    (tmp_path / "fleets" / "three.yaml").write_text(FLEET3)
+    monkeypatch.chdir(tmp_path)
+    r = runner.invoke(app, ["plan", "--fleet", "fleets/three.yaml", "-o", "plans/p.yaml"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load((tmp_path / "plans" / "p.yaml").read_text())["inputs"]["fleet"] == "../fleets/three.yaml"
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    r = runner.invoke(app, ["plan", "--check", "../plans/p.yaml"])
+    assert r.exit_code == 0 and "all constraints satisfied" in r.output, r.output
+    assert "three.yaml" in r.output and "example" not in r.output
+    r = runner.invoke(app, ["plan", "--check", "../plans/p.yaml", "--fleet", "example"])     # --fleet wins
+    assert r.exit_code == 2 and "the plan has 3 clients" in r.output, r.output
+
+    # a plan that names no fleet (hand-written): example, with a note
+    p = yaml.safe_load((tmp_path / "plans" / "p.yaml").read_text())
+    del p["inputs"]["fleet"]
+    (tmp_path / "plans" / "hand.yaml").write_text(yaml.safe_dump(p))
+    r = runner.invoke(app, ["plan", "--check", "../plans/hand.yaml"])
+    assert r.exit_code == 2 and "records no fleet" in r.output and "pass --fleet" in r.output, r.output
+    # a fleet that is gone: one error naming inputs.fleet and the fix
+    (tmp_path / "fleets" / "three.yaml").unlink()
+    r = runner.invoke(app, ["plan", "--check", "../plans/p.yaml"])
+    assert r.exit_code == 2 and "inputs.fleet" in r.output and "--fleet" in r.output, r.output

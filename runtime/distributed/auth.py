@@ -20,12 +20,14 @@ TOKEN_ENV = "HSPLIT_TOKEN"
 
 
 def plan_hash(plan: Plan) -> str:
-    """Of the plan as its file says (a relative data.path and model folder as written: machines may hold plan and data elsewhere)."""
+    """Of the plan as its file says (relative data.path, model folder and fleet as written: machines may hold plan and data elsewhere)."""
     d = _plain(plan.to_dict())
     if plan.written_data_path is not None:
         d["data"]["path"] = plan.written_data_path
     if plan.written_model is not None:
         d["model"] = plan.written_model
+    if plan.written_fleet is not None:
+        d["inputs"]["fleet"] = plan.written_fleet
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
