@@ -20,7 +20,7 @@ from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED
                             batch_option, calibration_table, check_fleet, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
-                            reported, samples_table, save_plan, say, seq_option, set_threads)
+                            render_whatif, reported, samples_table, save_plan, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
@@ -194,7 +194,7 @@ def whatif(
     """
     from hsplit.planner.plan import Training
     from hsplit.planner.plots import write_plots
-    from hsplit.planner.whatif import budget_text, markdown_table, run_whatif, write_table
+    from hsplit.planner.whatif import run_whatif, write_table
     check_format(fmt)
     if problem := output_problem(output, "--output", folder=True):
         fail(problem)
@@ -210,21 +210,7 @@ def whatif(
                         ranks=parse_ints(ranks, "--ranks"), modules=_modules(modules), training=training,
                         rounds=rounds, examples=examples, curve=curve, target_ppl=target_ppl, sampling=sampling,
                         progress=progress)
-    files = write_table(df, output) + write_plots(df, output)
-    if fmt == "json":
-        console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
-                                       "budget": df.attrs["budget"], "curve": df.attrs.get("curve"),
-                                       "scenarios": json.loads(df.to_json(orient="records"))}))
-        return
-    typer.echo(markdown_table(df))          # plain text: a markdown table is never wrapped
-    for _, r in df.iterrows():
-        if r["status"] == "infeasible":
-            typer.echo(f"{r['scenario']}: infeasible: {r['infeasible']}")
-        elif r["excluded"]:
-            typer.echo(f"{r['scenario']}: {r['participating']} of {r['clients']} clients take part; left out: "
-                       f"{r['excluded']}")
-    typer.echo(budget_text(df))
-    typer.echo(f"{len(df)} scenarios; wrote {', '.join(str(f) for f in files)}")
+    render_whatif(df, output, write_table(df, output) + write_plots(df, output), fmt)
 
 
 # ---- training and its results (torch, imported inside each command) ----

@@ -418,6 +418,29 @@ def render_check(p, ev, inst, fmt) -> None:
         console.print("[green]all constraints satisfied[/]")
 
 
+def render_whatif(df, output: Path, files, fmt: str) -> None:
+    """`hsplit whatif`'s output: one JSON object, or the markdown table (plain text: never wrapped), the
+    scenarios left out or infeasible, the budget in words; a --curve from another set-up is warned about
+    on stderr (and is `curve.warning` in the JSON)."""
+    from hsplit.planner.whatif import budget_text, markdown_table
+    if (curve := df.attrs.get("curve")) and curve.get("warning"):
+        err.print(f"[bold yellow]warning:[/] {escape(curve['warning'])}", highlight=False)
+    if fmt == "json":
+        console.print_json(json.dumps({"output": str(output), "files": [str(f) for f in files],
+                                       "budget": df.attrs["budget"], "curve": df.attrs.get("curve"),
+                                       "scenarios": json.loads(df.to_json(orient="records"))}))
+        return
+    typer.echo(markdown_table(df))
+    for _, r in df.iterrows():
+        if r["status"] == "infeasible":
+            typer.echo(f"{r['scenario']}: infeasible: {r['infeasible']}")
+        elif r["excluded"]:
+            typer.echo(f"{r['scenario']}: {r['participating']} of {r['clients']} clients take part; left out: "
+                       f"{r['excluded']}")
+    typer.echo(budget_text(df))
+    typer.echo(f"{len(df)} scenario{'' if len(df) == 1 else 's'}; wrote {', '.join(str(f) for f in files)}")
+
+
 def samples_table(jsonl: str, n: int) -> Table:
     """The first n generated outputs next to their prompt and one reference (the rest are in the .jsonl file)."""
     with open(jsonl) as fh:

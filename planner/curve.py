@@ -9,7 +9,9 @@ scenario's predicted round time (docs/whatif.md, "Time to a target perplexity").
 of the aggregated model after each round (round 0: before training). A hand-made CSV needs only the
 columns `round` and `eval_ppl` (or `eval_loss`, perplexity = exp(loss)); with a `client` column, only
 its `all` rows are read. Rows without a perplexity (not evaluated that round) are skipped.
-Pure Python (csv module): the planner never imports torch.
+`setup_warning` compares the run's set-up (its config.yaml next to metrics.csv: model, batch size, seq
+len, local steps) with the what-if's and says what differs.
+Pure Python (csv module, planner/yamlio): the planner never imports torch.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.yamlio import read_yaml
 
 
 @dataclass(frozen=True)
@@ -126,3 +129,53 @@ def _ppl(row: dict, line: int, problems: list[str]) -> float | None:
             return None
         return value
     return None
+
+
+SETUP = (("batch_size", "batch size", "--batch-size"), ("seq_len", "seq len", "--seq-len"),
+         ("local_steps", "local steps", "--local-steps"))
+
+
+def run_setup(metrics: str | Path) -> dict | None:
+    """The training set-up of the run that wrote `metrics` (its config.yaml in the same folder): model,
+    model_hash, batch_size, seq_len, local_steps; None when there is no readable config.yaml (a hand-made
+    CSV)."""
+    cfg = Path(metrics).parent / "config.yaml"
+    if not cfg.is_file():
+        return None
+    try:
+        data = read_yaml(cfg)
+    except ConfigError:
+        return None
+    plan = data.get("plan") if isinstance(data.get("plan"), dict) else {}
+    training = plan.get("training") if isinstance(plan.get("training"), dict) else {}
+    run = data.get("run") if isinstance(data.get("run"), dict) else {}
+    inputs = plan.get("inputs") if isinstance(plan.get("inputs"), dict) else {}
+    model = plan.get("model")
+    if isinstance(model, str) and not Path(model).is_absolute() and "/" in model and run.get("model_path"):
+        model = run["model_path"]       # a path relative to the folder the run was started from
+    return {"config": str(cfg), "model": model,
+            "model_hash": run.get("model_hash") or inputs.get("model_hash"),
+            **{k: training.get(k) for k, _, _ in SETUP}}
+
+
+def setup_warning(curve: Curve, used: dict[str, list], model_hashes: dict[str, str | None]) -> str | None:
+    """One line when the curve's run trained another set-up than the what-if plans: `used` maps batch_size /
+    seq_len / local_steps to the values the scenarios use; `model_hashes` each scenario model to its
+    architecture hash. None when everything matches (or the run's config.yaml is not there)."""
+    setup = run_setup(curve.source)
+    if setup is None:
+        return None
+    diffs, fix = [], []
+    other = [m for m, h in model_hashes.items() if setup["model_hash"] and h and h != setup["model_hash"]]
+    if other:
+        diffs.append(f"model {setup['model']} (what-if: {', '.join(other)})")
+        fix.append(f"--model {setup['model']}")
+    for key, words, flag in SETUP:
+        values = sorted(set(used.get(key, ())))
+        if setup[key] is not None and values and values != [setup[key]]:
+            diffs.append(f"{words} {setup[key]} (what-if: {', '.join(str(v) for v in values)})")
+            fix.append(f"{flag} {setup[key]}")
+    if not diffs:
+        return None
+    return (f"--curve {curve.source}: the run ({setup['config']}) trained with {'; '.join(diffs)}: its rounds to "
+            f"the target may not carry over to these scenarios; to match it, pass {' '.join(fix)}")

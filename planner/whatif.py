@@ -35,11 +35,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from hsplit.planner.api import load_inputs, make_plan
-from hsplit.planner.curve import Curve, read_curve
+from hsplit.planner.curve import Curve, read_curve, setup_warning
 from hsplit.planner.device import resolve_device
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Fleet, resolve_fleet_path
 from hsplit.planner.instance import build_instance, dtype_problem, infeasible_classes
+from hsplit.planner.model import ModelProfile, load_model_profile
 from hsplit.planner.plan import Training
 from hsplit.planner.sampling import Sampling
 from hsplit.planner.yamlio import read_yaml
@@ -300,11 +301,17 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
     _, _, imp = load_inputs(scenarios[0].fleet, "smollm2-135m", importance) if importance else (None, None, None)
     cache: dict = {}
     rows, client_rows = [], []
+    used: dict[str, list] = {"batch_size": [], "seq_len": [], "local_steps": []}   # for the curve's set-up check
+    hashes: dict[str, str | None] = {}
     for i, sc in enumerate(scenarios):
         if progress:
             progress(i, len(scenarios), sc.name)
         kw = dict(sc.plan_kwargs)
         t = replace(training, **{k: kw.pop(k) for k in ("batch_size", "seq_len", "local_steps", "dtype") if k in kw})
+        for k in used:
+            used[k].append(getattr(t, k))
+        if curve is not None and (m := kw.get("model", model)) not in hashes:
+            hashes[m] = model_hash(m)
         row: dict[str, Any] = {"scenario": sc.name, "label": sc.label, "fleet": sc.fleet_ref, **sc.settings,
                                "clients": sc.fleet.num_clients}
         t0 = time.perf_counter()
@@ -339,7 +346,8 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
     df.attrs["budget"] = budget
     if curve is not None:
         df.attrs["curve"] = {"file": curve.source, "target_ppl": curve.target_ppl,
-                             "target_is_final": not curve.target_given, "rounds_to_target": curve.rounds_to_target}
+                             "target_is_final": not curve.target_given, "rounds_to_target": curve.rounds_to_target,
+                             "warning": setup_warning(curve, used, hashes)}
     return df
 
 
@@ -461,6 +469,14 @@ def _summarise(plan) -> dict[str, Any]:
         out[f"split[{device}]"] = f"{splits.min()}/{int(np.median(splits))}/{splits.max()}"
         out[f"rank[{device}]"] = f"{ranks.min()}/{int(np.median(ranks))}/{ranks.max()}"
     return out
+
+
+def model_hash(model) -> str | None:
+    """The architecture hash of a what-if model (None when it cannot be read: planning reports that)."""
+    try:
+        return (model if isinstance(model, ModelProfile) else load_model_profile(model)).arch_hash()
+    except ConfigError:
+        return None
 
 
 def budget_text(df: pd.DataFrame) -> str:

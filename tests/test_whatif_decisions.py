@@ -314,3 +314,38 @@ def test_whatif_with_client_sampling_reports_the_sampled_rounds():
     assert row["client_mb_per_run"] == pytest.approx(mean_mb * 40 * 10 / 100)
     res = CliRunner().invoke(app, ["whatif", "edge-100", "--clients-per-round", "ten", "-o", "/tmp/nowhere-wi"])
     assert res.exit_code == 2 and "--clients-per-round" in res.output
+
+
+def _run_config(folder, model_hash, batch_size, seq_len, local_steps):
+    import yaml
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "plan": {"model": "smollm2-135m", "training": {"batch_size": batch_size, "seq_len": seq_len,
+                                                       "local_steps": local_steps}},
+        "run": {"model_hash": model_hash}}))
+
+
+def test_a_curve_of_another_set_up_is_warned_about(tmp_path, metrics):
+    """--curve reads the run's config.yaml next to metrics.csv: a different model (by architecture hash),
+    batch size, seq len or local steps is one warning line on stderr and curve.warning in the JSON."""
+    from hsplit.planner.model import load_model_profile
+    smollm = load_model_profile("smollm2-135m").arch_hash()
+    out = str(tmp_path / "wi")
+    df = run_whatif(["example"], curve=metrics)                 # no config.yaml (a hand-made CSV): no warning
+    assert df.attrs["curve"]["warning"] is None
+    _run_config(tmp_path, smollm, 1, 64, 1)
+    r = runner.invoke(app, ["whatif", "example", "--curve", str(metrics), "-o", out])
+    assert r.exit_code == 0, r.output
+    (line,) = [x for x in r.output.splitlines() if x.startswith("warning:")]
+    for words in ("batch size 1 (what-if: 4)", "seq len 64 (what-if: 256)", "local steps 1 (what-if: 10)",
+                  str(tmp_path / "config.yaml"), "--batch-size 1 --seq-len 64 --local-steps 1"):
+        assert words in line, line
+    assert "model" not in line.split("trained with")[1].split(":")[0]       # the same model: not named
+    r = runner.invoke(app, ["whatif", "example", "--curve", str(metrics), "-b", "1", "-T", "64", "--local-steps", "1",
+                            "-o", out, "--format", "json"])
+    assert r.exit_code == 0 and json.loads(r.stdout)["curve"]["warning"] is None, r.output
+    # another model (a varied batch size is listed with all its values)
+    df = run_whatif(["example"], ["batch_size=1,2"], model="gpt2", curve=metrics,
+                    training=Training(seq_len=64, local_steps=1))
+    warning = df.attrs["curve"]["warning"]
+    assert "model smollm2-135m (what-if: gpt2)" in warning and "batch size 1 (what-if: 1, 2)" in warning, warning
+    assert "seq len" not in warning and "--model smollm2-135m" in warning
