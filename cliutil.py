@@ -18,6 +18,7 @@ from rich.table import Table
 
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.strategies import traits
+from hsplit.planner.units import num, seconds
 
 FORMATS = ("table", "text", "json")  # table and text are the same human-readable output
 
@@ -245,21 +246,6 @@ def output_option(default: Path | None, help: str):
 
 
 # ---- rendering ----
-
-def seconds(x: float) -> str:
-    """Seconds for people, with the unit: `25.58 s`, `1,234 s (20.6 min)`, `39,220 s (10.9 h)`;
-    never scientific notation."""
-    if abs(x) < 1000:
-        return f"{x:.4g} s"
-    if abs(x) < 3600:
-        return f"{x:,.0f} s ({x / 60:.1f} min)"
-    return f"{x:,.0f} s ({x / 3600:.1f} h)"
-
-
-def num(x: float, digits: int) -> str:
-    """A table cell with `digits` significant digits, never in scientific notation (39,220 not 3.922e+04)."""
-    return f"{x:,.0f}" if abs(x) >= 10 ** digits else f"{x:.{digits}g}"
-
 
 def ppl(loss) -> str:
     """Perplexity of a loss for people; n/a when it is missing (no held-out token was scored)."""

@@ -26,8 +26,10 @@ from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
+from matplotlib.ticker import FuncFormatter
 from matplotlib.transforms import blended_transform_factory
 
+from hsplit.planner.units import num, seconds
 from hsplit.planner.whatif import CLIENT_COLUMNS, pareto_front, short_path
 
 NOTHING_FEASIBLE = "no feasible scenario: nothing to plot\n(the reasons are in scenarios.csv)"
@@ -107,11 +109,12 @@ def round_time_figure(df: pd.DataFrame):
             bar.set_hatch("///")
             bar.set_edgecolor("white")
     for i, (is_ok, r) in enumerate(zip(ok, df["round_s"])):
-        ax.text((r if is_ok else 0), i, f" {r:.3g} s" if is_ok else " infeasible", va="center", fontsize=8,
+        ax.text((r if is_ok else 0), i, f" {seconds(r)}" if is_ok else " infeasible", va="center", fontsize=8,
                 color="black" if is_ok else GREY)
     ax.set_yticks(y, [_short(s) for s in df["label"]], fontsize=8)
     ax.set_ylim(n - 0.5, -0.5)                  # first scenario on top, no empty band
     ax.set_xlabel("predicted round time (s)")
+    ax.xaxis.set_major_formatter(PLAIN)
     if not ok.any():
         ax.set_xlim(0, 1)
         ax.set_xticks([])
@@ -127,9 +130,22 @@ def round_time_figure(df: pd.DataFrame):
         if (~ok).any():
             handles.append(Patch(color="none", label="infeasible: no client can take part"))
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.set_xlim(0, float(df["round_s"].max()) * 1.15)   # room for the value labels
+        ax.set_xlim(0, float(df["round_s"].max()) * 1.3)    # room for the value labels (`86,301 s (24.0 h)`)
     ax.grid(axis="x", alpha=0.3)
     return fig
+
+
+PLAIN = FuncFormatter(lambda v, _: num(v, 4))     # axis ticks: 20,000 not 2e4 (planner/units.py)
+
+
+def _fleet_name(df: pd.DataFrame, fleet: str) -> str:
+    """A fleet as the table and the point labels name it (its `name`); its path when another fleet of the
+    what-if has the same name (or the table has no fleet_name column)."""
+    if "fleet_name" not in df:
+        return fleet
+    names = df.drop_duplicates("fleet").set_index("fleet")["fleet_name"]
+    name = str(names.get(fleet) or "")
+    return name if name and (names == name).sum() == 1 else fleet
 
 
 def pareto_figure(df: pd.DataFrame):
@@ -146,7 +162,7 @@ def pareto_figure(df: pd.DataFrame):
     for n, fleet in enumerate(fleets):
         colour = FLEET_COLOURS[n % len(FLEET_COLOURS)]
         mine = ok & (df["fleet"] == fleet)
-        name = f"{fleet}: " if len(fleets) > 1 else ""
+        name = f"{_fleet_name(df, fleet)}: " if len(fleets) > 1 else ""
         rest = mine & ~front
         if rest.any():
             ax.scatter(df.loc[rest, "round_s"], df.loc[rest, "utility"], facecolors="none", edgecolors=colour,
@@ -156,7 +172,7 @@ def pareto_figure(df: pd.DataFrame):
         # one label per point: scenarios with the same round time and utility share it
         points = f.groupby([f["round_s"].round(6), f["utility"].round(9)], sort=True)["label"].agg(list)
         for k, ((x, y), names) in enumerate(points.items()):
-            text = names[0].removeprefix(f"{fleet} ") if len(fleets) > 1 else names[0]
+            text = names[0].removeprefix(f"{_fleet_name(df, fleet)} ") if len(fleets) > 1 else names[0]
             text = _short(text, 70) + (f" (+{len(names) - 1} alike)" if len(names) > 1 else "")
             right = x > middle                       # label towards the middle, so it stays inside the axes
             ax.annotate(text, (x, y), fontsize=7, color=colour, xytext=(-6 if right else 6, -10 if k % 2 else 4),
@@ -168,6 +184,7 @@ def pareto_figure(df: pd.DataFrame):
     if infeasible:
         ax.scatter([], [], marker="x", color=GREY, label=f"{infeasible} infeasible scenario(s): not shown")
     ax.set_xlabel("predicted round time (s)  (lower is better)")
+    ax.xaxis.set_major_formatter(PLAIN)
     ax.set_ylabel("utility: share of importance adapted  (higher is better)")
     ax.margins(x=0.12, y=0.08)
     ax.grid(alpha=0.3)
@@ -230,7 +247,7 @@ def plot_vs_value(df: pd.DataFrame, metric: str = "fleet_hours", ax=None, label:
     for n, fleet in enumerate(fleets):
         mine = has & (df["fleet"] == fleet)
         ax.plot(x[mine], df.loc[mine, metric], "-o", color=FLEET_COLOURS[n % len(FLEET_COLOURS)],
-                label=fleet if len(fleets) > 1 else label)
+                label=_fleet_name(df, fleet) if len(fleets) > 1 else label)
     if partial.any():
         ax.scatter(x[partial], df.loc[partial, metric], s=140, facecolors="none", edgecolors=GREY,
                    label="some client groups cannot take part")

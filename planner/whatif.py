@@ -43,6 +43,7 @@ from hsplit.planner.instance import build_instance, dtype_problem, infeasible_cl
 from hsplit.planner.model import ModelProfile, load_model_profile
 from hsplit.planner.plan import Training
 from hsplit.planner.sampling import Sampling
+from hsplit.planner.units import num
 from hsplit.planner.yamlio import read_yaml
 
 # Each field's kind of value and its rule; the same rules as the fleet loader and `hsplit plan`.
@@ -94,6 +95,7 @@ class Scenario:
     settings: dict[str, str]          # vary path -> value, as given
     plan_kwargs: dict[str, Any] = field(default_factory=dict)
     label: str = ""                   # short name for plots: fleet (if several) + varied values
+    fleet_name: str = ""              # the fleet's `name` (its file name without .yaml when it has none)
 
 
 def _convert(kind: str, value: str, where: str, problems: list[str]):
@@ -263,7 +265,8 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
                 continue
             short = " ".join(f"{short_path(k)}={val}" for k, val in settings.items())
             short = (f"{fleet_name} " if len(fleets) > 1 or not short else "") + short
-            scenarios.append(Scenario(name, str(ref), fleet, settings, kwargs, _unique(short.strip(), seen_labels)))
+            scenarios.append(Scenario(name, str(ref), fleet, settings, kwargs, _unique(short.strip(), seen_labels),
+                                      fleet_name))
     if problems:
         raise ConfigError("hsplit whatif", sorted(set(problems), key=problems.index))
     return scenarios
@@ -312,7 +315,8 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
             used[k].append(getattr(t, k))
         if curve is not None and (m := kw.get("model", model)) not in hashes:
             hashes[m] = model_hash(m)
-        row: dict[str, Any] = {"scenario": sc.name, "label": sc.label, "fleet": sc.fleet_ref, **sc.settings,
+        row: dict[str, Any] = {"scenario": sc.name, "label": sc.label, "fleet": sc.fleet_ref,
+                               "fleet_name": sc.fleet_name, **sc.settings,
                                "clients": sc.fleet.num_clients}
         t0 = time.perf_counter()
         args = dict(model=kw.get("model", model), importance=imp, ranks=kw.get("ranks", ranks),
@@ -338,7 +342,7 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
         progress(len(scenarios), len(scenarios), "done")
     # The same columns whether or not any scenario is feasible: per-device columns go last.
     df = pd.DataFrame(rows)
-    lead = ["scenario", "label", "fleet", *scenarios[0].settings, "clients", *RESULT_COLUMNS,
+    lead = ["scenario", "label", "fleet", "fleet_name", *scenarios[0].settings, "clients", *RESULT_COLUMNS,
             *(TARGET_COLUMNS if curve is not None else ())]
     df = df.reindex(columns=lead + [c for c in df.columns if c not in lead])
     df.attrs["clients"] = pd.DataFrame(client_rows, columns=list(CLIENT_COLUMNS))
@@ -513,10 +517,15 @@ def pareto_front(df: pd.DataFrame, per_fleet: bool = True) -> pd.Series:
 
 def markdown_table(df: pd.DataFrame, columns=TABLE_COLUMNS) -> str:
     """The main columns as a GitHub markdown table, one line per scenario, never wrapped: print it
-    as is (no console wrapping). Cells an infeasible scenario has no value for are empty."""
+    as is (no console wrapping). Numbers plain (86,300; 0.006962), never in scientific notation; cells an
+    infeasible scenario has no value for are empty."""
     table = df[[c for c in columns if c in df]].astype(object)
+    numeric = [c for c in table if pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])]
+    for c in numeric:      # 4 significant digits, thousands separated, never 8.63e+04 (planner/units.py)
+        table[c] = [num(float(x), 4) if isinstance(x, (int, float)) and x == x else "" for x in table[c]]
     table = table.where(table.notna(), "")
-    return table.to_markdown(index=False, floatfmt=".4g")
+    return table.to_markdown(index=False, disable_numparse=True,
+                             colalign=["right" if c in numeric else "left" for c in table])
 
 
 def write_table(df: pd.DataFrame, outdir) -> list:

@@ -349,3 +349,35 @@ def test_a_curve_of_another_set_up_is_warned_about(tmp_path, metrics):
     warning = df.attrs["curve"]["warning"]
     assert "model smollm2-135m (what-if: gpt2)" in warning and "batch size 1 (what-if: 1, 2)" in warning, warning
     assert "seq len" not in warning and "--model smollm2-135m" in warning
+
+
+def test_numbers_are_plain_and_fleets_are_named_as_in_the_labels():
+    """The terminal table and round_time.png write 86,301 and 0.000012, never 8.63e+04 or 1.2e-05; pareto.png's
+    legend names a fleet by its name (as the point labels do), by its path only when two fleets share a name."""
+    from hsplit.planner.whatif import markdown_table
+    df = _table(fleets=("../big/f10k.yaml", "../big/f10k.yaml", "edge.yaml"), util=(0.5, 0.9, 0.4),
+                round_s=(86301.4, 10788.2, 8.63))
+    df["fleet_name"] = ["my-10k", "my-10k", "edge"]
+    df["scenario"] = ["my-10k x=0", "my-10k x=1", "edge x=2"]
+    df["label"] = ["my-10k x=0", "my-10k x=1", "edge x=2"]
+    df["fleet_hours_to_target"] = [0.0000123, 0.006962, 1234.5]
+    text = markdown_table(df)
+    for cell in ("86,301", "10,788", "8.63", "0.0000123", "0.006962", "1,234"):
+        assert f" {cell} |" in text, text
+    assert "e+" not in text and "e-0" not in text
+    fig = FIGURES["round_time.png"](df)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert " 86,301 s (24.0 h)" in labels and " 10,788 s (3.0 h)" in labels and " 8.63 s" in labels, labels
+    plt.close(fig)
+    fig = FIGURES["pareto.png"](df)
+    legend = _legend_labels(fig)
+    assert {"my-10k: Pareto front", "edge: Pareto front"} <= legend and not any("yaml" in x for x in legend), legend
+    annotations = [t.get_text() for t in fig.axes[0].texts]
+    assert "x=1" in annotations and "x=2" in annotations, annotations      # the legend names the fleet
+    plt.close(fig)
+    df["fleet_name"] = ["same", "same", "same"]            # two fleets of one name: their paths tell them apart
+    fig = FIGURES["pareto.png"](df)
+    assert {"../big/f10k.yaml: Pareto front", "edge.yaml: Pareto front"} <= _legend_labels(fig)
+    plt.close(fig)
+    # a whatif names the fleet: the fleet_name column
+    assert list(run_whatif(["example"])["fleet_name"]) == ["example"]
