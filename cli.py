@@ -17,7 +17,7 @@ from rich.markup import escape
 from hsplit import __version__
 from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
                             SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags,
-                            batch_option, calibration_table, check_fleet, check_format, check_plan_data, checked_data, console,
+                            batch_option, calibration_table, device_profile_path, check_fleet, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             render_whatif, reported, samples_table, save_plan, say, seq_option, set_threads)
@@ -522,7 +522,8 @@ def profile_cmd(
 @app.command("calibrate")
 def calibrate_cmd(
     model: str = model_option(),
-    profile: Path = typer.Option(..., "--profile", "-p", help="Device profile of this machine (from `hsplit profile`)."),
+    profile: Path = typer.Option(..., "--profile", "-p", help="Device profile of this machine (from `hsplit profile`), "
+                                 "or a shipped profile name."),
     batch_size: int = batch_option(),
     seq_len: int = seq_option(64),
     ranks: str = typer.Option("8", "--ranks", help="LoRA ranks timed at every split."),
@@ -546,8 +547,7 @@ def calibrate_cmd(
     """
     check_format(fmt)
     from hsplit.runtime.calibrate import calibrate, planner_label
-    if not profile.is_file():
-        fail(f"--profile {profile}: no such file (write one with `hsplit profile`)")
+    profile = device_profile_path(profile)
     set_threads(threads)
     with reported(), Bar("calibrating", fmt == "text") as bar:
         res = calibrate(model, profile, batch_size=batch_size, seq_len=seq_len, ranks=parse_ints(ranks, "--ranks"),

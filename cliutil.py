@@ -118,6 +118,19 @@ def check_fleet(plan, fleet: str | None) -> str:
                                     f"file's folder and the current folder); pass --fleet FLEET"])
 
 
+def device_profile_path(ref: Path) -> Path:
+    """`--profile`: a device profile file, or a shipped profile's name (as fleets name devices); else one
+    error naming the shipped names and how to write one."""
+    from hsplit.planner.device import PROFILE_DIR, shipped_device_names
+    if ref.is_file():
+        return ref
+    shipped = PROFILE_DIR / "devices" / f"{ref}.yaml"
+    if shipped.is_file() and "/" not in str(ref):
+        return shipped
+    fail(f"--profile {ref}: no such file, nor a shipped profile ({', '.join(shipped_device_names())}); "
+         "write one for this machine with `hsplit profile`")
+
+
 def check_plan_data(plan) -> None:
     """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
     records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""

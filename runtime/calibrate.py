@@ -81,6 +81,7 @@ def assess(rows: list[dict], reps: int, median_abs_error: float | None) -> dict:
     where = f"split {worst[1]}, rank {worst[2]}, {worst[3]}"
     if reps < MIN_REPS:
         out["trusted"] = False
+        out["untrusted_because"] = f"{reps} repetition{'s' * (reps != 1)} per point cannot show the timings' spread"
         out["warnings"].append(f"{reps} repetition{'s' * (reps != 1)} per point cannot show how much the timings "
                                f"vary, so the errors above cannot be judged; use --repetitions {MIN_REPS + 2} or more")
     elif median > SPREAD_LIMIT:
@@ -145,8 +146,9 @@ class Calibration:
         axes[0].set_ylabel("seconds")
         axes[1].legend(fontsize=7)
         s = self.settings
-        noisy = "" if self.summary.get("trusted", True) else (
-            f"\nNOT TRUSTED: repetitions differ by {self.summary.get('median_spread', 0):.0%} (median), see the warning")
+        because = self.summary.get("untrusted_because") or \
+            f"repetitions differ by {self.summary.get('median_spread', 0):.0%} (median)"
+        noisy = "" if self.summary.get("trusted", True) else f"\nNOT TRUSTED: {because}, see the warning"
         fig.suptitle(f"{s['model']} b={s['batch_size']} T={s['seq_len']} on {s['device']}: "
                      f"planner median |err| {self.summary['median_abs_error']:.0%}, worst {self.summary['worst_abs_error']:.0%}"
                      + noisy, fontsize=10, color="black" if not noisy else "firebrick")

@@ -223,3 +223,26 @@ def test_calibrate_warns_when_its_timings_are_too_noisy(app, measured, tiny_dir,
     assert "repetition spread (max - min) / median: median 900.0%" in text
     csv = (tmp_path / "c.csv").read_text()
     assert "spread_client" in csv.splitlines()[0]
+
+
+def test_calibrate_takes_a_shipped_profile_name_and_says_why_one_repetition_is_not_trusted(
+        app, tiny_dir, tmp_path, monkeypatch):
+    import hsplit.planner.plots as plots
+    _fake_clock(monkeypatch, noisy=False)
+    titles = []
+    real_save = plots._save
+
+    def save(fig, path):
+        titles.append(fig._suptitle.get_text())
+        real_save(fig, path)
+    monkeypatch.setattr(plots, "_save", save)
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", "rtx-3060-12gb", "-b", "2",
+                                   "-T", "16", "--ranks", "4", "--extra-ranks", "", "-r", "1", "--warmup", "0",
+                                   "-o", str(tmp_path / "c"), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    s = json.loads(res.stdout)["summary"]
+    assert s["trusted"] is False and s["untrusted_because"].startswith("1 repetition per point")
+    assert "NOT TRUSTED: 1 repetition per point cannot show the timings' spread" in titles[-1], titles
+    assert "differ by 0%" not in titles[-1]
+    res = CliRunner().invoke(app, ["calibrate", "--model", str(tiny_dir), "--profile", "no-such-device"])
+    assert res.exit_code == 2 and "nor a shipped profile (" in res.output and "rtx-3060-12gb" in res.output
