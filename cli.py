@@ -54,7 +54,8 @@ def _modules(text: str | None) -> list[str] | None:
 def plan(
     fleet: Optional[str] = typer.Option(None, "--fleet", "-f", help="Fleet YAML path or shipped fleet name (default "
                                         "example; with --check, the plan's own fleet, inputs.fleet)."),
-    model: str = model_option(help="Shipped model name, HF folder, or config.json."),
+    model: str = model_option(help="Shipped model name, HF folder, config.json, or hub id; a local path is "
+                                   "written relative to the plan file."),
     importance: Optional[Path] = typer.Option(None, "--importance", "-i", help="importance.yaml (default: uniform)."),
     ranks: str = typer.Option("0,2,4,8,16", help="Allowed LoRA ranks, comma-separated (0 = no adapter)."),
     modules: Optional[str] = typer.Option(None, help="Adaptable modules, comma-separated (e.g. q_proj,v_proj); default all."),
