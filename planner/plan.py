@@ -212,9 +212,11 @@ class Plan:
     # the index of each client's entry in the file's `clients:` list (one entry may stand for `count`
     # clients: plan_clients.py); empty for a plan built in memory
     entries: list[int] = field(default_factory=list, compare=False, repr=False)
-    written_data_path: str | None = None   # data.path as the file says (Plan.load makes data.path absolute)
-    written_model: str | None = None       # model as the file says (Plan.load makes a relative folder absolute)
-    written_fleet: str | None = None       # inputs.fleet as the file says (Plan.load: a relative path absolute)
+    # as the file says (provenance, not compared): Plan.load makes a relative data.path, model folder and
+    # inputs.fleet absolute; a distributed run hashes the plan as written (runtime/distributed/auth.py)
+    written_data_path: str | None = field(default=None, compare=False, repr=False)
+    written_model: str | None = field(default=None, compare=False, repr=False)
+    written_fleet: str | None = field(default=None, compare=False, repr=False)
 
     # ---- model-aware views (used by the runtime and `hsplit plan --check`) ----
     def client_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
