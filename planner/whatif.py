@@ -313,8 +313,9 @@ def run_whatif(fleets: list[str], vary: list[str | Vary] = (), *, zip_vary: bool
         t = replace(training, **{k: kw.pop(k) for k in ("batch_size", "seq_len", "local_steps", "dtype") if k in kw})
         for k in used:
             used[k].append(getattr(t, k))
-        if curve is not None and (m := kw.get("model", model)) not in hashes:
-            hashes[m] = model_hash(m)
+        m = kw.get("model", model)
+        if curve is not None and (key := m.name if isinstance(m, ModelProfile) else str(m)) not in hashes:
+            hashes[key] = model_hash(m)
         row: dict[str, Any] = {"scenario": sc.name, "label": sc.label, "fleet": sc.fleet_ref,
                                "fleet_name": sc.fleet_name, **sc.settings,
                                "clients": sc.fleet.num_clients}
