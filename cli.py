@@ -16,8 +16,8 @@ from rich.markup import escape
 
 from hsplit import __version__
 from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
-                            SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags,
-                            batch_option, calibration_table, device_profile_path, check_fleet, check_format, check_plan_data, checked_data, console,
+                            SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags, device_profile_path, check_fleet,
+                            batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
                             device_option, err, fail, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             render_whatif, reported, samples_table, save_plan, say, seq_option, set_threads)

@@ -110,8 +110,9 @@ def unknown(ref: str) -> ConfigError:
     if "/" in ref or ref.startswith((".", "~")) or "\\" in ref:
         where = os.path.abspath(Path(ref).expanduser())
         return ConfigError(ref, [f"model: {ref!r}: no model folder {where} (read from the current folder "
-                                 f"{Path.cwd()}), and not {rules}; give the path of a folder with config.json "
-                                 f"(absolute, or relative to where you run hsplit), a shipped model "
-                                 f"({', '.join(SHIPPED_MODELS)}) or a hub id"])
+                                 f"{Path.cwd()}; a plan's relative model folder is read from the plan file's folder "
+                                 f"first), and not {rules}; give the path of a folder with config.json (absolute, or "
+                                 f"relative to the plan file), a shipped model ({', '.join(SHIPPED_MODELS)}) or a "
+                                 "hub id"])
     return ConfigError(ref, [f"model: {ref!r} is not a shipped model ({', '.join(SHIPPED_MODELS)}), nor a local "
                              f"folder with config.json, nor {rules}"])

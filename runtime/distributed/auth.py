@@ -20,7 +20,8 @@ TOKEN_ENV = "HSPLIT_TOKEN"
 
 
 def plan_hash(plan: Plan) -> str:
-    """Of the plan as its file says (relative data.path, model folder and fleet as written: machines may hold plan and data elsewhere)."""
+    """Of the plan as its file says (relative data.path, model folder and fleet as written: machines may hold
+    plan, data and model elsewhere)."""
     d = _plain(plan.to_dict())
     if plan.written_data_path is not None:
         d["data"]["path"] = plan.written_data_path
