@@ -18,7 +18,7 @@ from hsplit import __version__
 from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
                             SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags,
                             batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
-                            device_option, err, fail, input_errors, options_from, with_options,
+                            device_option, err, fail, generate_summary, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
@@ -305,7 +305,7 @@ def eval_cmd(
     Example: hsplit eval runs/demo --format json
     Example: hsplit eval runs/demo --generate          (the held-out split: writes runs/demo/generate-heldout.{jsonl,json})
     Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
-    (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
+    (writes runs/demo/generate-testset_w_refs.csv-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
     """
     check_format(fmt)
     from hsplit.runtime.evaluate import evaluate_run
@@ -329,11 +329,7 @@ def eval_cmd(
         print_json(rep)
     elif generate:
         console.print(samples_table(rep["outputs"][0], 3))
-        what = "the held-out split" if rep["split"] == "held-out" else rep["data"]
-        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['prompts']} prompts of {what} ({rep['kind']}, "
-                             f"{rep['references']} references, {rep['decoding']}): "
-                             f"BLEU {rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity "
-                             f"{ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}"))
+        console.print(escape(generate_summary(run_dir, rep)))
     else:
         console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
                              f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {ppl(rep['eval_loss'])}"))

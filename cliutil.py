@@ -386,6 +386,21 @@ def samples_table(jsonl: str, n: int) -> Table:
     return t
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """`1 prompt`, `2 prompts` (many: an irregular plural)."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+
+
+def generate_summary(run_dir, rep: dict) -> str:
+    """`hsplit eval --generate`'s last line: the scores, what they were on (and what was skipped), the outputs."""
+    what = "the held-out split" if rep["split"] == "held-out" else rep["data"]
+    cut = rep.get("skipped_cut_at_seq_len") or 0
+    skipped = f"; {plural(cut, 'held-out sequence')} skipped: cut at seq_len {rep.get('seq_len', '')}" if cut else ""
+    return (f"{run_dir} (round {rep['round']}) on {plural(rep['prompts'], 'prompt')} of {what} ({rep['kind']}, "
+            f"{plural(rep['references'], 'reference')}, {rep['decoding']}{skipped}): BLEU {rep['bleu']:.2f}, "
+            f"ROUGE-L {rep['rouge_l']:.2f}, perplexity {ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}")
+
+
 def calibration_table(res, batch_size: int, seq_len: int) -> Table:
     t = table(f"{res.settings['model']} b={batch_size} T={seq_len} on {res.settings['device']}",
               ("split", "rank", "client pred", "client meas", "err", "server pred", "server meas", "err", "spread"))
