@@ -147,6 +147,22 @@ def _names(columns) -> str:
     return ", ".join(map(str, list(columns)[:20])) + (" ..." if len(columns) > 20 else "") if columns else "none"
 
 
+def not_utf8(f: Path, e: UnicodeDecodeError, whole: bool = False) -> ConfigError:
+    """The one error for a data file that is not UTF-8: the file, the first bad byte (whole: e decoded the whole
+    file, so its offset is the file's), and how to re-encode it."""
+    bad = f"byte 0x{e.object[e.start]:02x}" + (f" at offset {e.start}" if whole else "")
+    return ConfigError(str(f), [f"not UTF-8 ({bad}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {f.name} > "
+                                f"{f.stem}.utf8{f.suffix}` (latin1: the file's actual encoding), and give that file"])
+
+
+def read_utf8(f: Path) -> str:
+    """A text file's contents (not_utf8's ConfigError when it is not UTF-8)."""
+    try:
+        return f.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(f, e, whole=True) from None
+
+
 def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict], int | None]:
     """(columns, first records, rows) of one tabular file, without reading it whole where avoidable."""
     try:
@@ -195,6 +211,8 @@ def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict],
     except (OSError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, UnicodeDecodeError):
+            raise not_utf8(f, e) from None
         raise ConfigError(str(f), [f"cannot be read as {reader}: {str(e).splitlines()[0][:300] if str(e) else e}"]) from None
     raise AssertionError(reader)
 
@@ -202,7 +220,7 @@ def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict],
 def inspect(src: Source, spec: DataSpec) -> Info:
     """The record kind, columns and size of a source, from a few records (no tokenising)."""
     if src.reader in ("shakespeare", "text"):
-        chars = sum(f.stat().st_size for f in src.files)
+        chars = sum(len(read_utf8(f)) for f in src.files)     # read whole: a file that is not UTF-8 is refused here
         return Info("documents", [], len(src.files), chars)
     if src.where == "saved":
         ds = open_dataset(src, spec)
@@ -270,7 +288,7 @@ def open_dataset(src: Source, spec: DataSpec):
         from hsplit.runtime.tokenise import clean_markdown
         texts, names = [], []
         for f in src.files:
-            t = f.read_text(encoding="utf-8")
+            t = read_utf8(f)
             texts.append(clean_markdown(t) if src.reader == "shakespeare" else t)
             names.append(f.parent.name if src.reader == "shakespeare" else f.stem)
         return datasets.Dataset.from_dict({"text": texts, "source": names})

@@ -298,3 +298,22 @@ def test_a_plan_copied_with_its_data_elsewhere_reads_that_data_and_keeps_its_has
         plans.append(Plan.load(tmp_path / machine / "plan.yaml"))
     assert [p.data.path for p in plans] == [str(tmp_path / m / "data" / "d.jsonl") for m in ("a", "b")]
     assert plan_hash(plans[0]) == plan_hash(plans[1])
+
+
+def test_a_text_file_that_is_not_utf8_is_refused_by_plan_and_run_naming_it_and_the_fix(model, tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.txt").write_text("Caf\u00e9 au lait, tout le jour. " * 40, encoding="utf-8")
+    r = _plan(model, folder, tmp_path / "p.yaml")
+    assert r.exit_code == 0, r.output
+    (folder / "b.txt").write_bytes("Caf\u00e9 au lait. ".encode("latin-1") * 40)
+    r = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "--name", "r"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output and out.count("error:") == 1, r.output
+    assert f"{folder / 'b.txt'}: not UTF-8 (byte 0xe9 at offset 3)" in out and "iconv -f latin1 -t utf-8" in out
+    for data in (folder, folder / "b.txt"):
+        r = _plan(model, data, tmp_path / "q.yaml")
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and out.count("error:") == 1 and "b.txt: not UTF-8" in out, r.output
+        assert "iconv -f latin1 -t utf-8 b.txt > b.utf8.txt" in out and not (tmp_path / "q.yaml").exists()
