@@ -22,6 +22,7 @@ from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             reported, samples_table, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import PARTITIONS
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
 from hsplit.planner.strategies import traits
@@ -69,8 +70,10 @@ def plan(
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm; 0 = none (default 1)."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout in [0, 1) (default 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run: adapters, batches, hold-out, partition (default 0)."),
-    partition: Optional[str] = typer.Option(None, "--partition", help="How clients split the data: by-source (default) | iid | dirichlet."),
-    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="--partition dirichlet: concentration, > 0 (default 0.5; small = skewed)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help=f"How clients split the data: {' | '.join(PARTITIONS)} (default {PARTITIONS[0]}; docs/runtime.md, Data)."),
+    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="--partition dirichlet or flower-dirichlet: concentration, > 0 (default 0.5; small = skewed)."),
+    partition_by: Optional[str] = typer.Option(None, "--partition-by", help="The column naming each record's source, the natural id partitions use (default: source)."),
+    sources_per_client: Optional[int] = typer.Option(None, "--sources-per-client", help="--partition flower-pathological: sources each client holds (default 2)."),
     eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help="Held-out share no client trains on, in [0, 1) (default 0.05)."),
     server_rank: Optional[int] = typer.Option(None, "--server-rank", min=0, help="LoRA rank of server-side adapters (default 8; splitlora: its one rank)."),
     objective: str = typer.Option("utility", help="utility: max adapted importance, then fastest round; "
@@ -118,8 +121,8 @@ def plan(
             "--batch-size": batch_size, "--seq-len": seq_len, "--local-steps": local_steps, "--rounds": rounds,
             "--dtype": dtype, "--lr": lr, "--lr-schedule": lr_schedule, "--warmup": warmup,
             "--weight-decay": weight_decay, "--max-grad-norm": max_grad_norm, "--lora-dropout": lora_dropout,
-            "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha,
-            "--eval-fraction": eval_fraction, "--data": data})
+            "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha, "--partition-by": partition_by,
+            "--sources-per-client": sources_per_client, "--eval-fraction": eval_fraction, "--data": data})
         for note in notes if fmt != "json" else ():
             err.print(f"note: {note}", highlight=False, markup=False)
         sampling = sampling_from_flags(clients_per_round, min_clients_per_round, sample_by)

@@ -35,6 +35,7 @@ DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow
 # hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
 PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
               "flower-pathological")
+DIRICHLET_PARTITIONS = ("dirichlet", "flower-dirichlet")     # the partitions data.alpha applies to
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".md")
 OBJECTIVES = ("utility", "latency")
 MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index with
@@ -77,6 +78,7 @@ PLAN_FLAGS = {
     "--weight-decay": ("training", "weight_decay"), "--max-grad-norm": ("training", "max_grad_norm"),
     "--lora-dropout": ("training", "lora_dropout"), "--seed": ("training", "seed"),
     "--partition": ("data", "partition"), "--dirichlet-alpha": ("data", "alpha"),
+    "--partition-by": ("data", "partition_by"), "--sources-per-client": ("data", "sources_per_client"),
     "--eval-fraction": ("data", "eval_fraction"), "--data": ("data", "path"),
 }
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
@@ -345,9 +347,10 @@ def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list
     data = _section(DataSpec, DATA_RULES, raw["data"], "data", p)
     names = {f"{section}.{key}": flag for flag, (section, key) in PLAN_FLAGS.items()}
     p.items = [names.get(x.partition(": ")[0], x.partition(": ")[0]) + ": " + x.partition(": ")[2] for x in p.items]
-    if given.get("--dirichlet-alpha") is not None and data.partition != "dirichlet":
-        p.add("--dirichlet-alpha", f"applies to --partition dirichlet only (this plan partitions {data.partition}); "
-                                   "add --partition dirichlet or leave --dirichlet-alpha out")
+    for flag, applies in (("--dirichlet-alpha", DIRICHLET_PARTITIONS), ("--sources-per-client", ("flower-pathological",))):
+        if given.get(flag) is not None and data.partition not in applies:
+            p.add(flag, f"applies to --partition {' or '.join(applies)} only (this plan partitions {data.partition}); "
+                        f"add --partition {applies[0]} or leave {flag} out")
     p.raise_if_any()
     notes = []
     if training.warmup_steps >= training.rounds * training.local_steps:

@@ -120,7 +120,8 @@ def _flower(sizes: dict[str, int], k: int, how: str, alpha: float, seed: int,
                     got.setdefault(s, []).append(i)
                 out.append({s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in sorted(got.items())})
     except ValueError as e:          # e.g. Dirichlet draws that leave a client below min_partition_size
-        fix = {"flower-dirichlet": "a larger alpha", "flower-pathological": "another sources_per_client"}.get(how, "")
+        fix = {"flower-dirichlet": "a larger data.alpha (hsplit plan --dirichlet-alpha)",
+               "flower-pathological": "another data.sources_per_client (--sources-per-client)"}.get(how, "")
         raise ConfigError("data.partition", [f"{how}: {str(e).splitlines()[0]} ({n} training items, {k} clients); "
                                              f"use more data, {fix + ', ' if fix else ''}or another partition"]) from None
     return out
