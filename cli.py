@@ -89,7 +89,7 @@ def plan(
     data: str = typer.Option("shakespeare", help="Training data the run will use, checked now and recorded in the "
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
-                             "format. A local path is written relative to the plan file."),
+                             "format. A relative local path is written relative to the plan file; an absolute one stays absolute."),
     clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
     min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
     sample_by: str = SAMPLE_BY,
@@ -141,6 +141,7 @@ def plan(
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
                       data=checked_data(data_spec, output, training.seq_len),
                       aggregation=aggregation, sampling=sampling)
+        check_plan_data(p, output)
         try:
             p.save(output)
         except OSError as e:

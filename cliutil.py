@@ -80,13 +80,24 @@ def checked_data(spec, output: Path, seq_len: int):
     return spec
 
 
-def check_plan_data(plan) -> None:
-    """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
-    records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""
-    from hsplit.runtime.datasource import check_data
+def check_plan_data(plan, written_to: Path | None = None) -> None:
+    """What `hsplit run` would refuse about a plan's data and clients (datasource.check_records: records, roles,
+    the partition over the plan's clients), and notes. `hsplit plan --check` (written_to None): also the checks
+    of checked_data, the plan's data.path already read from the plan file's folder, errors naming the plan
+    file. `hsplit plan` (written_to: the plan file to be): after checked_data, the plan's client count known."""
+    from dataclasses import replace
+
+    from hsplit.planner.plan import resolve_data_path
+    from hsplit.runtime.datasource import check_data, check_records
+    spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(
+        plan.data.path, Path(written_to).parent))
+    weights = [c.data_weight for c in plan.clients]
     try:
-        lines = check_data(plan.data, plan.training.seq_len)
+        lines = check_data(spec, plan.training.seq_len) if written_to is None else []
+        lines += check_records(spec, plan.training.seq_len, weights, plan.training.seed)
     except ConfigError as e:
+        if written_to is not None:
+            raise
         raise ConfigError(plan.source, [f"{e.source}: {x}" if not x.startswith(e.source) else x
                                         for x in e.problems]) from None
     for line in lines:

@@ -135,13 +135,16 @@ def resolve_data_path(ref: str, base_dir: str | Path) -> str:
 
 
 def written_data_path(ref: str, plan_file: str | Path) -> str:
-    """data.path as `hsplit plan` writes it: a local path given on the command line (relative to the current
-    folder) becomes relative to the plan file's folder; anything else is written as given."""
+    """data.path as `hsplit plan` writes it: a relative local path given on the command line (relative to the
+    current folder) becomes relative to the plan file's folder; an absolute one stays absolute (`~` expanded);
+    anything else is written as given."""
     if ref == "shakespeare":
         return ref
     p = Path(ref).expanduser()
     if not p.exists():
         return ref
+    if p.is_absolute():
+        return str(p)
     return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
 
 
@@ -249,6 +252,18 @@ class Plan:
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, dump_yaml(_plain(self.to_dict()), HEADER))
+
+    def data_path_problem(self) -> str | None:
+        """A local data.path (as the file writes it) that is not there, said with the plan file's folder it was
+        read from (None when it is there, or is shakespeare or a dataset id)."""
+        written, resolved = self.written_data_path, self.data.path
+        if written is None or written == "shakespeare" or self.data.format == "shakespeare" or \
+                Path(resolved).expanduser().exists() or (resolved == written and looks_like_hub_id(written)):
+            return None
+        rel = "" if Path(written).expanduser().is_absolute() else \
+            f" (relative to the plan file's folder {Path(self.source).resolve().parent}/) -> {resolved}"
+        return (f"data.path {written!r}{rel}: no such file or folder; put the data there, edit data.path, or plan "
+                "again with --data PATH (a relative path is written relative to the plan file)")
 
     @classmethod
     def load(cls, path: str | Path) -> "Plan":

@@ -42,6 +42,7 @@ from hsplit.planner.yamlio import atomic_write_text, read_yaml
 from hsplit.runtime import rundir
 from hsplit.planner.plan import looks_like_hub_id
 from hsplit.runtime.data import TokenSet, check_data_ref
+from hsplit.runtime.datasource import NO_HELD_OUT
 
 KINDS = ("E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages, conversations, or TRL "
          "prompt/completion message lists); Parquet, Arrow, `datasets` folders and dataset ids with those columns")
@@ -431,8 +432,11 @@ def generate_run(run_dir: str | Path, data: str | None = None, max_prompts: int 
     run_dir = Path(run_dir)
     examples = read_examples(data) if data else None     # a bad --data fails before the model loads
     if data is None:
-        cfg = run_dir / "config.yaml"
-        fmt = (read_yaml(cfg).get("data") or {}).get("format") if cfg.is_file() else None
+        cfg = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+        fmt = (cfg.get("data") or {}).get("format")
+        if ((cfg.get("plan") or {}).get("data") or {}).get("eval_fraction", 1) == 0 or \
+                (cfg.get("data") or {}).get("eval_sequences", 1) == 0:
+            raise ConfigError("--generate", [f"{NO_HELD_OUT}; give --data FILE ({KINDS})"])
         if fmt in ("text", "shakespeare"):
             raise ConfigError("--generate", [f"the run's data is {fmt}: nothing to generate from; --generate needs "
                                              f"prompts and references: give --data FILE ({KINDS})"])
