@@ -235,9 +235,14 @@ def draw_partition(client_counts: list[dict[str, int]], client_ids: list[str], p
     return path
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def draw_data_partition(sim, plan, path: str | Path) -> Path:
     """partition.png of a run: the simulation's training data per client, stacked by source."""
     s = sim.data.summary
     title = (f"{Path(str(plan.data.path)).name}: partition {plan.data.partition}\n"
-             f"{sum(s['client_sequences'])} training, {s['eval_sequences']} held-out sequences of {s['seq_len']} tokens")
+             f"{_n(sum(s['client_sequences']), 'training sequence')}, {s['eval_sequences']} held-out, "
+             f"of {s['seq_len']} tokens")
     return draw_partition(sim.data.client_counts, [c.id for c in plan.clients], path, title)
