@@ -67,9 +67,10 @@ def input_errors():
 
 def checked_data(spec, output: Path, seq_len: int):
     """`hsplit plan`'s data: a FORMAT:PATH prefix split off, the data checked (it resolves, its records are of
-    a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a local path
-    rewritten relative to the plan file's folder (where `hsplit run` reads it from). Imports `datasets`
-    only for folders saved by it and dataset ids; never torch."""
+    a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a relative local
+    path rewritten relative to the plan file's folder (where `hsplit run` reads it from; an absolute one stays).
+    check_plan_data(plan, output) then checks the records against the plan's clients. Imports `datasets`
+    only for folders saved by it, dataset ids and Flower partitions; never torch."""
     from hsplit.planner.plan import written_data_path
     from hsplit.runtime.datasource import check_data, split_data_ref
     if spec.format == "auto":
