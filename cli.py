@@ -18,10 +18,11 @@ from hsplit import __version__
 from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
                             SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags, device_profile_path, check_fleet,
                             batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
-                            device_option, err, fail, input_errors, options_from, with_options,
+                            device_option, err, fail, generate_summary, input_errors, options_from, with_options,
                             model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
                             render_whatif, reported, samples_table, save_plan, say, seq_option, set_threads)
 from hsplit.planner.errors import ConfigError
+from hsplit.planner.plan import PARTITIONS
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
 from hsplit.planner.strategies import traits
@@ -71,8 +72,10 @@ def plan(
     max_grad_norm: Optional[float] = typer.Option(None, "--max-grad-norm", help="Gradient clipping norm; 0 = none (default 1)."),
     lora_dropout: Optional[float] = typer.Option(None, "--lora-dropout", help="LoRA dropout in [0, 1) (default 0)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the run: adapters, batches, hold-out, partition (default 0)."),
-    partition: Optional[str] = typer.Option(None, "--partition", help="How clients split the data: by-source (default) | iid | dirichlet."),
-    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="--partition dirichlet: concentration, > 0 (default 0.5; small = skewed)."),
+    partition: Optional[str] = typer.Option(None, "--partition", help=f"How clients split the data: {' | '.join(PARTITIONS)} (default {PARTITIONS[0]}; docs/runtime.md, Data)."),
+    dirichlet_alpha: Optional[float] = typer.Option(None, "--dirichlet-alpha", help="--partition dirichlet or flower-dirichlet: concentration, > 0 (default 0.5; small = skewed)."),
+    partition_by: Optional[str] = typer.Option(None, "--partition-by", help="The column naming each record's source, the natural id partitions use (default: source)."),
+    sources_per_client: Optional[int] = typer.Option(None, "--sources-per-client", help="--partition flower-pathological: sources each client holds (default 2)."),
     eval_fraction: Optional[float] = typer.Option(None, "--eval-fraction", help="Held-out share no client trains on, in [0, 1) (default 0.05)."),
     server_rank: Optional[int] = typer.Option(None, "--server-rank", min=0, help="LoRA rank of server-side adapters (default 8; splitlora: its one rank)."),
     objective: str = typer.Option("utility", help="utility: max adapted importance, then fastest round; "
@@ -88,7 +91,7 @@ def plan(
     data: str = typer.Option("shakespeare", help="Training data the run will use, checked now and recorded in the "
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
-                             "format. A local path is written relative to the plan file."),
+                             "format. A relative local path is written relative to the plan file; an absolute one stays absolute."),
     clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
     min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
     sample_by: str = SAMPLE_BY,
@@ -121,8 +124,8 @@ def plan(
             "--batch-size": batch_size, "--seq-len": seq_len, "--local-steps": local_steps, "--rounds": rounds,
             "--dtype": dtype, "--lr": lr, "--lr-schedule": lr_schedule, "--warmup": warmup,
             "--weight-decay": weight_decay, "--max-grad-norm": max_grad_norm, "--lora-dropout": lora_dropout,
-            "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha,
-            "--eval-fraction": eval_fraction, "--data": data})
+            "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha, "--partition-by": partition_by,
+            "--sources-per-client": sources_per_client, "--eval-fraction": eval_fraction, "--data": data})
         for note in notes if fmt != "json" else ():
             err.print(f"note: {note}", highlight=False, markup=False)
         sampling = sampling_from_flags(clients_per_round, min_clients_per_round, sample_by)
@@ -141,6 +144,7 @@ def plan(
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
                       data=checked_data(data_spec, output, training.seq_len),
                       aggregation=aggregation, sampling=sampling)
+        check_plan_data(p, output)
         save_plan(p, output)
     if fmt == "json":
         from hsplit.planner.plan import _plain
@@ -291,7 +295,7 @@ def eval_cmd(
     Example: hsplit eval runs/demo --format json
     Example: hsplit eval runs/demo --generate          (the held-out split: writes runs/demo/generate-heldout.{jsonl,json})
     Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
-    (writes runs/demo/generate-testset_w_refs-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
+    (writes runs/demo/generate-testset_w_refs.csv-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
     """
     check_format(fmt)
     from hsplit.runtime.evaluate import evaluate_run
@@ -315,11 +319,7 @@ def eval_cmd(
         print_json(rep)
     elif generate:
         console.print(samples_table(rep["outputs"][0], 3))
-        what = "the held-out split" if rep["split"] == "held-out" else rep["data"]
-        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['prompts']} prompts of {what} ({rep['kind']}, "
-                             f"{rep['references']} references, {rep['decoding']}): "
-                             f"BLEU {rep['bleu']:.2f}, ROUGE-L {rep['rouge_l']:.2f}, perplexity "
-                             f"{ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}"))
+        console.print(escape(generate_summary(run_dir, rep)))
     else:
         console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
                              f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {ppl(rep['eval_loss'])}"))

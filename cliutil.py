@@ -70,9 +70,10 @@ def input_errors():
 
 def checked_data(spec, output: Path, seq_len: int):
     """`hsplit plan`'s data: a FORMAT:PATH prefix split off, the data checked (it resolves, its records are of
-    a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a local path
-    rewritten relative to the plan file's folder (where `hsplit run` reads it from). Imports `datasets`
-    only for folders saved by it and dataset ids; never torch."""
+    a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a relative local
+    path rewritten relative to the plan file's folder (where `hsplit run` reads it from; an absolute one stays).
+    check_plan_data(plan, output) then checks the records against the plan's clients. Imports `datasets`
+    only for folders saved by it, dataset ids and Flower partitions; never torch."""
     from hsplit.planner.plan import written_data_path
     from hsplit.runtime.datasource import check_data, split_data_ref
     if spec.format == "auto":
@@ -131,13 +132,24 @@ def device_profile_path(ref: Path) -> Path:
          "write one for this machine with `hsplit profile`")
 
 
-def check_plan_data(plan) -> None:
-    """`hsplit plan --check`: the plan's data.path (already read from the plan file's folder) resolves and its
-    records are of a known kind (ConfigError naming the plan file otherwise); a tiny held-out split is warned about."""
-    from hsplit.runtime.datasource import check_data
+def check_plan_data(plan, written_to: Path | None = None) -> None:
+    """What `hsplit run` would refuse about a plan's data and clients (datasource.check_records: records, roles,
+    the partition over the plan's clients), and notes. `hsplit plan --check` (written_to None): also the checks
+    of checked_data, the plan's data.path already read from the plan file's folder, errors naming the plan
+    file. `hsplit plan` (written_to: the plan file to be): after checked_data, the plan's client count known."""
+    from dataclasses import replace
+
+    from hsplit.planner.plan import resolve_data_path
+    from hsplit.runtime.datasource import check_data, check_records
+    spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(
+        plan.data.path, Path(written_to).parent))
+    weights = [c.data_weight for c in plan.clients]
     try:
-        lines = check_data(plan.data, plan.training.seq_len)
+        lines = check_data(spec, plan.training.seq_len) if written_to is None else []
+        lines += check_records(spec, plan.training.seq_len, weights, plan.training.seed)
     except ConfigError as e:
+        if written_to is not None:
+            raise
         raise ConfigError(plan.source, [f"{e.source}: {x}" if not x.startswith(e.source) else x
                                         for x in e.problems]) from None
     for line in lines:
@@ -452,6 +464,21 @@ def samples_table(jsonl: str, n: int) -> Table:
         t.add_row(escape(row["prompt"]), escape(row["generated"]),
                   escape(row["references"][0]) if row["references"] else "")
     return t
+
+
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """`1 prompt`, `2 prompts` (many: an irregular plural)."""
+    return f"{n:,} {noun if n == 1 else many or noun + 's'}"
+
+
+def generate_summary(run_dir, rep: dict) -> str:
+    """`hsplit eval --generate`'s last line: the scores, what they were on (and what was skipped), the outputs."""
+    what = "the held-out split" if rep["split"] == "held-out" else rep["data"]
+    cut = rep.get("skipped_cut_at_seq_len") or 0
+    skipped = f"; {plural(cut, 'held-out sequence')} skipped: cut at seq_len {rep.get('seq_len', '')}" if cut else ""
+    return (f"{run_dir} (round {rep['round']}) on {plural(rep['prompts'], 'prompt')} of {what} ({rep['kind']}, "
+            f"{plural(rep['references'], 'reference')}, {rep['decoding']}{skipped}): BLEU {rep['bleu']:.2f}, "
+            f"ROUGE-L {rep['rouge_l']:.2f}, perplexity {ppl(rep['eval_loss'])}; outputs {', '.join(rep['outputs'])}")
 
 
 def calibration_table(res, batch_size: int, seq_len: int) -> Table:

@@ -12,13 +12,14 @@ class ConfigError(ValueError):
 
     MAX_SHOWN = 20
 
-    def __init__(self, source: str, problems: list[str]):
+    def __init__(self, source: str, problems: list[str], shown: int | None = None):
         self.source = source
         self.problems = list(problems)
         lines = group_problems(self.problems)
-        if len(lines) > self.MAX_SHOWN:
-            hidden = len(lines) - self.MAX_SHOWN
-            lines = lines[:self.MAX_SHOWN] + [f"... and {hidden} more (fix the ones above first)"]
+        limit = shown or self.MAX_SHOWN          # shown: fewer lines (e.g. one problem per record of a file)
+        if len(lines) > limit:
+            hidden = len(lines) - limit
+            lines = lines[:limit] + [f"... and {hidden} more (fix the ones above first)"]
         if len(lines) == 1:           # one problem: one line
             super().__init__(f"{source}: {lines[0]}")
         else:

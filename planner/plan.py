@@ -35,6 +35,7 @@ DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow
 # hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
 PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
               "flower-pathological")
+DIRICHLET_PARTITIONS = ("dirichlet", "flower-dirichlet")     # the partitions data.alpha applies to
 DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".arrow", ".txt", ".md")
 OBJECTIVES = ("utility", "latency")
 MAX_INT = 2 ** 31 - 1          # whole-number fields: what torch and numpy index with
@@ -77,6 +78,7 @@ PLAN_FLAGS = {
     "--weight-decay": ("training", "weight_decay"), "--max-grad-norm": ("training", "max_grad_norm"),
     "--lora-dropout": ("training", "lora_dropout"), "--seed": ("training", "seed"),
     "--partition": ("data", "partition"), "--dirichlet-alpha": ("data", "alpha"),
+    "--partition-by": ("data", "partition_by"), "--sources-per-client": ("data", "sources_per_client"),
     "--eval-fraction": ("data", "eval_fraction"), "--data": ("data", "path"),
 }
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
@@ -133,13 +135,16 @@ def resolve_data_path(ref: str, base_dir: str | Path) -> str:
 
 
 def written_data_path(ref: str, plan_file: str | Path) -> str:
-    """data.path as `hsplit plan` writes it: a local path given on the command line (relative to the current
-    folder) becomes relative to the plan file's folder; anything else is written as given."""
+    """data.path as `hsplit plan` writes it: a relative local path given on the command line (relative to the
+    current folder) becomes relative to the plan file's folder; an absolute one stays absolute (`~` expanded);
+    anything else is written as given."""
     if ref == "shakespeare":
         return ref
     p = Path(ref).expanduser()
     if not p.exists():
         return ref
+    if p.is_absolute():
+        return str(p)
     return os.path.relpath(p.resolve(), Path(plan_file).resolve().parent)
 
 
@@ -297,6 +302,18 @@ class Plan:
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, dump_yaml(_plain(self.to_dict()), HEADER))
 
+    def data_path_problem(self) -> str | None:
+        """A local data.path (as the file writes it) that is not there, said with the plan file's folder it was
+        read from (None when it is there, or is shakespeare or a dataset id)."""
+        written, resolved = self.written_data_path, self.data.path
+        if written is None or written == "shakespeare" or self.data.format == "shakespeare" or \
+                Path(resolved).expanduser().exists() or (resolved == written and looks_like_hub_id(written)):
+            return None
+        rel = "" if Path(written).expanduser().is_absolute() else \
+            f" (relative to the plan file's folder {Path(self.source).resolve().parent}/) -> {resolved}"
+        return (f"data.path {written!r}{rel}: no such file or folder; put the data there, edit data.path, or plan "
+                "again with --data PATH (a relative path is written relative to the plan file)")
+
     @classmethod
     def load(cls, path: str | Path) -> "Plan":
         """The plan in `path`; a relative data.path, model folder and inputs.fleet are read from the plan
@@ -400,9 +417,10 @@ def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list
     data = _section(DataSpec, DATA_RULES, raw["data"], "data", p)
     names = {f"{section}.{key}": flag for flag, (section, key) in PLAN_FLAGS.items()}
     p.items = [names.get(x.partition(": ")[0], x.partition(": ")[0]) + ": " + x.partition(": ")[2] for x in p.items]
-    if given.get("--dirichlet-alpha") is not None and data.partition != "dirichlet":
-        p.add("--dirichlet-alpha", f"applies to --partition dirichlet only (this plan partitions {data.partition}); "
-                                   "add --partition dirichlet or leave --dirichlet-alpha out")
+    for flag, applies in (("--dirichlet-alpha", DIRICHLET_PARTITIONS), ("--sources-per-client", ("flower-pathological",))):
+        if given.get(flag) is not None and data.partition not in applies:
+            p.add(flag, f"applies to --partition {' or '.join(applies)} only (this plan partitions {data.partition}); "
+                        f"add --partition {applies[0]} or leave {flag} out")
     p.raise_if_any()
     notes = []
     if training.warmup_steps >= training.rounds * training.local_steps:

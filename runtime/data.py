@@ -28,8 +28,8 @@ from hsplit.planner.plan import DataSpec
 from hsplit.runtime.datasource import (check_data_ref, open_dataset, record_kind, resolve, shakespeare_root,  # noqa: F401
                                        split_data_ref)
 from hsplit.runtime.model import cache_dir
-from hsplit.runtime.partition import partition
-from hsplit.runtime.tokenise import cache_key, encode_dataset
+from hsplit.runtime.partition import holdout, partition, split_problems, unassigned_note
+from hsplit.runtime.tokenise import cache_key, chat_record, encode_dataset, no_assistant_problem
 
 
 @dataclass
@@ -81,6 +81,7 @@ class FederatedData:
     client_sources: list[list[str]]
     summary: dict
     client_counts: list[dict[str, int]] = field(default_factory=list)   # per client: {source: sequences}
+    note: str | None = None         # sources the partition puts on no client (partition.unassigned_note)
 
 
 # ---------------------------------------------------------------- reading and tokenising (cached)
@@ -151,6 +152,9 @@ def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool =
     enc = encode_dataset(ds, kind, tokenizer, spec.partition_by, cache, where=spec.path)
     sets = token_sets(enc, kind == "documents", tokenizer, seq_len)
     if kind == "chat" and not any(int((ts.labels != -100).sum()) for ts in sets.values()):
+        roles = {m["role"] for i, rec in enumerate(ds) for m in chat_record(rec, f"record {i + 1}")[0]}
+        if (why := no_assistant_problem(roles)) is not None:
+            raise ConfigError(spec.path, [why])
         raise ConfigError(spec.path, [f"no assistant tokens within seq_len {seq_len}: every conversation's assistant "
                                       "turns are cut off or missing; use a longer seq_len"])
     return kind, sets
@@ -172,39 +176,9 @@ def _tokenise(records, fmt: str, tokenizer, seq_len: int) -> dict[str, TokenSet]
 # ---------------------------------------------------------------- split and partition
 
 def _holdout(sets: dict[str, TokenSet], fraction: float, seed: int):
-    """(train {source: TokenSet}, [eval TokenSets]). Each source holds out round(fraction x its items), at
-    least one and never all of them. Sources too small for that (fraction x items < 0.5, e.g. E2E
-    restaurants with one or two references) are pooled and the pool holds out its share instead, so
-    that many tiny sources neither give an empty eval split nor one far above `fraction`."""
-    def pick(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
-        k = int(round(fraction * n))
-        if fraction > 0 and n >= 2:
-            k = min(max(k, 1), n - 1)
-        perm = np.random.default_rng([seed, 104729, stream]).permutation(n)
-        return np.sort(perm[:k]), np.sort(perm[k:])
-
-    train, evals = {}, []
-    small = [s for s, ts in sets.items() if fraction * len(ts) < 0.5]
-    pooled = small if len(small) > 1 else []        # one small source alone keeps its own rule
-    in_pool = set(pooled)
-    for i, (src, ts) in enumerate(sets.items()):
-        if src not in in_pool:
-            held, kept = pick(len(ts), i)
-            evals.append(ts.subset(held))
-            train[src] = ts.subset(kept)
-    if pooled:                  # the pool: the small sources' items one after the other
-        sizes = [len(sets[s]) for s in pooled]
-        held, _ = pick(sum(sizes), len(sets))
-        is_held = np.zeros(sum(sizes), dtype=bool)
-        is_held[held] = True
-        start = 0
-        for src, n in zip(pooled, sizes):
-            flags = is_held[start:start + n]
-            start += n
-            evals.append(sets[src].subset(np.flatnonzero(flags)))
-            if not flags.all():
-                train[src] = sets[src].subset(np.flatnonzero(~flags))
-    return train, evals
+    """(train {source: TokenSet}, [eval TokenSets]): partition.holdout over the sources' sequences."""
+    train, evals = holdout({s: len(ts) for s, ts in sets.items()}, fraction, seed)
+    return {s: sets[s].subset(idx) for s, idx in train.items()}, [sets[s].subset(idx) for s, idx in evals]
 
 
 def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[float], seed: int,
@@ -215,14 +189,8 @@ def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[f
                       spec.sources_per_client)
     clients = [TokenSet.cat([train[s].subset(idx) for s, idx in sorted(p.items())], seq_len) for p in parts]
     eval_set = TokenSet.cat(evals, seq_len)
-    empty = [i for i, c in enumerate(clients) if len(c) == 0]
-    problems = []
-    if empty:
-        problems.append(f"partition {spec.partition!r} left client(s) {empty} without data "
-                        f"({sum(len(t) for t in train.values())} training sequences of {seq_len} tokens for "
-                        f"{len(weights)} clients); use more data, a shorter seq_len, or partition iid")
-    if spec.eval_fraction > 0 and len(eval_set) == 0:
-        problems.append("the held-out eval split is empty: use more data or a larger eval_fraction")
+    problems = split_problems(spec.partition, parts, sum(len(t) for t in train.values()), seq_len,
+                              spec.eval_fraction, len(eval_set))
     if problems:
         raise ConfigError(f"data ({spec.path})", problems)
     summary = {"path": spec.path, "format": resolve(spec).reader, "kind": kind, "partition": spec.partition,
@@ -231,7 +199,8 @@ def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[f
                "client_sequences": [len(c) for c in clients]}
     return FederatedData(clients=clients, eval=eval_set,
                          client_sources=[sorted(p) for p in parts], summary=summary,
-                         client_counts=[{s: len(idx) for s, idx in sorted(p.items())} for p in parts])
+                         client_counts=[{s: len(idx) for s, idx in sorted(p.items())} for p in parts],
+                         note=unassigned_note({s: len(ts) for s, ts in train.items()}, parts))
 
 
 def load_eval_data(path: str, tokenizer, seq_len: int, fmt: str = "auto") -> TokenSet:

@@ -39,6 +39,10 @@ KINDS = ("documents", "text", "prompt-completion", "chat", "e2e")
 ACCEPTED = ("messages (chat: a list of {role, content}), conversations, text, prompt + completion, "
             "mr + ref (E2E), meaning_representation + human_reference (E2E)")
 MIN_EVAL_SEQS = 8
+NO_HELD_OUT = "the run has no held-out split (eval_fraction 0)"
+NO_HELD_OUT_NOTE = (f"note: eval_fraction 0: {NO_HELD_OUT}: no held-out loss (eval_loss nan in metrics.csv), no "
+                    "`hsplit eval --generate` without --data, no `hsplit whatif --curve` from this run; set "
+                    "--eval-fraction 0.05 to have one")
 
 
 @dataclass
@@ -147,6 +151,22 @@ def _names(columns) -> str:
     return ", ".join(map(str, list(columns)[:20])) + (" ..." if len(columns) > 20 else "") if columns else "none"
 
 
+def not_utf8(f: Path, e: UnicodeDecodeError, whole: bool = False) -> ConfigError:
+    """The one error for a data file that is not UTF-8: the file, the first bad byte (whole: e decoded the whole
+    file, so its offset is the file's), and how to re-encode it."""
+    bad = f"byte 0x{e.object[e.start]:02x}" + (f" at offset {e.start}" if whole else "")
+    return ConfigError(str(f), [f"not UTF-8 ({bad}); re-encode it, e.g. `iconv -f latin1 -t utf-8 {f.name} > "
+                                f"{f.stem}.utf8{f.suffix}` (latin1: the file's actual encoding), and give that file"])
+
+
+def read_utf8(f: Path) -> str:
+    """A text file's contents (not_utf8's ConfigError when it is not UTF-8)."""
+    try:
+        return f.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise not_utf8(f, e, whole=True) from None
+
+
 def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict], int | None]:
     """(columns, first records, rows) of one tabular file, without reading it whole where avoidable."""
     try:
@@ -195,6 +215,8 @@ def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict],
     except (OSError, UnicodeDecodeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, UnicodeDecodeError):
+            raise not_utf8(f, e) from None
         raise ConfigError(str(f), [f"cannot be read as {reader}: {str(e).splitlines()[0][:300] if str(e) else e}"]) from None
     raise AssertionError(reader)
 
@@ -202,7 +224,7 @@ def _peek_file(f: Path, reader: str, n: int = 5) -> tuple[list[str], list[dict],
 def inspect(src: Source, spec: DataSpec) -> Info:
     """The record kind, columns and size of a source, from a few records (no tokenising)."""
     if src.reader in ("shakespeare", "text"):
-        chars = sum(f.stat().st_size for f in src.files)
+        chars = sum(len(read_utf8(f)) for f in src.files)     # read whole: a file that is not UTF-8 is refused here
         return Info("documents", [], len(src.files), chars)
     if src.where == "saved":
         ds = open_dataset(src, spec)
@@ -270,7 +292,7 @@ def open_dataset(src: Source, spec: DataSpec):
         from hsplit.runtime.tokenise import clean_markdown
         texts, names = [], []
         for f in src.files:
-            t = f.read_text(encoding="utf-8")
+            t = read_utf8(f)
             texts.append(clean_markdown(t) if src.reader == "shakespeare" else t)
             names.append(f.parent.name if src.reader == "shakespeare" else f.stem)
         return datasets.Dataset.from_dict({"text": texts, "source": names})
@@ -319,7 +341,9 @@ def check_data(spec: DataSpec, seq_len: int) -> list[str]:
     split is not tiny. Raises ConfigError; returns warnings (one line each)."""
     src = resolve(spec)
     info = inspect(src, spec)
-    if info.rows is None or spec.eval_fraction <= 0:
+    if spec.eval_fraction <= 0:
+        return [NO_HELD_OUT_NOTE]
+    if info.rows is None:
         return []
     if info.kind == "documents":     # about 4 characters per token: an estimate, said as one
         items = max(0, int((info.chars or 0) / 4 / seq_len))
@@ -332,6 +356,69 @@ def check_data(spec: DataSpec, seq_len: int) -> list[str]:
                 f"{held} evaluation sequence{'s' if held != 1 else ''} (eval_fraction {spec.eval_fraction:g} of {what}); "
                 "evaluation loss will be noisy: use more data or a larger eval_fraction"]
     return []
+
+
+FULL_READ_BYTES = 64 * 2 ** 20      # check_records reads local data files up to this size in all, whole
+
+
+def _read_records(f: Path, reader: str) -> list[dict]:
+    if reader == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            return pq.read_table(f).to_pylist()
+        except (OSError, ValueError) as e:
+            raise ConfigError(str(f), [f"cannot be read as parquet: {str(e).splitlines()[0][:300]}"]) from None
+    return _peek_file(f, reader, n=2 ** 62)[1]
+
+
+def check_records(spec: DataSpec, seq_len: int, weights: list[float], seed: int) -> list[str]:
+    """What `hsplit run` would refuse about the data and the plan's clients (data_weight `weights`), found by
+    reading the records when that is cheap (local files up to FULL_READ_BYTES; text files: their names only):
+    records the run cannot tokenise, chat data without an assistant turn, a partition that does not fit the
+    sources (flower-natural-id, flower-pathological) or leaves a client without data, or an empty held-out
+    split; the hold-out and the partition are the run's own (partition.holdout, partition.partition). Raises
+    the run's ConfigError; returns notes (sources on no client)."""
+    from hsplit.runtime.partition import holdout, partition, partition_problem, split_problems, unassigned_note
+    from hsplit.runtime.tokenise import _source_of, chat_record, no_assistant_problem, record_problem
+    src = resolve(spec)
+    if src.reader in ("shakespeare", "text"):       # sequences need the tokenizer: check the source count only
+        sources = sorted({f.parent.name if src.reader == "shakespeare" else f.stem for f in src.files})
+        if (bad := partition_problem(spec.partition, sources, len(weights), spec.sources_per_client)) is not None:
+            raise bad
+        return []
+    if src.where not in ("file", "folder") or sum(f.stat().st_size for f in src.files) > FULL_READ_BYTES:
+        return []
+    tables = [(f, _read_records(f, src.reader)) for f in src.files]
+    rows = [r for _, rs in tables for r in rs]
+    if not rows:
+        return []
+    kind = record_kind(list(dict.fromkeys(k for r in rows[:5] for k in r)), rows[0], spec, str(src.files[0]))
+    problems, roles, counts, n = [], set(), {}, 0
+    for f, rs in tables:
+        named = any(spec.partition_by in r for r in rs)     # a folder's file without the column: its name
+        for r in rs:
+            n += 1
+            if (why := record_problem(r, kind)) is not None:
+                problems.append(f"record {n}: {why}")
+                continue
+            if kind == "chat":
+                roles.update(m["role"] for m in chat_record(r, "")[0])
+            s = f.stem if src.where == "folder" and not named else \
+                _source_of({k: [v] for k, v in r.items()}, 0, kind, spec.partition_by)
+            counts[s] = counts.get(s, 0) + 1
+    if problems:
+        raise ConfigError(spec.path, problems, shown=5)
+    if kind == "chat" and (why := no_assistant_problem(roles)) is not None:
+        raise ConfigError(spec.path, [why])
+    train, evals = holdout(dict(sorted(counts.items())), spec.eval_fraction, seed)   # the run sorts its sources
+    parts = partition({s: len(i) for s, i in train.items()}, weights, spec.partition, spec.alpha, seed,
+                      spec.sources_per_client)
+    problems = split_problems(spec.partition, parts, sum(map(len, train.values())), seq_len, spec.eval_fraction,
+                              sum(len(i) for _, i in evals))
+    if problems:
+        raise ConfigError(f"data ({spec.path})", problems)
+    note = unassigned_note({s: len(i) for s, i in train.items()}, parts)
+    return [note] if note else []
 
 
 # ---------------------------------------------------------------- --data FORMAT:PATH arguments

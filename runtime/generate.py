@@ -3,14 +3,17 @@
     rep = generate_run("runs/demo")                                    # the run's held-out split
     rep = generate_run("runs/demo", "e2e:/data/e2e/testset_w_refs.csv", beams=4, max_prompts=100)
     rep = generate_run("runs/demo", "test.jsonl")                      # prompt/completion or chat JSONL
-    # runs/demo/generate-<heldout | file stem>[-beamN].jsonl  one line per prompt: prompt, generated, references
-    # runs/demo/generate-<heldout | file stem>[-beamN].json   the report: bleu, rouge_l, perplexity, settings
+    # runs/demo/generate-<heldout | file name>[-beamN].jsonl  one line per prompt: prompt, generated, references
+    # runs/demo/generate-<heldout | file name>[-beamN].json   the report: bleu, rouge_l, perplexity, settings
 
 Data that can be generated from (anything else, e.g. plain text or Shakespeare, is refused, naming these):
 - E2E CSV (`mr`, `ref`): prompt = the MR + newline (as trained); the output is cut at its first newline.
 - prompt/completion: JSONL `{"prompt", "completion"}` or CSV columns `prompt`, `completion`.
 - chat JSONL `{"messages": [{"role", "content"}, ...]}`: prompt = the tokenizer's chat template over every
   turn before the last assistant turn, with the generation prompt; reference = that turn's content.
+  ShareGPT `conversations` ({from, value}) alike, roles mapped as training maps them (runtime/tokenise.py);
+  TRL conversational prompt/completion (lists of messages): prompt = the template over the prompt's turns,
+  reference = the completion's first assistant turn.
 Without --data, the run's own held-out split is used, from its token sequences exactly as trained: the
 tokens before the last labelled span are the prompt, the span (less EOS) the reference; sequences cut at
 seq_len are skipped (their reference is incomplete).
@@ -39,9 +42,10 @@ from hsplit.planner.yamlio import atomic_write_text, read_yaml
 from hsplit.runtime import rundir
 from hsplit.planner.plan import looks_like_hub_id
 from hsplit.runtime.data import TokenSet, check_data_ref
+from hsplit.runtime.datasource import NO_HELD_OUT
 
-KINDS = ("E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages); Parquet, Arrow, "
-         "`datasets` folders and dataset ids with those columns")
+KINDS = ("E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages, conversations, or TRL "
+         "prompt/completion message lists); Parquet, Arrow, `datasets` folders and dataset ids with those columns")
 
 
 @dataclass
@@ -82,28 +86,48 @@ def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
 
 
 def _record(obj, where: str, problems: list[str]) -> Example | None:
-    """A JSONL object or CSV row as an Example (None and a problem when it has nothing to generate from)."""
+    """A JSONL object or CSV row as an Example (None and a problem when it has nothing to generate from).
+    Chat records are read as training reads them (runtime/tokenise.py): `messages`, ShareGPT `conversations`
+    ({from, value}; human/gpt as user/assistant) and TRL's conversational prompt/completion (lists of messages)."""
+    from hsplit.runtime.tokenise import _messages
     if not isinstance(obj, dict):
         problems.append(f"{where}: expected an object with prompt/completion or messages")
         return None
-    if obj.get("messages") is not None:
-        msgs = obj["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                                 and isinstance(m.get("content"), str) for m in msgs):
-            problems.append(f"{where}: messages must be a list of {{role, content}} objects with text values")
+    field = next((k for k in ("messages", "conversations") if obj.get(k) is not None), None)
+    conversational = isinstance(obj.get("prompt"), list)
+    if field or conversational:
+        try:
+            if field:
+                msgs, first = _messages(obj[field], where), 1
+            else:
+                prompt = _messages(obj["prompt"], f"{where}: prompt")
+                msgs, first = prompt + _messages(obj.get("completion"), f"{where}: completion"), len(prompt)
+        except ConfigError as e:
+            problems.append(str(e))
             return None
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-        if last is None or last == 0:
-            problems.append(f"{where}: messages need an assistant turn after at least one other turn "
-                            "(the last assistant turn is the reference, the turns before it the prompt)")
+        roles = ", ".join(dict.fromkeys(m["role"] for m in msgs)) or "none"
+        if field:       # the last assistant turn is the reference, every turn before it the prompt
+            at = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        else:           # TRL: the completion's first assistant turn is the reference
+            at = next((i for i, m in enumerate(msgs) if i >= first and m["role"] == "assistant"), None)
+        if at is None or at < first:
+            what = (f"{field} need an assistant turn after at least one other turn (the last assistant turn is "
+                    "the reference, the turns before it the prompt)" if field else
+                    "the completion needs an assistant turn (its content is the reference)")
+            problems.append(f"{where}: {what}; roles found: {roles} (expected system, user, assistant)")
             return None
-        return Example("chat", [{"role": m["role"], "content": m["content"]} for m in msgs[:last]],
-                       msgs[last]["content"].strip())
+        return Example("chat", msgs[:at], msgs[at]["content"].strip())
     if obj.get("prompt") is not None and obj.get("completion") is not None:
         return Example("prompt-completion", str(obj["prompt"]), str(obj["completion"]).strip())
     what = "a text record (nothing to generate from)" if obj.get("text") is not None else "no prompt"
     problems.append(f"{where}: {what}; --generate needs prompt and completion fields, or messages")
     return None
+
+
+def _refuse(path: str, problems: list[str], shown: int = 5) -> None:
+    """One ConfigError of at most `shown` problems and how many more (nothing when there are none)."""
+    if problems:
+        raise ConfigError(str(path), problems, shown=shown)
 
 
 def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
@@ -125,8 +149,7 @@ def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
         out = [Example("e2e", str(row[e2e[0]]).strip(), str(row[e2e[1]]).strip()) for row in ds]
     else:
         out = [_record(row, f"record {i + 1}", problems) for i, row in enumerate(ds)]
-    if problems:
-        raise ConfigError(path, problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else []))
+    _refuse(path, problems)
     if not out:
         raise ConfigError(path, [f"no records; --generate needs {KINDS}"])
     return out
@@ -172,8 +195,7 @@ def read_examples(data: str) -> list[Example]:
                     problems.append(f"line {i + 1}: not valid JSON: {e}")
                     continue
                 out.append(_record(obj, f"line {i + 1}", problems))
-    if problems:
-        raise ConfigError(str(path), problems)
+    _refuse(str(path), problems)
     if not out:
         raise ConfigError(str(path), [f"no records; --generate needs {KINDS}"])
     return out
@@ -405,12 +427,16 @@ def generate_file(sim, data: str, max_prompts: int | None = None, **kw) -> tuple
 def generate_run(run_dir: str | Path, data: str | None = None, max_prompts: int | None = None, beams: int = 1,
                  max_new_tokens: int | None = None, batch_size: int = 16, device: str = "cpu") -> dict:
     """Generation metrics of a run's latest aggregated model on its held-out split (data None) or a --data
-    file; writes generate-<heldout | stem>[-beamN].{jsonl,json} into the run folder."""
+    file; writes generate-<heldout | file name>[-beamN].{jsonl,json} into the run folder (the name with its
+    extension: pc.jsonl and pc.parquet do not overwrite each other)."""
     run_dir = Path(run_dir)
     examples = read_examples(data) if data else None     # a bad --data fails before the model loads
     if data is None:
-        cfg = run_dir / "config.yaml"
-        fmt = (read_yaml(cfg).get("data") or {}).get("format") if cfg.is_file() else None
+        cfg = read_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else {}
+        fmt = (cfg.get("data") or {}).get("format")
+        if ((cfg.get("plan") or {}).get("data") or {}).get("eval_fraction", 1) == 0 or \
+                (cfg.get("data") or {}).get("eval_sequences", 1) == 0:
+            raise ConfigError("--generate", [f"{NO_HELD_OUT}; give --data FILE ({KINDS})"])
         if fmt in ("text", "shakespeare"):
             raise ConfigError("--generate", [f"the run's data is {fmt}: nothing to generate from; --generate needs "
                                              f"prompts and references: give --data FILE ({KINDS})"])
@@ -426,8 +452,8 @@ def generate_run(run_dir: str | Path, data: str | None = None, max_prompts: int 
     source = check_data_ref(data)[0] if data else (config.get("data") or {}).get("path")
     report = {"run": str(run_dir), "round": r, "device": str(sim.device), "split": "held-out" if data is None else
               "file", "data": str(source), "kind": prompts[0].kind,
-              **report, **({"skipped_cut_at_seq_len": cut} if examples is None else {})}
-    stem = ("generate-heldout" if data is None else f"generate-{Path(source).stem}") + (
+              "seq_len": sim.training.seq_len, **report, **({"skipped_cut_at_seq_len": cut} if examples is None else {})}
+    stem = ("generate-heldout" if data is None else f"generate-{Path(source).name}") + (
         "" if beams == 1 else f"-beam{beams}")
     atomic_write_text(run_dir / f"{stem}.jsonl", "".join(json.dumps(x) + "\n" for x in rows))
     atomic_write_text(run_dir / f"{stem}.json", json.dumps(report, indent=1) + "\n")

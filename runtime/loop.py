@@ -135,6 +135,8 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
             config = run_config(sim, plan_path, run_dir, rounds, opts, **(config_extra or {}))
             atomic_write_text(run_dir / "config.yaml", dump_yaml(config, CONFIG_HEADER))
             draw_data_partition(sim, plan, run_dir / "partition.png")
+            if getattr(sim.data, "note", None):             # e.g. sources no client trains on
+                print(sim.data.note, file=sys.stderr, flush=True)
             checkpoint.save(run_dir, 0, sim.tensors(None), {"metrics": rows, "strategy": plan.strategy})
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)      # nothing half-written
@@ -191,6 +193,8 @@ def run(plan_path: str | Path, opts: RunOptions | None = None, reporter: Reporte
         torch.set_num_threads(opts.threads)
     plan_path = Path(plan_path)
     plan = Plan.load(plan_path)
+    if (missing := plan.data_path_problem()) is not None:      # before the model loads
+        raise ConfigError(str(plan_path), [missing])
     pick_device(opts.device)                    # a bad --device is an error before anything is loaded
     run_dir, done, rounds = prepare_run_dir(plan, plan_path, opts)
     plan.training.rounds = rounds

@@ -35,6 +35,83 @@ from hsplit.planner.errors import ConfigError
 FLOWER = ("flower-iid", "flower-dirichlet", "flower-natural-id", "flower-pathological")
 
 
+def holdout(counts: dict[str, int], fraction: float, seed: int) -> tuple[dict[str, np.ndarray], list[tuple[str, np.ndarray]]]:
+    """(train {source: kept item indices}, [(source, held-out item indices)]) of sources of `counts` items.
+    Each source holds out round(fraction x its items), at least one and never all of them. Sources too small
+    for that (fraction x items < 0.5, e.g. E2E restaurants with one or two references) are pooled and the
+    pool holds out its share instead, so that many tiny sources neither give an empty eval split nor one
+    far above `fraction`. A pure function of counts, fraction and seed (`hsplit plan` checks with it)."""
+    def pick(n: int, stream: int) -> tuple[np.ndarray, np.ndarray]:
+        k = int(round(fraction * n))
+        if fraction > 0 and n >= 2:
+            k = min(max(k, 1), n - 1)
+        perm = np.random.default_rng([seed, 104729, stream]).permutation(n)
+        return np.sort(perm[:k]), np.sort(perm[k:])
+
+    train, evals = {}, []
+    small = [s for s, n in counts.items() if fraction * n < 0.5]
+    pooled = small if len(small) > 1 else []        # one small source alone keeps its own rule
+    in_pool = set(pooled)
+    for i, (src, n) in enumerate(counts.items()):
+        if src not in in_pool:
+            held, kept = pick(n, i)
+            evals.append((src, held))
+            train[src] = kept
+    if pooled:                  # the pool: the small sources' items one after the other
+        sizes = [counts[s] for s in pooled]
+        held, _ = pick(sum(sizes), len(counts))
+        is_held = np.zeros(sum(sizes), dtype=bool)
+        is_held[held] = True
+        start = 0
+        for src, n in zip(pooled, sizes):
+            flags = is_held[start:start + n]
+            start += n
+            evals.append((src, np.flatnonzero(flags)))
+            if not flags.all():
+                train[src] = np.flatnonzero(~flags)
+    return train, evals
+
+
+def split_problems(how: str, parts: list[dict], n_train: int, seq_len: int, eval_fraction: float,
+                   n_eval: int) -> list[str]:
+    """What the run refuses about a partition: clients without data, an empty held-out split."""
+    empty = [i for i, p in enumerate(parts) if not any(len(v) for v in p.values())]
+    problems = []
+    if empty:
+        problems.append(f"partition {how!r} left client(s) {empty} without data "
+                        f"({n_train} training sequence{'s' if n_train != 1 else ''} of {seq_len} tokens for "
+                        f"{len(parts)} clients); use more data, a shorter seq_len, or partition iid")
+    if eval_fraction > 0 and n_eval == 0:
+        problems.append("the held-out eval split is empty: use more data or a larger eval_fraction")
+    return problems
+
+
+def unassigned_note(train_counts: dict[str, int], parts: list[dict]) -> str | None:
+    """A one-line note naming the sources no client trains on (flower-pathological can leave some out)."""
+    held = {s for p in parts for s, v in p.items() if len(v)}
+    left = {s: n for s, n in train_counts.items() if s not in held and n}
+    if not left:
+        return None
+    names = ", ".join(f"{s} ({n} sequence{'s' if n != 1 else ''})" for s, n in sorted(left.items())[:8])
+    return (f"note: the partition puts {len(left)} source{'s' if len(left) != 1 else ''} on no client: {names}"
+            f"{' ...' if len(left) > 8 else ''}; no client trains on {'them' if len(left) != 1 else 'it'}")
+
+
+def partition_problem(how: str, sources: list[str], k: int, sources_per_client: int) -> ConfigError | None:
+    """The partitions that need a number of sources (flower-natural-id, flower-pathological): the error when the
+    data's sources do not fit the plan's k clients (None otherwise)."""
+    if how == "flower-natural-id" and len(sources) != k:
+        return ConfigError("data.partition", [
+            f"flower-natural-id gives each client one source: the data has {len(sources)} source(s) "
+            f"({', '.join(sorted(sources)[:6])}{' ...' if len(sources) > 6 else ''}) and the plan {k} clients; "
+            "use by-source to put several sources on a client, or another partition"])
+    if how == "flower-pathological" and sources_per_client > len(sources):
+        return ConfigError("data.sources_per_client", [
+            f"{sources_per_client} is more than the data's {len(sources)} source(s); use at most {len(sources)} "
+            "(hsplit plan --sources-per-client)"])
+    return None
+
+
 def partition(sizes: dict[str, int], weights: list[float], how: str, alpha: float, seed: int,
               sources_per_client: int = 2) -> list[dict[str, np.ndarray]]:
     """Per client: {source: item indices}. Pure function of sizes, weights and seed."""
@@ -94,17 +171,11 @@ def _flower(sizes: dict[str, int], k: int, how: str, alpha: float, seed: int,
         part = fp.DirichletPartitioner(num_partitions=k, partition_by="source", alpha=alpha,
                                        min_partition_size=min(10, n // k), self_balancing=False, shuffle=True,
                                        seed=seed)
+    elif (bad := partition_problem(how, list(sizes), k, sources_per_client)) is not None:
+        raise bad
     elif how == "flower-natural-id":
-        if len(sizes) != k:
-            raise ConfigError("data.partition", [
-                f"flower-natural-id gives each client one source: the data has {len(sizes)} source(s) "
-                f"({', '.join(sorted(sizes)[:6])}{' ...' if len(sizes) > 6 else ''}) and the plan {k} clients; "
-                "use by-source to put several sources on a client, or another partition"])
         part = fp.NaturalIdPartitioner(partition_by="source")
     else:
-        if sources_per_client > len(sizes):
-            raise ConfigError("data.sources_per_client", [
-                f"{sources_per_client} is more than the data's {len(sizes)} source(s); use at most {len(sizes)}"])
         part = fp.PathologicalPartitioner(num_partitions=k, partition_by="source",
                                           num_classes_per_partition=sources_per_client,
                                           class_assignment_mode="first-deterministic", seed=seed)
@@ -120,7 +191,8 @@ def _flower(sizes: dict[str, int], k: int, how: str, alpha: float, seed: int,
                     got.setdefault(s, []).append(i)
                 out.append({s: np.sort(np.asarray(v, dtype=np.int64)) for s, v in sorted(got.items())})
     except ValueError as e:          # e.g. Dirichlet draws that leave a client below min_partition_size
-        fix = {"flower-dirichlet": "a larger alpha", "flower-pathological": "another sources_per_client"}.get(how, "")
+        fix = {"flower-dirichlet": "a larger data.alpha (hsplit plan --dirichlet-alpha)",
+               "flower-pathological": "another data.sources_per_client (--sources-per-client)"}.get(how, "")
         raise ConfigError("data.partition", [f"{how}: {str(e).splitlines()[0]} ({n} training items, {k} clients); "
                                              f"use more data, {fix + ', ' if fix else ''}or another partition"]) from None
     return out
@@ -163,9 +235,14 @@ def draw_partition(client_counts: list[dict[str, int]], client_ids: list[str], p
     return path
 
 
+def _n(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
+
+
 def draw_data_partition(sim, plan, path: str | Path) -> Path:
     """partition.png of a run: the simulation's training data per client, stacked by source."""
     s = sim.data.summary
     title = (f"{Path(str(plan.data.path)).name}: partition {plan.data.partition}\n"
-             f"{sum(s['client_sequences'])} training, {s['eval_sequences']} held-out sequences of {s['seq_len']} tokens")
+             f"{_n(sum(s['client_sequences']), 'training sequence')}, {s['eval_sequences']} held-out, "
+             f"of {s['seq_len']} tokens")
     return draw_partition(sim.data.client_counts, [c.id for c in plan.clients], path, title)

@@ -62,6 +62,41 @@ def _messages(raw, where: str) -> list[dict]:
     return out
 
 
+def chat_record(rec: dict, where: str) -> tuple[list[dict], int]:
+    """(messages, index of the first turn that carries loss) of one chat record: `messages` or `conversations`
+    (from index 0), or TRL's conversational `prompt` + `completion` (the completion's turns)."""
+    if "messages" in rec or "conversations" in rec:
+        return _messages(rec["messages"] if rec.get("messages") is not None or "conversations" not in rec
+                         else rec["conversations"], where), 0
+    prompt = _messages(rec.get("prompt"), where)
+    return prompt + _messages(rec.get("completion"), where), len(prompt)
+
+
+def record_problem(rec: dict, kind: str) -> str | None:
+    """Why the run cannot tokenise this record of a table of `kind` (chat, text, prompt-completion), or None."""
+    if kind == "chat":
+        try:
+            chat_record(rec, "")
+        except ConfigError as e:
+            return "; ".join(e.problems)
+        return None
+    if kind in ("text", "prompt-completion"):
+        if rec.get("text") is not None or all(rec.get(k) is not None for k in ("prompt", "completion")):
+            return None
+        has = [f"`{k}`" for k in ("text", "prompt", "completion") if rec.get(k) is not None]
+        return ("needs a `text` field or `prompt` and `completion` fields" +
+                (f"; it has only {', '.join(has)} (the other missing or null)" if has else "; it has none of them"))
+    return None
+
+
+def no_assistant_problem(roles: set[str]) -> str | None:
+    """The error when no chat record has an assistant turn (no tokens to train on), naming the roles found."""
+    if "assistant" in roles:
+        return None
+    return (f"no record has an assistant turn (roles found: {', '.join(sorted(roles)) or 'none'}; expected "
+            "system, user, assistant, or ShareGPT's human, gpt): there is nothing to train on; rename the roles")
+
+
 def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -113,11 +148,10 @@ def _encoder(kind: str, tokenizer, partition_by: str, where: str):
         out_ids, out_loss = [], []
         if kind == "chat":
             for i in range(n):
-                if "messages" in batch or "conversations" in batch:
-                    msgs, start = _messages((batch.get("messages") or batch["conversations"])[i], where), 0
-                else:
-                    prompt = _messages(batch["prompt"][i], where)
-                    msgs, start = prompt + _messages(batch["completion"][i], where), len(prompt)
+                try:
+                    msgs, start = chat_record({k: v[i] for k, v in batch.items()}, where)
+                except ConfigError as e:
+                    raise ConfigError(where, [f"record {indices[i] + 1}: {p}" for p in e.problems]) from None
                 ids, loss = chat_tokens(tokenizer, msgs, start, where)
                 out_ids.append(ids)
                 out_loss.append(loss)
@@ -138,8 +172,8 @@ def _encoder(kind: str, tokenizer, partition_by: str, where: str):
                     prompts.append(str(batch["prompt"][i]))
                     completions.append(str(batch["completion"][i]))
                 else:
-                    raise ConfigError(where, [f"record {indices[i] + 1}: needs a `text` field or `prompt` and "
-                                              "`completion` fields"])
+                    row = {k: batch[k][i] for k in ("text", "prompt", "completion") if k in batch}
+                    raise ConfigError(where, [f"record {indices[i] + 1}: {record_problem(row, 'text')}"])
         if kind == "documents":
             p_ids = [[] for _ in prompts]
             c_ids = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in completions]

@@ -182,7 +182,8 @@ def test_plan_and_run_read_each_new_input_kind(model, tmp_path, kind, monkeypatc
     data = _write(kind, tmp_path / "data")
     plans = tmp_path / "plans"
     plans.mkdir()
-    r = _plan(model, data, plans / "plan.yaml")
+    monkeypatch.chdir(tmp_path)
+    r = _plan(model, data.relative_to(tmp_path), "plans/plan.yaml")
     assert r.exit_code == 0, r.output
     written = Plan.from_dict(yaml.safe_load((plans / "plan.yaml").read_text()), "p")
     assert written.data.path == os.path.join("..", "data", data.name)        # relative to the plan file
@@ -240,10 +241,10 @@ def test_a_file_may_mix_text_and_prompt_completion_records_and_a_record_with_nei
 def test_plan_check_reads_the_data_path_from_the_plan_files_folder(model, tmp_path, monkeypatch):
     (tmp_path / "plans").mkdir()
     (tmp_path / "plans" / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(400)))
-    r = _plan(model, tmp_path / "plans" / "d.jsonl", tmp_path / "plans" / "plan.yaml")
+    monkeypatch.chdir(tmp_path)
+    r = _plan(model, "plans/d.jsonl", "plans/plan.yaml")
     assert r.exit_code == 0, r.output
     assert yaml.safe_load((tmp_path / "plans" / "plan.yaml").read_text())["data"]["path"] == "d.jsonl"
-    monkeypatch.chdir(tmp_path)
     assert Plan.load("plans/plan.yaml").data.path == str(tmp_path / "plans" / "d.jsonl")
     args = ["plan", "--check", "plans/plan.yaml", "--fleet", "example", "--model", str(model)]
     r = runner.invoke(app, args)
@@ -298,3 +299,125 @@ def test_a_plan_copied_with_its_data_elsewhere_reads_that_data_and_keeps_its_has
         plans.append(Plan.load(tmp_path / machine / "plan.yaml"))
     assert [p.data.path for p in plans] == [str(tmp_path / m / "data" / "d.jsonl") for m in ("a", "b")]
     assert plan_hash(plans[0]) == plan_hash(plans[1])
+
+
+def test_a_text_file_that_is_not_utf8_is_refused_by_plan_and_run_naming_it_and_the_fix(model, tmp_path):
+    folder = tmp_path / "txt"
+    folder.mkdir()
+    for name in ("a", "b"):
+        (folder / f"{name}.txt").write_text("Caf\u00e9 au lait, tout le jour. " * 40, encoding="utf-8")
+    r = _plan(model, folder, tmp_path / "p.yaml")
+    assert r.exit_code == 0, r.output
+    (folder / "b.txt").write_bytes("Caf\u00e9 au lait. ".encode("latin-1") * 40)
+    r = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "--name", "r"])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in r.output and out.count("error:") == 1, r.output
+    assert f"{folder / 'b.txt'}: not UTF-8 (byte 0xe9 at offset 3)" in out and "iconv -f latin1 -t utf-8" in out
+    for data in (folder, folder / "b.txt"):
+        r = _plan(model, data, tmp_path / "q.yaml")
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and out.count("error:") == 1 and "b.txt: not UTF-8" in out, r.output
+        assert "iconv -f latin1 -t utf-8 b.txt > b.utf8.txt" in out and not (tmp_path / "q.yaml").exists()
+
+
+def _jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _flat(r) -> str:
+    return " ".join(r.output.split())
+
+
+def test_plan_refuses_what_the_run_would_refuse_with_the_runs_message(model, tmp_path):
+    """Records the run cannot read, chat without an assistant turn, a partition that does not fit the data's
+    sources or the plan's 5 clients: `hsplit plan` says so (exit 2), as the run would, and writes no plan."""
+    pc = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(80)])
+    chat = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ho"}]}] * 30
+    cases = [
+        (pc, ["--partition", "flower-natural-id"], "flower-natural-id gives each client one source: the data has 1 "
+                                                  "source(s) (data) and the plan 5 clients"),
+        (pc, ["--partition", "flower-pathological"], "data.sources_per_client: 2 is more than the data's 1 source(s)"),
+        (_jsonl(tmp_path / "badchat.jsonl", [{"messages": [{"role": "user", "text": "hi"}]}] * 12), [],
+         "record 1: message 0: needs role and content, found {'role': 'user', 'text': 'hi'}"),
+        (_jsonl(tmp_path / "noassist.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}] * 30), [],
+         "no record has an assistant turn (roles found: user; expected system, user, assistant"),
+        (_jsonl(tmp_path / "badrole.jsonl", [{"conversations": [{"from": "human", "value": "hi"},
+                                                                {"from": "bot", "value": "ho"}]}] * 30), [],
+         "no record has an assistant turn (roles found: bot, user;"),
+        (_jsonl(tmp_path / "null.jsonl", [{"prompt": "q", "completion": None if i == 3 else "a"} for i in range(30)]),
+         [], "record 4: needs a `text` field or `prompt` and `completion` fields; it has only `prompt`"),
+        (_jsonl(tmp_path / "two.jsonl", [{"text": "abc"}, {"prompt": "q", "completion": "a"}]), [],
+         "partition 'by-source' left client(s) [1, 2, 3, 4] without data (1 training sequence of 128 tokens"),
+        (_jsonl(tmp_path / "chat.jsonl", chat), ["--partition", "flower-natural-id"], "the data has 1 source(s)"),
+    ]
+    for data, extra, words in cases:
+        r = _plan(model, data, tmp_path / "p.yaml", *extra)
+        assert r.exit_code == 2 and words in _flat(r) and "Traceback" not in r.output, (data.name, r.output)
+        assert not (tmp_path / "p.yaml").exists()
+    r = _plan(model, tmp_path / "badchat.jsonl", tmp_path / "p.yaml")
+    assert "... and 7 more" in _flat(r) and _flat(r).count("record ") == 5
+    # the run says the same (a plan edited by hand after `hsplit plan`)
+    assert _plan(model, pc, tmp_path / "p.yaml").exit_code == 0
+    raw = yaml.safe_load((tmp_path / "p.yaml").read_text())
+    raw["data"]["partition"] = "flower-natural-id"
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    r = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "--name", "r"])
+    assert r.exit_code == 2 and cases[0][2] in _flat(r), r.output
+    r = runner.invoke(app, ["plan", "--check", str(tmp_path / "p.yaml"), "--model", str(model)])
+    assert r.exit_code == 2 and cases[0][2] in _flat(r) and "p.yaml" in _flat(r), r.output
+
+
+def test_a_run_on_chat_without_assistant_turns_names_the_roles_not_seq_len(model, tmp_path):
+    data = _jsonl(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"hi {i}"}]} for i in range(40)])
+    tok = __import__("transformers").AutoTokenizer.from_pretrained(str(model))
+    with pytest.raises(ConfigError) as e:
+        load_federated_data(DataSpec(path=str(data)), tok, 32, [1, 1], 0)
+    assert "no record has an assistant turn (roles found: user;" in str(e.value) and "seq_len" not in str(e.value)
+
+
+def test_sources_on_no_client_are_named_by_plan_and_run(model, tmp_path):
+    data = _jsonl(tmp_path / "s.jsonl", [{"text": f"item {i}", "source": f"s{i % 8}"} for i in range(96)])
+    r = _plan(model, data, tmp_path / "p.yaml", "--partition", "flower-pathological")
+    assert r.exit_code == 0, r.output
+    note = next(x for x in r.stderr.splitlines() if x.startswith("note: the partition puts"))
+    assert "on no client:" in note and "sequences)" in note
+    r = runner.invoke(app, ["run", str(tmp_path / "p.yaml"), "--runs-dir", str(tmp_path / "runs"), "--name", "r"])
+    assert r.exit_code == 0, r.output
+    assert note in r.stderr.splitlines()
+    config = yaml.safe_load((tmp_path / "runs" / "r" / "config.yaml").read_text())["data"]
+    dropped = {s for s in config["sources"] if s in note}
+    assert dropped and sum(config["client_sequences"]) + config["eval_sequences"] < 96
+
+
+def test_an_absolute_data_path_stays_absolute_and_a_missing_one_names_the_plan(model, tmp_path, monkeypatch):
+    data = _jsonl(tmp_path / "d.jsonl", [{"text": f"line {i}"} for i in range(200)])
+    (tmp_path / "sub" / "dir").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "sub")
+    assert _plan(model, data, "dir/abs.yaml").exit_code == 0
+    assert yaml.safe_load((tmp_path / "sub" / "dir" / "abs.yaml").read_text())["data"]["path"] == str(data)
+    assert _plan(model, "../d.jsonl", "dir/rel.yaml").exit_code == 0
+    assert yaml.safe_load((tmp_path / "sub" / "dir" / "rel.yaml").read_text())["data"]["path"] == "../../d.jsonl"
+    (tmp_path / "alone").mkdir()
+    (tmp_path / "alone" / "rel.yaml").write_bytes((tmp_path / "sub" / "dir" / "rel.yaml").read_bytes())
+    r = runner.invoke(app, ["run", str(tmp_path / "alone" / "rel.yaml"), "--runs-dir", str(tmp_path / "runs")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert (f"{tmp_path / 'alone' / 'rel.yaml'}: data.path '../../d.jsonl' (relative to the plan file's folder "
+            f"{tmp_path / 'alone'}/) -> {(tmp_path / 'alone' / '../../d.jsonl').resolve()}: no such file") in _flat(r)
+
+
+def test_eval_fraction_zero_is_said_by_plan_and_generate(model, tmp_path, monkeypatch):
+    data = _jsonl(tmp_path / "pc.jsonl", [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)])
+    r = _plan(model, data, tmp_path / "p.yaml", "--eval-fraction", "0")
+    assert r.exit_code == 0, r.output
+    assert "eval_fraction 0: the run has no held-out split (eval_fraction 0): no held-out loss" in " ".join(
+        r.stderr.split()) and "whatif --curve" in r.stderr
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"plan": {"data": {"eval_fraction": 0.0}},
+                                                    "data": {"format": "json", "eval_sequences": 0}}))
+    import hsplit.runtime.rundir as rd
+    monkeypatch.setattr(rd, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
+    r = runner.invoke(app, ["eval", str(run), "--generate"])
+    assert r.exit_code == 2, r.output
+    assert "the run has no held-out split (eval_fraction 0); give --data FILE" in _flat(r)

@@ -50,16 +50,16 @@ def test_generate_through_the_cli_writes_outputs_next_to_the_run(tmp_path, monke
     rep = json.loads(res.stdout)
     assert rep["prompts"] == 3 and rep["references"] == 36 and rep["decoding"] == "beam 2" and rep["kind"] == "e2e"
     assert 0 <= rep["bleu"] <= 100 and 0 <= rep["rouge_l"] <= 100 and rep["perplexity"] > 1
-    lines = (run_dir / "generate-e2e-beam2.jsonl").read_text().splitlines()
+    lines = (run_dir / "generate-e2e.csv-beam2.jsonl").read_text().splitlines()
     assert len(lines) == 3 and len(json.loads(lines[0])["references"]) == 12
-    assert json.loads((run_dir / "generate-e2e-beam2.json").read_text())["bleu"] == rep["bleu"]
+    assert json.loads((run_dir / "generate-e2e.csv-beam2.json").read_text())["bleu"] == rep["bleu"]
     assert [mr for mr, _ in read_mr_groups(data)][:2] == ["name[Place0], food[French]", "name[Place1], food[French]"]
     # text output: the scores and the first outputs next to a reference
     res = runner.invoke(app, ["eval", str(run_dir), "--data", f"e2e:{data}", "--generate", "--max-new-tokens", "8",
                               "--max-mrs", "2"])
     assert res.exit_code == 0, res.output
     assert "first 2 outputs" in res.output and "name[Place0], food[French]" in res.output
-    assert "BLEU" in res.output and "generate-e2e.jsonl" in res.output
+    assert "BLEU" in res.output and "generate-e2e.csv.jsonl" in res.output
     # without --data: the run's held-out split, its MRs as trained, every held-out reference of an MR
     res = runner.invoke(app, ["eval", str(run_dir), "--generate", "--max-new-tokens", "8", "--format", "json"])
     assert res.exit_code == 0, res.output

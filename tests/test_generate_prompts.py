@@ -122,7 +122,7 @@ def test_generate_on_a_prompt_completion_file_groups_references(smol_run, tmp_pa
     rep = json.loads(res.stdout)
     assert rep["split"] == "file" and rep["kind"] == "prompt-completion" and rep["prompts"] == 3
     assert rep["references"] == 4 and rep["perplexity"] > 1
-    rows = _rows(run_dir / "generate-test.jsonl")
+    rows = _rows(run_dir / "generate-test.jsonl.jsonl")
     assert [r["references"] for r in rows] == [["blue sky", "the blue sky"], ["green grass"], ["red"]]
     assert rows[0]["prompt"] == recs[0][0]
     bleu, rouge = _direct_metrics(rows)
@@ -149,7 +149,7 @@ def test_generate_on_chat_data_uses_the_chat_template(smol_run, tmp_path):
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["kind"] == "chat" and rep["prompts"] == 2 and rep["references"] == 3
-    rows = _rows(run_dir / "generate-chat.jsonl")
+    rows = _rows(run_dir / "generate-chat.jsonl.jsonl")
     assert len(rows) == 2 and [r["references"] for r in rows] == [["Blue.", "Light blue."], ["White."]]
     expect = tok.apply_chat_template(chats[1][:3], tokenize=False, add_generation_prompt=True)
     assert rows[1]["prompt"] == expect and expect.endswith("<|im_start|>assistant\n") and "Green." in expect
@@ -248,7 +248,7 @@ def test_generate_reads_parquet_and_saved_datasets_as_training_does(smol_run, tm
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["kind"] == "prompt-completion" and rep["prompts"] == 2 and rep["references"] == 2
-    assert [r["references"] for r in _rows(run_dir / "generate-qa.jsonl")] == [["blue sky"], ["green grass"]]
+    assert [r["references"] for r in _rows(run_dir / "generate-qa.parquet.jsonl")] == [["blue sky"], ["green grass"]]
     chats = [[{"role": "user", "content": "The sky?"}, {"role": "assistant", "content": "Blue."}]]
     datasets.Dataset.from_dict({"messages": chats}).save_to_disk(str(tmp_path / "chats"))
     res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "chats"), "--generate",
@@ -261,3 +261,48 @@ def test_generate_reads_parquet_and_saved_datasets_as_training_does(smol_run, tm
     (tmp_path / "txt" / "a.txt").write_text("just some prose\n")
     res = runner.invoke(app, ["eval", str(run_dir), "--data", str(tmp_path / "txt"), "--generate"])
     assert res.exit_code == 2 and "plain text" in res.output
+
+
+def test_sharegpt_and_trl_conversational_records_are_generated_as_chat_like_training(smol_run, tmp_path):
+    """ShareGPT `conversations` (from/value) and TRL's conversational prompt/completion (message lists) are read
+    as training reads them: the chat template over the prompt turns, the assistant content as reference."""
+    run_dir, _, tok = smol_run
+    share = tmp_path / "share.jsonl"
+    share.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": f"hi {i}"},
+                                                           {"from": "gpt", "value": f"hello {i}"}]}) + "\n"
+                             for i in range(3)))
+    trl = tmp_path / "trl.jsonl"
+    trl.write_text("".join(json.dumps({"prompt": [{"role": "user", "content": f"hi {i}"}],
+                                       "completion": [{"role": "assistant", "content": f"hello {i}"}]}) + "\n"
+                           for i in range(3)))
+    for path in (share, trl):
+        res = runner.invoke(app, ["eval", str(run_dir), "--data", str(path), "--generate", "--max-prompts", "2",
+                                  "--max-new-tokens", "3", "--format", "json"])
+        assert res.exit_code == 0, res.output
+        rep = json.loads(res.stdout)
+        assert rep["kind"] == "chat" and rep["prompts"] == 2 and rep["references"] == 2
+        rows = _rows(run_dir / f"generate-{path.name}.jsonl")
+        assert [r["references"] for r in rows] == [["hello 0"], ["hello 1"]]
+        expect = tok.apply_chat_template([{"role": "user", "content": "hi 1"}], tokenize=False,
+                                         add_generation_prompt=True)
+        assert rows[1]["prompt"] == expect and "hello" not in rows[1]["prompt"]
+    # records it cannot score: a few lines naming the roles found, and how many more
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                                         {"from": "bot", "value": "ho"}]}) + "\n" for _ in range(20)))
+    res = runner.invoke(app, ["eval", str(run_dir), "--data", str(bad), "--generate"])
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    out = " ".join(res.output.split())
+    assert "roles found: user, bot" in out and "... and 15 more" in out and out.count(" - ") == 6
+
+
+def test_the_text_summary_says_what_was_skipped_and_counts_in_the_singular():
+    from hsplit.cliutil import generate_summary
+    rep = {"round": 1, "split": "held-out", "kind": "chat", "prompts": 1, "references": 1, "decoding": "greedy",
+           "skipped_cut_at_seq_len": 1, "seq_len": 64, "bleu": 1.0, "rouge_l": 2.0, "eval_loss": 1.0,
+           "outputs": ["a.jsonl", "a.json"]}
+    line = generate_summary("runs/x", rep)
+    assert "on 1 prompt of the held-out split" in line and "1 reference," in line
+    assert "1 held-out sequence skipped: cut at seq_len 64" in line
+    line = generate_summary("runs/x", {**rep, "prompts": 2, "references": 3, "skipped_cut_at_seq_len": 0})
+    assert "on 2 prompts" in line and "3 references" in line and "skipped" not in line

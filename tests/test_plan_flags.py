@@ -58,6 +58,8 @@ def test_plan_flags_are_written_into_the_plan(tmp_path):
     (["--partition", "random"], "--partition", "by-source, iid, dirichlet"),
     (["--partition", "dirichlet", "--dirichlet-alpha", "0"], "--dirichlet-alpha", "must be > 0"),
     (["--dirichlet-alpha", "0.3"], "--dirichlet-alpha", "add --partition dirichlet"),
+    (["--sources-per-client", "2"], "--sources-per-client", "add --partition flower-pathological"),
+    (["--partition", "flower-pathological", "--sources-per-client", "0"], "--sources-per-client", "whole number in 1.."),
     (["--eval-fraction", "1"], "--eval-fraction", "[0, 1)"),
     (["--lora-dropout", "1.5"], "--lora-dropout", "[0, 1)"),
     (["--dtype", "fp64"], "--dtype", "fp32, bf16, fp16"),
@@ -112,3 +114,21 @@ def test_the_run_follows_the_flags_written_into_the_plan(tmp_path, monkeypatch):
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["plan"]["training"]["seed"] == 3
     assert config["data"]["partition"] == "iid" and config["data"]["eval_sequences"] == 12     # 0.2 x 30 per source
+
+
+def test_partition_flags_cover_every_partition_and_its_settings(tmp_path):
+    import typer.main
+    from hsplit.planner.plan import PARTITIONS
+    out = tmp_path / "plan.yaml"
+    r = runner.invoke(app, ["plan", "-o", str(out), "--partition", "flower-dirichlet", "--dirichlet-alpha", "0.3",
+                            "--partition-by", "topic", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    raw = yaml.safe_load(out.read_text())["data"]
+    assert (raw["partition"], raw["alpha"], raw["partition_by"]) == ("flower-dirichlet", 0.3, "topic")
+    r = runner.invoke(app, ["plan", "-o", str(out), "--partition", "flower-pathological", "--sources-per-client", "1",
+                            "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert yaml.safe_load(out.read_text())["data"]["sources_per_client"] == 1
+    helps = {o: p.help for p in typer.main.get_command(app).commands["plan"].params for o in p.opts}
+    assert all(name in helps["--partition"] for name in PARTITIONS)
+    assert "flower-dirichlet" in helps["--dirichlet-alpha"]

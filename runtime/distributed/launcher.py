@@ -222,6 +222,8 @@ def run_local_cli(plan_path, opts: RunOptions, dopts: DistOptions) -> tuple[int,
     code and, when it is 0, the run's result; Ctrl-C or SIGTERM stops every process and raises
     rundir.RunInterrupted (where it stopped, the exact --resume command)."""
     plan = Plan.load(plan_path)                 # refuse bad input here, before starting any process
+    if (missing := plan.data_path_problem()) is not None:
+        raise ConfigError(str(plan_path), [missing])
     pick_device(opts.device)
     wandb_project(opts.wandb)                   # W&B asked for but not installed (the server logs to it)
     check_min_clients(plan, plan_path, dopts)
