@@ -287,6 +287,24 @@ def dist_runs(env):
     return code, {f.stem: f.read_text() for f in sorted(logs.iterdir())}
 
 
+def assert_same_state(ref_dir, run_dir, r: int) -> None:
+    """Checkpoint r and every client's saved state (factors, AdamW moments on both sides, what its strategy
+    keeps) agree within 1e-5 between two run folders."""
+    _, a = checkpoint.load(ref_dir, r)
+    _, b = checkpoint.load(run_dir, r)
+    for f in checkpoint.FILES:
+        assert a[f].keys() == b[f].keys()
+        for k in a[f]:
+            torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=1e-5)
+    sa, sb = PartyStore(ref_dir / "clients"), PartyStore(run_dir / "clients")
+    assert sa.versions == sb.versions
+    for name in sa.versions:
+        x, y = sa.load(name), sb.load(name)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("strategy", DIST)
 def test_distributed_run_with_sampling_equals_the_in_process_one(env, dist_runs, strategy):
     code, logs = dist_runs
@@ -295,19 +313,7 @@ def test_distributed_run_with_sampling_equals_the_in_process_one(env, dist_runs,
     run_dir = env[0] / "runs-dist" / f"dist-{strategy}"
     assert trained(run_dir) == trained(ref.run_dir)
     assert trained(run_dir) == {1: ["c0", "c2"], 2: ["c0", "c1"], 3: ["c1", "c2"]}
-    _, a = checkpoint.load(ref.run_dir, 3)
-    _, b = checkpoint.load(run_dir, 3)
-    for f in checkpoint.FILES:
-        assert a[f].keys() == b[f].keys()
-        for k in a[f]:
-            torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=1e-5)
-    sa, sb = PartyStore(ref.run_dir / "clients"), PartyStore(run_dir / "clients")
-    assert sa.versions == sb.versions
-    for name in sa.versions:        # every client's state: factors, AdamW moments (both sides), strategy's
-        x, y = sa.load(name), sb.load(name)
-        assert x.keys() == y.keys()
-        for k in x:
-            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+    assert_same_state(ref.run_dir, run_dir, 3)
     with open(run_dir / "metrics.csv") as fh:
         rows = list(csv.DictReader(fh))
     for got, want in zip(rows, ref.rows):
@@ -385,18 +391,7 @@ def test_a_resumed_distributed_run_with_sampling_equals_the_in_process_one(env):
         ref = run(path, opts(env, f"ires-{name}", rounds=3, resume=True))
         run_dir = root / "runs-dres" / name
         assert trained(run_dir) == trained(ref.run_dir) == {1: ["c0", "c2"], 2: ["c0", "c1"], 3: ["c1", "c2"]}
-        _, a = checkpoint.load(ref.run_dir, 3)
-        _, b = checkpoint.load(run_dir, 3)
-        for f in checkpoint.FILES:
-            assert a[f].keys() == b[f].keys()
-            for k in a[f]:
-                torch.testing.assert_close(a[f][k], b[f][k], rtol=0, atol=1e-5)
-        sa, sb = PartyStore(ref.run_dir / "clients"), PartyStore(run_dir / "clients")
-        assert sa.versions == sb.versions
-        for n in sa.versions:
-            x, y = sa.load(n), sb.load(n)
-            for k in x:
-                torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+        assert_same_state(ref.run_dir, run_dir, 3)
 
 
 def test_hsplit_plan_check_reports_the_sampled_rounds(tmp_path):
