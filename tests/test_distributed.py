@@ -445,6 +445,7 @@ def test_stopping_the_launcher_stops_every_process(env, sig):
         _after_round_0(runs / f"sig{sig}", proc, 0)           # signal 0: only waits for checkpoint 0
         kids = _children(proc.pid)
         assert len(kids) == 3, kids
+        status = [x for x in open(f"/proc/{proc.pid}/status").read().splitlines() if x.startswith(("SigBlk", "SigIgn"))]
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
         t0 = time.monotonic()
@@ -458,7 +459,7 @@ def test_stopping_the_launcher_stops_every_process(env, sig):
         if proc.poll() is None:
             proc.kill()
     if sig != signal.SIGKILL:
-        assert proc.returncode == 130, err
+        assert proc.returncode == 130, (status, err)
         last = checkpoint.complete_rounds(runs / f"sig{sig}")[-1]
         assert (f"the last complete checkpoint is round {last} in {runs / f'sig{sig}'}; resume with: hsplit run {path} "
                 f"--name sig{sig} --resume --runs-dir {runs} --eval-seqs 8 --distributed --timeout 60") in err, err
