@@ -182,6 +182,10 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
     training = training or Training()
     check_dtype(training.dtype)
     check_aggregation(aggregation)
+    if training.seq_len > model.max_positions:
+        raise ConfigError("seq_len", [f"{training.seq_len} tokens is more than the model's context of "
+                                      f"{model.max_positions:,} positions (max_position_embeddings); "
+                                      f"use --seq-len {model.max_positions} or less"])
     merge = traits(strategy).merge_download
     ranks = check_ranks(ranks)
     mods = model.resolve_modules(modules)

@@ -144,6 +144,8 @@ def record_kind(columns: list[str], sample: dict | None, spec: DataSpec, where: 
         return "prompt-completion"
     if e2e:
         return "e2e"
+    if not columns:
+        raise ConfigError(where, [f"no records (an empty file or table); hsplit reads {ACCEPTED}"])
     raise ConfigError(where, [f"unknown record fields: found {_names(columns)}; hsplit reads {ACCEPTED}"])
 
 

@@ -43,7 +43,7 @@ from hsplit.runtime.rundir import (CONFIG_HEADER, RunResult, global_row, interru
                                    round_rows, run_config, set_config_rounds, write_metrics,
                                    write_sampled)
 from hsplit.runtime.simulation import build
-from hsplit.runtime.step import LocalServer, ServerSide, client_round
+from hsplit.runtime.step import LocalServer, ServerSide, client_round, count_update_traffic
 
 
 class Reporter(Protocol):
@@ -94,10 +94,7 @@ class InProcess:
         sim, parties = self.sim, self.current
         update = sim.strategy.combine(parties)      # weights renormalised over the round's parties
         sim.apply(update, r)
-        for p, row in zip(parties, rows):
-            up, down = sim.strategy.traffic(p, update)
-            row["bytes_up"] += up
-            row["bytes_down"] += down
+        count_update_traffic(sim.strategy, parties, rows, update)
         if sim.sampling:
             sim.release(parties, r + 1)             # their state to the run folder's store; out of memory
         return update, rows

@@ -171,3 +171,12 @@ def client_round(sim, p, r: int, server, on_step=None) -> None:
     end_local_steps(sim, p.opt_client)
     sim.lm.model.eval()
     sim.bank.activate(None)
+
+
+def count_update_traffic(strategy, parties, rows: list[dict], update) -> None:
+    """Add to each party's metrics row the bytes its adapters go up and the aggregate comes down at the end of
+    the round (strategy.traffic), for the in-process and the distributed executor alike."""
+    for p, row in zip(parties, rows):
+        up, down = strategy.traffic(p, update)
+        row["bytes_up"] += up
+        row["bytes_down"] += down

@@ -276,3 +276,17 @@ def test_a_plans_own_fields_are_not_blamed_on_command_line_flags(tmp_path, plan_
     r = runner.invoke(app, ["plan", "--check", str(f), "--fleet", "example"])
     assert r.exit_code == 2 and f"{f}: ranks_allowed: give at least one rank > 0" in r.output, r.output
     assert "--ranks" not in r.output
+
+
+def test_a_seq_len_beyond_the_model_context_and_an_empty_data_file_are_named(tmp_path):
+    """-T above max_position_embeddings is one error naming the context, not an infeasible server memory;
+    an empty JSONL is 'no records', not 'unknown fields: none'."""
+    from hsplit.cli import app
+    from typer.testing import CliRunner
+    res = CliRunner().invoke(app, ["plan", "--fleet", "example", "-T", "100000", "-o", str(tmp_path / "p.yaml")])
+    assert res.exit_code == 2 and "context of 8,192 positions" in res.output and "--seq-len 8192" in res.output
+    assert not (tmp_path / "p.yaml").exists()
+    (tmp_path / "empty.jsonl").write_text("")
+    res = CliRunner().invoke(app, ["plan", "--fleet", "example", "--data", str(tmp_path / "empty.jsonl"),
+                                   "-o", str(tmp_path / "q.yaml")])
+    assert res.exit_code == 2 and "no records" in res.output and "empty.jsonl" in res.output

@@ -34,7 +34,7 @@ from hsplit.runtime.evaluate import eval_subset, evaluate
 from hsplit.runtime.loop import rounds_loop
 from hsplit.runtime.rundir import RunResult, prepare_run_dir, restore
 from hsplit.runtime.simulation import build_part, load_optimizer_tensors
-from hsplit.runtime.step import ServerSide, clips
+from hsplit.runtime.step import ServerSide, clips, count_update_traffic
 
 
 class Stop(Exception):
@@ -284,10 +284,7 @@ class Server:
         # (with sampling: of the round): a lost client that comes back (--resume) starts from it; idle clients
         # receive it too (their global state)
         sim.apply(update, r, self.current if sim.sampling else None)
-        for p, row in zip(parties, rows):
-            up, down = sim.strategy.traffic(p, update)
-            row["bytes_up"] += up
-            row["bytes_down"] += down
+        count_update_traffic(sim.strategy, parties, rows, update)
         blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(update.for_client(p.adapter, p.split))
                                                        for p in map(self._party, self.live)]
         try:
