@@ -17,7 +17,7 @@ from hsplit.planner.plan import Training  # noqa: E402
 
 def tiny_model(layers: int = 4) -> ModelProfile:
     return ModelProfile(name="tiny-llama", family=LLAMA, hidden=64, layers=layers, heads=4, kv_heads=2,
-                        intermediate=128, vocab=256, tied_embeddings=True, max_positions=128)
+                        intermediate=128, vocab=256, tied_embeddings=True, max_positions=512)
 
 
 def random_instance(seed: int, *, uniform: bool = False, two_clients: bool = False):
