@@ -87,7 +87,7 @@ def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, t
     before, after = math.exp(res.eval_before), math.exp(res.eval_after)
     say(f"held-out perplexity: {before:.2f} before -> {after:.2f} after {rounds} rounds "
         f"({time.perf_counter() - t0:.0f} s)")
-    say(f"outputs: {res.run_dir}/metrics.csv, {res.run_dir}/checkpoints/; next: hsplit eval {res.run_dir}, "
-        f"hsplit export {res.run_dir} --adapter {res.run_dir}/adapter")
+    say(f"outputs: {res.run_dir}/metrics.csv, {res.run_dir}/tb/ (TensorBoard), {res.run_dir}/checkpoints/; "
+        f"next: hsplit eval {res.run_dir}, hsplit export {res.run_dir} --adapter {res.run_dir}/adapter")
     return {"plan": str(plan_path), "run": str(res.run_dir), "perplexity_before": before,
             "perplexity_after": after, "wall_s": time.perf_counter() - t0}

@@ -142,8 +142,7 @@ def load_lm(ref: str, progress: bool = True) -> LoadedLM:
 
     src = locate_model(ref, progress)
     path = src.path
-    if not progress:
-        hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()       # transformers' per-tensor "Loading weights" bar: noise in our output
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
