@@ -204,16 +204,22 @@ def _tiny_profile():
     return load_lm(_model_ref(argparse.Namespace(model="tiny")), progress=False).profile
 
 
+def _child(cmd: list[str], what: str) -> dict:
+    """Run a measuring child process (a fresh process: its peak RSS is its own) and return the JSON of its
+    last stdout line."""
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if res.returncode != 0:
+        raise SystemExit(f"{what} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
 def sampling_memory(args) -> dict:
     out = []
     for k in (10, args.fleet):
         cmd = [sys.executable, __file__, "--child-sampling", "--clients", str(k), "--per-round", "10",
                "--rounds", str(args.rounds), "--model", args.model, "--rank", str(args.rank), "--batch",
                str(args.batch), "--seq", str(args.seq), "--split", str(args.split or 0), "--threads", str(args.threads)]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if res.returncode != 0:
-            raise SystemExit(f"sampling child failed for {k} clients:\n{res.stderr[-3000:]}")
-        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        out.append(_child(cmd, f"sampling child for {k} clients"))
         print(f"  {k} clients ({out[-1]['per_round']} per round): peak {out[-1]['peak_rss_gib']:.2f} GiB, "
               f"training-phase peak {out[-1]['train_peak_rss_gib']:.2f} GiB", file=sys.stderr)
     base, big = out
@@ -242,14 +248,21 @@ def write_sampling_section(res: dict, command: str) -> None:
               f"peak memory of a {base['clients']}-client plan** (training phase: {res['train_peak_ratio']:.2f}x; "
               "target <= 1.5x). Only the round's sampled clients' adapters and AdamW moments are in memory; "
               "the others' wait in runs/<name>/clients/ (written when a client finishes a round).", ""]
+    write_docs_section(SAMPLING_HEADING, lines)
+
+
+def write_docs_section(heading: str, lines: list[str]) -> None:
+    """Replace the section of docs/benchmarks.md that starts at `heading` (up to the next `## `) with `lines`,
+    or append it when the file has none."""
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    start = text.find(SAMPLING_HEADING)
+    start = text.find(heading)
     if start >= 0:
-        end = text.find("\n## ", start + len(SAMPLING_HEADING))
+        end = text.find("\n## ", start + len(heading))
         text = text[:start] + "\n".join(lines) + ("\n" + text[end + 1:] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
@@ -277,10 +290,7 @@ def memory(args, aggregation: str = "warm") -> list[dict]:
         cmd = [sys.executable, __file__, "--child-memory", "--clients", str(k), "--model", args.model,
                "--rank", str(args.rank), "--batch", str(args.batch), "--seq", str(args.seq),
                "--split", str(args.split or 0), "--threads", str(args.threads), "--aggregation", aggregation]
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        if res.returncode != 0:
-            raise SystemExit(f"memory child failed for {k} clients:\n{res.stderr[-3000:]}")
-        out.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        out.append(_child(cmd, f"memory child for {k} clients"))
         print(f"  {k} clients: peak {out[-1]['peak_rss_gib']:.2f} GiB, training-phase peak "
               f"{out[-1]['train_peak_rss_gib']:.2f} GiB", file=sys.stderr)
     for key in ("peak_rss_gib", "train_peak_rss_gib"):
@@ -325,16 +335,7 @@ def write_section(result: dict, command: str) -> None:
               "the round and the aggregation, where per-client state lives.",
               "", f"Adapter parameters per client: {mem[0]['adapter_params_per_client']:,}. Exact aggregation "
               "= stacking the factors, forming sum_k p_k B_k A_k per module and adding it to the base weight.", ""]
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n\n"
-    start = text.find(HEADING)
-    if start >= 0:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + "\n".join(lines) + ("\n" + text[end + 1:] if end >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + "\n".join(lines)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_docs_section(HEADING, lines)
 
 
 def main() -> None:
