@@ -130,6 +130,11 @@ def _refuse(path: str, problems: list[str], shown: int = 5) -> None:
         raise ConfigError(str(path), problems, shown=shown)
 
 
+def _plain_text(data: str) -> ConfigError:
+    return ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
+                                  f"and references: {KINDS}"])
+
+
 def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
     """Records of a Parquet/Arrow file, a folder (data files, or saved by `datasets`) or a dataset id, read by
     the training data loader (runtime/datasource.py): E2E columns, prompt/completion or messages."""
@@ -138,8 +143,7 @@ def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
     spec = DataSpec(path=path, format=fmt)
     src = resolve(spec)
     if src.reader in ("text", "shakespeare"):
-        raise ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
-                                     f"and references: {KINDS}"])
+        raise _plain_text(data)
     ds = open_dataset(src, spec)
     cols = set(ds.column_names)
     e2e = next(((m, r) for m, r in (("mr", "ref"), ("meaning_representation", "human_reference"))
@@ -165,8 +169,7 @@ def read_examples(data: str) -> list[Example]:
             not p.exists() and looks_like_hub_id(path)):
         return _dataset_examples(data, path, fmt)
     if fmt in ("text", "shakespeare") or suffix in (".txt", ".md"):
-        raise ConfigError("--data", [f"{data}: --generate cannot generate from plain text; it needs prompts "
-                                     f"and references: {KINDS}"])
+        raise _plain_text(data)
     if suffix not in (".csv", ".jsonl", ".json"):
         raise ConfigError("--data", [f"{data}: --generate reads .csv and .jsonl files ({KINDS}); "
                                      f"convert {p.name} to one of those"])
