@@ -92,6 +92,13 @@ def plan(
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
                              "format. A relative local path is written relative to the plan file; an absolute one stays absolute."),
+    task: Optional[str] = typer.Option(None, "--task", help="lm (next-token prediction, default) | classification "
+                                       "(text + label records; the label set is read now and written into the plan)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="--task classification: the text column "
+                                              "(default: the first of text, sentence, content, review, ...)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="--task classification: the label column "
+                                               "(default: the first of label, labels, label_text, class, ...), or in "
+                                               "E2E data an attribute of the MR (e.g. eatType)."),
     clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
     min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
     sample_by: str = SAMPLE_BY,
@@ -125,7 +132,8 @@ def plan(
             "--dtype": dtype, "--lr": lr, "--lr-schedule": lr_schedule, "--warmup": warmup,
             "--weight-decay": weight_decay, "--max-grad-norm": max_grad_norm, "--lora-dropout": lora_dropout,
             "--seed": seed, "--partition": partition, "--dirichlet-alpha": dirichlet_alpha, "--partition-by": partition_by,
-            "--sources-per-client": sources_per_client, "--eval-fraction": eval_fraction, "--data": data})
+            "--sources-per-client": sources_per_client, "--eval-fraction": eval_fraction, "--data": data,
+            "--task": task, "--text-column": text_column, "--label-column": label_column})
         for note in notes if fmt != "json" else ():
             err.print(f"note: {note}", highlight=False, markup=False)
         sampling = sampling_from_flags(clients_per_round, min_clients_per_round, sample_by)
@@ -142,7 +150,7 @@ def plan(
                       modules=_modules(modules), training=training, strategy=strategy,
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
-                      data=checked_data(data_spec, output, training.seq_len),
+                      data=checked_data(data_spec, output, training.seq_len, training.seed),
                       aggregation=aggregation, sampling=sampling)
         check_plan_data(p, output)
         save_plan(p, output)
@@ -288,11 +296,13 @@ def eval_cmd(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="--generate: longest output (default: 1.5 x the longest reference in tokens, at least 16)."),
     max_prompts: Optional[int] = typer.Option(None, "--max-prompts", "--max-mrs", min=1, help="--generate: only the first N prompts (E2E: MRs)."),
     device: str = device_option("cpu", "auto | cpu | cuda: where the model runs (perplexity and --generate)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Classification runs: precision, recall and F1 of every class too."),
     fmt: str = FORMAT,
 ):
     """Held-out perplexity of a run's aggregated model (latest checkpoint); --generate: BLEU/ROUGE-L.
 
     Example: hsplit eval runs/demo --format json
+    Example: hsplit eval runs/cls --per-class          (a classification run: accuracy, macro-F1, per class)
     Example: hsplit eval runs/demo --generate          (the held-out split: writes runs/demo/generate-heldout.{jsonl,json})
     Example: hsplit eval runs/demo --data e2e:testset_w_refs.csv --generate --beams 4
     (writes runs/demo/generate-testset_w_refs.csv-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
@@ -314,12 +324,20 @@ def eval_cmd(
             rep = generate_run(run_dir, data, max_prompts=max_prompts, beams=beams, max_new_tokens=max_new_tokens,
                                device=device)
         else:
-            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs, device=device)
+            rep = evaluate_run(run_dir, data=data, max_seqs=max_seqs, device=device, per_class=per_class)
     if fmt == "json":
         print_json(rep)
     elif generate:
         console.print(samples_table(rep["outputs"][0], 3))
         console.print(escape(generate_summary(run_dir, rep)))
+    elif rep.get("task") == "classification":
+        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
+                             f"{len(rep['labels'])} classes, {rep['device']}): accuracy {rep['accuracy']:.4f}, "
+                             f"macro-F1 {rep['macro_f1']:.4f}, loss {rep['eval_loss']:.4f}; predictions in "
+                             f"{rep['predictions']}"))
+        for c in rep.get("per_class", []):
+            console.print(escape(f"  {c['label']}: precision {c['precision']:.3f}, recall {c['recall']:.3f}, "
+                                 f"F1 {c['f1']:.3f}, support {c['support']}"))
     else:
         console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
                              f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {ppl(rep['eval_loss'])}"))

@@ -68,18 +68,20 @@ def input_errors():
         fail(f"{e.filename or 'input'}: cannot read: {e.strerror or e}")
 
 
-def checked_data(spec, output: Path, seq_len: int):
+def checked_data(spec, output: Path, seq_len: int, seed: int = 0):
     """`hsplit plan`'s data: a FORMAT:PATH prefix split off, the data checked (it resolves, its records are of
     a known kind: ConfigError otherwise), a tiny held-out split warned about on stderr, and a relative local
     path rewritten relative to the plan file's folder (where `hsplit run` reads it from; an absolute one stays).
     check_plan_data(plan, output) then checks the records against the plan's clients. Imports `datasets`
     only for folders saved by it, dataset ids and Flower partitions; never torch."""
     from hsplit.planner.plan import written_data_path
-    from hsplit.runtime.datasource import check_data, split_data_ref
+    from hsplit.runtime.datasource import check_classification, check_data, split_data_ref
     if spec.format == "auto":
         spec.path, spec.format = split_data_ref(spec.path)
     for line in check_data(spec, seq_len):
         err.print(line, highlight=False, markup=False, soft_wrap=True)
+    if spec.task == "classification":       # the label set, read once, goes into the plan (data.labels)
+        spec.labels = check_classification(spec, seed, None, seq_len)
     spec.path = written_data_path(spec.path, output)
     return spec
 

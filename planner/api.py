@@ -70,6 +70,11 @@ def check_options(*, strategy: str = "hsplitlora", objective: str = "utility", s
                                                 f"model adapted), got {min_utility:g}"])
 
 
+def task_classes(data: DataSpec | None) -> int | None:
+    """The classes of a classification plan's head (data.task classification), None for next-token training."""
+    return max(2, len(data.labels)) if data is not None and data.task == "classification" else None
+
+
 def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=None,
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
@@ -85,8 +90,10 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     time_limit = full_time_limit(method, time_limit)
     fleet_obj, model_obj, imp = load_inputs(fleet, model, importance)
     training = training or Training()
+    classes = task_classes(data)
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
-                          training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation)
+                          training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation,
+                          classes=classes)
     check_feasible(inst)
     t0 = time.perf_counter()
     gap, status, detail = 0.0, "optimal", {}
@@ -97,7 +104,7 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     elif how == "one":     # one rank on both sides: the instance's server costs follow it
         inst, configs = _fleet_uniform(inst, lambda r: build_instance(
             fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r,
-            strategy=strategy, aggregation=aggregation))
+            strategy=strategy, aggregation=aggregation, classes=classes))
         label = "enumeration (one split, one rank)"
     elif how == "per-client":
         configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
@@ -172,7 +179,7 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
     try:
         inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
                               modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank,
-                              strategy=plan.strategy, aggregation=plan.aggregation)
+                              strategy=plan.strategy, aggregation=plan.aggregation, classes=task_classes(plan.data))
     except ConfigError as e:        # the plan's ranks_allowed / modules, not the --ranks / --modules flags
         fields = {"--ranks": "ranks_allowed", "--modules": "modules"}
         if e.source not in fields:

@@ -49,6 +49,12 @@ def head_flops(model: ModelProfile, b: int, T: int) -> float:
     return 4.0 * b * T * model.vocab * model.hidden
 
 
+def classifier_head_flops(model: ModelProfile, b: int, classes: int) -> float:
+    """A sequence-classification head in place of the LM head (data.task classification): one position per
+    sequence, forward 2*b*C*h plus its input-gradient backward 2*b*C*h; the head is frozen."""
+    return 4.0 * b * classes * model.hidden
+
+
 def block_activation_elements(model: ModelProfile) -> int:
     """Activation elements per token a block keeps for its backward (SDPA attention, no T^2 scores):
     Llama: residual in, norm out, q, k, v, attention out, residual mid, norm out, gate, up, act
@@ -79,8 +85,9 @@ class Coefficients:
 
 
 def coefficients(model: ModelProfile, modules: tuple[str, ...], max_rank: int, server_rank: int,
-                 b: int, T: int, dtype: str) -> Coefficients:
-    """All constants of the cost model for one (model, modules, training) setting."""
+                 b: int, T: int, dtype: str, classes: int | None = None) -> Coefficients:
+    """All constants of the cost model for one (model, modules, training) setting; `classes`: a
+    classification head of that many classes replaces the LM head (its weights, FLOPs and logits)."""
     wbytes = abit = DTYPE_BYTES[dtype]
     shapes = model.module_shapes()
     width = sum(shapes[m][0] + shapes[m][1] for m in modules)
@@ -88,18 +95,22 @@ def coefficients(model: ModelProfile, modules: tuple[str, ...], max_rank: int, s
     lora_act = b * T * max_rank * len(modules) * abit
     block_act = b * T * block_activation_elements(model) * abit
     cut = b * T * model.hidden * abit
+    head_params, head_out, head_fl = model.head_params(), b * T * model.vocab, head_flops(model, b, T)
+    if classes:         # final norm + a (classes x h) head; logits of one position per sequence
+        head_params = head_params - model.vocab * model.hidden + classes * model.hidden
+        head_out, head_fl = b * classes, classifier_head_flops(model, b, classes)
     return Coefficients(
         block_weight_bytes=model.block_params() * wbytes,
         embedding_bytes=model.embedding_params() * wbytes,
-        server_frozen_bytes=(model.layers * model.block_params() + model.head_params()) * wbytes,
+        server_frozen_bytes=(model.layers * model.block_params() + head_params) * wbytes,
         block_act_bytes=block_act + lora_act,
         client_fixed_bytes=2 * cut + block_act,
         server_block_act_bytes=block_act + b * T * server_rank * len(modules) * abit,
-        server_fixed_bytes=2 * b * T * model.vocab * 4 + 2 * cut,
+        server_fixed_bytes=2 * head_out * 4 + 2 * cut,
         forward_flops=block_forward_flops(model, b, T),
         backward_flops=block_backward_flops_frozen(model, b, T),
         lora_flops_per_param=lora_flops_per_param(b, T),
-        head_flops=head_flops(model, b, T),
+        head_flops=head_fl,
         cut_bytes=cut,
         server_adapter_params_per_block=server_rank * width,
     )

@@ -175,7 +175,8 @@ def check_aggregation(aggregation: str) -> None:
 
 def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance | None = None,
                    ranks=(0, 2, 4, 8, 16), modules=None, training: Training | None = None,
-                   server_rank: int = 8, strategy: str = "hsplitlora", aggregation: str = "warm") -> Instance:
+                   server_rank: int = 8, strategy: str = "hsplitlora", aggregation: str = "warm",
+                   classes: int | None = None) -> Instance:
     """The instance of one planning problem. `strategy` decides whether the merge download is charged
     (its `merge_download` trait: hsplitlora), `aggregation` how large it is (warm: 2 x rank per holder,
     restart: 1 x)."""
@@ -194,7 +195,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
     if not clients:
         raise ConfigError(fleet.source, ["clients: the fleet has no clients (all counts are 0)"])
     b, T = training.batch_size, training.seq_len
-    coef = coefficients(model, mods, max(ranks), server_rank, b, T, training.dtype)
+    coef = coefficients(model, mods, max(ranks), server_rank, b, T, training.dtype, classes)   # classes: task head
     v = (importance or uniform()).weights(model, mods)
     shapes = model.module_shapes()
     widths = np.array([shapes[m][0] + shapes[m][1] for m in mods], dtype=np.int64)

@@ -32,6 +32,7 @@ AGGREGATIONS = ("warm", "restart")   # hsplitlora's exact aggregation: holders c
 DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow", "e2e")
+TASKS = ("lm", "classification")     # data.task: next-token prediction | sequence classification (runtime/task.py)
 # hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
 PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
               "flower-pathological")
@@ -67,6 +68,10 @@ DATA_RULES = {
     "alpha": ("float", ("<", 0.0), None, "Dirichlet concentration, > 0"),
     "sources_per_client": ("int", 1, MAX_INT, "flower-pathological: sources each client holds"),
     "eval_fraction": ("float", 0.0, ("<", 1.0), "held-out share in [0, 1)"),
+    "task": ("choice", None, None, TASKS),
+    "text_column": ("path", None, None, "classification: the column holding the text (auto: text, sentence, ...)"),
+    "label_column": ("path", None, None, "classification: the column (or E2E MR attribute) holding the label"),
+    "labels": ("labels", None, None, "classification: the label set, read from the data by `hsplit plan`"),
 }
 # `hsplit plan` flags that set plan fields: flag -> (section, field). The flags are checked with the rules
 # above (settings_from_flags) and written into the plan, which `hsplit run` follows.
@@ -80,6 +85,7 @@ PLAN_FLAGS = {
     "--partition": ("data", "partition"), "--dirichlet-alpha": ("data", "alpha"),
     "--partition-by": ("data", "partition_by"), "--sources-per-client": ("data", "sources_per_client"),
     "--eval-fraction": ("data", "eval_fraction"), "--data": ("data", "path"),
+    "--task": ("data", "task"), "--text-column": ("data", "text_column"), "--label-column": ("data", "label_column"),
 }
 HEADER = "# Plan: written by `hsplit plan`, run by `hsplit run` (fields: docs/file-formats.md)."
 
@@ -112,6 +118,10 @@ class DataSpec:
     alpha: float = 0.5              # Dirichlet concentration (dirichlet, flower-dirichlet)
     sources_per_client: int = 2     # flower-pathological: sources (classes) per client
     eval_fraction: float = 0.05     # held-out share no client trains on
+    task: str = "lm"                # lm (next-token) | classification (runtime/classification.py)
+    text_column: str = "auto"       # classification: the text column (auto: the first of text, sentence, ...)
+    label_column: str = "auto"      # classification: the label column, or an E2E MR attribute (e.g. eatType)
+    labels: list[str] = field(default_factory=list)   # classification: the label set, in class-index order
 
 
 def looks_like_hub_id(ref: str) -> bool:
@@ -467,6 +477,12 @@ def _section(cls, rules: dict, raw, name, p):
             if val not in what:
                 p.add(f, f"must be one of {', '.join(what)}, got {short(val)}")
                 continue
+        elif kind_ == "labels":
+            if not isinstance(val, list) or not all(isinstance(v, (str, int)) and not isinstance(v, bool)
+                                                    for v in val) or len({str(v) for v in val}) != len(val):
+                p.add(f, f"must be a list of distinct label names ({what}), found {short(val)}")
+                continue
+            val = [str(v) for v in val]
         elif kind_ == "path":
             if (why := path_text_problem(val)) is not None:
                 p.add(f, f"{why} ({what})")

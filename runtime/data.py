@@ -27,6 +27,7 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec
 from hsplit.runtime.datasource import (check_data_ref, open_dataset, record_kind, resolve, shakespeare_root,  # noqa: F401
                                        split_data_ref)
+from hsplit.runtime import classification
 from hsplit.runtime.model import cache_dir
 from hsplit.runtime.partition import holdout, partition, split_problems, unassigned_note
 from hsplit.runtime.tokenise import cache_key, chat_record, encode_dataset, no_assistant_problem
@@ -141,6 +142,12 @@ def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool =
     ds = open_dataset(src, spec)
     if len(ds) == 0:
         raise ConfigError("data.path", [f"{spec.path}: no records"])
+    if spec.task == "classification":       # text + label records (runtime/classification.py)
+        recs = classification.read_records(ds, spec, spec.path)
+        if not spec.labels:                 # a hand-written plan without data.labels: read them now
+            spec.labels = classification.check_labels(recs, spec, spec.path)
+        classification.check_labels(recs, spec, spec.path)
+        return "classification", classification.token_sets(recs, spec.labels, tokenizer, seq_len)
     kind = "documents" if src.reader in ("shakespeare", "text") else record_kind(
         ds.column_names, ds[0], spec, spec.path)
     if spec.partition_by != "source" and spec.partition_by not in ds.column_names:
@@ -203,7 +210,12 @@ def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[f
                          note=unassigned_note({s: len(ts) for s, ts in train.items()}, parts))
 
 
-def load_eval_data(path: str, tokenizer, seq_len: int, fmt: str = "auto") -> TokenSet:
-    """A whole data set as an evaluation set (`hsplit eval RUN --data PATH`)."""
-    _, sets = tokenised_sources(DataSpec(path=path, format=fmt), tokenizer, seq_len)
+def load_eval_data(path: str, tokenizer, seq_len: int, fmt: str = "auto", like: DataSpec | None = None) -> TokenSet:
+    """A whole data set as an evaluation set (`hsplit eval RUN --data PATH`); `like`: the run's data section,
+    whose task, text and label columns and label set apply (a label outside the run's set is an error)."""
+    spec = DataSpec(path=path, format=fmt)
+    if like is not None and like.task == "classification":
+        spec = DataSpec(path=path, format=fmt, task=like.task, text_column=like.text_column,
+                        label_column=like.label_column, labels=list(like.labels))
+    _, sets = tokenised_sources(spec, tokenizer, seq_len)
     return TokenSet.cat(list(sets.values()), seq_len)

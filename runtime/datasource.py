@@ -35,7 +35,7 @@ BUILTIN = ("shakespeare",)
 READERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".arrow": "arrow",
            ".txt": "text", ".md": "text"}
 FORMAT_READERS = {"jsonl": "json", "csv": "csv", "parquet": "parquet", "arrow": "arrow", "text": "text", "e2e": "csv"}
-KINDS = ("documents", "text", "prompt-completion", "chat", "e2e")
+KINDS = ("documents", "text", "prompt-completion", "chat", "e2e", "classification")
 ACCEPTED = ("messages (chat: a list of {role, content}), conversations, text, prompt + completion, "
             "mr + ref (E2E), meaning_representation + human_reference (E2E)")
 MIN_EVAL_SEQS = 8
@@ -128,6 +128,10 @@ def hub_unavailable(ref: str, e: Exception) -> ConfigError:
 
 def record_kind(columns: list[str], sample: dict | None, spec: DataSpec, where: str) -> str:
     """The record kind of a table with `columns` (sample: its first record, to tell chat prompt lists)."""
+    if spec.task == "classification":       # text + label columns: runtime/classification.py reads them
+        from hsplit.runtime.classification import pick_columns
+        pick_columns(list(columns), spec, where)
+        return "classification"
     cols = set(columns)
     e2e = {"mr", "ref"} <= cols or {"meaning_representation", "human_reference"} <= cols
     if spec.format == "e2e":
@@ -247,7 +251,8 @@ def inspect(src: Source, spec: DataSpec) -> Info:
 
 
 def _check_partition_by(columns: list[str], spec: DataSpec, where: str) -> None:
-    if spec.partition_by != "source" and spec.partition_by not in columns:
+    if spec.partition_by != "source" and spec.partition_by not in columns and \
+            not (spec.task == "classification" and spec.partition_by == "label"):
         raise ConfigError(where, [f"data.partition_by: no column {spec.partition_by!r}; found {_names(columns)}"])
 
 
@@ -316,7 +321,8 @@ def open_dataset(src: Source, spec: DataSpec):
                     header = next(csv.reader(fh), [])
                 kw = {"features": datasets.Features({c: datasets.Value("string") for c in header}), "na_filter": False}
             d = datasets.load_dataset(src.reader, data_files=str(f), split="train", cache_dir=_cache("datasets"), **kw)
-            if src.where == "folder" and spec.partition_by not in d.column_names:
+            if src.where == "folder" and spec.partition_by not in d.column_names and \
+                    not (spec.task == "classification" and spec.partition_by == "label"):
                 d = d.add_column(spec.partition_by, [f.stem] * len(d))
             parts.append(d)
         return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -382,6 +388,9 @@ def check_records(spec: DataSpec, seq_len: int, weights: list[float], seed: int)
     the run's ConfigError; returns notes (sources on no client)."""
     from hsplit.runtime.partition import holdout, partition, partition_problem, split_problems, unassigned_note
     from hsplit.runtime.tokenise import _source_of, chat_record, no_assistant_problem, record_problem
+    if spec.task == "classification":
+        check_classification(spec, seed, weights, seq_len)
+        return []
     src = resolve(spec)
     if src.reader in ("shakespeare", "text"):       # sequences need the tokenizer: check the source count only
         sources = sorted({f.parent.name if src.reader == "shakespeare" else f.stem for f in src.files})
@@ -421,6 +430,17 @@ def check_records(spec: DataSpec, seq_len: int, weights: list[float], seed: int)
         raise ConfigError(f"data ({spec.path})", problems)
     note = unassigned_note({s: len(i) for s, i in train.items()}, parts)
     return [note] if note else []
+
+
+def check_classification(spec: DataSpec, seed: int, weights: list[float] | None, seq_len: int) -> list[str]:
+    """The label set of classification data, read whole (any source the loader reads), after the checks of
+    classification.check_plan: labels present and known, two classes or more, every class held out, and
+    (weights given) the partition over the plan's clients. Raises ConfigError naming data.path."""
+    from hsplit.runtime.classification import check_plan
+    ds = open_dataset(resolve(spec), spec)
+    if len(ds) == 0:
+        raise ConfigError("data.path", [f"{spec.path}: no records"])
+    return check_plan(ds, spec, seed, weights, seq_len, f"data.path: {spec.path}")
 
 
 # ---------------------------------------------------------------- --data FORMAT:PATH arguments

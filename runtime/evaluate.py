@@ -3,6 +3,7 @@
     loss = evaluate(sim, sim.data.eval, max_seqs=64)          # used by the round loop
     report = evaluate_run("runs/demo")                       # {"eval_loss", "perplexity", ...}
     report = evaluate_run("runs/demo", data="e2e/test.csv")  # the whole file as evaluation data
+    report = evaluate_run("runs/cls", per_class=True)       # classification: accuracy, macro-F1, per class
 
 The aggregated model is the base weights with every merged round applied plus, for strategies
 that keep adapters (splitlora, centralized, ...), the adapter the strategy names. Loss is the mean
@@ -11,6 +12,8 @@ computes the activations at its cut (`eval_batches`) and the server the rest (`h
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 from pathlib import Path
 
@@ -18,8 +21,7 @@ import numpy as np
 import torch
 
 from hsplit.runtime.data import TokenSet, check_data_ref, load_eval_data
-from hsplit.runtime.model import lm_loss
-from hsplit.runtime import rundir
+from hsplit.runtime import classification, rundir
 
 
 def eval_subset(data: TokenSet, max_seqs: int | None) -> TokenSet:
@@ -51,9 +53,9 @@ def evaluate(sim, data: TokenSet, max_seqs: int | None = None, batch_size: int |
     try:
         for ids, mask, labels in eval_batches(sim, data, batch_size):
             with sim.autocast():
-                logits = (sim.split.forward(ids, mask) if hidden is None
-                          else sim.split.server_forward(hidden().to(sim.device), mask, split))
-            loss, k = lm_loss(logits, labels)
+                h, s = (sim.split.client_forward(ids, mask, sim.split.layers), sim.split.layers) if hidden is None \
+                    else (hidden().to(sim.device), split)
+                loss, k = sim.task.loss(sim.split, h, mask, s, labels)
             total += float(loss) * k
             n += k
     finally:
@@ -74,21 +76,68 @@ def client_activations(sim, p, data: TokenSet, max_seqs: int | None):
         sim.bank.activate(None)
 
 
+@torch.no_grad()
+def predict(sim, data: TokenSet, batch_size: int | None = None) -> tuple[list[int], list[int]]:
+    """Classification: (true class, predicted class) of every sequence of `data`, by the aggregated model."""
+    sim.lm.model.eval()
+    sim.bank.activate(sim.eval_adapter())
+    true, pred = [], []
+    try:
+        for ids, mask, labels in eval_batches(sim, data, batch_size):
+            with sim.autocast():
+                h = sim.split.client_forward(ids, mask, sim.split.layers)
+                logits, targets = sim.task.scores(sim.split, h, mask, sim.split.layers, labels)
+            true += targets.tolist()
+            pred += logits.argmax(-1).tolist()
+    finally:
+        sim.bank.activate(None)
+    return true, pred
+
+
+def write_predictions(path: Path, true: list[int], pred: list[int], labels: list[str]) -> None:
+    """predictions CSV: one row per evaluated sequence (index, label, predicted), written atomically."""
+    from hsplit.planner.yamlio import atomic_write_text
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["index", "label", "predicted"])
+    w.writerows([i, labels[t], labels[p]] for i, (t, p) in enumerate(zip(true, pred)))
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_predictions(path: Path, labels: list[str]) -> tuple[list[int], list[int]]:
+    """(true, predicted) class indices from a predictions CSV (write_predictions)."""
+    index = {lab: i for i, lab in enumerate(labels)}
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    return [index[r["label"]] for r in rows], [index[r["predicted"]] for r in rows]
+
+
 def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | None = None,
-                 progress: bool = False, device: str = "cpu") -> dict:
-    """Held-out (or --data) perplexity of a run's latest aggregated model on `device` (auto | cpu | cuda)."""
+                 progress: bool = False, device: str = "cpu", per_class: bool = False) -> dict:
+    """Held-out (or --data) perplexity of a run's latest aggregated model on `device` (auto | cpu | cuda).
+    A classification run: the loss over the classes, and accuracy and macro-F1 (per class: per_class) from
+    the predictions, saved in the run folder (predictions-heldout.csv, predictions-<data file>.csv)."""
     if data:
         path, fmt = check_data_ref(data)        # `e2e:PATH` names the format; checked before the model loads
     sim, config, r = rundir.load_run(run_dir, progress=progress, device=device)   # --device checked first
+    classify = sim.task.name == "classification"
     if data:
-        eval_set = load_eval_data(path, sim.lm.tokenizer, sim.training.seq_len, fmt)
+        eval_set = load_eval_data(path, sim.lm.tokenizer, sim.training.seq_len, fmt, like=sim.plan.data)
         source = data
     else:
         eval_set = sim.data.eval
         source = "held-out split"
-        if max_seqs is None:                    # the same sequences the run reported after each round
+        if max_seqs is None and not classify:   # the same sequences the run reported after each round
             max_seqs = config.get("run", {}).get("eval_max_seqs")
     loss = evaluate(sim, eval_set, max_seqs)
-    return {"run": str(run_dir), "round": r, "data": source, "device": str(sim.device),
-            "sequences": min(len(eval_set), max_seqs or len(eval_set)),
-            "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}
+    out = {"run": str(run_dir), "round": r, "data": source, "device": str(sim.device),
+           "sequences": min(len(eval_set), max_seqs or len(eval_set)), "eval_loss": loss}
+    if not classify:
+        return {**out, "perplexity": math.exp(loss) if loss == loss else None}
+    labels = sim.task.labels
+    true, pred = predict(sim, eval_subset(eval_set, max_seqs))
+    target = Path(run_dir) / f"predictions-{Path(path).name if data else 'heldout'}.csv"
+    write_predictions(target, true, pred, labels)
+    true, pred = read_predictions(target, labels)       # the metrics are those of the saved predictions
+    return {**out, "task": "classification", "labels": labels, "predictions": str(target),
+            **classification.metrics(true, pred, labels, per_class)}

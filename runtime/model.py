@@ -245,10 +245,13 @@ class SplitLM:
         """Embeddings + blocks [0, split): the activations the client sends to the server."""
         return self._run_blocks(self.embed(input_ids), attention_mask, 0, split)
 
+    def server_hidden(self, hidden, attention_mask, split: int) -> torch.Tensor:
+        """Blocks [split, L) + final norm: the final hidden states (a classification head reads them)."""
+        return self.final_norm(self._run_blocks(hidden, attention_mask, split, self.layers))
+
     def server_forward(self, hidden, attention_mask, split: int) -> torch.Tensor:
         """Blocks [split, L) + final norm + LM head: logits."""
-        hidden = self._run_blocks(hidden, attention_mask, split, self.layers)
-        return self.lm_head(self.final_norm(hidden))
+        return self.lm_head(self.server_hidden(hidden, attention_mask, split))
 
     def forward(self, input_ids, attention_mask=None) -> torch.Tensor:
         """The unsplit model (logits), through the same code path."""

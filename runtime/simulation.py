@@ -25,6 +25,7 @@ from hsplit.runtime.model import LoadedLM, SplitLM, load_lm
 from hsplit.runtime.party import Party
 from hsplit.runtime.partystore import PartyStore
 from hsplit.runtime.strategies import RoundUpdate, make
+from hsplit.runtime.task import make_task
 
 
 class Simulation:
@@ -34,6 +35,7 @@ class Simulation:
         self.training = t = plan.training
         self.autocast_dtype = compute_dtype(t.dtype, device, compute)
         self.split = SplitLM(lm.model, lm.profile.family)
+        self.task = make_task(plan.data, lm.tokenizer)     # the server's loss: next-token or classification
         self.bank = AdapterBank(lm.model, lm.profile.family, t.lora_alpha_over_rank, t.lora_dropout, plan.source)
         self.strategy = make(plan.strategy, plan.source)
         self.strategy.setup(self)

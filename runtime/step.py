@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from hsplit.runtime.common import derive_seed, lr_at
-from hsplit.runtime.model import lm_loss
 
 
 def set_lr(sim, opts, r: int, s: int) -> float:
@@ -100,9 +99,8 @@ class ServerSide:
         st.lr = set_lr(sim, [p.opt_server], r, s)
         sim.bank.activate(p.adapter, sim.strategy.offset(p))
         h_server = h.detach().requires_grad_(needs_grad)
-        with sim.autocast():
-            logits = sim.split.server_forward(h_server, mask, p.split)
-        loss, n_tok = lm_loss(logits, labels)
+        with sim.autocast():        # the task's loss (runtime/task.py): next-token or classification
+            loss, n_tok = sim.task.loss(sim.split, h_server, mask, p.split, labels)
         loss.backward()
         st.losses.append(float(loss.detach()))
         st.tokens += n_tok
