@@ -3,6 +3,9 @@
     report = export_run("runs/demo", adapter="out/adapter")          # rank: the plan's largest rank
     report = export_run("runs/demo", adapter="out/exact", exact=True)  # every rank: the update exactly
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(report["base_model"]), "out/adapter")
+    # a classification run (data.task classification): the adapter is for sequence classification, with the head
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(
+        report["base_model"], num_labels=len(report["labels"])), "out/adapter")
 
 The total learned update of every module is kept in factored form: the exact aggregates merged in
 rounds 1..N (B_cat, A_cat from the checkpoints) plus, for strategies that keep adapters, the
@@ -196,7 +199,12 @@ def export_run(run_dir: str | Path, adapter: str | Path | None = None, merged: s
                       worst_module=max(errs, key=errs.get) if errs else None,
                       embedded=config["run"].get("model_origin") == "embedded" and not base_model)
         card = model_card(config, _rows(run_dir, last), report)
-        report["size_mb"] = _write_adapter(adapter, factors, ranks, model_path, hub_id or model_path, card, progress)
+        data = config["plan"].get("data") or {}
+        labels = list(data.get("labels") or []) if data.get("task") == "classification" else None
+        if labels:
+            report["task"], report["labels"] = "classification", labels
+        report["size_mb"] = _write_adapter(adapter, factors, ranks, model_path, hub_id or model_path, card, progress,
+                                           labels)
         report["model_card"] = str(adapter / "README.md")
     if merged is not None:
         merged = Path(merged)
@@ -224,8 +232,30 @@ def _rows(run_dir: str | Path, last: int) -> list[dict]:
             for row in checkpoint.read_state(Path(run_dir), r).get("metrics", [])]
 
 
-def _write_adapter(path: Path, factors, ranks, model_path: str, base_name: str, card: str, progress: bool) -> float:
-    """The PEFT adapter folder with its model card; returns the size of its weights in MB."""
+def _seq_cls_model(lm, model_path: str, labels: list[str]):
+    """`AutoModelForSequenceClassification` of the base model whose `score` is the run's label-word head
+    (runtime/task.py), and that head: what a classification run's adapter is saved against."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hsplit.runtime.task import Classification, label_word_head
+    head = label_word_head(lm.model.get_output_embeddings().weight, Classification(labels, lm.tokenizer).tokens)
+    from transformers.utils import logging as hf_logging
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()        # its report of the new `score` weight: set from the head below
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_path, dtype=torch.float32, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={lab: i for i, lab in enumerate(labels)}, pad_token_id=lm.tokenizer.pad_token_id)
+    finally:
+        hf_logging.set_verbosity(level)
+    return model, head
+
+
+def _write_adapter(path: Path, factors, ranks, model_path: str, base_name: str, card: str, progress: bool,
+                   labels: list[str] | None = None) -> float:
+    """The PEFT adapter folder with its model card; returns the size of its weights in MB. labels: a
+    classification run's label set: the adapter is for `AutoModelForSequenceClassification` (task SEQ_CLS)
+    and carries the head as the saved `score` module (modules_to_save)."""
     from peft import LoraConfig
 
     from hsplit.runtime.lora import get_peft_model
@@ -233,12 +263,19 @@ def _write_adapter(path: Path, factors, ranks, model_path: str, base_name: str, 
     tmp = _fresh_target(path)
     try:
         lm = load_lm(model_path, progress=progress)
+        base, extra = lm.model, {}
+        if labels:
+            base, head = _seq_cls_model(lm, model_path, labels)
+            extra = {"task_type": "SEQ_CLS", "modules_to_save": ["score"]}
         names = sorted(factors)
         cfg = LoraConfig(r=max(ranks.values()), lora_alpha=max(ranks.values()), target_modules=names,
                          rank_pattern={rank_pattern_key(m): ranks[m] for m in names},
                          alpha_pattern={rank_pattern_key(m): ranks[m] for m in names},
-                         fan_in_fan_out=lm.profile.family.name == "gpt2", bias="none", lora_dropout=0.0)
-        model = get_peft_model(lm.model, cfg)
+                         fan_in_fan_out=lm.profile.family.name == "gpt2", bias="none", lora_dropout=0.0, **extra)
+        model = get_peft_model(base, cfg)
+        if labels:
+            with torch.no_grad():
+                model.base_model.model.score.modules_to_save["default"].weight.copy_(head)
         layers = {n.removeprefix("base_model.model."): mod for n, mod in model.named_modules()
                   if hasattr(mod, "lora_A") and "default" in getattr(mod, "lora_A", {})}
         with torch.no_grad():

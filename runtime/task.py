@@ -45,8 +45,7 @@ class Classification:
     def weight(self, split) -> torch.Tensor:
         """The head (classes x hidden): each label's word rows of the LM head, averaged (computed once)."""
         if self._weight is None:
-            w = split.lm_head.weight.detach()
-            self._weight = torch.stack([w[torch.tensor(t, device=w.device)].float().mean(0) for t in self.tokens])
+            self._weight = label_word_head(split.lm_head.weight, self.tokens)
         return self._weight
 
     def scores(self, split, h, mask, s: int, labels):
@@ -62,6 +61,12 @@ class Classification:
         if n == 0:
             return logits.sum() * 0.0, 0
         return nn.functional.cross_entropy(logits, targets), n
+
+
+def label_word_head(lm_head_weight: torch.Tensor, tokens: list[list[int]]) -> torch.Tensor:
+    """(classes x hidden), fp32: row c is the mean of the LM head's rows of class c's label-word tokens."""
+    w = lm_head_weight.detach()
+    return torch.stack([w[torch.tensor(t, device=w.device)].float().mean(0) for t in tokens])
 
 
 def make_task(spec, tokenizer):
