@@ -33,6 +33,7 @@ DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow", "e2e")
 TASKS = ("lm", "classification")     # data.task: next-token prediction | sequence classification (runtime/task.py)
+TASK_FIELDS = ("task", "text_column", "label_column", "labels")   # data fields a next-token plan does not write
 # hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
 PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
               "flower-pathological")
@@ -302,7 +303,8 @@ class Plan:
             "model": self.model, "inputs": self.inputs, "strategy": self.strategy,
             "objective": self.objective, "modules": list(self.modules),
             "ranks_allowed": list(self.ranks_allowed), "server_rank": self.server_rank,
-            "training": asdict(self.training), "data": asdict(self.data),
+            "training": asdict(self.training), "data": {k: v for k, v in asdict(self.data).items()
+                                                        if self.data.task != "lm" or k not in TASK_FIELDS},
             **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
             **({"sampling": self.sampling.to_dict()} if self.sampling else {}),
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
