@@ -125,10 +125,23 @@ class DataSpec:
     labels: list[str] = field(default_factory=list)   # classification: the label set, in class-index order
 
 
+_HUB_RE = re.compile(r"(?P<name>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?::(?P<config>[\w.-]+))?(?::(?P<split>[\w.\[\]%:-]+))?")
+
+
 def looks_like_hub_id(ref: str) -> bool:
-    """`owner/name` that is not a data file name: read as a Hugging Face dataset id when no such path exists."""
-    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", ref) is not None
-            and not ref.lower().endswith(DATA_SUFFIXES))
+    """`owner/name`, optionally `:CONFIG` and `:SPLIT` (`nyu-mll/glue:sst2`, `nyu-mll/glue:sst2:validation`),
+    that is not a data file name: read as a Hugging Face dataset id when no such path exists."""
+    m = _HUB_RE.fullmatch(ref)
+    return m is not None and not m.group("name").lower().endswith(DATA_SUFFIXES)
+
+
+def hub_parts(ref: str) -> tuple[str, str | None, str | None]:
+    """`owner/name[:config[:split]]` -> (owner/name, config or None, split or None); the split defaults to
+    `train` (else the first split) where it is read."""
+    m = _HUB_RE.fullmatch(ref)
+    if m is None:
+        return ref, None, None
+    return m.group("name"), m.group("config"), m.group("split")
 
 
 def resolve_data_path(ref: str, base_dir: str | Path) -> str:

