@@ -142,13 +142,15 @@ def check_plan_data(plan, written_to: Path | None = None) -> None:
     from dataclasses import replace
 
     from hsplit.planner.plan import resolve_data_path
-    from hsplit.runtime.datasource import check_data, check_records
+    from hsplit.runtime.datasource import check_data, check_records, data_summary, summary_line
     spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(
         plan.data.path, Path(written_to).parent))
     weights = [c.data_weight for c in plan.clients]
     try:
         lines = check_data(spec, plan.training.seq_len) if written_to is None else []
         lines += check_records(spec, plan.training.seq_len, weights, plan.training.seed)
+        lines.append(summary_line(data_summary(spec, plan.training.seq_len, weights, plan.training.seed,
+                                               plan.model)))
     except ConfigError as e:
         if written_to is not None:
             raise

@@ -138,6 +138,12 @@ def _flat(enc, column: str) -> tuple[np.ndarray, np.ndarray]:
 def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) -> tuple[str, dict[str, TokenSet]]:
     """(record kind, {source: TokenSet}); the tokenisation comes from the `datasets` map cache
     ($HSPLIT_CACHE/tokens/) when the data and tokenizer are unchanged."""
+    kind, sets, _ = _tokenised(spec, tokenizer, seq_len, use_cache)
+    return kind, sets
+
+
+def _tokenised(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) -> tuple[str, dict[str, TokenSet], int]:
+    """tokenised_sources, and the number of records read (documents: files)."""
     src = resolve(spec)
     ds = open_dataset(src, spec)
     if len(ds) == 0:
@@ -147,7 +153,7 @@ def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool =
         if not spec.labels:                 # a hand-written plan without data.labels: read them now
             spec.labels = classification.check_labels(recs, spec, spec.path)
         classification.check_labels(recs, spec, spec.path)
-        return "classification", classification.token_sets(recs, spec.labels, tokenizer, seq_len)
+        return "classification", classification.token_sets(recs, spec.labels, tokenizer, seq_len), len(ds)
     kind = "documents" if src.reader in ("shakespeare", "text") else record_kind(
         ds.column_names, ds[0], spec, spec.path)
     if spec.partition_by != "source" and spec.partition_by not in ds.column_names:
@@ -164,7 +170,7 @@ def tokenised_sources(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool =
             raise ConfigError(spec.path, [why])
         raise ConfigError(spec.path, [f"no assistant tokens within seq_len {seq_len}: every conversation's assistant "
                                       "turns are cut off or missing; use a longer seq_len"])
-    return kind, sets
+    return kind, sets, len(ds)
 
 
 def _tokenise(records, fmt: str, tokenizer, seq_len: int) -> dict[str, TokenSet]:
@@ -190,7 +196,7 @@ def _holdout(sets: dict[str, TokenSet], fraction: float, seed: int):
 
 def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[float], seed: int,
                         use_cache: bool = True) -> FederatedData:
-    kind, sets = tokenised_sources(spec, tokenizer, seq_len, use_cache)
+    kind, sets, records = _tokenised(spec, tokenizer, seq_len, use_cache)
     train, evals = _holdout(sets, spec.eval_fraction, seed)
     parts = partition({s: len(ts) for s, ts in train.items()}, weights, spec.partition, spec.alpha, seed,
                       spec.sources_per_client)
@@ -201,9 +207,11 @@ def load_federated_data(spec: DataSpec, tokenizer, seq_len: int, weights: list[f
     if problems:
         raise ConfigError(f"data ({spec.path})", problems)
     summary = {"path": spec.path, "format": resolve(spec).reader, "kind": kind, "partition": spec.partition,
-               "seq_len": seq_len,
+               "seq_len": seq_len, "records": records,
                "sources": {s: len(ts) for s, ts in sets.items()}, "eval_sequences": len(eval_set),
-               "client_sequences": [len(c) for c in clients]}
+               "client_sequences": [len(c) for c in clients], "train_sequences": sum(len(c) for c in clients),
+               "train_tokens": int(sum(int(c.attention_mask.sum()) for c in clients)),
+               "eval_tokens": int(eval_set.attention_mask.sum())}
     return FederatedData(clients=clients, eval=eval_set,
                          client_sources=[sorted(p) for p in parts], summary=summary,
                          client_counts=[{s: len(idx) for s, idx in sorted(p.items())} for p in parts],

@@ -34,6 +34,7 @@ from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint, replan
 from hsplit.runtime.common import pick_device
+from hsplit.runtime.datasource import summary_line
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.logs import RunLogs, wandb_project
 from hsplit.runtime.options import RunOptions
@@ -202,6 +203,8 @@ def run(plan_path: str | Path, opts: RunOptions | None = None, reporter: Reporte
     where: list[int | None] = [None]            # the round being trained, for the Ctrl-C message
     try:
         sim = build(plan, progress=opts.progress, device=opts.device, compute=opts.compute_dtype)  # all checks
+        if opts.progress:
+            print(summary_line(sim.data.summary), file=sys.stderr, flush=True)
         return rounds_loop(InProcess(sim, opts.eval_max_seqs), plan, plan_path, opts, run_dir, done, rounds, where,
                            reporter)
     except KeyboardInterrupt:
