@@ -92,13 +92,9 @@ def plan(
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
                              "format. A relative local path is written relative to the plan file; an absolute one stays absolute."),
-    task: Optional[str] = typer.Option(None, "--task", help="lm (next-token prediction, default) | classification "
-                                       "(text + label records; the label set is read now and written into the plan)."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="--task classification: the text column "
-                                              "(default: the first of text, sentence, content, review, ...)."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="--task classification: the label column "
-                                               "(default: the first of label, labels, label_text, class, ...), or in "
-                                               "E2E data an attribute of the MR (e.g. eatType)."),
+    task: Optional[str] = typer.Option(None, "--task", help="lm (next-token, default) | classification (text + label; the label set goes into the plan)."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="--task classification: the text column (default: text, sentence, ...)."),
+    label_column: Optional[str] = typer.Option(None, "--label-column", help="--task classification: the label column (default: label, ...), or an E2E MR attribute (eatType)."),
     clients_per_round: Optional[str] = CLIENTS_PER_ROUND,
     min_clients_per_round: Optional[int] = MIN_CLIENTS_PER_ROUND,
     sample_by: str = SAMPLE_BY,

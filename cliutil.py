@@ -142,7 +142,8 @@ def check_plan_data(plan, written_to: Path | None = None) -> None:
     from dataclasses import replace
 
     from hsplit.planner.plan import resolve_data_path
-    from hsplit.runtime.datasource import check_data, check_records, data_summary, summary_line
+    from hsplit.runtime.datasource import check_data, check_records
+    from hsplit.runtime.datasummary import data_summary, summary_line
     spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(
         plan.data.path, Path(written_to).parent))
     weights = [c.data_weight for c in plan.clients]

@@ -4,7 +4,7 @@ plan-time checks, token sets for the split step, and the metrics `hsplit eval` r
     recs = read_records(ds, spec, "data.csv")         # texts, labels (None: missing), sources, columns used
     labels = check_records(recs, spec, seed, weights)  # the label set (ConfigError: missing/unknown labels,
                                                        #   one class, a held-out split without some class)
-    sets = token_sets(recs, labels, tokenizer, seq_len)   # {source: TokenSet}: class index at the last token
+    arrays = token_arrays(recs, labels, tokenizer, seq_len)   # {source: (ids, mask, labels)}: class at the last token
     report = metrics(y_true, y_pred, labels)           # accuracy, macro-F1 (scikit-learn), per class
 
 Columns: the text is `data.text_column`, or the first of TEXT_COLUMNS present (`text`, `sentence`,
@@ -186,13 +186,12 @@ def check_plan(ds, spec, seed: int, weights: list[float] | None, seq_len: int, w
     return labels
 
 
-def token_sets(recs: Records, labels: list[str], tokenizer, seq_len: int) -> dict:
-    """{source: TokenSet} (sources sorted, records in order): each record's text as `tokenizer(text)` gives it,
-    cut to seq_len and padded on the right; labels -100 except the class index at the last text token."""
+def token_arrays(recs: Records, labels: list[str], tokenizer, seq_len: int) -> dict:
+    """{source: (input_ids, attention_mask, labels)} int64 arrays (N, seq_len), sources sorted, records in order
+    (runtime/data.py makes them TokenSets): each record's text as `tokenizer(text)` gives it, cut to seq_len and
+    padded on the right; labels -100 except the class index at the last text token."""
     import numpy as np
-    import torch
 
-    from hsplit.runtime.data import TokenSet
     index = {lab: i for i, lab in enumerate(labels)}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     enc = tokenizer(recs.texts, truncation=True, max_length=seq_len)["input_ids"]
@@ -206,7 +205,7 @@ def token_sets(recs: Records, labels: list[str], tokenizer, seq_len: int) -> dic
             ids[r, :len(x)] = x
             mask[r, :len(x)] = 1
             lab[r, len(x) - 1] = index[recs.labels[i]]
-        out[src] = TokenSet(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(lab))
+        out[src] = (ids, mask, lab)
     return out
 
 

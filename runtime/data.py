@@ -153,7 +153,8 @@ def _tokenised(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) 
         if not spec.labels:                 # a hand-written plan without data.labels: read them now
             spec.labels = classification.check_labels(recs, spec, spec.path)
         classification.check_labels(recs, spec, spec.path)
-        return "classification", classification.token_sets(recs, spec.labels, tokenizer, seq_len), len(ds)
+        arrays = classification.token_arrays(recs, spec.labels, tokenizer, seq_len)
+        return "classification", {s: TokenSet(*(torch.from_numpy(a) for a in arr)) for s, arr in arrays.items()}, len(ds)
     kind = "documents" if src.reader in ("shakespeare", "text") else record_kind(
         ds.column_names, ds[0], spec, spec.path)
     if spec.partition_by != "source" and spec.partition_by not in ds.column_names:

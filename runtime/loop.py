@@ -34,7 +34,7 @@ from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
 from hsplit.runtime import checkpoint, replan
 from hsplit.runtime.common import pick_device
-from hsplit.runtime.datasource import summary_line
+from hsplit.runtime.datasummary import summary_line
 from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.logs import RunLogs, wandb_project
 from hsplit.runtime.options import RunOptions

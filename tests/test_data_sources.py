@@ -285,7 +285,8 @@ def test_a_dataset_id_is_kept_in_the_plan_and_read_with_load_dataset(model, tmp_
     assert plan.data.path == "someone/chat-data"
     from transformers import AutoTokenizer
     d = load_federated_data(plan.data, AutoTokenizer.from_pretrained(str(model)), 64, [1, 1], 0)
-    assert d.summary["kind"] == "chat" and d.summary["format"] == "hub" and asked == ["someone/chat-data"] * 2
+    # the builder: `hsplit plan`'s data check and its data-summary line; load_dataset: the run
+    assert d.summary["kind"] == "chat" and d.summary["format"] == "hub" and asked == ["someone/chat-data"] * 3
 
 
 def test_a_plan_copied_with_its_data_elsewhere_reads_that_data_and_keeps_its_hash(tmp_path):

@@ -131,7 +131,7 @@ def test_plan_and_run_print_the_same_data_summary_for_text_files(model, tmp_path
 def test_the_plans_held_out_split_is_the_runs_per_source_hold_out(model, tmp_path):
     """Many small sources: the run holds out per source (pooling the small ones), not eval_fraction of the total."""
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.datasource import data_summary
+    from hsplit.runtime.datasummary import data_summary
     from hsplit.runtime.data import load_federated_data
     from transformers import AutoTokenizer
     folder = tmp_path / "txt"
