@@ -186,3 +186,23 @@ def test_planner_charges_the_classification_head_instead_of_the_lm_head():
     assert cls.head_flops == 4.0 * 4 * 3 * m.hidden
     assert lm.server_frozen_bytes - cls.server_frozen_bytes == (m.vocab - 3) * m.hidden * 4
     assert cls.server_fixed_bytes < lm.server_fixed_bytes
+
+
+def test_every_other_strategy_trains_a_classifier_for_a_round(env):
+    """The task changes the server's loss only: every strategy runs it (one round, one local step each)."""
+    from hsplit.planner.strategies import NAMES
+    root, model = env
+    d = root / "every"
+    d.mkdir()
+    data = _csv(d / "train.csv", _rows(60))
+    for strategy in [s for s in NAMES if s not in ("hsplitlora", "hafl-freezing")]:
+        r = runner.invoke(app, [str(a) for a in (
+            "plan", "--fleet", "example", "--model", model, "--seq-len", 32, "--batch-size", 2, "--local-steps", 1,
+            "--rounds", 1, "--data", data, "--task", "classification", "--partition-by", "label",
+            "--eval-fraction", 0.2, "--strategy", strategy, "-o", d / f"{strategy}.yaml")])
+        assert r.exit_code == 0, (strategy, r.output)
+        r = runner.invoke(app, ["run", str(d / f"{strategy}.yaml"), "--runs-dir", str(d / "runs"), "--name", strategy,
+                                "--format", "json"])
+        assert r.exit_code == 0, (strategy, r.output)
+        out = json.loads(r.stdout[r.stdout.index("{"):])
+        assert out["eval_loss_after"] == out["eval_loss_after"] and out["eval_loss_after"] < 5, strategy
