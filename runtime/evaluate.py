@@ -77,21 +77,23 @@ def client_activations(sim, p, data: TokenSet, max_seqs: int | None):
 
 
 @torch.no_grad()
-def predict(sim, data: TokenSet, batch_size: int | None = None) -> tuple[list[int], list[int]]:
-    """Classification: (true class, predicted class) of every sequence of `data`, by the aggregated model."""
+def predict(sim, data: TokenSet, batch_size: int | None = None) -> tuple[list[int], list[int], float]:
+    """Classification: (true class, predicted class) of every sequence of `data` by the aggregated model, and
+    the mean cross-entropy over the classes (the loss `evaluate` gives), from the same forward."""
     sim.lm.model.eval()
     sim.bank.activate(sim.eval_adapter())
-    true, pred = [], []
+    true, pred, total = [], [], 0.0
     try:
         for ids, mask, labels in eval_batches(sim, data, batch_size):
             with sim.autocast():
                 h = sim.split.client_forward(ids, mask, sim.split.layers)
                 logits, targets = sim.task.scores(sim.split, h, mask, sim.split.layers, labels)
+            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
             true += targets.tolist()
             pred += logits.argmax(-1).tolist()
     finally:
         sim.bank.activate(None)
-    return true, pred
+    return true, pred, total / len(true) if true else float("nan")
 
 
 def write_predictions(path: Path, true: list[int], pred: list[int], labels: list[str]) -> None:
@@ -129,13 +131,13 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, max_seqs: int | N
         source = "held-out split"
         if max_seqs is None and not classify:   # the same sequences the run reported after each round
             max_seqs = config.get("run", {}).get("eval_max_seqs")
-    loss = evaluate(sim, eval_set, max_seqs)
     out = {"run": str(run_dir), "round": r, "data": source, "device": str(sim.device),
-           "sequences": min(len(eval_set), max_seqs or len(eval_set)), "eval_loss": loss}
+           "sequences": min(len(eval_set), max_seqs or len(eval_set))}
     if not classify:
-        return {**out, "perplexity": math.exp(loss) if loss == loss else None}
+        loss = evaluate(sim, eval_set, max_seqs)
+        return {**out, "eval_loss": loss, "perplexity": math.exp(loss) if loss == loss else None}
     labels = sim.task.labels
-    true, pred = predict(sim, eval_subset(eval_set, max_seqs))
+    true, pred, out["eval_loss"] = predict(sim, eval_subset(eval_set, max_seqs))
     target = Path(run_dir) / f"predictions-{Path(path).name if data else 'heldout'}.csv"
     write_predictions(target, true, pred, labels)
     true, pred = read_predictions(target, labels)       # the metrics are those of the saved predictions
