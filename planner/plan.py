@@ -446,6 +446,9 @@ def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list
         if given.get(flag) is not None and data.partition not in applies:
             p.add(flag, f"applies to --partition {' or '.join(applies)} only (this plan partitions {data.partition}); "
                         f"add --partition {applies[0]} or leave {flag} out")
+    for flag in ("--text-column", "--label-column"):
+        if given.get(flag) is not None and data.task != "classification":
+            p.add(flag, "applies to --task classification only; add --task classification or leave it out")
     p.raise_if_any()
     notes = []
     if training.warmup_steps >= training.rounds * training.local_steps:

@@ -100,6 +100,8 @@ def test_plan_time_error_when_no_label_column(env, tmp_path):
     root, model = env
     r = _plan(tmp_path, model, _csv(tmp_path / "d.csv", _rows(), header=("sentence", "mood")))
     assert r.exit_code != 0 and "needs a label column" in r.output and "--label-column" in r.output
+    r = runner.invoke(app, ["plan", "--fleet", "example", "--label-column", "mood", "-o", str(tmp_path / "p.yaml")])
+    assert r.exit_code == 2 and "--label-column: applies to --task classification only" in r.output, r.output
 
 
 def test_plan_time_error_when_the_held_out_split_misses_a_class(env, tmp_path):
