@@ -98,7 +98,20 @@ def _stat(xs) -> str:
     return f"{statistics.mean(xs):.3f} ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"
 
 
+def _train_wall(r: dict, out: Path) -> float:
+    """Training wall seconds of a run from its metrics.csv (rounds' wall_s; a resumed run's own figure is not)."""
+    import csv
+    f = out / "runs" / f"{r['strategy']}-seed{r['seed']}" / "metrics.csv"
+    if not f.is_file():
+        return r["train_wall_s"]
+    with open(f, newline="") as fh:
+        return sum(float(row["wall_s"] or 0) for row in csv.DictReader(fh) if row["client"] == "all")
+
+
 def summarise(results: list[dict], args, command: str) -> list[str]:
+    out = Path(args.out)
+    for r in results:
+        r["train_wall_s"] = _train_wall(r, out)
     seeds = sorted({r["seed"] for r in results})
     lines = [HEADING, "",
              f"E2E references labelled by the MR attribute `{args.label}` ({args.train}; "
@@ -109,7 +122,7 @@ def summarise(results: list[dict], args, command: str) -> list[str]:
              f"seeds {', '.join(map(str, seeds))}. Mean ± sd over seeds; accuracy and macro-F1 of the saved held-out "
              "predictions (`hsplit eval`, scikit-learn). Measured on the shared 2-core CPU machine.", "",
              "```", command, "```", "",
-             "| strategy | runs | accuracy | macro-F1 | held-out loss | fleet s | MB moved | train wall s |",
+             "| strategy | runs | accuracy | macro-F1 | held-out loss | fleet s | MB moved | round wall s (sum) |",
              "|---|---|---|---|---|---|---|---|"]
     for s in STRATEGIES:
         rs = [r for r in results if r["strategy"] == s]
