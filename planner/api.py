@@ -150,7 +150,7 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
                                         "pass the fleet explicitly"])
     fleet_obj = fleet_ref if isinstance(fleet_ref, Fleet) else Fleet.load(fleet_ref)
     expected = plan.inputs.get("fleet_sha256")
-    if expected and fleet_obj.sha256() != expected:
+    if expected and fleet_obj.sha256() != expected and fleet_obj.sha256_before_22() != expected:
         raise ConfigError(plan.source, [f"inputs.fleet_sha256: the fleet {fleet_obj.source} changed since this "
                                         "plan was made; plan again with `hsplit plan`"])
     solver = plan.solver.get("name", "cbc")
@@ -320,12 +320,14 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
+    by_content: dict[tuple[int, bytes], dict[str, int]] = {}
     shared: dict[tuple[int, int], dict] = {}   # ... and their predicted costs: one mapping per (class, Config)
     merge = ev.merge_bytes if ev is not None else None      # hsplitlora: exact D_k per client
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
-        if id(cfg) not in names:
-            names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
-                              for l, j in zip(*np.nonzero(cfg.ranks))}
+        if id(cfg) not in names:      # one mapping per distinct (split, ranks): clients of an allocation share it
+            same = (int(cfg.split), cfg.ranks.tobytes())
+            names[id(cfg)] = by_content.get(same) or by_content.setdefault(same, {
+                model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j]) for l, j in zip(*np.nonzero(cfg.ranks))})
         key = (int(class_of[k]), id(cfg))
         if key not in shared:
             shared[key] = _predicted(inst, inst.classes[class_of[k]], ev.clients[k], merge[k] if merge is not None else None,
