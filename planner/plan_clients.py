@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hsplit.planner.errors import Problems
-from hsplit.planner.yamlio import cut, kind, number, short, whole
+from hsplit.planner.yamlio import Lines, cut, kind, number, short, whole
 
 # Clients in one plan, all entries together (what `hsplit plan` accepts for a fleet, planner/fleet.py):
 # a larger count is refused before a list of that many clients is built.
@@ -259,6 +259,11 @@ def _ranks_of(raw, f: str, p: Problems) -> dict[str, int]:
     return clean
 
 
+def _numbers_text(values) -> str:
+    """Numbers as one line of text, space-separated (read back exactly: repr of a float round-trips)."""
+    return " ".join(repr(float(v)) if isinstance(v, float) else str(v) for v in values)
+
+
 def _one_or_list(values: list):
     first = values[0]
     return first if all(v == first for v in values) else list(values)
@@ -267,7 +272,7 @@ def _one_or_list(values: list):
 def allocation_entries(clients: list[ClientPlan]) -> list[dict[str, Any]] | None:
     """The `allocations:` list (see above), or None when the clients cannot be written so (an id with `..`,
     which would read back as a range)."""
-    if any(".." in c.id for c in clients):
+    if any(".." in c.id or not c.id or any(ch.isspace() for ch in c.id) for c in clients):
         return None
     groups: dict[tuple, list[int]] = {}
     for k, c in enumerate(clients):
@@ -284,12 +289,14 @@ def allocation_entries(clients: list[ClientPlan]) -> list[dict[str, Any]] | None
         seen.add(id(members))
         cs = [clients[k] for k in members]
         ids = [c.id for c in cs]
-        entry: dict[str, Any] = {"split_layer": cs[0].split_layer, "ranks": ranks_by_block(cs[0].ranks), "count": len(cs),
-                                 "ids": _id_items(ids)}
+        entry: dict[str, Any] = {"split_layer": cs[0].split_layer, "ranks": ranks_by_block(cs[0].ranks),
+                                 "count": len(cs), "ids": " ".join(_id_items(ids))}
         if ids != [f"c{k}" for k in members]:       # positions in the fleet, when the ids do not say them
-            entry["at"] = _id_items([str(k) for k in members])
-        entry["device"] = _one_or_list([c.device for c in cs])
-        entry["data_weight"] = _one_or_list([c.data_weight for c in cs])
+            entry["at"] = " ".join(_id_items([str(k) for k in members]))
+        devices = _one_or_list([c.device for c in cs])
+        entry["device"] = Lines("\n".join(devices) + "\n") if isinstance(devices, list) else devices
+        weights = _one_or_list([c.data_weight for c in cs])
+        entry["data_weight"] = _numbers_text(weights) if isinstance(weights, list) else weights
         keys = list(dict.fromkeys(k for c in cs for k in c.predicted))
         shared, per = {}, {}
         distinct = {id(c.predicted): c.predicted for c in cs}
@@ -297,8 +304,8 @@ def allocation_entries(clients: list[ClientPlan]) -> list[dict[str, Any]] | None
             vals = [c.predicted.get(key) for c in cs] if len(distinct) > 1 else [cs[0].predicted.get(key)]
             if all(v == vals[0] for v in vals):
                 shared[key] = vals[0]
-            elif key in PER_CLIENT:
-                per[key] = vals
+            elif key in PER_CLIENT and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                per[key] = _numbers_text(vals)
             elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
                 shared[key] = min(vals) if key in WORST_MIN else max(vals)
             else:
@@ -311,7 +318,9 @@ def allocation_entries(clients: list[ClientPlan]) -> list[dict[str, Any]] | None
 
 
 def _expand_items(raw, f: str, p: Problems, what: str) -> list[str] | None:
-    """A list of ids and `first..last` ranges, expanded."""
+    """Ids and `first..last` ranges (text separated by spaces, or a list), expanded."""
+    if isinstance(raw, str):
+        raw = raw.split()
     if not isinstance(raw, list) or not raw:
         p.add(f, f"must be a list of {what} and `first..last` ranges such as [c0..c99, c105], found {kind(raw)}")
         return None
@@ -338,8 +347,11 @@ def _expand_items(raw, f: str, p: Problems, what: str) -> list[str] | None:
     return out
 
 
-def _column(raw, count: int, f: str, p: Problems, check) -> list | None:
-    """One value for every client (a single value) or a list of `count` values, each passed through check."""
+def _column(raw, count: int, f: str, p: Problems, check, many=None) -> list | None:
+    """One value for every client (a single value) or a list of `count` values, each passed through check;
+    `many` turns text into such a list (numbers separated by spaces; devices one a line)."""
+    if isinstance(raw, str) and many is not None:         # one value per client, as text (numbers / lines)
+        raw = many(raw)
     vals = raw if isinstance(raw, list) else [raw] * count
     if len(vals) != count:
         p.add(f, f"has {len(vals):,} values for {count:,} clients; give one value or one per client")
@@ -347,6 +359,12 @@ def _column(raw, count: int, f: str, p: Problems, check) -> list | None:
     first = len(p.items)
     out = [check(v) for v in vals] if isinstance(raw, list) else [check(raw)] * count
     return None if len(p.items) > first else out
+
+
+def _split_numbers(text: str):
+    """`1.5 0.7 2.0` -> a list of its items (one per client); a single number stays one value."""
+    items = text.split()
+    return items if len(items) > 1 else text
 
 
 def read_allocations(raw_allocs, p: Problems) -> tuple[list[ClientPlan], list[int]]:
@@ -403,9 +421,10 @@ def read_allocations(raw_allocs, p: Problems) -> tuple[list[ClientPlan], list[in
                 return ""
             return str(v)
 
-        devices = _column(a.get("device", ""), count, f"{f}.device", p, _text)
+        devices = _column(a.get("device", ""), count, f"{f}.device", p, _text,
+                          many=lambda t: t.splitlines() if "\n" in t else t)
         weights = _column(a.get("data_weight", 1.0), count, f"{f}.data_weight", p,
-                          lambda v: number(v, f"{f}.data_weight", p, positive=True))
+                          lambda v: number(v, f"{f}.data_weight", p, positive=True), many=_split_numbers)
         predicted = a.get("predicted") or {}
         if not isinstance(predicted, dict):
             p.add(f"{f}.predicted", f"must be a mapping (written by `hsplit plan`), found {kind(predicted)}")
@@ -416,8 +435,9 @@ def read_allocations(raw_allocs, p: Problems) -> tuple[list[ClientPlan], list[in
             p.add(f"{f}.per_client", f"must be a mapping predicted value -> list (one per client), found {kind(per)}")
         else:
             for key, vals in per.items():
-                col = _column(vals if isinstance(vals, list) else [vals], count, f"{f}.per_client.{cut(str(key))}",
-                              p, lambda v, ff=f"{f}.per_client.{cut(str(key))}": number(v, ff, p))
+                ff = f"{f}.per_client.{cut(str(key))}"
+                col = _column(vals if isinstance(vals, (list, str)) else [vals], count, ff, p,
+                              lambda v, ff=ff: number(v, ff, p), many=lambda t: t.split())
                 if col is not None:
                     columns[str(key)] = col
         if devices is None or weights is None or len(p.items) > first:
