@@ -87,6 +87,9 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     training = training or Training()
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
                           training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation)
+    if sampling is not None and traits(strategy).split:      # charge the sampled rounds (planner/sampled.py)
+        from hsplit.planner.sampled import apply_sampling
+        apply_sampling(inst, sampling)
     check_feasible(inst)
     t0 = time.perf_counter()
     gap, status, detail = 0.0, "optimal", {}

@@ -89,6 +89,7 @@ class Instance:
     server_time_model: str = "flops"
     aggregation: str = "warm"     # hsplitlora's aggregation (plan `aggregation`): warm | restart
     merge_download: bool = False  # the strategy's clients download the round's merged update (hsplitlora)
+    sampled: object = None        # planner/sampled.py SampledRounds: charge the run's sampled rounds, not the fleet
 
     @property
     def sync_bytes_per_param(self) -> int:
