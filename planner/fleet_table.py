@@ -12,7 +12,7 @@ Columns (every one optional but `device` or the inline profile's `name`, `kind`,
 `uplink_mbps`, `downlink_mbps`; an empty cell is "not given"):
   id                              the client's id in plans (default c<position>); unique, no `..`
   device                          a shipped device name or a profile path: the row's profile
-  name, kind, memory_gib, memory_total_gib, peak_flops.<dtype>, efficiency.<dtype>, flops.<dtype>
+  name, kind, memory_gib, memory_total_gib, efficiency, peak_flops.<dtype>, flops.<dtype>
                                   profile fields: with `device`, they replace that profile's values (the row's
                                   own measurement); without, they are the row's whole profile
   uplink_mbps, downlink_mbps      the row's links (in place of the profile's)
@@ -33,8 +33,8 @@ from hsplit.planner.yamlio import cut, is_file, kind, short
 TABLE_SUFFIXES = (".csv", ".parquet")
 GROUP_COLUMNS = ("data_weight", "budget.round_s", "budget.memory_gib", "splits.min", "splits.max")
 LINK_COLUMNS = ("uplink_mbps", "downlink_mbps")
-PROFILE_COLUMNS = ("name", "kind", "memory_gib", "memory_total_gib")
-PROFILE_TABLES = ("peak_flops", "efficiency", "flops")      # peak_flops.fp32, ...
+PROFILE_COLUMNS = ("name", "kind", "memory_gib", "memory_total_gib", "efficiency")
+PROFILE_TABLES = ("peak_flops", "flops")      # peak_flops.fp32, ...
 MAX_ROWS = 1_000_000
 
 
@@ -146,7 +146,7 @@ def table_groups(spec: dict, f: str, p: Problems, source: str, base_dir) -> list
         p.add(f"{f}.table", f"{name}: unknown column{'s' * (len(bad) > 1)} {', '.join(short(b) for b in bad[:5])}; "
                             "expected id, device, data_weight, budget.round_s, budget.memory_gib, splits.min, "
                             "splits.max, uplink_mbps, downlink_mbps, name, kind, memory_gib, memory_total_gib, "
-                            "peak_flops.<dtype>, efficiency.<dtype>, flops.<dtype>")
+                            "efficiency, peak_flops.<dtype>, flops.<dtype>")
         return []
     if len(df) == 0:
         p.add(f"{f}.table", f"{name} has no rows: add one row per client")
