@@ -25,8 +25,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from dataclasses import replace
-
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.yamlio import cut, is_file, kind, short
 
@@ -63,8 +61,8 @@ def _cell(v):
     """A cell as YAML would give it: None for empty, numbers for numeric text, else the text."""
     if v is None:
         return None
-    if isinstance(v, float) and math.isnan(v):
-        return None
+    if type(v) is float:                      # parquet numbers: as they are (NaN = empty)
+        return None if math.isnan(v) else v
     if hasattr(v, "item") and not isinstance(v, str):
         v = v.item()
     if isinstance(v, str):
@@ -156,7 +154,7 @@ def table_groups(spec: dict, f: str, p: Problems, source: str, base_dir) -> list
         return []
     groups = []
     devices: dict = {}               # shipped profiles by name, read once
-    overridden: dict = {}            # (device name, profile columns) -> profile: rows measured alike share one
+    base_dicts: dict = {}            # a shipped profile's fields, by name: each row overrides a copy
     columns = list(df.columns)
     for r, values in enumerate(df.itertuples(index=False, name=None), start=1):
         where = f"{name} row {r}"
@@ -172,34 +170,28 @@ def table_groups(spec: dict, f: str, p: Problems, source: str, base_dir) -> list
                 profile.setdefault("name", entry.get("id", f"row-{r}"))
                 entry["device"] = profile
         elif set(profile) - set(LINK_COLUMNS):            # the named profile, with this row's measurements
-            key = (ref_dev, repr(sorted(profile.items())))
-            if key in overridden:
-                entry["device"] = overridden[key]
-            else:
-                base = devices.get(ref_dev) if isinstance(ref_dev, str) else None
-                if base is None and isinstance(ref_dev, str) and ref_dev not in devices:
-                    group_from_entry({"device": ref_dev}, "ROW", rp, source, base_dir, devices)
-                    base = devices.get(ref_dev)
-                if base is not None:
-                    merged = base.to_dict()
-                    for k, v in profile.items():
-                        merged[k] = {**(merged.get(k) or {}), **v} if isinstance(v, dict) else v
-                    try:
-                        overridden[key] = DeviceProfile.from_dict(merged, source, prefix="ROW.device.")
-                    except ConfigError as e:        # fields ROW.device.<column>
-                        rp.items.extend(e.problems)
-                        overridden[key] = None
-                    entry["device"] = overridden[key]
-                    if entry["device"] is None:
-                        entry.pop("device")
+            base = devices.get(ref_dev) if isinstance(ref_dev, str) else None
+            if base is None and isinstance(ref_dev, str) and ref_dev not in devices:
+                group_from_entry({"device": ref_dev}, "ROW", rp, source, base_dir, devices)
+                base = devices.get(ref_dev)
+            entry.pop("device")
+            if base is not None:
+                if ref_dev not in base_dicts:
+                    base_dicts[ref_dev] = base.to_dict()
+                merged = dict(base_dicts[ref_dev])
+                for k, v in profile.items():
+                    merged[k] = {**(merged.get(k) or {}), **v} if isinstance(v, dict) else v
+                try:
+                    entry["device"] = DeviceProfile.from_dict(merged, source, prefix="ROW.device.")
+                except ConfigError as e:        # fields ROW.device.<column>
+                    rp.items.extend(e.problems)
         if rp.items:
             p.items.extend(_at_row(rp.items, where))
             continue
-        if isinstance(entry.get("device"), DeviceProfile):     # a profile checked above: passed by a private name
-            dev = entry.pop("device")
-            g = group_from_entry({**entry, "device": "\x00"}, "ROW", rp, source, base_dir, {"\x00": dev})
-            if g is not None:
-                g = replace(g, device_ref=dev.to_dict())
+        entry_dev = entry.get("device")
+        if isinstance(entry_dev, DeviceProfile):     # a profile checked above: passed by the name ""
+            entry["device"] = ""                               # (device_ref "": the fleet writes the profile)
+            g = group_from_entry(entry, "ROW", rp, source, base_dir, {"": entry_dev})
         else:
             g = group_from_entry(entry, "ROW", rp, source, base_dir, devices)
         if rp.items:
