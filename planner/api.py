@@ -184,6 +184,9 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
     if len(plan.clients) != len(inst.clients):
         raise ConfigError(plan.source, [f"clients: the plan has {len(plan.clients)} clients, the fleet "
                                         f"{fleet_obj.source} has {len(inst.clients)}"])
+    if plan.sampling is not None and traits(plan.strategy).split:     # charged as make_plan charged it
+        from hsplit.planner.sampled import apply_sampling
+        apply_sampling(inst, plan.sampling, [c.data_weight for c in plan.clients])
     col = {m: j for j, m in enumerate(inst.modules)}
     configs, problems = [], []
     shared: dict[tuple[str, int, int], Config] = {}     # the clients of one plan entry share one Config

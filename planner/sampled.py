@@ -11,7 +11,7 @@ sampling"):
     clients): the decomposed method's sweep (frontier.min_round_sweep) minimises this worst round exactly;
     clients that no round draws still get their best-utility configuration within their own budgets;
   - server memory: at most min(concurrency, clients per round) clients are in service at once;
-  - merge download bound U(s): the holders are the clients of one round, at most the largest sampled round's.
+  - merge download bound U(s): the holders are the clients some round of the run draws, not the whole fleet.
 The full MILP, the exhaustive enumeration and `--objective latency` still charge the whole fleet (pessimistic).
 """
 from __future__ import annotations
@@ -39,17 +39,19 @@ def plan_weights(inst: Instance) -> list[float]:
     return [round(inst.classes[c].weight, 8) for c in class_of]
 
 
-def draws(inst: Instance, sampling: Sampling) -> list[list[int]]:
-    """The clients of every round 0..rounds-1 of a run of this instance's plan."""
+def draws(inst: Instance, sampling: Sampling, weights=None) -> list[list[int]]:
+    """The clients of every round 0..rounds-1 of a run of this instance's plan (`weights`: the plan's data
+    weights, by default those make_plan writes)."""
     t = inst.training
-    weights = plan_weights(inst)
+    weights = plan_weights(inst) if weights is None else list(weights)
     n = sampling.count(len(inst.clients))
     return [sample_clients(t.seed, r, weights, n, sampling.by) for r in range(t.rounds)]
 
 
-def apply_sampling(inst: Instance, sampling: Sampling) -> SampledRounds:
-    """Charge `inst` for the sampled rounds (module docstring); sets inst.sampled and returns it."""
-    rounds = draws(inst, sampling)
+def apply_sampling(inst: Instance, sampling: Sampling, weights=None) -> SampledRounds:
+    """Charge `inst` for the sampled rounds (module docstring); sets inst.sampled and returns it. `weights`:
+    the data weights the run samples with (a given plan's, for `hsplit plan --check`)."""
+    rounds = draws(inst, sampling, weights)
     class_of = inst.class_of()
     by_class: dict[int, dict[int, int]] = {}
     for r, ids in enumerate(rounds):
@@ -70,8 +72,9 @@ def apply_sampling(inst: Instance, sampling: Sampling) -> SampledRounds:
 
 
 def _sampled_merge_bounds(inst: Instance) -> None:
-    """instance.merge_bounds with the holders of one round: total(l) = max over rounds of the drawn clients'
-    largest contributions (an upper bound on every drawn client's download; undrawn clients download nothing)."""
+    """instance.merge_bounds with the holders the run can have: every client some round draws (a client that
+    skipped rounds lacks the updates of every round since it last trained, so one round's holders are not a
+    bound); clients no round draws hold nothing and download nothing."""
     L, shapes = inst.L, inst.model.module_shapes()
     max_rank, blocks = max(inst.ranks), np.arange(L)
     contrib = np.zeros((len(inst.classes), L))
@@ -79,11 +82,11 @@ def _sampled_merge_bounds(inst: Instance) -> None:
         if c.splits:
             contrib[c.index] = np.maximum(np.where(blocks < max(c.splits), max_rank, 0),
                                           np.where(blocks >= min(c.splits), inst.server_rank, 0))
-    counts = np.zeros((len(inst.sampled.rounds), len(inst.classes)))
-    for c, pairs in inst.sampled.by_class.items():
-        for r, m in pairs:
-            counts[r, c] = m
-    total = (counts @ contrib).max(axis=0)                                  # [L]
+    counts = np.zeros(len(inst.classes))
+    class_of = inst.class_of()
+    for k in set().union(*map(set, inst.sampled.rounds)):          # every client some round draws, once
+        counts[class_of[k]] += 1
+    total = counts @ contrib                                                # [L]
     K = MERGE_RANK_FACTOR[inst.aggregation] * (total[None, :] - contrib + max_rank)
     per_block = sum(merge_matrix_bytes(K, *shapes[m]) for m in inst.modules)
     bounds = np.zeros((len(inst.classes), L + 1))
