@@ -10,7 +10,10 @@
         uplink_mbps: 20                    # optional: this group's links, in place of the device profile's
         downlink_mbps: 80
 
-`Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order.
+      - table: devices.csv                 # or .parquet: one client per row (planner/fleet_table.py)
+
+`Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order (a group's
+`id:`, or a table's id column, names its client instead).
 """
 from __future__ import annotations
 
