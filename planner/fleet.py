@@ -9,7 +9,6 @@
         splits: [1, 12]                    # optional allowed range of split_layer (inclusive)
         uplink_mbps: 20                    # optional: this group's links, in place of the device profile's
         downlink_mbps: 80
-
       - table: devices.csv                 # or .parquet: one client per row (planner/fleet_table.py)
 
 `Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order (a group's
