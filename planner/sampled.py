@@ -12,7 +12,8 @@ sampling"):
     clients that no round draws still get their best-utility configuration within their own budgets;
   - server memory: at most min(concurrency, clients per round) clients are in service at once;
   - merge download bound U(s): the holders are the clients some round of the run draws, not the whole fleet.
-The full MILP, the exhaustive enumeration and `--objective latency` still charge the whole fleet (pessimistic).
+The full MILP, the exhaustive enumeration and `--objective latency` use the sampled concurrency and merge bound
+but still charge the server's busy time and the straggler over the whole fleet (pessimistic).
 """
 from __future__ import annotations
 
