@@ -94,6 +94,9 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
                           training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation,
                           classes=classes)
+    if sampling is not None and traits(strategy).split:      # charge the sampled rounds (planner/sampled.py)
+        from hsplit.planner.sampled import apply_sampling
+        apply_sampling(inst, sampling)
     check_feasible(inst)
     t0 = time.perf_counter()
     gap, status, detail = 0.0, "optimal", {}
@@ -157,7 +160,7 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
                                         "pass the fleet explicitly"])
     fleet_obj = fleet_ref if isinstance(fleet_ref, Fleet) else Fleet.load(fleet_ref)
     expected = plan.inputs.get("fleet_sha256")
-    if expected and fleet_obj.sha256() != expected:
+    if expected and fleet_obj.sha256() != expected and fleet_obj.sha256_before_22() != expected:
         raise ConfigError(plan.source, [f"inputs.fleet_sha256: the fleet {fleet_obj.source} changed since this "
                                         "plan was made; plan again with `hsplit plan`"])
     solver = plan.solver.get("name", "cbc")
@@ -188,6 +191,9 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
     if len(plan.clients) != len(inst.clients):
         raise ConfigError(plan.source, [f"clients: the plan has {len(plan.clients)} clients, the fleet "
                                         f"{fleet_obj.source} has {len(inst.clients)}"])
+    if plan.sampling is not None and traits(plan.strategy).split:     # charged as make_plan charged it
+        from hsplit.planner.sampled import apply_sampling
+        apply_sampling(inst, plan.sampling, [c.data_weight for c in plan.clients])
     col = {m: j for j, m in enumerate(inst.modules)}
     configs, problems = [], []
     shared: dict[tuple[str, int, int], Config] = {}     # the clients of one plan entry share one Config
@@ -327,12 +333,14 @@ def _assemble(inst, configs, ev, fleet_ref, fleet_obj, model_ref, model_obj, imp
     clients = []
     class_of = inst.class_of()
     names: dict[int, dict[str, int]] = {}  # clients of a class share their Config object
+    by_content: dict[tuple[int, bytes], dict[str, int]] = {}
     shared: dict[tuple[int, int], dict] = {}   # ... and their predicted costs: one mapping per (class, Config)
     merge = ev.merge_bytes if ev is not None else None      # hsplitlora: exact D_k per client
     for k, (cl, cfg) in enumerate(zip(inst.clients, configs)):
-        if id(cfg) not in names:
-            names[id(cfg)] = {model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j])
-                              for l, j in zip(*np.nonzero(cfg.ranks))}
+        if id(cfg) not in names:      # one mapping per distinct (split, ranks): clients of an allocation share it
+            same = (int(cfg.split), cfg.ranks.tobytes())
+            names[id(cfg)] = by_content.get(same) or by_content.setdefault(same, {
+                model_obj.module_name(l, mods[j]): int(cfg.ranks[l, j]) for l, j in zip(*np.nonzero(cfg.ranks))})
         key = (int(class_of[k]), id(cfg))
         if key not in shared:
             shared[key] = _predicted(inst, inst.classes[class_of[k]], ev.clients[k], merge[k] if merge is not None else None,

@@ -108,6 +108,7 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
     class_of = inst.class_of()
     evals, violations = [], []
     memo: dict[tuple[int, int], tuple[ClientEval, list[str]]] = {}  # clients of a class share configs
+    rank_sets: dict[int, list[int]] = {}
     for k, cfg in enumerate(configs):
         cls = inst.classes[class_of[k]]
         key = (cls.index, id(cfg))
@@ -124,7 +125,9 @@ def evaluate_fleet(inst: Instance, configs: list[Config]) -> FleetEval:
             hi = inst.L                     # on the client (split_layer L; hsplit plan chooses in 1..L-1)
         if not lo <= cfg.split <= hi:
             violations.append(f"{cid}: split_layer {cfg.split} outside the allowed range {lo}..{hi}")
-        bad = sorted(set(int(q) for q in np.unique(cfg.ranks)) - set(inst.ranks))
+        if id(cfg.ranks) not in rank_sets:      # classes that share a rank table: one check
+            rank_sets[id(cfg.ranks)] = sorted(set(int(q) for q in np.unique(cfg.ranks)) - set(inst.ranks))
+        bad = rank_sets[id(cfg.ranks)]
         if bad:
             violations.append(f"{cid}: ranks {bad} are not in the allowed set {list(inst.ranks)}")
         if cfg.split < inst.L and cfg.ranks[cfg.split:].any():

@@ -9,11 +9,14 @@
         splits: [1, 12]                    # optional allowed range of split_layer (inclusive)
         uplink_mbps: 20                    # optional: this group's links, in place of the device profile's
         downlink_mbps: 80
+      - table: devices.csv                 # or .parquet: one client per row (planner/fleet_table.py)
 
-`Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order.
+`Fleet.clients()` expands the groups into individual clients with ids c0, c1, ... in file order (a group's
+`id:`, or a table's id column, names its client instead).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,7 @@ from hsplit.planner.yamlio import cut, dump_yaml, is_file, kind, number, read_ya
 # is loaded, before a list of that many clients is built.
 MAX_CLIENTS = MAX_PLAN_CLIENTS
 LINK_FIELDS = ("uplink_mbps", "downlink_mbps")   # a group may override its device profile's link speeds
-GROUP_FIELDS = ("device", "count", "data_weight", "budget", "splits") + LINK_FIELDS
+GROUP_FIELDS = ("device", "count", "id", "data_weight", "budget", "splits") + LINK_FIELDS
 MAX_SERVERS = 1_000_000     # server.count and server.concurrency
 MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
@@ -49,6 +52,7 @@ class ClientGroup:
     splits: tuple[int, int] | None = None
     device_ref: str | dict = ""  # as written in the file (name or inline mapping)
     links: tuple[tuple[str, float], ...] = ()  # the group's own uplink_mbps / downlink_mbps, as written
+    ids: tuple[str, ...] = ()      # the clients' ids when given (`id:`, a table's id column); default c<position>
     # (`device` already carries them: the cost model reads device.uplink_mbps / downlink_mbps)
 
 
@@ -81,8 +85,8 @@ class Fleet:
     def clients(self) -> list[Client]:
         out, i = [], 0
         for g_idx, g in enumerate(self.groups):
-            for _ in range(g.count):
-                out.append(Client(f"c{i}", g_idx, g.device, g.data_weight, g.budget, g.splits))
+            for j in range(g.count):
+                out.append(Client(g.ids[j] if g.ids else f"c{i}", g_idx, g.device, g.data_weight, g.budget, g.splits))
                 i += 1
         return out
 
@@ -107,6 +111,8 @@ class Fleet:
             if g.splits:
                 entry["splits"] = list(g.splits)
             entry.update(g.links)
+            if g.ids:
+                entry["id"] = g.ids[0]
             clients.append(entry)
         out: dict[str, Any] = {"name": self.name}
         if self.description:
@@ -114,13 +120,21 @@ class Fleet:
         out.update(server=server, clients=clients)
         return out
 
-    def sha256(self) -> str:
-        """Hash of the resolved fleet (device profiles included), stable across formatting."""
+    def _resolved(self) -> dict[str, Any]:
         data = self.to_dict()
         data["server"]["device"] = self.server.device.to_dict()
         for entry, g in zip(data["clients"], self.groups):
             entry["device"] = g.device.to_dict()
-        return sha256_text(dump_yaml(data))
+        return data
+
+    def sha256(self) -> str:
+        """Hash of the resolved fleet (device profiles included), stable across formatting (and across YAML
+        and table inventories of the same clients): canonical JSON, fast for 100,000 clients."""
+        return sha256_text(json.dumps(self._resolved(), sort_keys=True, separators=(",", ":"), default=str))
+
+    def sha256_before_22(self) -> str:
+        """The hash plans written before issue 22 carry in inputs.fleet_sha256 (YAML text of the same data)."""
+        return sha256_text(dump_yaml(self._resolved()))
 
     def with_groups(self, groups) -> "Fleet":
         return replace(self, groups=tuple(groups))
@@ -175,54 +189,23 @@ class Fleet:
         total = 0
         for i, entry in enumerate(raw_clients):
             f = f"clients[{i}]"
-            if not isinstance(entry, dict):
-                p.add(f, f"must be a mapping with at least `device:` (e.g. `- device: raspberry-pi-5-8gb`), "
-                         f"found {kind(entry)}")
+            if isinstance(entry, dict) and "table" in entry:      # a CSV or Parquet inventory beside the fleet
+                from hsplit.planner.fleet_table import table_groups
+                for g in table_groups(entry, f, p, source, base_dir):
+                    groups.append(g)
+                    total += g.count
                 continue
-            if "device" not in entry:
-                p.add(f"{f}.device", "missing: each client group needs `device:` (a shipped name, a path or "
-                                     "an inline profile)")
-                continue
-            for key in entry:
-                if key not in GROUP_FIELDS:
-                    p.add(f"{f}.{key}", f"unknown field; expected {', '.join(GROUP_FIELDS)}")
-            dev = _device(entry["device"], f"{f}.device", p, source, base_dir)
-            links = tuple((key, number(entry[key], f"{f}.{key}", p, positive=True)) for key in LINK_FIELDS
-                          if key in entry)
-            if dev and links and None not in dict(links).values():
-                dev = replace(dev, **dict(links))       # this group's links in place of the profile's
-            count = whole(entry.get("count"), f"{f}.count", p, minimum=0, maximum=MAX_CLIENTS, required=False,
-                          default=1, what=" (clients in this group)")
-            total += count or 0
-            weight = number(entry.get("data_weight", 1.0), f"{f}.data_weight", p, positive=True)
-            budget = Budget()
-            raw_budget = entry.get("budget")
-            if raw_budget is not None and not isinstance(raw_budget, dict):
-                p.add(f"{f}.budget", f"must be a mapping {{round_s: ..., memory_gib: ...}}, found {kind(raw_budget)}")
-            elif raw_budget:
-                for key in raw_budget:
-                    if key not in ("round_s", "memory_gib"):
-                        p.add(f"{f}.budget.{key}", "unknown field; expected round_s, memory_gib")
-                rs = number(raw_budget.get("round_s"), f"{f}.budget.round_s", p, positive=True, required=False)
-                mem = number(raw_budget.get("memory_gib"), f"{f}.budget.memory_gib", p, positive=True,
-                             required=False)
-                if dev and mem and mem > dev.memory_gib:
-                    p.add(f"{f}.budget.memory_gib",
-                          f"{mem:g} GiB exceeds the usable memory of {dev.name} ({dev.memory_gib:g} GiB)")
-                budget = Budget(rs, mem)
-            splits = None
-            if "splits" in entry:
-                raw = entry["splits"]
-                sp = Problems(source)
-                pair = ([whole(v, "", sp, minimum=1, maximum=MAX_CLIENTS) for v in raw]
-                        if isinstance(raw, list) and len(raw) == 2 else None)
-                if pair is None or None in pair or pair[1] < pair[0]:
-                    p.add(f"{f}.splits", f"must be [min, max] with whole numbers 1 <= min <= max (allowed "
-                                         f"split_layer range; max at most the model's blocks - 1), got {short(raw)}")
-                else:
-                    splits = (pair[0], pair[1])
-            if dev and count is not None and weight:
-                groups.append(ClientGroup(dev, count, weight, budget, splits, entry["device"], links))
+            g = group_from_entry(entry, f, p, source, base_dir)
+            if g is not None:
+                groups.append(g)
+                total += g.count
+        if any(g.ids for g in groups) and total <= MAX_CLIENTS:    # given ids: unique among all clients
+            ids = [cid or f"c{k}" for k, cid in enumerate(cid for g in groups for cid in (g.ids or ("",) * g.count))]
+            if len(set(ids)) < len(ids):
+                seen: set[str] = set()
+                twice = next(cid for cid in ids if cid in seen or seen.add(cid))
+                p.add("clients", f"client id {short(twice)} is used twice (default ids are c<position>); make the "
+                                 "ids unique")
         if total > MAX_CLIENTS:
             p.add("clients", f"{total:,} clients in all (sum of the counts) is more than the {MAX_CLIENTS:,} hsplit "
                              "plans (a million clients of a dozen kinds plan in seconds); plan a representative "
@@ -267,4 +250,78 @@ def _device(ref, field_name, p, source, base_dir) -> DeviceProfile | None:
     except ConfigError as e:  # the profile file exists but is invalid: name it
         for prob in e.problems:
             p.add(field_name, f"in {e.source}: {prob}")
+    return None
+
+
+def group_from_entry(entry, f: str, p: Problems, source: str, base_dir, devices: dict | None = None
+                     ) -> ClientGroup | None:
+    """One `clients:` entry (a group of `count` identical clients) checked field by field into `p`, with
+    `f` naming it (clients[3], or a table's row: planner/fleet_table.py); None when it has a problem.
+    `devices`: shipped profiles already read, by name (a table names the same few thousands of times)."""
+    if not isinstance(entry, dict):
+        p.add(f, f"must be a mapping with at least `device:` (e.g. `- device: raspberry-pi-5-8gb`), "
+                 f"found {kind(entry)}")
+        return None
+    if "device" not in entry:
+        p.add(f"{f}.device", "missing: each client group needs `device:` (a shipped name, a path or "
+                             "an inline profile)")
+        return None
+    for key in entry:
+        if key not in GROUP_FIELDS:
+            p.add(f"{f}.{key}", f"unknown field; expected {', '.join(GROUP_FIELDS)}")
+    ref = entry["device"]
+    if devices is not None and isinstance(ref, str):
+        if ref not in devices:
+            devices[ref] = _device(ref, f"{f}.device", p, source, base_dir)
+        dev = devices[ref]
+    else:
+        dev = _device(ref, f"{f}.device", p, source, base_dir)
+    links = tuple((key, number(entry[key], f"{f}.{key}", p, positive=True)) for key in LINK_FIELDS
+                  if key in entry)
+    if dev and links and None not in dict(links).values():
+        dev = replace(dev, **dict(links))       # this group's links in place of the profile's
+    count = whole(entry.get("count"), f"{f}.count", p, minimum=0, maximum=MAX_CLIENTS, required=False,
+                  default=1, what=" (clients in this group)")
+    cid = None
+    if "id" in entry:
+        cid = entry["id"]
+        if isinstance(cid, bool) or not isinstance(cid, (str, int)) or not str(cid) or "\n" in str(cid) \
+                or ".." in str(cid) or len(str(cid)) > MAX_NAME:
+            p.add(f"{f}.id", f"must be one line of text of at most {MAX_NAME} characters without `..` (the client's "
+                             f"id in plans), found {kind(cid)}")
+            cid = None
+        elif count != 1:
+            p.add(f"{f}.id", f"names one client but count is {count}; give `id:` only to a group of count 1")
+            cid = None
+        else:
+            cid = str(cid)
+    weight = number(entry.get("data_weight", 1.0), f"{f}.data_weight", p, positive=True)
+    budget = Budget()
+    raw_budget = entry.get("budget")
+    if raw_budget is not None and not isinstance(raw_budget, dict):
+        p.add(f"{f}.budget", f"must be a mapping {{round_s: ..., memory_gib: ...}}, found {kind(raw_budget)}")
+    elif raw_budget:
+        for key in raw_budget:
+            if key not in ("round_s", "memory_gib"):
+                p.add(f"{f}.budget.{key}", "unknown field; expected round_s, memory_gib")
+        rs = number(raw_budget.get("round_s"), f"{f}.budget.round_s", p, positive=True, required=False)
+        mem = number(raw_budget.get("memory_gib"), f"{f}.budget.memory_gib", p, positive=True,
+                     required=False)
+        if dev and mem and mem > dev.memory_gib:
+            p.add(f"{f}.budget.memory_gib",
+                  f"{mem:g} GiB exceeds the usable memory of {dev.name} ({dev.memory_gib:g} GiB)")
+        budget = Budget(rs, mem)
+    splits = None
+    if "splits" in entry:
+        raw = entry["splits"]
+        sp = Problems(source)
+        pair = ([whole(v, "", sp, minimum=1, maximum=MAX_CLIENTS) for v in raw]
+                if isinstance(raw, list) and len(raw) == 2 else None)
+        if pair is None or None in pair or pair[1] < pair[0]:
+            p.add(f"{f}.splits", f"must be [min, max] with whole numbers 1 <= min <= max (allowed "
+                                 f"split_layer range; max at most the model's blocks - 1), got {short(raw)}")
+        else:
+            splits = (pair[0], pair[1])
+    if dev and count is not None and weight:
+        return ClientGroup(dev, count, weight, budget, splits, entry["device"], links, (cid,) if cid else ())
     return None

@@ -244,6 +244,9 @@ def min_round_sweep(inst: Instance, cand: list[tuple[float, int, float, object]]
     the least server work is each class's least-busy candidate with round <= theta, so
     R* = min over theta of max(theta, total busy(theta)); theta sweeps the candidate round times.
     Returns {class: [(payload, count)]}."""
+    if inst.sampled is not None:        # client sampling: the worst of the run's sampled rounds (planner/sampled.py)
+        from hsplit.planner.sampled import sampled_sweep
+        return sampled_sweep(inst, cand)
     C = len(inst.classes)
     counts = np.array([c.count for c in inst.classes], dtype=float)
     cand = sorted(cand, key=lambda x: (x[0], x[1], x[2]))

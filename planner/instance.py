@@ -89,6 +89,7 @@ class Instance:
     server_time_model: str = "flops"
     aggregation: str = "warm"     # hsplitlora's aggregation (plan `aggregation`): warm | restart
     merge_download: bool = False  # the strategy's clients download the round's merged update (hsplitlora)
+    sampled: object = None        # planner/sampled.py SampledRounds: charge the run's sampled rounds, not the fleet
 
     @property
     def sync_bytes_per_param(self) -> int:
@@ -215,6 +216,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
     server_slot = np.array([server_slot_bytes(coef, L, s) for s in range(L + 1)])
     server_mem_free = server.device.memory_gib * GIB * server.count - coef.server_frozen_bytes
 
+    slot_fits = (server.concurrency * server_slot <= server_mem_free).tolist()   # per split: one check, not per class
     total_weight = sum(c.data_weight for c in clients)
     classes: dict[tuple, ClientClass] = {}
     first = 0
@@ -229,8 +231,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
             continue
         dev = c.device
         lo, hi = c.splits or (1, L - 1)   # check_splits: hi <= L - 1
-        allowed = [s for s in range(lo, hi + 1)
-                   if server.concurrency * server_slot[s] <= server_mem_free]
+        allowed = [s for s in range(lo, hi + 1) if slot_fits[s]]
         mem_cap = min(dev.memory_gib, c.budget.memory_gib or math.inf) * GIB
         link = link_seconds(coef.cut_bytes, dev.uplink_mbps, dev.downlink_mbps)
         bt = dev.block_times_for(mhash, training.dtype)
@@ -285,12 +286,12 @@ def merge_bounds(classes: list[ClientClass], L: int, shapes: list[tuple[int, int
         if c.splits:
             contrib[c.index] = np.maximum(np.where(blocks < max(c.splits), max_rank, 0),
                                           np.where(blocks >= min(c.splits), server_rank, 0))
-    total = sum(c.count * contrib[c.index] for c in classes)
+    counts = np.array([c.count for c in classes], dtype=float)
+    total = counts @ contrib                                           # [L]
+    K = factor * (total[None, :] - contrib + max_rank)                 # [class, L]: every class at once
+    per_block = sum(merge_matrix_bytes(K, d_in, d_out) for d_in, d_out in shapes)
     out = np.zeros((len(classes), L + 1))
-    for c in classes:
-        K = factor * (total - contrib[c.index] + max_rank)            # [L]
-        per_block = sum(merge_matrix_bytes(K, d_in, d_out) for d_in, d_out in shapes)
-        out[c.index, 1:] = np.cumsum(per_block)
+    out[:, 1:] = np.cumsum(per_block, axis=1)
     return out
 
 

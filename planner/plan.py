@@ -19,7 +19,8 @@ from typing import Any
 from hsplit import __version__
 from hsplit.planner.errors import ConfigError, Problems
 from hsplit.planner.model import ModelProfile
-from hsplit.planner.plan_clients import ClientPlan, client_entries, read_clients
+from hsplit.planner.plan_clients import (GROUPED_ABOVE, ClientPlan, allocation_entries, client_entries,
+                                         read_allocations, read_clients)
 from hsplit.planner.sampling import Sampling
 from hsplit.planner.strategies import DEFAULT as DEFAULT_STRATEGY
 from hsplit.planner.strategies import NAMES as STRATEGIES
@@ -241,6 +242,7 @@ class Plan:
     # the index of each client's entry in the file's `clients:` list (one entry may stand for `count`
     # clients: plan_clients.py); empty for a plan built in memory
     entries: list[int] = field(default_factory=list, compare=False, repr=False)
+    entry_list: str = field(default="clients", compare=False, repr=False)   # or "allocations" (grouped plans)
     # as the file says (provenance, not compared): Plan.load makes a relative data.path, model folder and
     # inputs.fleet absolute; a distributed run hashes the plan as written (runtime/distributed/auth.py)
     written_data_path: str | None = field(default=None, compare=False, repr=False)
@@ -260,7 +262,9 @@ class Plan:
 
     def field_of(self, k: int) -> str:
         """`clients[i]`: the entry of the file that client k comes from (one entry may stand for many)."""
-        return f"clients[{self.entries[k] if len(self.entries) == len(self.clients) else k}]"
+        if len(self.entries) != len(self.clients):
+            return f"clients[{k}]"
+        return f"{self.entry_list}[{self.entries[k]}]"
 
     def server_ranks(self, client: ClientPlan, model: ModelProfile) -> dict[str, int]:
         """Full module name -> rank of the server-side adapters kept for this client."""
@@ -321,11 +325,24 @@ class Plan:
             **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
             **({"sampling": self.sampling.to_dict()} if self.sampling else {}),
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
-            "clients": client_entries(self.clients),
+            **self.client_lists(),
         }
 
+    def client_lists(self) -> dict[str, Any]:
+        """`clients:` (one entry per client, or per run of identical clients: plan_clients.py), or, for a plan
+        of more than GROUPED_ABOVE such entries that falls into fewer allocations, `allocations:` (one entry
+        per distinct split_layer and ranks)."""
+        entries = client_entries(self.clients)
+        if len(entries) > GROUPED_ABOVE:
+            allocations = allocation_entries(self.clients)
+            if allocations is not None and len(allocations) < len(entries):
+                return {"allocations": allocations}
+        return {"clients": entries}
+
     def save(self, path: str | Path) -> None:
-        atomic_write_text(path, dump_yaml(_plain(self.to_dict()), HEADER))
+        data = _plain(self.to_dict())
+        # a grouped plan writes its lists of numbers and ids on one line each ([c0..c9, c15]): 100,000 clients
+        atomic_write_text(path, dump_yaml(data, HEADER, flow_lists="allocations" in data))
 
     def data_path_problem(self) -> str | None:
         """A local data.path (as the file writes it) that is not there, said with the plan file's folder it was
@@ -360,7 +377,7 @@ class Plan:
         p = Problems(source)
         known = {"schema_version", "hsplit_version", "model", "inputs", "strategy", "objective", "modules",
                  "ranks_allowed", "server_rank", "training", "data", "replan", "solver", "predicted",
-                 "server", "clients", "aggregation", "sampling"}
+                 "server", "clients", "allocations", "aggregation", "sampling"}
         for key in data:
             if key not in known:
                 p.add(cut(str(key)), f"unknown field; expected one of {', '.join(sorted(known))}")
@@ -413,7 +430,12 @@ class Plan:
                                        f"{kind(mappings['inputs']['model_hash'])}")
             mappings["inputs"].pop("model_hash")
         replan = _replan(data.get("replan"), p)
-        clients, entries = read_clients(data.get("clients"), p)
+        if "allocations" in data and "clients" in data:
+            p.add("allocations", "give `clients:` (one entry per client) or `allocations:` (one entry per split and "
+                                 "ranks, written by `hsplit plan` for large fleets), not both")
+        entry_list = "allocations" if "allocations" in data else "clients"
+        clients, entries = (read_allocations(data["allocations"], p) if entry_list == "allocations" else
+                            read_clients(data.get("clients"), p))
         sampling = Sampling.from_dict(data.get("sampling"), p, len(clients) or None)
         if sampling is not None and strategy in STRATEGIES and not traits(strategy).split:
             p.add("sampling", f"strategy {strategy} trains one model on the pooled data: there are no clients to "
@@ -426,7 +448,8 @@ class Plan:
                    objective=objective, training=training, data=data_spec,
                    inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
                    predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation), sampling=sampling,
-                   hsplit_version=str(data.get("hsplit_version", __version__)), source=source, entries=entries)
+                   hsplit_version=str(data.get("hsplit_version", __version__)), source=source, entries=entries,
+                   entry_list=entry_list)
 
 
 def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list[str]]:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hsplit.planner.errors import Problems
-from hsplit.planner.yamlio import cut, kind, number, short, whole
+from hsplit.planner.yamlio import Lines, cut, kind, number, short, whole
 
 # Clients in one plan, all entries together (what `hsplit plan` accepts for a fleet, planner/fleet.py):
 # a larger count is refused before a list of that many clients is built.
@@ -169,4 +169,305 @@ def read_clients(raw_clients, p: Problems) -> tuple[list[ClientPlan], list[int]]
                          "rename or remove the `id:`/`ids:` fields (default c0, c1, ...)")
     if len(twice) > 5:
         p.add("clients", f"... and {len(twice) - 5:,} more ids used twice")
+    return clients, entries
+
+
+# ---- the grouped form: one `allocations:` entry per distinct (split_layer, ranks) ----
+#
+# A fleet of all-different devices has one `clients:` entry per client (no two are equal), yet its clients
+# fall into few allocations (split_layer and ranks). `Plan.save` writes such a plan as
+#
+#     allocations:
+#       - split_layer: 12
+#         ranks: {model.layers.0.self_attn.q_proj: 8, ...}
+#         count: 3
+#         ids: [c0..c9, c15]         # ids and first..last ranges, in client order within the allocation
+#         device: jetson-orin-nano-8gb        # one value when every client of the entry has it, else a list
+#         data_weight: [1.2, 0.7, ...]
+#         predicted: {memory_gib: 5.1, round_s: 612.3, ...}   # shared values; a value that differs among the
+#                                                             # entry's clients is its worst case (WORST)
+#         per_client: {round_s: [...], step_s: [...]}         # PER_CLIENT values that differ, in `ids` order
+#
+# and `Plan.load` expands it into one ClientPlan per client, in the order of the fleet (`order:` is not
+# needed: clients are sorted back by their position, the `at` list when the ids are not c<position>).
+# docs/file-formats.md, "Plan", "Grouped plans", has the format.
+
+ALLOCATION_FIELDS = ("split_layer", "ranks", "count", "ids", "at", "device", "data_weight", "predicted",
+                     "per_client")
+PER_CLIENT = ("round_s", "step_s")        # predicted values kept per client (the runtime reads them)
+# a predicted value that differs among an allocation's clients and is not kept per client: its worst case
+WORST_MIN = ("memory_budget_gib",)        # smallest is worst; every other number: largest
+GROUPED_ABOVE = 64                        # a plan with more `clients:` entries than this may be written grouped
+
+
+def _id_items(ids: list[str]) -> list[str]:
+    """ids as `first..last` runs (counting up by one) and single ids."""
+    out, i = [], 0
+    while i < len(ids):
+        first, j = _numbered(ids[i]), i + 1
+        if first is not None:
+            while j < len(ids) and _numbered(ids[j]) == (first[0], first[1] + j - i):
+                j += 1
+        out.append(ids[i] if j - i == 1 else f"{ids[i]}..{ids[j - 1]}")
+        if j - i == 2:                          # two ids: a list of two reads better than a range
+            out[-1:] = [ids[i], ids[i + 1]]
+        i = j
+    return out
+
+
+_BLOCK_NAME = re.compile(r"^(?P<prefix>.+)\.(?P<block>0|[1-9][0-9]*)\.(?P<suffix>.+)$")   # model.layers.3.mlp.up_proj
+
+
+def ranks_by_block(ranks: dict[str, int]) -> dict[str, Any]:
+    """`{model.layers.*.self_attn.q_proj: [8, 8, 0, 4]}` (the rank in block 0, 1, ...; 0 = no adapter) for the
+    full names of a client's ranks; a name that is not `prefix.N.suffix` (or a rank 0) is kept as written."""
+    rows: dict[str, dict[int, int]] = {}
+    out: dict[str, Any] = {}
+    for name, r in ranks.items():
+        m = _BLOCK_NAME.match(name)
+        if m is None or "*" in name or r == 0:
+            out[name] = r
+            continue
+        rows.setdefault(f"{m.group('prefix')}.*.{m.group('suffix')}", {})[int(m.group("block"))] = r
+    for key, row in rows.items():
+        out[key] = [row.get(b, 0) for b in range(max(row) + 1)]
+    return out
+
+
+def _ranks_of(raw, f: str, p: Problems) -> dict[str, int]:
+    """A `ranks:` mapping: full or shorthand names -> rank, and `prefix.*.suffix` -> [rank in block 0, 1, ...]."""
+    clean: dict[str, int] = {}
+    if not isinstance(raw, dict):
+        p.add(f, f"must be a mapping module name -> rank, found {kind(raw)}")
+        return clean
+    for k, v in raw.items():
+        key = str(k)
+        if isinstance(v, list):
+            if key.count(".*.") != 1:
+                p.add(f"{f}.{cut(key)}", "a list of ranks (one per block) goes with a name such as "
+                                         "model.layers.*.self_attn.q_proj (`*` stands for the block number)")
+                continue
+            prefix, suffix = key.split(".*.")
+            for b, x in enumerate(v):
+                r = whole(x, f"{f}.{cut(key)}[{b}]", p, minimum=0, maximum=2 ** 31 - 1)
+                if r:
+                    clean[f"{prefix}.{b}.{suffix}"] = r
+            continue
+        r = whole(v, f"{f}.{cut(key)}", p, minimum=0, maximum=2 ** 31 - 1)
+        if r is not None:
+            clean[key] = r
+    return clean
+
+
+def _numbers_text(values) -> str:
+    """Numbers as one line of text, space-separated (read back exactly: repr of a float round-trips)."""
+    return " ".join(repr(float(v)) if isinstance(v, float) else str(v) for v in values)
+
+
+def _one_or_list(values: list):
+    first = values[0]
+    return first if all(v == first for v in values) else list(values)
+
+
+def allocation_entries(clients: list[ClientPlan]) -> list[dict[str, Any]] | None:
+    """The `allocations:` list (see above), or None when the clients cannot be written so (an id with `..`,
+    which would read back as a range)."""
+    if any(".." in c.id or not c.id or any(ch.isspace() for ch in c.id) for c in clients):
+        return None
+    groups: dict[tuple, list[int]] = {}
+    for k, c in enumerate(clients):
+        key = (c.split_layer, id(c.ranks))
+        if key not in groups:
+            key2 = (c.split_layer, tuple(sorted(c.ranks.items())))
+            groups.setdefault(key2, [])
+            groups[key] = groups[key2]
+        groups[key].append(k)
+    seen, out = set(), []
+    for members in groups.values():
+        if id(members) in seen:
+            continue
+        seen.add(id(members))
+        cs = [clients[k] for k in members]
+        ids = [c.id for c in cs]
+        entry: dict[str, Any] = {"split_layer": cs[0].split_layer, "ranks": ranks_by_block(cs[0].ranks),
+                                 "count": len(cs), "ids": " ".join(_id_items(ids))}
+        if ids != [f"c{k}" for k in members]:       # positions in the fleet, when the ids do not say them
+            entry["at"] = " ".join(_id_items([str(k) for k in members]))
+        devices = _one_or_list([c.device for c in cs])
+        entry["device"] = Lines("\n".join(devices) + "\n") if isinstance(devices, list) else devices
+        weights = _one_or_list([c.data_weight for c in cs])
+        entry["data_weight"] = _numbers_text(weights) if isinstance(weights, list) else weights
+        keys = list(dict.fromkeys(k for c in cs for k in c.predicted))
+        shared, per = {}, {}
+        distinct = {id(c.predicted): c.predicted for c in cs}
+        for key in keys:
+            vals = [c.predicted.get(key) for c in cs] if len(distinct) > 1 else [cs[0].predicted.get(key)]
+            if all(v == vals[0] for v in vals):
+                shared[key] = vals[0]
+            elif key in PER_CLIENT and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                per[key] = _numbers_text(vals)
+            elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+                shared[key] = min(vals) if key in WORST_MIN else max(vals)
+            else:
+                shared[key] = vals[0]            # text (time_model): the first client's
+        entry["predicted"] = shared
+        if per:
+            entry["per_client"] = per
+        out.append(entry)
+    return out
+
+
+def _expand_items(raw, f: str, p: Problems, what: str) -> list[str] | None:
+    """Ids and `first..last` ranges (text separated by spaces, or a list), expanded."""
+    if isinstance(raw, str):
+        raw = raw.split()
+    if not isinstance(raw, list) or not raw:
+        p.add(f, f"must be a list of {what} and `first..last` ranges such as [c0..c99, c105], found {kind(raw)}")
+        return None
+    out: list[str] = []
+    for item in raw:
+        if isinstance(item, bool) or not isinstance(item, (str, int)):
+            p.add(f, f"every item must be an id or a `first..last` range, found {kind(item)}")
+            return None
+        text = str(item)
+        m = _RANGE.match(text)
+        if m is None:
+            out.append(text)
+            continue
+        ends = (_numbered(m.group("first")), _numbered(m.group("last")))
+        if None in ends or ends[0][0] != ends[1][0] or ends[1][1] < ends[0][1]:
+            p.add(f, f"{cut(text)} must be `first..last` such as c0..c99 (the same text before the numbers, the "
+                     "last number >= the first)")
+            return None
+        (prefix, lo), (_, hi) = ends
+        if hi - lo + 1 > MAX_PLAN_CLIENTS:
+            p.add(f, f"{cut(text)} names more than {MAX_PLAN_CLIENTS:,} clients")
+            return None
+        out.extend(f"{prefix}{n}" for n in range(lo, hi + 1))
+    return out
+
+
+def _column(raw, count: int, f: str, p: Problems, check, many=None) -> list | None:
+    """One value for every client (a single value) or a list of `count` values, each passed through check;
+    `many` turns text into such a list (numbers separated by spaces; devices one a line)."""
+    if isinstance(raw, str) and many is not None:         # one value per client, as text (numbers / lines)
+        raw = many(raw)
+    vals = raw if isinstance(raw, list) else [raw] * count
+    if len(vals) != count:
+        p.add(f, f"has {len(vals):,} values for {count:,} clients; give one value or one per client")
+        return None
+    first = len(p.items)
+    out = [check(v) for v in vals] if isinstance(raw, list) else [check(raw)] * count
+    return None if len(p.items) > first else out
+
+
+def _split_numbers(text: str):
+    """`1.5 0.7 2.0` -> a list of its items (one per client); a single number stays one value."""
+    items = text.split()
+    return items if len(items) > 1 else text
+
+
+def read_allocations(raw_allocs, p: Problems) -> tuple[list[ClientPlan], list[int]]:
+    """The expanded clients of a plan's `allocations:` list, in fleet order, and each one's entry index."""
+    if not isinstance(raw_allocs, list) or not raw_allocs:
+        p.add("allocations", f"must be a non-empty list of allocations (split_layer, ranks, ids), found "
+                             f"{kind(raw_allocs)}")
+        return [], []
+    placed: list[tuple[int, ClientPlan, int]] = []
+    for i, a in enumerate(raw_allocs):
+        f = f"allocations[{i}]"
+        if not isinstance(a, dict):
+            p.add(f, f"must be a mapping with split_layer, ranks, count, ids, found {kind(a)}")
+            continue
+        for key in a:
+            if key not in ALLOCATION_FIELDS:
+                p.add(f"{f}.{cut(str(key))}", f"unknown field; expected {', '.join(ALLOCATION_FIELDS)}")
+        first = len(p.items)
+        split = whole(a.get("split_layer"), f"{f}.split_layer", p, minimum=1, maximum=2 ** 31 - 1,
+                      what=" (the client runs blocks [0, split_layer))")
+        clean = _ranks_of(a.get("ranks") or {}, f"{f}.ranks", p)
+        count = whole(a.get("count"), f"{f}.count", p, minimum=1, maximum=MAX_PLAN_CLIENTS,
+                      what=" (clients of this allocation)")
+        ids = _expand_items(a.get("ids"), f"{f}.ids", p, "client ids")
+        if ids is not None and count is not None and len(ids) != count:
+            p.add(f"{f}.ids", f"names {len(ids):,} clients but count is {count:,}; make them agree")
+        if len(p.items) > first or count is None or ids is None:
+            continue
+        at = None
+        if "at" in a:
+            at_text = _expand_items(a["at"], f"{f}.at", p, "positions")
+            if at_text is None:
+                continue
+            if not all(t.isdigit() for t in at_text) or len(at_text) != count:
+                p.add(f"{f}.at", f"must list {count:,} positions (whole numbers >= 0) of these clients in the fleet")
+                continue
+            at = [int(t) for t in at_text]
+        else:
+            at = []
+            for cid in ids:
+                m = _numbered(cid)
+                if m is None or m[0] != "c":
+                    p.add(f"{f}.at", f"missing: the ids are not c<position> ({short(cid)}); list the clients' "
+                                     "positions in the fleet, e.g. `at: [0..9, 15]`")
+                    at = None
+                    break
+                at.append(m[1])
+            if at is None:
+                continue
+
+        def _text(v, ff=f"{f}.device"):
+            if isinstance(v, bool) or not isinstance(v, (str, int)):
+                p.add(ff, f"must be text, found {kind(v)}")
+                return ""
+            return str(v)
+
+        devices = _column(a.get("device", ""), count, f"{f}.device", p, _text,
+                          many=lambda t: t.splitlines() if "\n" in t else t)
+        weights = _column(a.get("data_weight", 1.0), count, f"{f}.data_weight", p,
+                          lambda v: number(v, f"{f}.data_weight", p, positive=True), many=_split_numbers)
+        predicted = a.get("predicted") or {}
+        if not isinstance(predicted, dict):
+            p.add(f"{f}.predicted", f"must be a mapping (written by `hsplit plan`), found {kind(predicted)}")
+            predicted = {}
+        per = a.get("per_client") or {}
+        columns = {}
+        if not isinstance(per, dict):
+            p.add(f"{f}.per_client", f"must be a mapping predicted value -> list (one per client), found {kind(per)}")
+        else:
+            for key, vals in per.items():
+                ff = f"{f}.per_client.{cut(str(key))}"
+                col = _column(vals if isinstance(vals, (list, str)) else [vals], count, ff, p,
+                              lambda v, ff=ff: number(v, ff, p), many=lambda t: t.split())
+                if col is not None:
+                    columns[str(key)] = col
+        if devices is None or weights is None or len(p.items) > first:
+            continue
+        shared = dict(predicted)
+        for j, (cid, pos) in enumerate(zip(ids, at)):
+            pred = shared if not columns else {**shared, **{k: v[j] for k, v in columns.items()}}
+            placed.append((pos, ClientPlan(id=cid, device=devices[j], split_layer=split, ranks=clean,
+                                           data_weight=weights[j], predicted=pred), i))
+    total = len(placed)
+    if total > MAX_PLAN_CLIENTS:
+        p.add("allocations", f"more than {MAX_PLAN_CLIENTS:,} clients in all; plan a smaller fleet")
+        return [], []
+    placed.sort(key=lambda t: t[0])
+    positions = [t[0] for t in placed]
+    if positions != list(range(total)) and not p.items:
+        dup = sorted({a for a, b in zip(positions, positions[1:]) if a == b})
+        missing = sorted(set(range(total)) - set(positions))
+        if dup:
+            p.add("allocations", f"position {dup[0]} (client {placed[positions.index(dup[0])][1].id}) is in two "
+                                 "allocations; every client is in exactly one")
+        else:
+            p.add("allocations", f"the allocations' clients must be the positions 0..{total - 1} of the fleet; "
+                                 f"position {missing[0] if missing else '?'} is missing")
+    clients = [c for _, c, _ in placed]
+    entries = [e for _, _, e in placed]
+    seen: set[str] = set()
+    for c, e in zip(clients, entries):
+        if c.id in seen:
+            p.add("allocations", f"client ids must be unique: id {short(c.id)} is used twice (allocations[{e}])")
+            break
+        seen.add(c.id)
     return clients, entries

@@ -230,8 +230,21 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def dump_yaml(data: dict[str, Any], header: str = "") -> str:
-    body = yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=False, width=100)
+class Lines(str):
+    """Text that dump_yaml writes as a literal block (`|`), one item a line: the devices of a grouped plan."""
+
+
+def _literal(dumper, text):
+    return dumper.represent_scalar("tag:yaml.org,2002:str", str(text), style="|")
+
+
+Dumper.add_representer(Lines, _literal)
+
+
+def dump_yaml(data: dict[str, Any], header: str = "", flow_lists: bool = False) -> str:
+    """YAML text of `data` (block style; with `flow_lists`, lists of plain values on one line: [1, 2, 3])."""
+    body = yaml.dump(data, Dumper=Dumper, sort_keys=False, default_flow_style=None if flow_lists else False,
+                     width=100)
     return (header.rstrip() + "\n" if header else "") + body
 
 

@@ -158,3 +158,74 @@ def test_the_plan_table_of_all_different_clients_is_cut_with_a_note():
     text = cap.get()
     assert f"board-{PLAN_ROWS - 1} " in text and f"board-{PLAN_ROWS} " not in text
     assert "and 25 more rows: every client is in the plan file" in " ".join(text.split())
+
+
+# ---- grouped plans: one `allocations:` entry per distinct split and ranks ----
+
+def _distinct_fleet(n: int, tmp_path):
+    """n clients that are all different (each its own measured profile, budget and weight): a table fleet."""
+    import numpy as np
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    kinds = ["jetson-orin-nano-8gb", "raspberry-pi-5-8gb", "rtx-3060-12gb"]
+    rows = [{"id": f"dev{i}", "device": kinds[i % 3], "uplink_mbps": float(rng.uniform(20, 200)),
+             "downlink_mbps": float(rng.uniform(50, 300)), "data_weight": float(rng.uniform(0.5, 2.0)),
+             "budget.round_s": float(rng.uniform(2000, 4000))} for i in range(n)]
+    pd.DataFrame(rows).to_csv(tmp_path / "devices.csv", index=False)
+    path = tmp_path / "fleet.yaml"
+    path.write_text("server: {device: a100-80gb}\nclients:\n  - table: devices.csv\n")
+    return path
+
+
+def test_all_different_clients_are_written_grouped_by_allocation_and_read_back(tmp_path):
+    fleet = _distinct_fleet(300, tmp_path)
+    plan = make_plan(fleet, "smollm2-135m", ranks=(0, 4, 8))
+    out = tmp_path / "plan.yaml"
+    plan.save(out)
+    data = yaml.safe_load(out.read_text())
+    assert "clients" not in data and 1 <= len(data["allocations"]) < 300
+    assert sum(a["count"] for a in data["allocations"]) == 300
+    back = Plan.load(out)
+    assert back.entry_list == "allocations"
+    for a, b in zip(plan.clients, back.clients):       # what the file keeps exactly, client by client
+        assert (a.id, a.device, a.split_layer, a.ranks, a.data_weight) == (b.id, b.device, b.split_layer, b.ranks,
+                                                                          b.data_weight)
+        assert (a.predicted["round_s"], a.predicted["step_s"]) == (b.predicted["round_s"], b.predicted["step_s"])
+    # a value not kept per client is the allocation's worst case (a memory budget: the smallest)
+    for i, a in enumerate(data["allocations"]):
+        mine = [c for c, e in zip(plan.clients, back.entries) if e == i]
+        assert a["predicted"]["memory_budget_gib"] == min(c.predicted["memory_budget_gib"] for c in mine)
+    ev, _ = check_plan(back, fleet)
+    assert ev.violations == []
+    assert round(ev.round_s, 3) == plan.predicted["round_s"]
+
+
+def test_a_hand_written_allocation_list_loads_in_fleet_order():
+    plan = Plan.from_dict({"model": "smollm2-135m", "allocations": [
+        {"split_layer": 2, "ranks": {"model.layers.*.self_attn.q_proj": [8, 4]}, "count": 3, "ids": "c0 c2..c3",
+         "device": "jetson-orin-nano-8gb"},
+        {"split_layer": 1, "count": 1, "ids": "c1", "device": "raspberry-pi-5-8gb", "data_weight": 2.0}]}, "<hand>")
+    assert [c.id for c in plan.clients] == ["c0", "c1", "c2", "c3"]
+    assert plan.clients[0].ranks == {"model.layers.0.self_attn.q_proj": 8, "model.layers.1.self_attn.q_proj": 4}
+    assert plan.field_of(1) == "allocations[1]"
+    named = Plan.from_dict({"model": "smollm2-135m", "allocations": [
+        {"split_layer": 1, "count": 2, "ids": "pi7 pi9", "at": "1 0"}]}, "<named>")
+    assert [c.id for c in named.clients] == ["pi9", "pi7"]
+
+
+@pytest.mark.parametrize("allocs,words", [
+    ([{"split_layer": 1, "count": 3, "ids": "c0..c1"}], "allocations[0].ids: names 2 clients but count is 3"),
+    ([{"split_layer": 1, "count": 2, "ids": "c0 c1"}, {"split_layer": 2, "count": 1, "ids": "c1"}],
+     "position 1 (client c1) is in two allocations"),
+    ([{"split_layer": 1, "count": 1, "ids": "c1"}], "position 0 is missing"),
+    ([{"split_layer": 1, "count": 1, "ids": "x"}], "allocations[0].at: missing"),
+    ([{"split_layer": 1, "count": 2, "ids": "c0 c1", "data_weight": "1.0 lots"}],
+     "allocations[0].data_weight: must be a number"),
+    ([{"split_layer": 1, "count": 2, "ids": "c0 c1", "per_client": {"round_s": "1.5"}}],
+     "allocations[0].per_client.round_s: has 1 values for 2 clients"),
+    ([{"split_layer": 1, "count": 1, "ids": "c0", "ranks": {"q_proj": [4]}}], "allocations[0].ranks.q_proj: a list"),
+])
+def test_bad_allocations_are_refused_naming_the_field(allocs, words):
+    with pytest.raises(ConfigError) as e:
+        Plan.from_dict({"model": "smollm2-135m", "allocations": allocs}, "p.yaml")
+    assert words in str(e.value) and "p.yaml" in str(e.value), str(e.value)
