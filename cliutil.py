@@ -74,7 +74,7 @@ def checked_data(spec, output: Path, seq_len: int, seed: int = 0):
     path rewritten relative to the plan file's folder (where `hsplit run` reads it from; an absolute one stays).
     check_plan_data(plan, output) then checks the records against the plan's clients. Imports `datasets`
     only for folders saved by it, dataset ids and Flower partitions; never torch."""
-    from hsplit.planner.plan import written_data_path
+    from hsplit.planner.plan_refs import written_data_path
     from hsplit.runtime.datasource import check_classification, check_data, split_data_ref
     if spec.format == "auto":
         spec.path, spec.format = split_data_ref(spec.path)
@@ -89,7 +89,7 @@ def checked_data(spec, output: Path, seq_len: int, seed: int = 0):
 def save_plan(plan, output: Path) -> None:
     """Write `hsplit plan`'s plan: a local model folder and fleet file given relative to the current folder are
     written relative to the plan file's folder (as data.path), so that the plan works from any folder."""
-    from hsplit.planner.plan import written_fleet_ref, written_model_ref
+    from hsplit.planner.plan_refs import written_fleet_ref, written_model_ref
     plan.model = written_model_ref(plan.model, output)
     plan.inputs["model"] = written_model_ref(plan.inputs.get("model", plan.model), output)
     if isinstance(plan.inputs.get("fleet"), str):
@@ -141,7 +141,7 @@ def check_plan_data(plan, written_to: Path | None = None) -> None:
     file. `hsplit plan` (written_to: the plan file to be): after checked_data, the plan's client count known."""
     from dataclasses import replace
 
-    from hsplit.planner.plan import resolve_data_path
+    from hsplit.planner.plan_refs import resolve_data_path
     from hsplit.runtime.datasource import check_data, check_records
     from hsplit.runtime.datasummary import data_summary, summary_line
     spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(

@@ -191,7 +191,7 @@ class Fleet:
             f = f"clients[{i}]"
             if isinstance(entry, dict) and "table" in entry:      # a CSV or Parquet inventory beside the fleet
                 from hsplit.planner.fleet_table import table_groups
-                for g in table_groups(entry, f, p, source, base_dir):
+                for g in table_groups(entry, f, p, source, base_dir, group_from_entry):
                     groups.append(g)
                     total += g.count
                 continue

@@ -113,11 +113,11 @@ def row_entry(row: dict) -> dict:
     return entry
 
 
-def table_groups(spec: dict, f: str, p: Problems, source: str, base_dir) -> list:
+def table_groups(spec: dict, f: str, p: Problems, source: str, base_dir, group_from_entry) -> list:
     """The client groups (one per row) of a `- table: FILE` entry; problems go to `p`, naming FILE, the row
-    and the column."""
+    and the column. `group_from_entry` is planner/fleet.py's check of one YAML client group (passed in by
+    fleet.py, which imports this module: imports run one way)."""
     from hsplit.planner.device import DeviceProfile
-    from hsplit.planner.fleet import group_from_entry
     for key in spec:
         if key != "table":
             p.add(f"{f}.{cut(str(key))}", "unknown field; a table entry is only `table: FILE` (.csv or .parquet): "

@@ -16,7 +16,7 @@ Record kinds, from the columns: `messages` (or `conversations`, or TRL's convers
 `meaning_representation` + `human_reference`): E2E; text files: documents.
 Each record's source (the natural id partitions use) is the `partition_by` column (default `source`),
 else the restaurant name of an E2E MR, else the file name in a folder of files, else `data`.
-Relative paths in a plan are read from the plan file's folder (planner.plan.resolve_data_path).
+Relative paths in a plan are read from the plan file's folder (planner.plan_refs.resolve_data_path).
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.plan import DATA_FORMATS, DataSpec, hub_parts, looks_like_hub_id
+from hsplit.planner.plan import DATA_FORMATS, DataSpec
+from hsplit.planner.plan_refs import hub_parts, looks_like_hub_id
 
 BUILTIN = ("shakespeare",)
 # file suffix -> `datasets` builder (text: one document per file, read here)

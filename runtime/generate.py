@@ -40,7 +40,7 @@ import torch
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.yamlio import atomic_write_text, read_yaml
 from hsplit.runtime import rundir
-from hsplit.planner.plan import looks_like_hub_id
+from hsplit.planner.plan_refs import looks_like_hub_id
 from hsplit.runtime.data import TokenSet, check_data_ref
 from hsplit.runtime.datasource import NO_HELD_OUT
 

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from typer.testing import CliRunner
 
 from hsplit.cli import app
-from hsplit.planner.plan import hub_parts, looks_like_hub_id
+from hsplit.planner.plan_refs import hub_parts, looks_like_hub_id
 
 runner = CliRunner()
 

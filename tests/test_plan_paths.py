@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from hsplit.cli import app  # noqa: E402
-from hsplit.planner.plan import Plan, resolve_model_ref, written_model_ref  # noqa: E402
+from hsplit.planner.plan import Plan  # noqa: E402
+from hsplit.planner.plan_refs import resolve_model_ref, written_model_ref  # noqa: E402
 
 runner = CliRunner()
 
