@@ -4,10 +4,9 @@ names them: serverapp = "hsplit.runtime.flower.app:server_app", clientapp = "...
     hsplit flower app fleet-app/ --plan plan.yaml      # writes fleet-app/pyproject.toml naming these
     flwr run fleet-app/ myfleet --stream --run-config 'rounds=3'
 
-The ServerApp runs the round loop (server.py, the executor of loop.rounds_loop); the ClientApp answers
-three message types: `query` (which plan client this node is: its node config `client=` or `device=`),
-`train` (one round's split steps over the activation stream) and `evaluate` (held-out activations at
-its cut) (client.py). Node config keys: client, device, store (the folder that keeps the device's state
+The ServerApp runs the round loop (server.py, the executor of loop.rounds_loop; it evaluates the aggregate
+itself); the ClientApp answers two message types: `query` (which plan client this node is: its node config
+`client=` or `device=`) and `train` (one round's split steps over the activation stream; client.py). Node config keys: client, device, store (the folder that keeps the device's state
 between rounds; default ~/.hsplit/flower), plan (the node's own copy of the plan), device-type (cpu|cuda).
 """
 from __future__ import annotations
@@ -54,9 +53,3 @@ def query(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     from hsplit.runtime.flower.client import handle
     return _reply(msg, handle(dict(msg.content["hsplit"]), dict(context.node_config), "train"))
-
-
-@client_app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
-    from hsplit.runtime.flower.client import handle
-    return _reply(msg, handle(dict(msg.content["hsplit"]), dict(context.node_config), "evaluate"))

@@ -1,4 +1,4 @@
-"""The ClientApp's work on a device: one Flower message (train a round, or evaluate) with the device's own
+"""The ClientApp's work on a device: one Flower train message (a round's local steps) with the device's own
 part of the model, its state kept in a local folder between messages.
 
     reply = handle(config, node_config, kind="train")     # config: the message's ConfigRecord as a dict
@@ -13,8 +13,7 @@ A ClientApp process lives for one message, so every message:
     3. applies the round updates it has not applied yet (each the client's part, RoundUpdate.for_client;
        a device that sat rounds out or came back after a fault catches up here, then strategy.enter);
     4. opens the activation stream (stream.py) with the round's token and runs the round's split steps
-       (step.client_round with distributed.client.RemoteServer: the same split step as every transport),
-       or streams the held-out activations at its cut (evaluation);
+       (step.client_round with distributed.client.RemoteServer: the same split step as every transport);
     5. saves its state, replies with its upload (client-side factors and the strategy's upload, no
        optimizer moments) and the seconds spent loading and saving.
 """
@@ -30,8 +29,7 @@ from hsplit.planner.plan import Plan
 from hsplit.runtime.common import GLOBAL
 from hsplit.runtime.distributed.auth import plan_hash
 from hsplit.runtime.distributed.client import RemoteServer
-from hsplit.runtime.distributed.wire import EVAL_H, decode_tree, encode_tree
-from hsplit.runtime.evaluate import client_activations
+from hsplit.runtime.distributed.wire import decode_tree, encode_tree
 from hsplit.runtime.flower.stream import Stream
 from hsplit.runtime.partial_load import is_placeholder
 from hsplit.runtime.partystore import PartyStore
@@ -97,7 +95,7 @@ def load_state(sim, p, t: dict[str, torch.Tensor]) -> tuple[int, int, int]:
 
 
 def handle(config: dict, node_config: dict, kind: str, say=print) -> dict:
-    """One train or evaluate message on this node; returns the reply's fields."""
+    """One train message on this node; returns the reply's fields."""
     t0 = time.perf_counter()
     root = Path(str(node_config.get("store") or default_store())).expanduser()
     client_id = config["client"]
@@ -135,8 +133,7 @@ def handle(config: dict, node_config: dict, kind: str, say=print) -> dict:
             up = encode_tree({"factors": own, "strategy": sim.strategy.upload(p, p.client_modules)})
             reply["upload"] = bytes(up.numpy().tobytes())
         else:
-            for i, h in enumerate(client_activations(sim, p, sim.data.eval, int(config.get("eval_max_seqs")) or None)):
-                link.send(0, EVAL_H, [i], [h])
+            raise ValueError(f"unknown message kind {kind!r}")
     finally:
         link.close()
     t2 = time.perf_counter()

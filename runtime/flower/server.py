@@ -7,11 +7,12 @@ plan client it is (node config `client=c3`) or which device kind it has (`device
 plan slot of that kind); each round a `train` message goes to the round's clients (the plan's sample, or
 all): round, plan and its sha256, a per-round token, the activation stream's address (and its CA), and
 the round updates the device has not applied yet. The reply carries the device's upload (client-side
-factors + the strategy's upload; optimizer moments stay on the device). After aggregation an `evaluate`
-message asks one device for the held-out activations at its cut.
+factors + the strategy's upload; optimizer moments stay on the device). The server holds the whole
+base model and every holder's adapters, as the in-process simulation does, so it evaluates the
+aggregated model itself (no message: a ClientApp process per message costs seconds).
 
 Data plane (stream.py): a gRPC stream per message from the ClientApp, admitted with the round's token
-(tokens expire when their round or evaluation ends), carrying runtime/distributed's messages; the
+(tokens expire when their round ends), carrying runtime/distributed's messages; the
 server half of every split step is distributed.server.Server.serve, i.e. step.ServerSide.
 
 Faults: a device whose stream breaks, whose ClientApp fails (an error reply) or that does not answer
@@ -33,14 +34,14 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text
 from hsplit.runtime.distributed.server import Server, Serving, check_min_clients
-from hsplit.runtime.distributed.wire import EVAL_H, PeerLost, decode_tree, encode_tree, text
-from hsplit.runtime.evaluate import eval_subset, evaluate
+from hsplit.runtime.distributed.wire import PeerLost, decode_tree, encode_tree, text
+from hsplit.runtime.evaluate import evaluate
 from hsplit.runtime.flower.config import FlowerOptions
 from hsplit.runtime.flower.stream import Hub, serve
 from hsplit.runtime.loop import rounds_loop
 from hsplit.runtime.options import DistOptions, RunOptions
 from hsplit.runtime.rundir import RunResult, prepare_run_dir
-from hsplit.runtime.simulation import build_part
+from hsplit.runtime.simulation import build
 from hsplit.runtime.step import ServerSide
 
 POLL_S = 0.2          # how often the ServerApp asks the SuperLink for replies
@@ -234,7 +235,9 @@ class FlowerServer(Server):
                                                    f"{f.connect_timeout:g} s (connect-timeout): start a SuperNode "
                                                    "with --node-config 'client=\"ID\"' (or device=KIND) for each"])
             self.run_dir = run_dir
-            self.sim = build_part(plan, 0, "cpu", opts.compute_dtype)
+            # the whole model (not only the blocks above the lowest split): evaluation runs here, and every
+            # merge reaches every block, exactly as in-process
+            self.sim = build(plan, progress=False, device="cpu", compute=opts.compute_dtype)
             self.side = ServerSide(self.sim)
             extra = {"flower": {"min_clients": self.min_clients, "timeout_s": f.timeout,
                                 "stream": "tls" if f.tls else "plaintext", "run_id": self.run_id}}
@@ -332,24 +335,6 @@ class FlowerServer(Server):
         self.sim.strategy.absorb(p, up["strategy"])
 
     def evaluate(self) -> float:
-        """Held-out loss of the aggregated model: a live device runs its part (an evaluate message), the server
-        the rest."""
-        sim = self.sim
-        if len(eval_subset(sim.data.eval, self.opts.eval_max_seqs)) == 0:
-            return float("nan")
-        while self.live:
-            k = self.live[0]
-            self.expire()
-            try:
-                self.message(k, "evaluate", token=self.issue(k, f"client {self._party(k).id}'s evaluation"))
-                self.streaming = True
-                loss = evaluate(sim, sim.data.eval, self.opts.eval_max_seqs, split=self._party(k).split,
-                                hidden=lambda: self.hub.expect(k, EVAL_H).tensors[0])
-                self.streaming = False
-                self.wait_reply(k)
-                self.expire()
-                return loss
-            except PeerLost as e:
-                self.streaming = False
-                self.lose(e.rank, e.reason)
-        return float("nan")
+        """Held-out loss of the aggregated model, on the server: it holds the whole base model and every
+        holder's adapters (as in-process), so evaluating needs no device and no message."""
+        return evaluate(self.sim, self.sim.data.eval, self.opts.eval_max_seqs)

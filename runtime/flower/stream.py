@@ -1,5 +1,5 @@
 """The data plane of a Flower run: a direct gRPC stream (grpcio) between a ClientApp and the ServerApp that
-carries one round's split steps (or one evaluation), in runtime/distributed/wire.py's messages.
+carries one round's split steps, in runtime/distributed/wire.py's messages.
 
     hub = Hub(check)                       # in the ServerApp: check(hello) -> (rank, None) | (None, why)
     port = serve(hub, "0.0.0.0:9443", cert_pem, key_pem)       # TLS (None, None: plaintext, loopback only)
@@ -9,8 +9,8 @@ carries one round's split steps (or one evaluation), in runtime/distributed/wire
     link.send(0, ACT, [r, s, 1, 0], [h, mask, labels]); grad = link.expect(0, GRAD).tensors[0]
     link.close()                                                  # BYE: the round is over for this client
 
-One bidirectional stream per client per message (a round's local steps or an evaluation): the client
-opens it, says HELLO with the per-round token the train/evaluate message gave it, and the server
+One bidirectional stream per client per train message (its local steps of the round): the client
+opens it, says HELLO with the per-round token the train message gave it, and the server
 answers VERDICT (ok, or why not: a wrong token, one of an earlier round, another client's). Frames are
 a wire.pack header (96 int64) followed by its payload bytes: raw tensor bytes, never pickle. A stream
 that ends without BYE (the ClientApp process died, the device went away) is reported to the server's
