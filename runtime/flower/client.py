@@ -19,6 +19,7 @@ A ClientApp process lives for one message, so every message:
 """
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -94,7 +95,11 @@ def load_state(sim, p, t: dict[str, torch.Tensor]) -> tuple[int, int, int]:
     return int(t["meta/applied"]), int(t["meta/trained"]), int(t["meta/seq"])
 
 
-def handle(config: dict, node_config: dict, kind: str, say=print) -> dict:
+def _say(s: str) -> None:
+    print(s, file=sys.stderr, flush=True)
+
+
+def handle(config: dict, node_config: dict, kind: str, say=_say) -> dict:
     """One train message on this node; returns the reply's fields."""
     t0 = time.perf_counter()
     root = Path(str(node_config.get("store") or default_store())).expanduser()
@@ -124,6 +129,8 @@ def handle(config: dict, node_config: dict, kind: str, say=print) -> dict:
             r = int(config["round"])
             if sim.sampling:          # it may have sat rounds out: catch up with the global state
                 sim.strategy.enter(p, r)
+            say(f"[hsplit client {client_id}] round {r + 1}: stream open to {config['address']}, "
+                f"{sim.steps_per_round} step(s); model part and state loaded in {load_s:.2f} s")
             t1 = time.perf_counter()
             client_round(sim, p, r, RemoteServer(sim, link))
             reply["steps_s"] = time.perf_counter() - t1
