@@ -74,7 +74,8 @@ class FlowerServer(Server):
         self.replies: dict[int, object] = {}  # rank -> reply Message
         self.failed: dict[int, str] = {}      # rank -> why its ClientApp failed (an error reply)
         self.streaming = False                # the round's loop waits on the activation streams
-        self.round_overhead: list[dict] = []  # per message: load/save seconds the device reported
+        self.round_overhead: list[dict] = []  # per train message: its seconds, push to reply, and the device's parts
+        self.pushed: dict[int, float] = {}
         self.ca_pem = Path(fopts.ssl_ca_certfile).read_bytes() if fopts.tls else b""
         self.address = ""
 
@@ -115,6 +116,7 @@ class FlowerServer(Server):
         msg = Message(RecordDict({"hsplit": ConfigRecord(cfg)}), dst_node_id=self.node[k], message_type=kind)
         mid = list(self.grid.push_messages([msg]))[0]
         self.outstanding[mid] = (k, pending[-1][0] if pending else last)
+        self.pushed[k] = time.perf_counter()
         self.replies.pop(k, None)
         self.failed.pop(k, None)
         return mid
@@ -137,8 +139,9 @@ class FlowerServer(Server):
             self.replies[k] = reply
             content = reply.content["hsplit"]
             self.round_overhead.append({"round": self.round + 1, "client": self._party(k).id,
-                                        "load_s": float(content.get("load_s", 0.0)),
-                                        "save_s": float(content.get("save_s", 0.0))})
+                                        "message_s": time.perf_counter() - self.pushed[k],
+                                        **{key: float(content.get(key, 0.0)) for key in ("steps_s", "load_s",
+                                                                                          "save_s")}})
 
     def wait_reply(self, k: int):
         """k's reply to its last message (its ClientApp saved its state), or PeerLost."""
@@ -246,7 +249,7 @@ class FlowerServer(Server):
             atomic_write_text(run_dir / "traffic.json", json.dumps(
                 {"bytes_by_message": by_kind, "step_bytes": sum(by_kind.get(k, 0) for k in
                                                                 ("ACT", "GRAD", "NORM", "TOTAL")),
-                 "device_load_save_s": self.round_overhead}, indent=1))
+                 "train_messages": self.round_overhead}, indent=1))
             return res
         finally:
             grpc_server.stop(grace=None)
