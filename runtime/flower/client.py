@@ -77,6 +77,11 @@ def state_tensors(sim, p, applied: int, trained: int, seq: int) -> dict[str, tor
     out.update({f"base/{n}": q.detach() for n, q in base_params(sim).items()})
     out.update({"meta/applied": torch.tensor(applied), "meta/trained": torch.tensor(trained),
                 "meta/seq": torch.tensor(seq)})
+    seen = set()                 # a strategy may keep one tensor under two names (hafl): safetensors wants copies
+    for k, v in out.items():
+        if v.numel() and v.data_ptr() in seen:
+            out[k] = v.clone()
+        seen.add(out[k].data_ptr())
     return out
 
 
