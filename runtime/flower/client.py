@@ -79,9 +79,9 @@ def state_tensors(sim, p, applied: int, trained: int, seq: int) -> dict[str, tor
                 "meta/seq": torch.tensor(seq)})
     seen = set()                 # a strategy may keep one tensor under two names (hafl): safetensors wants copies
     for k, v in out.items():
-        if v.numel() and v.data_ptr() in seen:
+        if v.numel() and v.untyped_storage().data_ptr() in seen:
             out[k] = v.clone()
-        seen.add(out[k].data_ptr())
+        seen.add(out[k].untyped_storage().data_ptr())
     return out
 
 
