@@ -27,6 +27,8 @@ def _say(s: str) -> None:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
+    from hsplit.runtime import checkpoint
+    from hsplit.runtime.distributed.server import Stop
     from hsplit.runtime.flower.config import FlowerOptions
     from hsplit.runtime.flower.server import FlowerServer
 
@@ -34,7 +36,14 @@ def main(grid: Grid, context: Context) -> None:
     if fopts.threads:
         import torch
         torch.set_num_threads(fopts.threads)
-    res = FlowerServer(grid, fopts, context.run_id, _say).run()
+    server = FlowerServer(grid, fopts, context.run_id, _say)
+    try:
+        res = server.run()
+    except Stop as e:
+        done = checkpoint.complete_rounds(server.run_dir) if server.run_dir else []
+        _say(f"error: stopping: {e.reason}. The last complete checkpoint is round {done[-1] if done else 0} in "
+             f"{server.run_dir}; resuming a Flower run is not supported yet: start a new run (name=...)")
+        raise SystemExit(3) from None
     _say(f"done: {res.rounds_done} rounds, held-out loss {res.eval_before:.4f} -> {res.eval_after:.4f}; "
          f"outputs in {res.run_dir}/")
 

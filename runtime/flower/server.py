@@ -156,7 +156,8 @@ class FlowerServer(Server):
         return self.replies.pop(k)
 
     def discover(self, deadline: float, until_all: bool) -> None:
-        """Ask every SuperNode not seen yet which plan client it is; give free plan slots to the new ones."""
+        """Ask every SuperNode not seen yet which plan client it is (and wait for the answers); give free plan
+        slots to the new ones. until_all: keep looking for new nodes until every slot is taken or `deadline`."""
         from flwr.app import ConfigRecord, Message, RecordDict
         while True:
             new = [n for n in self.grid.get_node_ids() if n not in self.seen and n not in self.gone]
@@ -166,16 +167,16 @@ class FlowerServer(Server):
                               message_type="query")
                 asked[list(self.grid.push_messages([msg]))[0]] = n
             self.seen.update(new)
-            end = min(deadline, time.monotonic() + self.fopts.timeout) if asked else time.monotonic()
-            while asked and time.monotonic() < max(end, time.monotonic() if not until_all else end):
+            end = time.monotonic() + self.fopts.timeout        # a node that never answers stays unassigned
+            while asked and time.monotonic() < end:
                 for reply in self.grid.pull_messages(list(asked)):
                     n = asked.pop(reply.metadata.reply_to_message_id, None)
                     if n is not None and not reply.has_error():
                         c = reply.content["hsplit"]
                         self.assign(n, str(c.get("client", "")), str(c.get("device", "")))
-                time.sleep(POLL_S)
-            free = [k for k in range(1, self.world) if k not in self.live]
-            if not free or not until_all and not new or time.monotonic() >= deadline:
+                if asked:
+                    time.sleep(POLL_S)
+            if len(self.live) == len(self.plan.clients) or not until_all or time.monotonic() >= deadline:
                 return
             time.sleep(POLL_S)
 
