@@ -115,11 +115,16 @@ class FlowerServer(Server):
                "updates": bytes(encode_tree(pending).numpy().tobytes()) if pending else b"", **fields}
         msg = Message(RecordDict({"hsplit": ConfigRecord(cfg)}), dst_node_id=self.node[k], message_type=kind)
         mid = list(self.grid.push_messages([msg]))[0]
+        self.forget(k)                    # an earlier message's late reply (e.g. Flower's "Node Unavailable")
         self.outstanding[mid] = (k, pending[-1][0] if pending else last)
         self.pushed[k] = time.perf_counter()
         self.replies.pop(k, None)
         self.failed.pop(k, None)
         return mid
+
+    def forget(self, k: int) -> None:
+        """Replies to k's earlier messages no longer count (k was lost, or has a newer message)."""
+        self.outstanding = {mid: v for mid, v in self.outstanding.items() if v[0] != k}
 
     def poll_replies(self) -> None:
         """Collect the replies that arrived; a failed ClientApp is reported to the round's loop as a lost peer."""
@@ -210,6 +215,7 @@ class FlowerServer(Server):
     def lose(self, k: int, reason: str) -> None:
         if k in self.live and k in self.node:
             self.gone.add(self.node[k])
+            self.forget(k)
         super().lose(k, reason)
 
     # ---- the run ----
