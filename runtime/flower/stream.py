@@ -21,13 +21,15 @@ from __future__ import annotations
 import queue
 import threading
 import time
+import warnings
 from concurrent import futures
 
 import grpc
+import numpy as np
 import torch
 
-from hsplit.runtime.distributed.wire import (ABORT, FINISH, HDR, HELLO, KIND_NAMES, MAGIC, VERDICT, Msg, PeerLost,
-                                             Refused, pack, text, text_tensor, unpack)
+from hsplit.runtime.distributed.wire import (ABORT, DTYPES, FINISH, HDR, HELLO, KIND_NAMES, MAGIC, VERDICT, Msg,
+                                             PeerLost, Refused, text, text_tensor, unpack)
 
 METHOD = "/hsplit.Activations/Steps"
 BYE = FINISH                    # a client's last frame on its stream
@@ -36,17 +38,39 @@ OPTIONS = [("grpc.max_send_message_length", _MAX), ("grpc.max_receive_message_le
 
 
 def frame(kind: int, ints=(), tensors=()) -> bytes:
-    header, payload = pack(kind, ints, tensors)
-    return header.numpy().tobytes() + payload.numpy().tobytes()
+    """wire.pack's layout (header, then each tensor's bytes 8-byte aligned) as one bytes object; the tensors'
+    bytes are copied once, into the join."""
+    parts, off = [], 0
+    for t in tensors:
+        n = t.numel() * t.element_size()
+        if n:
+            parts.append(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+        if n % 8:
+            parts.append(bytes(8 - n % 8))
+        off += n + (-n) % 8
+    return b"".join([frame_header(kind, ints, tensors, off)] + parts)
+
+
+def frame_header(kind: int, ints, tensors, payload_bytes: int) -> bytes:
+    ints = [int(i) for i in ints]
+    head = [MAGIC, kind, len(ints), len(tensors), payload_bytes] + ints
+    for t in tensors:
+        head += [DTYPES.index(t.dtype), t.dim(), *t.shape]
+    if len(head) > HDR:
+        raise ValueError("message header too long")
+    return np.asarray(head + [0] * (HDR - len(head)), dtype=np.int64).tobytes()
 
 
 def unframe(src: int, data: bytes) -> Msg:
-    header = torch.frombuffer(bytearray(data[:HDR * 8]), dtype=torch.int64)
-    if int(header[0]) != MAGIC:
-        raise ValueError("bad frame header (not an hsplit peer?)")
-    payload = torch.frombuffer(bytearray(data[HDR * 8:]), dtype=torch.uint8) if len(data) > HDR * 8 else \
-        torch.empty(0, dtype=torch.uint8)
-    return unpack(src, header, payload)
+    """The message in a frame; its tensors are copies (unpack clones them out of the read-only bytes)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        header = torch.frombuffer(data, dtype=torch.int64, count=HDR)
+        if int(header[0]) != MAGIC:
+            raise ValueError("bad frame header (not an hsplit peer?)")
+        payload = torch.frombuffer(data, dtype=torch.uint8, offset=HDR * 8) if len(data) > HDR * 8 else \
+            torch.empty(0, dtype=torch.uint8)
+        return unpack(src, header, payload)
 
 
 class Hub:
