@@ -34,10 +34,14 @@ def _toml_value(v) -> str:
 
 def write_app(folder: Path, plan: str | Path, **config) -> Path:
     """The Flower app folder (pyproject.toml) whose run config names `plan` (made absolute) and `config`
-    (FlowerOptions keys, dashes or underscores)."""
+    (FlowerOptions keys, dashes or underscores); every other key with its default, so that `flwr run
+    --run-config` can override any of them (Flower refuses a key the app does not declare)."""
+    from dataclasses import fields
+    from hsplit.runtime.flower.config import FlowerOptions
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    values = {"plan": str(Path(plan).resolve()), **{k.replace("_", "-"): v for k, v in config.items()}}
+    defaults = {f.name.replace("_", "-"): f.default for f in fields(FlowerOptions)}
+    values = {**defaults, "plan": str(Path(plan).resolve()), **{k.replace("_", "-"): v for k, v in config.items()}}
     for k in ("runs-dir", "ssl-certfile", "ssl-keyfile", "ssl-ca-certfile"):
         if values.get(k):
             values[k] = str(Path(values[k]).resolve())
