@@ -596,5 +596,9 @@ def calibrate_cmd(
     console.print(f"wrote {csv_path} and {png_path}")
 
 
+from hsplit.cli_flower import flower_app  # noqa: E402  (hsplit flower ...: real device fleets)
+
+app.add_typer(flower_app, name="flower")
+
 if __name__ == "__main__":
     app()
