@@ -1,7 +1,7 @@
 """The `hsplit` command line (Typer). Thin: parse, call a library function, render.
 
 Every command is here; what they share (consoles, exit codes, options, rendering, progress bars) is in
-cliutil.py. The runtime (torch) is imported inside the commands that need it, so `hsplit --help` and
+cliutil/. The runtime (torch) is imported inside the commands that need it, so `hsplit --help` and
 `hsplit plan` stay fast and torch-free. Exit codes: cliutil (OK, NO_SOLUTION, BAD_INPUT, ...).
 """
 from __future__ import annotations
@@ -15,12 +15,16 @@ import typer
 from rich.markup import escape
 
 from hsplit import __version__
-from hsplit.cliutil import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, INTERRUPTED, MIN_CLIENTS_PER_ROUND, NO_SOLUTION,
-                            SAMPLE_BY, THREADS, Bar, RoundBars, sampling_from_flags, device_profile_path, check_fleet,
-                            batch_option, calibration_table, check_format, check_plan_data, checked_data, console,
-                            device_option, err, fail, generate_summary, input_errors, options_from, with_options,
-                            model_option, output_option, parse_ints, ppl, print_json, render_check, render_plan,
-                            render_whatif, reported, samples_table, save_plan, say, seq_option, set_threads)
+from hsplit.cliutil.checks import check_fleet, check_plan_data, checked_data, device_profile_path, save_plan
+from hsplit.cliutil.console import (INTERRUPTED, NO_SOLUTION, check_format, console, err, fail, input_errors,
+                                    parse_ints, print_json, reported, say, set_threads)
+from hsplit.cliutil.flower import flower_app  # hsplit flower ...: real device fleets
+from hsplit.cliutil.options import (CLIENTS_PER_ROUND, FORMAT, FORMAT_TABLE, MIN_CLIENTS_PER_ROUND, SAMPLE_BY, THREADS,
+                                    batch_option, device_option, model_option, options_from, output_option,
+                                    sampling_from_flags, seq_option, with_options)
+from hsplit.cliutil.progress import Bar, RoundBars
+from hsplit.cliutil.render import (generate_summary, ppl, render_calibration, render_check, render_eval, render_plan,
+                                   render_whatif, samples_table)
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import PARTITIONS
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
@@ -326,17 +330,8 @@ def eval_cmd(
     elif generate:
         console.print(samples_table(rep["outputs"][0], 3))
         console.print(escape(generate_summary(run_dir, rep)))
-    elif rep.get("task") == "classification":
-        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
-                             f"{len(rep['labels'])} classes, {rep['device']}): accuracy {rep['accuracy']:.4f}, "
-                             f"macro-F1 {rep['macro_f1']:.4f}, loss {rep['eval_loss']:.4f}; predictions in "
-                             f"{rep['predictions']}"))
-        for c in rep.get("per_class", []):
-            console.print(escape(f"  {c['label']}: precision {c['precision']:.3f}, recall {c['recall']:.3f}, "
-                                 f"F1 {c['f1']:.3f}, support {c['support']}"))
     else:
-        console.print(escape(f"{run_dir} (round {rep['round']}) on {rep['data']} ({rep['sequences']} sequences, "
-                             f"{rep['device']}): loss {rep['eval_loss']:.4f}, perplexity {ppl(rep['eval_loss'])}"))
+        render_eval(run_dir, rep)
 
 
 @app.command("export")
@@ -561,7 +556,7 @@ def calibrate_cmd(
     Example: hsplit calibrate --model smollm2-135m --profile profiles/devices/this-machine.yaml -o calibration
     """
     check_format(fmt)
-    from hsplit.runtime.calibrate import calibrate, planner_label
+    from hsplit.runtime.calibrate import calibrate
     profile = device_profile_path(profile)
     set_threads(threads)
     with reported(), Bar("calibrating", fmt == "text") as bar:
@@ -581,22 +576,11 @@ def calibrate_cmd(
         print_json({"csv": str(csv_path), "png": str(png_path), "settings": res.settings,
                     "summary": res.summary, "rows": res.rows})
         return
-    console.print(calibration_table(res, batch_size, seq_len))
-    s = res.summary
-    console.print(f"planner ({planner_label(res.settings)}): median |error| {s['median_abs_error']:.1%}, "
-                  f"worst {s['worst_signed_error']:+.1%}")
-    if "flops_median_abs_error" in s:
-        console.print(f"FLOPs / throughput model alone (without the profile's block times): median |error| "
-                      f"{s['flops_median_abs_error']:.1%}, worst {s['flops_worst_signed_error']:+.1%}")
-    if "median_spread" in s:
-        console.print(f"repetition spread (max - min) / median: median {s['median_spread']:.1%}, worst "
-                      f"{s['worst_spread']:.1%} (limit {s['spread_limit']:.0%})", highlight=False)
+    render_calibration(res, batch_size, seq_len)
     for w in warnings:
         err.print(w, highlight=False)
     console.print(f"wrote {csv_path} and {png_path}")
 
-
-from hsplit.cli_flower import flower_app  # noqa: E402  (hsplit flower ...: real device fleets)
 
 app.add_typer(flower_app, name="flower")
 

@@ -224,7 +224,7 @@ def test_full_method_has_a_default_time_limit_and_says_so(tmp_path, monkeypatch)
 
 
 def test_time_limit_status_and_long_times_read_well(capsys):
-    import hsplit.cliutil as cli
+    import hsplit.cliutil.render as cli
     p = make_plan("example", "smollm2-135m", modules=["q_proj"], ranks=(0, 4))
     p.solver["status"] = "time-limit"
     p.predicted["round_s"] = 39220.4
@@ -326,7 +326,7 @@ def test_full_milp_splits_its_time_and_keeps_the_stage1_plan_when_stage2_runs_ou
 
 def test_error_text_is_printed_as_written_no_emoji_codes(tmp_path, capsys):
     import typer
-    from hsplit.cliutil import fail
+    from hsplit.cliutil.console import fail
     with pytest.raises(typer.Exit):
         fail("data.path: nowhere:x: cannot tell the format; [min, max] stays")
     err = capsys.readouterr().err

@@ -158,7 +158,7 @@ def test_eval_device_is_checked_before_loading_and_applies_to_perplexity(bracket
 
 def test_format_help_lists_what_the_check_accepts():
     import typer.main
-    from hsplit.cliutil import FORMATS
+    from hsplit.cliutil.console import FORMATS
     commands = typer.main.get_command(app).commands
     for name in ("eval", "export"):
         opt = next(p for p in commands[name].params if p.name == "fmt")

@@ -297,7 +297,7 @@ def test_sharegpt_and_trl_conversational_records_are_generated_as_chat_like_trai
 
 
 def test_the_text_summary_says_what_was_skipped_and_counts_in_the_singular():
-    from hsplit.cliutil import generate_summary
+    from hsplit.cliutil.render import generate_summary
     rep = {"round": 1, "split": "held-out", "kind": "chat", "prompts": 1, "references": 1, "decoding": "greedy",
            "skipped_cut_at_seq_len": 1, "seq_len": 64, "bleu": 1.0, "rouge_l": 2.0, "eval_loss": 1.0,
            "outputs": ["a.jsonl", "a.json"]}

@@ -1,4 +1,4 @@
-"""Import hygiene: the planner and `hsplit --help` never import torch; only cli.py and cliutil.py are
+"""Import hygiene: the planner and `hsplit --help` never import torch; only cli.py and cliutil/ are
 command-line code (typer, rich, argparse)."""
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def test_help_and_every_command_are_there_without_importing_torch():
 
 
 def test_command_line_code_lives_only_in_cli_and_cliutil():
-    """typer, rich and argparse are imported by cli.py and cliutil.py only: the runtime and the planner are
+    """typer, rich and argparse are imported by cli.py and cliutil/ only: the runtime and the planner are
     libraries (progress through callbacks and loop.Reporter). One exception: runtime/worker.py's
     argparse (torchrun's entry point `-m hsplit.runtime.worker`, parser built from runtime/options.py)."""
     import ast

@@ -148,7 +148,8 @@ def test_a_fleet_above_ten_thousand_clients_is_accepted(tmp_path):
 
 
 def test_the_plan_table_of_all_different_clients_is_cut_with_a_note():
-    from hsplit.cliutil import PLAN_ROWS, console, render_plan
+    from hsplit.cliutil.console import console
+    from hsplit.cliutil.render import PLAN_ROWS, render_plan
     from hsplit.planner.plan_clients import ClientPlan
     n = PLAN_ROWS + 25
     plan = Plan(model="smollm2-135m", strategy="hsplitlora",

@@ -160,7 +160,7 @@ def test_asking_for_wandb_without_it_installed_is_one_error_before_any_work(env,
 
 
 def test_run_eta_is_the_average_pace_so_far():
-    from hsplit.cliutil import run_eta
+    from hsplit.cliutil.progress import run_eta
     assert run_eta(60.0, 1.0, 4.0) == "ETA 0:03:00"
     assert run_eta(30.0, 0.5, 10.0) == "ETA 0:09:30"
     assert run_eta(0.0, 0.0, 3.0) == "ETA -:--:--" and run_eta(5.0, 3.0, 3.0) == "ETA 0:00:00"
@@ -169,7 +169,7 @@ def test_run_eta_is_the_average_pace_so_far():
 def test_round_bars_show_the_runs_eta_and_the_rounds_steps(monkeypatch):
     from rich.console import Console
 
-    from hsplit import cliutil
+    from hsplit.cliutil import progress as cliutil
     out = io.StringIO()
     monkeypatch.setattr(cliutil, "err", Console(file=out, force_terminal=True, width=140))
     clock = [100.0]

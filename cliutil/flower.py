@@ -12,7 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from hsplit.cliutil import FORMAT, check_format, console, fail, print_json
+from hsplit.cliutil.console import check_format, console, fail, print_json
+from hsplit.cliutil.options import FORMAT
+
 
 flower_app = typer.Typer(help="Real device fleets on Flower: certificates, SuperNode keys, the app folder "
                               "(README \"Real fleets\").", no_args_is_help=True)
