@@ -28,7 +28,7 @@ from hsplit.runtime.simulation import Simulation, build
 
 METRIC_FIELDS = ["round", "client", "device", "split_layer", "train_loss", "eval_loss", "eval_ppl", "tokens",
                  "wall_s", "fleet_s", "fleet_total_s", "bytes_up", "bytes_down", "lr", "aggregate_s",
-                 "replan_shift", "replan"]
+                 "replan_shift", "replan", "owed_dropped"]
 CONFIG_HEADER = "# Resolved run configuration (hsplit run)."
 
 
@@ -217,7 +217,7 @@ def restore(sim: Simulation, run_dir: Path, last: int) -> list[dict]:
         files = ("merged.safetensors",) if r < last else checkpoint.FILES
         state, tensors = checkpoint.load(run_dir, r, files)
         if r > 0 and tensors["merged.safetensors"]:
-            sim.replay_merge(tensors["merged.safetensors"])
+            sim.replay_merge(tensors["merged.safetensors"], r)
         rows += state.get("metrics", [])
         if r == last:
             replan.restore(sim, run_dir, state, r)      # the plan in force after re-plans

@@ -31,6 +31,7 @@ class Simulation:
     def __init__(self, plan: Plan, lm: LoadedLM, data: FederatedData, device: torch.device,
                  compute: str = "auto"):
         self.plan, self.lm, self.data, self.device = plan, lm, data, device
+        self.holds_global = True     # the base weights are the global model (False: a client process's own copy)
         self.training = t = plan.training
         self.autocast_dtype = compute_dtype(t.dtype, device, compute)
         self.split = SplitLM(lm.model, lm.profile.family)
@@ -140,9 +141,13 @@ class Simulation:
         for m, delta in update.dense.items():
             self.bank.merge_dense(m, delta)
 
-    def replay_merge(self, merged: dict[str, torch.Tensor]) -> None:
-        """A checkpoint's merged.safetensors into the base weights (resume replays every round's)."""
-        self.merge({m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in sorted({k[:-2] for k in merged})})
+    def replay_merge(self, merged: dict[str, torch.Tensor], r: int | None = None) -> None:
+        """A checkpoint's merged.safetensors (of round r, 1-based) into the base weights (resume replays every
+        round's)."""
+        factors = {m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in sorted({k[:-2] for k in merged})}
+        self.merge(factors)
+        if r is not None:
+            self.strategy.replayed(r, factors)
 
     def eval_adapter(self) -> str | None:
         return self.strategy.eval_adapter()
@@ -244,4 +249,6 @@ def build_part(plan: Plan, rank: int, device: str = "cpu", compute: str = "auto"
         lm = load_part(path, range(0, s), embeddings=True, head=False, device=pick_device(device))
     plan.validate_for(lm.profile)
     lm.model.requires_grad_(False)
-    return Simulation(plan, lm, _data(plan, lm), pick_device(device), compute)
+    sim = Simulation(plan, lm, _data(plan, lm), pick_device(device), compute)
+    sim.holds_global = rank == 0
+    return sim
