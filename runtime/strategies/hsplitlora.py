@@ -19,8 +19,8 @@ the round what its blocks lack is
     D = W' - s B' A' - base = (W' - W) - s B' A' + s B^0 A^0 + owed
 (the server's copies for it, blocks >= split, need nothing: exact as in warm). The server sends the rank-R
 truncation T of D (exact SVD of D's stacked factors: QR of both, SVD of the small core) with
-R = q + floor_rank on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
-that only others adapt; the client adds T to its copy; owed' = D - T (error feedback: the next round's
+R = max(q, floor_rank) on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
+that only others adapt (a matrix nobody adapted this round: nothing); the client adds T to its copy; owed' = D - T (error feedback: the next round's
 D contains it again). owed is kept as factors of rank owed_rank (R_o); components of D beyond R + R_o
 are dropped from what the server tracks (their Frobenius norm is metrics.csv `owed_dropped`; in-process
 the simulated client's base is W' - s B' A' - owed, i.e. it receives them for free; a distributed client
@@ -235,7 +235,7 @@ class HSplitLoRA(Strategy):
             if q > 0:
                 bs.append(-s * b.double())
                 as_.append(a.double())
-            keep = q + self.floor_rank if sends is not None else 0
+            keep = max(q, self.floor_rank) if sends is not None else 0
             (tb, ta), (wb, wa), rest = truncated(torch.cat(bs, 1), torch.cat(as_, 0), keep, oa.shape[0] - q)
             if keep:
                 sends[m] = (tb, ta)
