@@ -285,7 +285,7 @@ class Server:
         # receive it too (their global state)
         sim.apply(update, r, self.current if sim.sampling else None)
         count_update_traffic(sim.strategy, parties, rows, update)
-        blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(update.for_client(p.adapter, p.split))
+        blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(sim.strategy.download(p, update))
                                                        for p in map(self._party, self.live)]
         try:
             scatter_bytes(self.group, blobs, self.dopts.timeout_s)

@@ -219,6 +219,12 @@ class Strategy:
         """Extra metrics.csv columns of party p's row after the round's aggregation."""
         return {}
 
+    def download(self, p, update: RoundUpdate) -> RoundUpdate:
+        """What the server ships to party p's client after the round (every transport sends this, the client
+        applies it: sim.apply(..., [p]) when it trained): the entries of its blocks and its own (hsplitlora
+        bounded: only its truncated download T, as factors, `download[p.adapter]`)."""
+        return update.for_client(p.adapter, p.split)
+
     def traffic(self, p, update: RoundUpdate) -> tuple[int, int]:
         """Bytes party p's client uploads and downloads for the aggregation: its client-side adapters up,
         what the update gives its client-side modules down."""
