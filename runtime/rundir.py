@@ -217,7 +217,7 @@ def restore(sim: Simulation, run_dir: Path, last: int) -> list[dict]:
         files = ("merged.safetensors",) if r < last else checkpoint.FILES
         state, tensors = checkpoint.load(run_dir, r, files)
         if r > 0 and tensors["merged.safetensors"]:
-            sim.replay_merge(tensors["merged.safetensors"], r)
+            sim.replay_merge(tensors["merged.safetensors"])
         rows += state.get("metrics", [])
         if r == last:
             replan.restore(sim, run_dir, state, r)      # the plan in force after re-plans

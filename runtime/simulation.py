@@ -141,13 +141,9 @@ class Simulation:
         for m, delta in update.dense.items():
             self.bank.merge_dense(m, delta)
 
-    def replay_merge(self, merged: dict[str, torch.Tensor], r: int | None = None) -> None:
-        """A checkpoint's merged.safetensors (of round r, 1-based) into the base weights (resume replays every
-        round's)."""
-        factors = {m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in sorted({k[:-2] for k in merged})}
-        self.merge(factors)
-        if r is not None:
-            self.strategy.replayed(r, factors)
+    def replay_merge(self, merged: dict[str, torch.Tensor]) -> None:
+        """A checkpoint's merged.safetensors into the base weights (resume replays every round's)."""
+        self.merge({m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in sorted({k[:-2] for k in merged})})
 
     def eval_adapter(self) -> str | None:
         return self.strategy.eval_adapter()

@@ -212,9 +212,6 @@ class Strategy:
     def restored(self, p) -> None:
         """Client side, after --resume replayed the checkpoints into its own copy of its blocks."""
 
-    def replayed(self, r: int, merged: dict) -> None:
-        """--resume replayed round r's merge (module -> (B_cat, A_cat)) into the base weights."""
-
     def round_metrics(self, p) -> dict:
         """Extra metrics.csv columns of party p's row after the round's aggregation."""
         return {}

@@ -26,8 +26,9 @@ are dropped from what the server tracks (their Frobenius norm is metrics.csv `ow
 the simulated client's base is W' - s B' A' - owed, i.e. it receives them for free; a distributed client
 keeps lacking them). The offset adapter holds both parts, rows [0, r): (A^0, -B^0), rows [r, r + R_o):
 (A_o, -B_o) with owed = s B_o A_o. A client that sat rounds out (sampling) owes the rounds' merged
-updates it missed: on its return they are added to its owed part (re-truncated to R_o) and it downloads
-as usual after the round it trains. A distributed client holds its own copy of its blocks: it adds T and
+updates it missed (read back from the run folder's checkpoints, which keep every round's merge): on its
+return they are added to its owed part (re-truncated to R_o) and it downloads as usual after the round it
+trains. A distributed client holds its own copy of its blocks: it adds T and
 its own s (B' A' - B^0 A^0) to its weights (update.own_base) and keeps the owed rows at 0; to evaluate the
 global model it is sent its owed factors (eval_state).
 
@@ -94,7 +95,7 @@ class HSplitLoRA(Strategy):
         self.floor_rank = plan.download.get("floor_rank", min(positive))
         self.owed_rank = plan.download.get("owed_rank", OWED_RANK_FACTOR * max(positive))
         self.dropped: dict[str, float] = {}        # party -> Frobenius norm of what its owed part dropped
-        self.history: dict[int, dict] = {}         # round -> its merge (sampling: what sampled-out clients missed)
+        self.history: dict[int, dict] = {}         # round -> its merge (sampling without a run folder: merge_of)
         self.synced: dict[str, int] = {}           # party -> rounds its base has followed (sampling)
 
     # ---- the holders' frozen base offsets (warm, bounded) ----
@@ -199,7 +200,7 @@ class HSplitLoRA(Strategy):
             self.apply_own(update, parties)
             return
         sim.merge_update(update)
-        if self.bounded and sim.sampling:
+        if self.bounded and sim.sampling and sim.store is None:      # no run folder to read it back from
             self.history[r] = {m: (b.detach().clone(), a.detach().clone()) for m, (b, a) in update.merge.items()}
         for p in parties:
             if self.bounded:
@@ -253,7 +254,7 @@ class HSplitLoRA(Strategy):
         """bounded: party p's base followed the global model up to round synced[p]; it also owes the merged
         updates of rounds synced[p] .. r-1 (client-side matrices), re-truncated to its owed rows."""
         s = self.sim.training.lora_alpha_over_rank
-        missed = [self.history[i] for i in range(self.synced.get(p.adapter, 0), r) if i in self.history]
+        missed = [m for m in map(self.merge_of, range(self.synced.get(p.adapter, 0), r)) if m]
         if not missed:
             return
         dropped = 0.0
@@ -270,6 +271,19 @@ class HSplitLoRA(Strategy):
             dropped += rest
         self.dropped[p.adapter] = dropped ** 0.5
         self.synced[p.adapter] = r
+
+    def merge_of(self, i: int) -> dict:
+        """Round i's merge (0-based): the run folder's checkpoint of round i + 1 keeps every round's merged factors
+        (--keep-checkpoints prunes only adapters and moments), so nothing grows in memory; without a run folder
+        (a bare Simulation) the in-memory history."""
+        if i in self.history:
+            return self.history[i]
+        if self.sim.store is None:
+            return {}
+        from hsplit.runtime import checkpoint
+        _, t = checkpoint.load(self.sim.store.root.parent, i + 1, ("merged.safetensors",))
+        merged = t["merged.safetensors"]
+        return {m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in {k[:-2] for k in merged}}
 
     def prune_history(self) -> None:
         """Keep the merges some party has not followed yet (sampling); every party follows every round without."""
@@ -391,10 +405,6 @@ class HSplitLoRA(Strategy):
         if self.bounded and tensors:
             self.sim.bank.load_state(self.offset(p), {k[len("offset/"):]: v for k, v in tensors.items()})
 
-    def replayed(self, r: int, merged: dict) -> None:
-        """--resume replays round r's merge (1-based r): kept while a sampled-out party has not followed it."""
-        if self.bounded and self.sim.sampling:
-            self.history[r - 1] = merged
 
     # ---- re-planning ----
     def before_move(self):
