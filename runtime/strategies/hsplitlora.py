@@ -200,8 +200,11 @@ class HSplitLoRA(Strategy):
             self.apply_own(update, parties)
             return
         sim.merge_update(update)
-        if self.bounded and sim.sampling and sim.store is None:      # no run folder to read it back from
+        self.rounds_done = r + 1
+        if self.bounded and sim.sampling:       # kept until its checkpoint is written (no run folder: kept)
             self.history[r] = {m: (b.detach().clone(), a.detach().clone()) for m, (b, a) in update.merge.items()}
+            if sim.store is not None:
+                self.history = {r: self.history[r]}
         for p in parties:
             if self.bounded:
                 self.settle(p, update, r)
@@ -250,15 +253,17 @@ class HSplitLoRA(Strategy):
         self.synced[p.adapter] = r + 1
 
     @torch.no_grad()
-    def owe_missed(self, p, r: int) -> None:
+    def owe_missed(self, p, r: int, off=None) -> None:
         """bounded: party p's base followed the global model up to round synced[p]; it also owes the merged
-        updates of rounds synced[p] .. r-1 (client-side matrices), re-truncated to its owed rows."""
+        updates of rounds synced[p] .. r-1 (client-side matrices), re-truncated to its owed rows (of `off`,
+        module -> (A_off, B_off), default its offset adapter; given: nothing else changes)."""
         s = self.sim.training.lora_alpha_over_rank
         missed = [m for m in map(self.merge_of, range(self.synced.get(p.adapter, 0), r)) if m]
         if not missed:
             return
         dropped = 0.0
-        for m, (oa, ob) in self.sim.bank.factors(self.offset(p)).items():
+        given = off is not None
+        for m, (oa, ob) in (off if given else self.sim.bank.factors(self.offset(p))).items():
             q = p.ranks.get(m, 0)
             parts = [h[m] for h in missed if m in h]
             if not on_blocks(m, p.split) or not parts or oa.shape[0] == q:
@@ -269,8 +274,9 @@ class HSplitLoRA(Strategy):
             oa[q:].copy_(wa)
             ob[:, q:].copy_(-wb / s)
             dropped += rest
-        self.dropped[p.adapter] = dropped ** 0.5
-        self.synced[p.adapter] = r
+        if not given:
+            self.dropped[p.adapter] = dropped ** 0.5
+            self.synced[p.adapter] = r
 
     def merge_of(self, i: int) -> dict:
         """Round i's merge (0-based): the run folder's checkpoint of round i + 1 keeps every round's merged factors
@@ -324,12 +330,28 @@ class HSplitLoRA(Strategy):
         return {"owed_dropped": self.dropped.get(p.adapter)} if self.bounded else {}
 
     # ---- a distributed client's evaluation of the global model ----
+    rounds_done = 0
+
     def eval_state(self, p) -> dict:
-        """bounded: its owed factors (B_o, A_o) on its blocks (owed = s B_o A_o), which its copy lacks."""
+        """bounded: its owed factors (B_o, A_o) on its blocks (owed = s B_o A_o), which its copy lacks (a client
+        that sat the last rounds out: its saved owed part plus the merges it missed, truncated as on its return)."""
         if not self.bounded:
             return {}
+        if p in self.sim.active:
+            off = self.sim.bank.factors(self.offset(p))
+        else:
+            saved = self.sim.store.load(p.adapter) if self.sim.store is not None else None
+            pre = "strategy/offset/"
+            off = {m: (saved[f"{pre}{m}.lora_A"].clone(), saved[f"{pre}{m}.lora_B"].clone())
+                   for m in self.offset_ranks(p)} if saved else {}
+            if not saved:         # it never trained: it owes every merge so far
+                shapes = {m: (a.shape[1], b.shape[0]) for i in range(self.rounds_done)
+                          for m, (b, a) in self.merge_of(i).items()}
+                off = {m: (torch.zeros(r, shapes[m][0]), torch.zeros(shapes[m][1], r))
+                       for m, r in self.offset_ranks(p).items() if on_blocks(m, p.split) and m in shapes}
+            self.owe_missed(p, self.rounds_done, off)
         out = {}
-        for m, (oa, ob) in self.sim.bank.factors(self.offset(p)).items():
+        for m, (oa, ob) in off.items():
             q = p.ranks.get(m, 0)
             if on_blocks(m, p.split) and oa.shape[0] > q:
                 out[m] = (-ob[:, q:].detach().clone(), oa[q:].detach().clone())
