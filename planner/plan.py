@@ -29,9 +29,11 @@ from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, numb
 
 SCHEMA_VERSION = 1
 # hsplitlora's exact aggregation: holders carry on and each client downloads a bounded-rank part of what its
-# blocks lack (bounded, the default), holders carry on and download every holder's update (warm), or restart
+# blocks lack (bounded: what `hsplit plan` writes), holders carry on and download every holder's update
+# (warm: what a plan without `aggregation:` means, as before bounded existed), or restart each round
 AGGREGATIONS = ("bounded", "warm", "restart")
-DEFAULT_AGGREGATION = "warm"
+DEFAULT_AGGREGATION = "bounded"      # hsplit plan / make_plan (docs/benchmarks.md: measured against warm)
+FILE_AGGREGATION = "warm"            # a plan file without `aggregation:` (hand-written, or written before)
 DOWNLOAD_KEYS = ("floor_rank", "owed_rank")   # plan `download:` (aggregation bounded; docs/file-formats.md)
 DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
@@ -213,7 +215,7 @@ class Plan:
     server: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     replan: dict[str, Any] | None = None
-    aggregation: str = DEFAULT_AGGREGATION   # hsplitlora: bounded | warm | restart (all exact at the server)
+    aggregation: str = FILE_AGGREGATION      # hsplitlora: bounded | warm | restart (all exact at the server)
     # aggregation bounded: {floor_rank: r_f, owed_rank: R_o}; absent keys take the runtime's defaults
     # (floor_rank: the smallest positive rank of ranks_allowed; owed_rank: 4 x the largest)
     download: dict[str, int] = field(default_factory=dict)
@@ -380,7 +382,7 @@ class Plan:
             p.add("modules", f"must be a list of module names (e.g. [self_attn.q_proj, self_attn.v_proj]), "
                              f"found {kind(modules)}")
             modules = []
-        aggregation = data.get("aggregation", DEFAULT_AGGREGATION)
+        aggregation = data.get("aggregation", FILE_AGGREGATION)
         if aggregation not in AGGREGATIONS:
             p.add("aggregation", f"must be {' or '.join(AGGREGATIONS)} (hsplitlora: adapters and AdamW moments carry "
                                  f"on with a bounded or a full download / restart from a fresh init every round), "

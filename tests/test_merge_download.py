@@ -213,7 +213,7 @@ SLOW_SEEDS = [0, 1, 2, 3, 5, 6, 9, 12, 17, 21]
 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
 def test_solvers_agree_with_exhaustive_enumeration_when_the_merge_download_binds(seed):
-    kw = _slow_downlinks(random_instance(seed, uniform=seed % 4 == 0), 0.02)
+    kw = {**_slow_downlinks(random_instance(seed, uniform=seed % 4 == 0), 0.02), "aggregation": "warm"}   # U(s)
     try:
         reference = make_plan(**kw, solver="exhaustive")
     except InfeasibleError as e:
