@@ -26,7 +26,7 @@ from hsplit.cliutil.progress import Bar, RoundBars
 from hsplit.cliutil.render import (generate_summary, ppl, render_calibration, render_check, render_eval, render_plan,
                                    render_whatif, samples_table)
 from hsplit.planner.errors import ConfigError
-from hsplit.planner.plan import PARTITIONS
+from hsplit.planner.plan import DEFAULT_AGGREGATION, PARTITIONS
 from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
 from hsplit.planner.strategies import traits
@@ -90,8 +90,13 @@ def plan(
     method: str = typer.Option("decomposed", help="decomposed (exact, fast) | full (one MILP over all clients)."),
     time_limit: Optional[float] = typer.Option(None, "--time-limit", help="Seconds for the MILP solver."),
     strategy: str = typer.Option(STRATEGY_DEFAULT, help=" | ".join(STRATEGY_NAMES) + "."),
-    aggregation: str = typer.Option("warm", help="hsplitlora: warm (adapters and AdamW moments carry on) | restart "
-                                                 "(fresh adapters every round: the ablation); sizes the merge download."),
+    aggregation: str = typer.Option(DEFAULT_AGGREGATION, help="hsplitlora: bounded (adapters and AdamW moments carry "
+                                    "on; each client downloads a rank q + floor truncation of what its blocks lack) | "
+                                    "warm (carry on; each client downloads every holder's update) | restart (fresh "
+                                    "adapters every round); sizes the merge download."),
+    floor_rank: Optional[int] = typer.Option(None, "--floor-rank", min=0, help="aggregation bounded: the download rank "
+                                             "on a matrix of a client's blocks it does not adapt (default: the smallest "
+                                             "positive of --ranks; 0: those stay stale)."),
     data: str = typer.Option("shakespeare", help="Training data the run will use, checked now and recorded in the "
                              "plan: shakespeare (embedded), a .jsonl/.json/.csv/.parquet/.arrow/.txt file, a folder "
                              "(datasets' save_to_disk, or data files), or a hub dataset id; FORMAT:PATH names the "
@@ -151,7 +156,7 @@ def plan(
                       objective=objective, min_utility=min_utility, solver=solver, method=method,
                       time_limit=time_limit, server_rank=8 if server_rank is None else server_rank,
                       data=checked_data(data_spec, output, training.seq_len, training.seed),
-                      aggregation=aggregation, sampling=sampling)
+                      aggregation=aggregation, sampling=sampling, floor_rank=floor_rank)
         check_plan_data(p, output)
         save_plan(p, output)
     if fmt == "json":

@@ -35,6 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Runtime (bench/runtime.py)"
+AGGREGATIONS = ("warm", "bounded", "restart")     # hsplitlora's, timed side by side
 SAMPLING_HEADING = "## Client sampling memory (bench/runtime.py --sampling)"
 
 
@@ -80,8 +81,8 @@ def throughput(args) -> dict:
     model = _model_ref(args)
     lm0 = load_lm(model, progress=False)
     split = args.split or lm0.profile.layers // 2
-    steps = {}            # hsplit's split step, with hsplitlora's warm (base offset adapter) and restart aggregation
-    for agg in ("warm", "restart"):
+    steps = {}            # hsplit's split step, with hsplitlora's warm / bounded (base offset adapter) and restart
+    for agg in AGGREGATIONS:
         plan = _expand_all(_plan(model, 1, split, args.rank, args.batch, args.seq, aggregation=agg), lm0.profile)
         sim = build(plan, progress=False, device="cpu")
         party = sim.parties[0]
@@ -103,10 +104,11 @@ def throughput(args) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    times = {"warm": [], "restart": [], "peft": []}
+    times = {**{agg: [] for agg in AGGREGATIONS}, "peft": []}
     for s in range(args.steps + 1):                       # step 0 is warm-up
         b = party.data.batch(args.batch, 0, 0, 0, s)
-        order = list(times)[s % 3:] + list(times)[:s % 3]     # rotate, so that machine noise hits all alike
+        n = len(times)
+        order = list(times)[s % n:] + list(times)[:s % n]     # rotate, so that machine noise hits all alike
         for which in order:
             t = time.perf_counter()
             if which == "peft":
@@ -124,7 +126,11 @@ def throughput(args) -> dict:
             "hsplit_step_s": med["warm"], "hsplit_restart_step_s": med["restart"], "peft_step_s": med["peft"],
             "hsplit_tokens_per_s": tokens / med["warm"], "hsplit_restart_tokens_per_s": tokens / med["restart"],
             "peft_tokens_per_s": tokens / med["peft"],
-            "ratio": med["peft"] / med["warm"], "ratio_restart": med["peft"] / med["restart"]}
+            "ratio": med["peft"] / med["warm"], "ratio_restart": med["peft"] / med["restart"],
+            "hsplit_bounded_step_s": med["bounded"], "hsplit_bounded_tokens_per_s": tokens / med["bounded"],
+            "ratio_bounded": med["peft"] / med["bounded"],
+            "bounded_offset_rank": max(steps["bounded"][0].bank.ranks[steps["bounded"][0].strategy.offset(
+                steps["bounded"][1])].values())}
 
 
 def memory_child(args) -> dict:
@@ -153,11 +159,13 @@ def memory_child(args) -> dict:
     SplitLoRA().aggregate(sim.strategy.collect(sim.parties))
     fed = time.perf_counter() - fed
     t3 = time.perf_counter()
-    ex.aggregate(0, rows)
+    update, _ = ex.aggregate(0, rows)
     t4 = time.perf_counter()
+    ckpt = sum(v.numel() * v.element_size() for f in sim.tensors(update).values() for v in f.values())
     return {"clients": args.clients, "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
             "train_peak_rss_gib": _vm_hwm_gib(),
             "build_s": t1 - t0, "round_s": t2 - t1, "exact_aggregate_s": t4 - t3, "fedavg_s": fed,
+            "checkpoint_mb": ckpt / 1e6,
             "adapter_params_per_client": sum(a.numel() + b.numel() for a, b in sim.bank.factors("k0").values())}
 
 
@@ -308,28 +316,32 @@ def write_section(result: dict, command: str) -> None:
              f"date {result['date']}. Timings are noisy on a shared machine.", "",
              "**Split step vs plain PEFT step** (same process, same model, ranks, batch and data; "
              "steps interleaved; medians):", "",
-             "| model | split | rank (all modules) | batch x seq | hsplit tokens/s (warm / restart) | peft tokens/s "
-             "| ratio warm / restart (target >= 0.95) |",
+             "| model | split | rank (all modules) | batch x seq | hsplit tokens/s (warm / bounded / restart) "
+             "| peft tokens/s | ratio warm / bounded / restart (target >= 0.95) |",
              "|---|---|---|---|---|---|---|",
              f"| {t['model']} | {t['split']} | {t['rank']} ({t['adapted_modules']} modules) | {t['batch']} x {t['seq_len']} "
-             f"| {t['hsplit_tokens_per_s']:.1f} / {t['hsplit_restart_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} "
-             f"| {t['ratio']:.3f} / {t['ratio_restart']:.3f} |", "",
-             "warm: hsplitlora's default aggregation, whose holders train with their frozen base offset adapter "
-             "(one more rank-r LoRA path per matrix, no gradient); restart: the aggregation every strategy but "
-             "hsplitlora warm runs (the split step alone).", "",
+             f"| {t['hsplit_tokens_per_s']:.1f} / {t['hsplit_bounded_tokens_per_s']:.1f} / "
+             f"{t['hsplit_restart_tokens_per_s']:.1f} | {t['peft_tokens_per_s']:.1f} "
+             f"| {t['ratio']:.3f} / {t['ratio_bounded']:.3f} / {t['ratio_restart']:.3f} |", "",
+             "warm: hsplitlora's warm aggregation, whose holders train with their frozen base offset adapter "
+             "(one more rank-r LoRA path per matrix, no gradient); bounded: the same offset with the owed part "
+             f"(rank r + owed_rank = {t['bounded_offset_rank']} per matrix, default owed_rank 4 x the largest "
+             "allowed rank); restart: the aggregation every strategy but hsplitlora warm/bounded runs (the split "
+             "step alone).", "",
              "**Peak memory vs simulated clients** (fresh process: build + one round of 1 local step per "
              "client + hsplitlora aggregation; one copy of the base weights). warm (the default) keeps every "
              "holder's factors, AdamW moments and frozen base offset (4x its adapter's fp32 bytes) between "
              "rounds; restart drops the moments and re-initialises:", "",
              "| aggregation | clients | peak RSS (GiB) | vs 1 client (target 10 <= 1.3x) | training-phase peak (GiB) "
-             "| vs 1 client | round (s) | exact aggregation (s) | FedAvg (s) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| vs 1 client | round (s) | exact aggregation (s) | FedAvg (s) | checkpoint per round (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     mem = result["memory"]
-    for label, rows in (("warm", result["memory"]), ("restart", result.get("memory_restart", []))):
+    for label, rows in (("warm", result["memory"]), ("bounded", result.get("memory_bounded", [])),
+                        ("restart", result.get("memory_restart", []))):
         for m in rows:
             lines.append(f"| {label} | {m['clients']} | {m['peak_rss_gib']:.2f} | {m['peak_ratio_vs_1']:.2f}x "
                          f"| {m['train_peak_rss_gib']:.2f} | {m['train_peak_ratio_vs_1']:.2f}x | {m['round_s']:.1f} "
-                         f"| {m['exact_aggregate_s']:.3f} | {m['fedavg_s']:.3f} |")
+                         f"| {m['exact_aggregate_s']:.3f} | {m['fedavg_s']:.3f} | {m.get('checkpoint_mb', 0):.1f} |")
     lines += ["", "Peak RSS is the whole process (dominated by loading the model and data); the "
               "training-phase peak resets the kernel's high-water mark (VmHWM) after loading and covers "
               "the round and the aggregation, where per-client state lives.",
@@ -384,7 +396,9 @@ def main() -> None:
     mem = memory(args, "warm")
     print("memory (aggregation: restart) ...", file=sys.stderr)
     mem_restart = memory(args, "restart")
-    result = {"throughput": thr, "memory": mem, "memory_restart": mem_restart, "torch": torch.__version__, "threads": args.threads,
+    print("memory (aggregation: bounded) ...", file=sys.stderr)
+    mem_bounded = memory(args, "bounded")
+    result = {"throughput": thr, "memory": mem, "memory_restart": mem_restart, "memory_bounded": mem_bounded, "torch": torch.__version__, "threads": args.threads,
               "machine": f"{platform.machine()} {os.cpu_count()} cores ({platform.processor() or 'cpu'})",
               "date": time.strftime("%Y-%m-%d")}
     out = ROOT / "bench" / "results" / "runtime.json"

@@ -25,7 +25,7 @@ from hsplit.planner.importance import Importance
 from hsplit.planner.instance import Instance, build_instance, check_feasible
 from hsplit.planner.milp import solve_full
 from hsplit.planner.model import ModelProfile, load_model_profile
-from hsplit.planner.plan import ClientPlan, DataSpec, Plan, Training
+from hsplit.planner.plan import DEFAULT_AGGREGATION, ClientPlan, DataSpec, Plan, Training
 from hsplit.planner.sampling import Sampling
 from hsplit.planner.sampling import predict as predict_sampled
 from hsplit.planner.strategies import NAMES as STRATEGIES
@@ -79,11 +79,12 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
               training: Training | None = None, strategy: str = "hsplitlora", objective: str = "utility",
               min_utility: float | None = None, solver: str = "cbc", method: str = "decomposed",
               time_limit: float | None = None, threads: int | None = None, server_rank: int = 8,
-              data: DataSpec | None = None, tables_cache: dict | None = None, aggregation: str = "warm",
-              sampling: Sampling | None = None) -> Plan:
+              data: DataSpec | None = None, tables_cache: dict | None = None, aggregation: str = DEFAULT_AGGREGATION,
+              sampling: Sampling | None = None, floor_rank: int | None = None) -> Plan:
     """Solve the planning problem and return the Plan (not yet written; call plan.save(path)).
     `tables_cache`: a dict shared between calls lets the decomposed method re-use its tables.
-    `aggregation` (hsplitlora: warm | restart) sizes the merge download charged in every round time.
+    `aggregation` (hsplitlora: bounded | warm | restart) sizes the merge download charged in every round time;
+    `floor_rank` (bounded: the download rank on a matrix a client does not adapt; default the smallest rank).
     `sampling`: clients per round (planner/sampling.py); the predicted round and fleet times follow it."""
     check_options(strategy=strategy, objective=objective, solver=solver, method=method, time_limit=time_limit,
                   min_utility=min_utility)
@@ -93,7 +94,7 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     classes = task_classes(data)
     inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules,
                           training=training, server_rank=server_rank, strategy=strategy, aggregation=aggregation,
-                          classes=classes)
+                          classes=classes, floor_rank=floor_rank)
     if sampling is not None and traits(strategy).split:      # charge the sampled rounds (planner/sampled.py)
         from hsplit.planner.sampled import apply_sampling
         apply_sampling(inst, sampling)
@@ -107,7 +108,7 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
     elif how == "one":     # one rank on both sides: the instance's server costs follow it
         inst, configs = _fleet_uniform(inst, lambda r: build_instance(
             fleet_obj, model_obj, importance=imp, ranks=ranks, modules=modules, training=training, server_rank=r,
-            strategy=strategy, aggregation=aggregation, classes=classes))
+            strategy=strategy, aggregation=aggregation, classes=classes, floor_rank=floor_rank))
         label = "enumeration (one split, one rank)"
     elif how == "per-client":
         configs, label = _per_client_uniform(inst), "enumeration (one rank per client) + round-time sweep"
@@ -138,6 +139,8 @@ def make_plan(fleet, model, *, importance=None, ranks=(0, 2, 4, 8, 16), modules=
                      objective, training, data or DataSpec(), dict(name=solver if how == "milp" else "enumeration",
                      method=label, status=status, gap=gap, wall_s=round(wall, 4), **_round_detail(detail)))
     plan.aggregation = aggregation
+    if inst.bounded:          # the download's floor rank the round times were charged with (the runtime uses it)
+        plan.download = {"floor_rank": inst.floor_rank}
     if sampling is not None:
         p = Problems("sampling")
         plan.sampling = Sampling.from_dict(sampling.to_dict(), p, len(plan.clients))     # checked against the fleet
@@ -167,7 +170,8 @@ def replan(plan: Plan, importance: Importance, fleet=None, model=None) -> Plan:
     new = make_plan(fleet_obj, model or plan.model, importance=importance, ranks=tuple(plan.ranks_allowed),
                     modules=plan.modules or None, training=plan.training, strategy=plan.strategy,
                     objective=plan.objective, solver=solver if solver in SOLVERS else "cbc",
-                    server_rank=plan.server_rank, data=plan.data, aggregation=plan.aggregation)
+                    server_rank=plan.server_rank, data=plan.data, aggregation=plan.aggregation,
+                    floor_rank=plan.download.get("floor_rank"))
     new.replan = plan.replan
     new.inputs["fleet"] = plan.inputs.get("fleet", new.inputs["fleet"])
     return new
@@ -182,7 +186,8 @@ def check_plan(plan: Plan, fleet, model=None, importance=None) -> tuple[FleetEva
     try:
         inst = build_instance(fleet_obj, model_obj, importance=imp, ranks=tuple(plan.ranks_allowed),
                               modules=plan.modules or None, training=plan.training, server_rank=plan.server_rank,
-                              strategy=plan.strategy, aggregation=plan.aggregation, classes=task_classes(plan.data))
+                              strategy=plan.strategy, aggregation=plan.aggregation, classes=task_classes(plan.data),
+                              floor_rank=plan.download.get("floor_rank"))
     except ConfigError as e:        # the plan's ranks_allowed / modules, not the --ranks / --modules flags
         fields = {"--ranks": "ranks_allowed", "--modules": "modules"}
         if e.source not in fields:

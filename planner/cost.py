@@ -25,6 +25,14 @@ ADAPTER_WIRE_BYTES = 4
 MERGE_RANK_FACTOR = {"warm": 2, "restart": 1}
 
 
+def floor_download_bytes(floor_rank: int, shapes) -> float:
+    """hsplitlora, aggregation bounded: the floor part of one block's download, 4 * floor_rank * sum over its
+    planned matrices of (d_in + d_out). A client downloads rank max(q, floor_rank) on a matrix it adapts at rank q
+    and floor_rank on the other matrices of its blocks; the solvers charge the bound q + floor_rank: the q part
+    per adapter parameter (like the adapter sync: linear in P), this floor part per block (a constant of s)."""
+    return ADAPTER_WIRE_BYTES * floor_rank * float(sum(d_in + d_out for d_in, d_out in shapes))
+
+
 def block_forward_flops(model: ModelProfile, b: int, T: int) -> float:
     """Forward FLOPs of one block: b*T*(2N + 4*T*h) (PaLM, Chowdhery et al. 2022, app. B:
     2 FLOPs per matmul weight per token, plus QK^T and AV, 2*T*h each, non-causal count)."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hsplit.planner.cost import GIB, MERGE_RANK_FACTOR, merge_matrix_bytes
+from hsplit.planner.cost import ADAPTER_WIRE_BYTES, GIB, MERGE_RANK_FACTOR, merge_matrix_bytes
 from hsplit.planner.instance import ClientClass, Instance, two_amounts
 
 TOL = 1e-9  # relative slack when comparing a cost to its limit (float rounding only)
@@ -63,7 +63,10 @@ def evaluate_client(inst: Instance, cls: ClientClass, cfg: Config) -> ClientEval
         client_round_s=inst.client_round(cls, cfg.split, zs, P), round_s=inst.round_time(cls, cfg.split, zs, P),
         server_step_s=float(inst.server_step_s[cfg.split]), busy_s=float(inst.busy(cfg.split)),
         traffic_bytes=inst.tau * per_step_traffic + inst.sync_bytes_per_param * P + float(cls.merge_bytes[cfg.split]),
-        merge_charged_bytes=float(cls.merge_bytes[cfg.split]), merge_charged_s=float(cls.merge_s[cfg.split]))
+        # bounded: the charged download is its rank-q part (in the sync term) + the floor part's bound
+        merge_charged_bytes=float(cls.merge_bytes[cfg.split]) + inst.held_download_per_param * P,
+        merge_charged_s=float(cls.merge_s[cfg.split]) + inst.held_download_per_param * P * 8.0 / (
+            inst.clients[cls.members[0]].device.downlink_mbps * 1e6))
 
 
 def merge_download_bytes(inst: Instance, configs: list[Config], aggregation: str | None = None) -> list[float]:
@@ -73,9 +76,10 @@ def merge_download_bytes(inst: Instance, configs: list[Config], aggregation: str
     when the server rank r_S > 0, the server's copy for every client k' with l >= s_k'. K_m = sum over
     holders of factor x rank (factor 2 under warm aggregation: old and new factors; 1 under restart).
     D_k = sum over planned m on blocks [0, s_k) of 4 min(K_m (d_in + d_out), d_in d_out) [K_m > 0]:
-    the stacked factors or the dense update, whichever is smaller. `aggregation` defaults to the
-    instance's."""
-    factor = MERGE_RANK_FACTOR[aggregation or inst.aggregation]
+    the stacked factors or the dense update, whichever is smaller. bounded: D_k = sum over planned m on
+    blocks [0, s_k) that some holder adapts (K_m > 0) of 4 max(q_k,m, floor_rank) (d_in + d_out): the rank-R
+    truncation of what its blocks lack, as fp32 factors (charged as the bound 4 (P_k + floor_rank W(s_k))). `aggregation` defaults to the instance's."""
+    aggregation = aggregation or inst.aggregation
     L = inst.L
     distinct: dict[int, list] = {}          # clients of a class share Config objects
     for cfg in configs:
@@ -85,8 +89,17 @@ def merge_download_bytes(inst: Instance, configs: list[Config], aggregation: str
         s = min(int(cfg.split), L)
         K[:s] += n * cfg.ranks[:s]          # client-side holders (ranks above the split belong to the server)
         K[s:] += n * inst.server_rank       # the server's copies for this client
-    K *= factor
     shapes = inst.model.module_shapes()
+    if aggregation == "bounded":            # rank max(q_k, floor) on every matrix of its blocks some holder adapts
+        w = inst.widths.astype(float)
+        adapted = K > 0
+        out = []
+        for cfg in configs:
+            s = min(int(cfg.split), L)
+            rank = np.maximum(cfg.ranks[:s], inst.floor_rank)
+            out.append(float(ADAPTER_WIRE_BYTES * (rank * adapted[:s] * w).sum()))
+        return out
+    K *= MERGE_RANK_FACTOR[aggregation]
     per_block = sum(merge_matrix_bytes(K[:, j], *shapes[m]) for j, m in enumerate(inst.modules))
     below = np.concatenate([[0.0], np.cumsum(per_block)])
     return [float(below[min(int(cfg.split), L)]) for cfg in configs]

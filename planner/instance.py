@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from hsplit.planner.cost import (ADAPTER_STATE_BYTES, ADAPTER_WIRE_BYTES, DTYPE_BYTES, GIB, MERGE_RANK_FACTOR,
-                                 Coefficients, coefficients, link_seconds, merge_matrix_bytes, server_slot_bytes,
-                                 server_step_flops)
+                                 Coefficients, coefficients, floor_download_bytes, link_seconds, merge_matrix_bytes,
+                                 server_slot_bytes, server_step_flops)
 from hsplit.planner.errors import ConfigError, InfeasibleError
 from hsplit.planner.fleet import Client, Fleet
 from hsplit.planner.importance import Importance, uniform
 from hsplit.planner.model import ModelProfile
-from hsplit.planner.plan import AGGREGATIONS, Training
+from hsplit.planner.plan import AGGREGATIONS, DEFAULT_AGGREGATION, Training
 from hsplit.planner.strategies import traits
 
 
@@ -87,15 +87,27 @@ class Instance:
     concurrency: int
     fleet: Fleet
     server_time_model: str = "flops"
-    aggregation: str = "warm"     # hsplitlora's aggregation (plan `aggregation`): warm | restart
+    aggregation: str = DEFAULT_AGGREGATION   # hsplitlora's aggregation (plan `aggregation`): bounded | warm | restart
     merge_download: bool = False  # the strategy's clients download the round's merged update (hsplitlora)
     sampled: object = None        # planner/sampled.py SampledRounds: charge the run's sampled rounds, not the fleet
+    floor_rank: int = 0           # aggregation bounded: the download rank on a matrix of its blocks it does not adapt
+
+    @property
+    def bounded(self) -> bool:
+        """hsplitlora's bounded download: rank q + floor_rank per matrix of a client's blocks (q its own rank)."""
+        return self.merge_download and self.aggregation == "bounded"
 
     @property
     def sync_bytes_per_param(self) -> int:
         """Adapter bytes per parameter a client moves per round: up and down (4 + 4), or with a merge
-        download (hsplitlora) only up (4): its own factors never come back, the merge replaces them."""
-        return ADAPTER_WIRE_BYTES * (1 if self.merge_download else 2)
+        download (hsplitlora warm/restart) only up (4): its own factors never come back, the merge replaces
+        them. bounded: up and down (its rank-q part of the download is q (d_in + d_out) numbers per matrix)."""
+        return ADAPTER_WIRE_BYTES * (1 if self.merge_download and not self.bounded else 2)
+
+    @property
+    def held_download_per_param(self) -> int:
+        """bounded: download bytes per adapter parameter (the rank-q part, charged in sync_per_param); else 0."""
+        return ADAPTER_WIRE_BYTES if self.bounded else 0
 
     @property
     def L(self) -> int:
@@ -176,11 +188,12 @@ def check_aggregation(aggregation: str) -> None:
 
 def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance | None = None,
                    ranks=(0, 2, 4, 8, 16), modules=None, training: Training | None = None,
-                   server_rank: int = 8, strategy: str = "hsplitlora", aggregation: str = "warm",
-                   classes: int | None = None) -> Instance:
+                   server_rank: int = 8, strategy: str = "hsplitlora", aggregation: str = DEFAULT_AGGREGATION,
+                   classes: int | None = None, floor_rank: int | None = None) -> Instance:
     """The instance of one planning problem. `strategy` decides whether the merge download is charged
     (its `merge_download` trait: hsplitlora), `aggregation` how large it is (warm: 2 x rank per holder,
-    restart: 1 x)."""
+    restart: 1 x; bounded: rank q + floor_rank per matrix of the client's blocks, floor_rank default the
+    smallest positive rank)."""
     training = training or Training()
     check_dtype(training.dtype)
     check_aggregation(aggregation)
@@ -190,6 +203,10 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
                                       f"use --seq-len {model.max_positions} or less"])
     merge = traits(strategy).merge_download
     ranks = check_ranks(ranks)
+    bounded = merge and aggregation == "bounded"
+    floor_rank = (min(q for q in ranks if q > 0) if floor_rank is None else int(floor_rank)) if bounded else 0
+    if floor_rank < 0:
+        raise ConfigError("--floor-rank", [f"must be a whole number >= 0, got {floor_rank}"])
     mods = model.resolve_modules(modules)
     check_splits(fleet, model)
     clients = fleet.clients()
@@ -250,13 +267,17 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
             splits=allowed, mem_cap=mem_cap, round_budget=c.budget.round_s or math.inf,
             mem0=coef.embedding_bytes + coef.client_fixed_bytes,
             mem_per_block=coef.block_weight_bytes, mem_per_zblock=coef.block_act_bytes,
-            sync_per_param=(8.0 * ADAPTER_WIRE_BYTES / (dev.uplink_mbps * 1e6) if merge else
+            sync_per_param=(8.0 * ADAPTER_WIRE_BYTES / (dev.uplink_mbps * 1e6) if merge and not bounded else
                             link_seconds(ADAPTER_WIRE_BYTES, dev.uplink_mbps, dev.downlink_mbps)),
             link_s=link, **times,
             split_range=(lo, hi))
     classes_list = list(classes.values())
-    bounds = merge_bounds(classes_list, L, [shapes[m] for m in mods], max(ranks), server_rank,
-                          MERGE_RANK_FACTOR[aggregation]) if merge else None
+    if bounded:         # the floor part on every planned matrix of blocks [0, s): an upper bound (docs/formulation.md)
+        per_block = floor_download_bytes(floor_rank, [shapes[m] for m in mods])
+        bounds = np.tile(per_block * np.arange(L + 1, dtype=float), (len(classes_list), 1))
+    else:
+        bounds = merge_bounds(classes_list, L, [shapes[m] for m in mods], max(ranks), server_rank,
+                              MERGE_RANK_FACTOR[aggregation]) if merge else None
     for c in classes_list:
         c.merge_bytes = bounds[c.index] if merge else np.zeros(L + 1)
         down = clients[c.members[0]].device.downlink_mbps
@@ -266,7 +287,7 @@ def build_instance(fleet: Fleet, model: ModelProfile, *, importance: Importance 
                     widths=widths, coef=coef, server_step_s=server_step_s, server_mem_free=server_mem_free,
                     server_slot=server_slot, concurrency=server.concurrency, fleet=fleet,
                     server_time_model="measured" if server_bt is not None else "flops",
-                    aggregation=aggregation, merge_download=merge)
+                    aggregation=aggregation, merge_download=merge, floor_rank=floor_rank)
 
 
 def merge_bounds(classes: list[ClientClass], L: int, shapes: list[tuple[int, int]], max_rank: int,

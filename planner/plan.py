@@ -31,7 +31,13 @@ from hsplit.planner.yamlio import (atomic_write_text, cut, dump_yaml, kind, numb
                                   short, whole)
 
 SCHEMA_VERSION = 1
-AGGREGATIONS = ("warm", "restart")   # hsplitlora's exact aggregation: holders carry on, or restart each round
+# hsplitlora's exact aggregation: holders carry on and each client downloads a bounded-rank part of what its
+# blocks lack (bounded: what `hsplit plan` writes), holders carry on and download every holder's update
+# (warm: what a plan without `aggregation:` means, as before bounded existed), or restart each round
+AGGREGATIONS = ("bounded", "warm", "restart")
+DEFAULT_AGGREGATION = "bounded"      # hsplit plan / make_plan (docs/benchmarks.md: measured against warm)
+FILE_AGGREGATION = "warm"            # a plan file without `aggregation:` (hand-written, or written before)
+DOWNLOAD_KEYS = ("floor_rank", "owed_rank")   # plan `download:` (aggregation bounded; docs/file-formats.md)
 DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow", "e2e")
@@ -143,7 +149,10 @@ class Plan:
     server: dict[str, Any] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
     replan: dict[str, Any] | None = None
-    aggregation: str = "warm"        # hsplitlora: warm (exact, adapters carry on) | restart (exact, fresh init)
+    aggregation: str = FILE_AGGREGATION      # hsplitlora: bounded | warm | restart (all exact at the server)
+    # aggregation bounded: {floor_rank: r_f, owed_rank: R_o}; absent keys take the runtime's defaults
+    # (floor_rank: the smallest positive rank of ranks_allowed; owed_rank: 4 x the largest)
+    download: dict[str, int] = field(default_factory=dict)
     sampling: Sampling | None = None  # clients that train each round (None: every client, every round)
     schema_version: int = SCHEMA_VERSION
     hsplit_version: str = __version__
@@ -232,6 +241,7 @@ class Plan:
             "training": asdict(self.training), "data": {k: v for k, v in asdict(self.data).items()
                                                         if self.data.task != "lm" or k not in TASK_FIELDS},
             **({"replan": self.replan} if self.replan else {}), "aggregation": self.aggregation,
+            **({"download": dict(self.download)} if self.download else {}),
             **({"sampling": self.sampling.to_dict()} if self.sampling else {}),
             "solver": self.solver, "predicted": self.predicted, "server": self.server,
             **self.client_lists(),
@@ -286,7 +296,7 @@ class Plan:
         p = Problems(source)
         known = {"schema_version", "hsplit_version", "model", "inputs", "strategy", "objective", "modules",
                  "ranks_allowed", "server_rank", "training", "data", "replan", "solver", "predicted",
-                 "server", "clients", "allocations", "aggregation", "sampling"}
+                 "server", "clients", "allocations", "aggregation", "sampling", "download"}
         for key in data:
             if key not in known:
                 p.add(cut(str(key)), f"unknown field; expected one of {', '.join(sorted(known))}")
@@ -323,10 +333,12 @@ class Plan:
             p.add("modules", f"must be a list of module names (e.g. [self_attn.q_proj, self_attn.v_proj]), "
                              f"found {kind(modules)}")
             modules = []
-        aggregation = data.get("aggregation", "warm")
+        aggregation = data.get("aggregation", FILE_AGGREGATION)
         if aggregation not in AGGREGATIONS:
             p.add("aggregation", f"must be {' or '.join(AGGREGATIONS)} (hsplitlora: adapters and AdamW moments carry "
-                                 f"on / restart from a fresh init every round), got {short(aggregation)}")
+                                 f"on with a bounded or a full download / restart from a fresh init every round), "
+                                 f"got {short(aggregation)}")
+        download = _download(data.get("download"), p)
         mappings = {}
         for key in ("inputs", "solver", "server", "predicted"):
             raw = data.get(key)
@@ -357,8 +369,27 @@ class Plan:
                    objective=objective, training=training, data=data_spec,
                    inputs=mappings["inputs"], solver=mappings["solver"], server=mappings["server"],
                    predicted=mappings["predicted"], replan=replan, aggregation=str(aggregation), sampling=sampling,
+                   download=download,
                    hsplit_version=str(data.get("hsplit_version", __version__)), source=source, entries=entries,
                    entry_list=entry_list)
+
+
+def _download(raw, p: Problems) -> dict[str, int]:
+    """The plan's `download:` mapping (aggregation bounded): floor_rank and owed_rank, whole numbers >= 0."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        p.add("download", f"must be a mapping {{floor_rank: N, owed_rank: N}} (aggregation bounded), found {kind(raw)}")
+        return {}
+    out = {}
+    for key, v in raw.items():
+        if key not in DOWNLOAD_KEYS:
+            p.add(f"download.{cut(str(key))}", f"unknown field; expected one of {', '.join(DOWNLOAD_KEYS)}")
+            continue
+        n = whole(v, f"download.{key}", p, minimum=0, maximum=MAX_INT)
+        if n is not None:
+            out[key] = n
+    return out
 
 
 def settings_from_flags(given: dict[str, Any]) -> tuple[Training, DataSpec, list[str]]:

@@ -67,7 +67,7 @@ def apply_sampling(inst: Instance, sampling: Sampling, weights=None) -> SampledR
         for cls in inst.classes:
             lo, hi = cls.split_range
             cls.splits = [s for s in range(lo, hi + 1) if fits[s]]
-    if inst.merge_download:
+    if inst.merge_download and not inst.bounded:     # bounded: the download bound F(s) does not depend on the holders
         _sampled_merge_bounds(inst)
     return inst.sampled
 

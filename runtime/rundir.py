@@ -28,7 +28,7 @@ from hsplit.runtime.simulation import Simulation, build
 
 METRIC_FIELDS = ["round", "client", "device", "split_layer", "train_loss", "eval_loss", "eval_ppl", "tokens",
                  "wall_s", "fleet_s", "fleet_total_s", "bytes_up", "bytes_down", "lr", "aggregate_s",
-                 "replan_shift", "replan"]
+                 "replan_shift", "replan", "owed_dropped"]
 CONFIG_HEADER = "# Resolved run configuration (hsplit run)."
 
 

@@ -32,6 +32,7 @@ class Simulation:
     def __init__(self, plan: Plan, lm: LoadedLM, data: FederatedData, device: torch.device,
                  compute: str = "auto"):
         self.plan, self.lm, self.data, self.device = plan, lm, data, device
+        self.holds_global = True     # the base weights are the global model (False: a client process's own copy)
         self.training = t = plan.training
         self.autocast_dtype = compute_dtype(t.dtype, device, compute)
         self.split = SplitLM(lm.model, lm.profile.family)
@@ -246,4 +247,6 @@ def build_part(plan: Plan, rank: int, device: str = "cpu", compute: str = "auto"
         lm = load_part(path, range(0, s), embeddings=True, head=False, device=pick_device(device))
     plan.validate_for(lm.profile)
     lm.model.requires_grad_(False)
-    return Simulation(plan, lm, _data(plan, lm), pick_device(device), compute)
+    sim = Simulation(plan, lm, _data(plan, lm), pick_device(device), compute)
+    sim.holds_global = rank == 0
+    return sim

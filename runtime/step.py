@@ -178,3 +178,4 @@ def count_update_traffic(strategy, parties, rows: list[dict], update) -> None:
         up, down = strategy.traffic(p, update)
         row["bytes_up"] += up
         row["bytes_down"] += down
+        row.update(strategy.round_metrics(p))

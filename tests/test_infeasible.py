@@ -28,7 +28,8 @@ def test_round_time_binding_client():
         make_plan(fleet, "smollm2-135m")
     (line,) = e.value.reasons
     assert line.startswith("c0 (raspberry-pi-5-8gb): round time: even the smallest split (1 block, no adapters) takes")
-    assert "s per round (10 steps + 0.208 s of merge download, up to 2.6 MB), budget 0.5 s" in line
+    # aggregation bounded (the default): the download floor of one block, 4 x 2 x 10,176 bytes
+    assert "s per round (10 steps + 0.00651 s of merge download, up to 81.4 kB), budget 0.5 s" in line
 
 
 def test_server_too_small_for_the_frozen_model():

@@ -53,7 +53,13 @@ def _three_clients():
 #   restart, server rank 0: block 0: K_q 18 -> 9216, K_v 4 -> 1536: 10752
 #                      block 1: K_q 16 -> 8192, K_v 2 -> 768: 8960
 #                      block 2: K_q 16 -> 8192, K_v 0 -> nothing to download: 8192
-HAND = {("warm", 2): [19456, 3 * 19456, 2 * 19456],
+# bounded (floor rank 2): rank max(q, 2) on every matrix of its blocks some holder adapts, 4 r (d_in + d_out):
+#   c0 (block 0): q 2*128 + v 4*96 = 640 -> 2560
+#   c1 (blocks 0-2): q 16*128 + v 2*96 = 2240 per block -> 3 * 2240 * 4 = 26880; server rank 0: block 2's v
+#                    has no holder (c0's server copy is rank 0, c2 adapts v on block 1 only) -> (2240*2 + 2048) * 4
+#   c2 (blocks 0-1): q 2*128 + v 2*96 = 448 per block -> 3584
+HAND = {("warm", 2): [19456, 3 * 19456, 2 * 19456], ("bounded", 2): [2560, 26880, 3584],
+        ("bounded", 0): [2560, 26112, 3584],
         ("restart", 2): [10752, 10752 + 10752 + 11776, 2 * 10752],
         ("restart", 0): [10752, 10752 + 8960 + 8192, 10752 + 8960]}
 
@@ -69,6 +75,7 @@ def test_exact_download_of_clients_at_different_splits_matches_a_hand_computatio
     assert merge_download_bytes(inst, configs, aggregation=other) == merge_download_bytes(
         build_instance(fleet, tiny_model(4), ranks=(0, 2, 4, 8, 16), modules=MODULES, server_rank=server_rank,
                        aggregation=other), configs)
+    held = [inst.held_download_per_param * int((c.ranks * inst.widths[None, :]).sum()) for c in configs]
     # check_plan (hsplit plan --check) evaluates a hand-written plan the same way, and charges the bound
     plan = Plan.from_dict({"model": "tiny-llama", "strategy": "hsplitlora", "server_rank": server_rank,
                            "modules": [f"self_attn.{m}" for m in MODULES], "ranks_allowed": [0, 2, 4, 8, 16],
@@ -79,8 +86,8 @@ def test_exact_download_of_clients_at_different_splits_matches_a_hand_computatio
                                        for k, c in enumerate(configs)]}, "hand.yaml")
     ev, inst2 = check_plan(plan, fleet, tiny_model(4))
     assert ev.merge_bytes == HAND[aggregation, server_rank]
-    for e, d, cfg in zip(ev.clients, ev.merge_bytes, configs):
-        assert d <= e.merge_charged_bytes == inst2.classes[0].merge_bytes[cfg.split]
+    for e, d, cfg, h in zip(ev.clients, ev.merge_bytes, configs, held):
+        assert d <= e.merge_charged_bytes == inst2.classes[0].merge_bytes[cfg.split] + h
         assert e.merge_charged_s == pytest.approx(e.merge_charged_bytes * 8 / 10e6)
 
 
@@ -150,6 +157,49 @@ def test_the_charged_bound_is_never_below_the_exact_download(seed, aggregation):
     assert merge_download_bytes(inst, configs) == [c.merge_bytes[2] for c in inst.classes for _ in c.members]
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_bounded_charges_its_own_rank_per_parameter_and_a_floor_bound_per_block(seed):
+    """bounded: the charge 4 (P_k + floor W(s_k)) is never below the exact download 4 sum max(q, floor) (d_in +
+    d_out) over the adapted matrices of its blocks, and equals it when every matrix is adapted at the floor rank."""
+    kw = random_instance(seed, uniform=True)
+    inst = build_instance(kw["fleet"], kw["model"], ranks=kw["ranks"], modules=kw["modules"],
+                          training=kw["training"], aggregation="bounded")
+    floor = min(q for q in inst.ranks if q > 0)
+    assert inst.floor_rank == floor and inst.sync_bytes_per_param == 8 and inst.held_download_per_param == 4
+    rng = np.random.default_rng(200 + seed)
+    class_of = inst.class_of()
+    for configs in [_random_configs(inst, rng) for _ in range(30)]:
+        exact = merge_download_bytes(inst, configs)
+        for k, (cfg, d) in enumerate(zip(configs, exact)):
+            P = int((cfg.ranks * inst.widths[None, :]).sum())
+            charged = inst.classes[class_of[k]].merge_bytes[cfg.split] + 4 * P
+            assert d <= charged * (1 + 1e-12)
+    ranks = np.zeros((inst.L, len(inst.modules)), dtype=np.int64)
+    ranks[:2] = floor
+    cfg = Config(2, ranks)
+    assert merge_download_bytes(inst, [cfg] * len(inst.clients))[0] == 4 * floor * 2 * inst.widths.sum()
+    assert inst.classes[0].merge_bytes[2] == 4 * floor * 2 * inst.widths.sum()
+
+
+@pytest.mark.parametrize("seed", [0, 2, 5, 9])
+def test_solvers_agree_with_exhaustive_enumeration_under_the_bounded_download(seed):
+    kw = _slow_downlinks(random_instance(seed, uniform=seed % 4 == 0), 0.02)
+    try:
+        reference = make_plan(**kw, solver="exhaustive", aggregation="bounded")
+    except InfeasibleError:
+        return
+    assert reference.download == {"floor_rank": min(q for q in reference.ranks_allowed if q > 0)}
+    u_ref, r_ref = reference.solver["objective"]["utility"], reference.solver["objective"]["round_s"]
+    for solver, method in (("cbc", "full"), ("highs", "decomposed")):
+        plan = make_plan(**kw, solver=solver, method=method, aggregation="bounded")
+        assert plan.solver["objective"]["utility"] == pytest.approx(u_ref, abs=1e-6), (solver, method)
+        assert plan.solver["objective"]["round_s"] == pytest.approx(r_ref, rel=1e-6), (solver, method)
+        ev, _ = check_plan(plan, kw["fleet"], kw["model"], kw["importance"])
+        assert ev.violations == []
+        for c, e, d in zip(plan.clients, ev.clients, ev.merge_bytes):
+            assert c.predicted["merge_download_mb"] == round(d / 1e6, 6) and d <= e.merge_charged_bytes
+
+
 def _slow_downlinks(kw, scale):
     """The instance with every client's downlink `scale` times slower, so that the merge download binds."""
     fleet = kw["fleet"]
@@ -163,7 +213,7 @@ SLOW_SEEDS = [0, 1, 2, 3, 5, 6, 9, 12, 17, 21]
 
 @pytest.mark.parametrize("seed", SLOW_SEEDS)
 def test_solvers_agree_with_exhaustive_enumeration_when_the_merge_download_binds(seed):
-    kw = _slow_downlinks(random_instance(seed, uniform=seed % 4 == 0), 0.02)
+    kw = {**_slow_downlinks(random_instance(seed, uniform=seed % 4 == 0), 0.02), "aggregation": "warm"}   # U(s)
     try:
         reference = make_plan(**kw, solver="exhaustive")
     except InfeasibleError as e:
@@ -221,7 +271,7 @@ def test_restart_is_charged_less_than_warm_and_a_bad_mode_is_refused():
     for a, b in zip(warm.classes, restart.classes):
         assert (b.merge_bytes <= a.merge_bytes).all() and (b.merge_bytes[1:] < a.merge_bytes[1:]).any()
     from hsplit.planner.errors import ConfigError
-    with pytest.raises(ConfigError, match="warm or restart"):
+    with pytest.raises(ConfigError, match="bounded or warm or restart"):
         build_instance(kw["fleet"], kw["model"], aggregation="cold", **args)
 
 

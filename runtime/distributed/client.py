@@ -73,6 +73,7 @@ def restore_from(sim, p, blob: dict) -> None:
         if "party" in blob:       # client sampling: its own state as of the last round it trained
             from safetensors.torch import load
             sim.load_party(p, load(bytes(blob["party"].numpy().tobytes())))
+        sim.strategy.restored(p)  # its copy of its blocks (the replay gave it the global model's)
 
 
 class ClientProcess:
@@ -113,8 +114,14 @@ class ClientProcess:
             self.adapters_down += blob.numel()
             sim.apply(decode_tree(blob, RoundUpdate), m.ints[0], [p] if trained else [])
         elif m.kind == EVAL:
-            for i, h in enumerate(client_activations(sim, p, sim.data.eval, m.ints[0] or None)):
-                link.send(0, EVAL_H, [i], [h])
+            if m.tensors:         # what its own copy lacks of the global model (hsplitlora bounded)
+                sim.strategy.load_eval_state(p, decode_tree(m.tensors[0]))
+            try:
+                for i, h in enumerate(client_activations(sim, p, sim.data.eval, m.ints[0] or None)):
+                    link.send(0, EVAL_H, [i], [h])
+            finally:
+                if m.tensors:
+                    sim.strategy.clear_eval_state(p)
         elif m.kind == RESTORE:
             restore_from(sim, p, decode_tree(m.tensors[0]))
         else:

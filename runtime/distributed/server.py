@@ -285,7 +285,7 @@ class Server:
         # receive it too (their global state)
         sim.apply(update, r, self.current if sim.sampling else None)
         count_update_traffic(sim.strategy, parties, rows, update)
-        blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(update.for_client(p.adapter, p.split))
+        blobs = [torch.empty(0, dtype=torch.uint8)] + [encode_tree(sim.strategy.download(p, update))
                                                        for p in map(self._party, self.live)]
         try:
             scatter_bytes(self.group, blobs, self.dopts.timeout_s)
@@ -314,7 +314,8 @@ class Server:
         while self.live:
             k = self.live[0]
             try:
-                self.link.send(k, EVAL, [self.opts.eval_max_seqs or 0])
+                extra = sim.strategy.eval_state(self._party(k))     # what its copy lacks of the global model
+                self.link.send(k, EVAL, [self.opts.eval_max_seqs or 0], [encode_tree(extra)] if extra else [])
                 return evaluate(sim, sim.data.eval, self.opts.eval_max_seqs, split=self._party(k).split,
                                 hidden=lambda: self.link.expect(k, EVAL_H).tensors[0])
             except PeerLost as e:

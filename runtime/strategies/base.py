@@ -48,6 +48,10 @@ class RoundUpdate:
     assign_party: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     global_scores: dict[str, torch.Tensor] = field(default_factory=dict)       # hafl: module -> (R,)
     local_scores: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # hafl-freezing
+    # hsplitlora, aggregation bounded: party -> module -> (B_T, A_T), the rank-R truncation T = B_T @ A_T of what
+    # that client's blocks lack, the ONLY thing it downloads (it adds T to its own copy of its blocks)
+    download: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    own_base: bool = False      # the receiver holds its own copy of its blocks (a client process: for_client)
 
     def for_client(self, party: str, split: int) -> "RoundUpdate":
         """The part a client process uses: entries of the blocks it holds ([0, split)) and, of the
@@ -56,7 +60,7 @@ class RoundUpdate:
             return {k: v for k, v in d.items() if on_blocks(k, split)}
 
         merge, dense = {}, {}
-        for m, (b, a) in keep(self.merge).items():     # the cheaper exact form of each matrix's update
+        for m, (b, a) in ({} if self.download else keep(self.merge)).items():   # bounded: its download instead
             if dense_is_smaller(b, a):
                 dense[m] = b @ a
             else:
@@ -65,7 +69,9 @@ class RoundUpdate:
                            global_factors=keep(self.global_factors),
                            assign_party={party: keep(self.assign_party[party])} if party in self.assign_party else {},
                            global_scores=keep(self.global_scores),
-                           local_scores={party: keep(self.local_scores[party])} if party in self.local_scores else {})
+                           local_scores={party: keep(self.local_scores[party])} if party in self.local_scores else {},
+                           download={party: keep(self.download[party])} if party in self.download else {},
+                           own_base=True)
 
 
 def on_blocks(module: str, split: int) -> bool:
@@ -190,6 +196,31 @@ class Strategy:
 
     def load_party_state(self, p, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    # ---- a client process's part of evaluating the global model (distributed) ----
+    def eval_state(self, p) -> dict:
+        """Server side: what client p needs beyond its blocks to compute the GLOBAL model's activations at its
+        cut (hsplitlora bounded: what its blocks still lack)."""
+        return {}
+
+    def load_eval_state(self, p, data: dict) -> None:
+        """Client side: hold `data` (eval_state) while its evaluation activations are computed."""
+
+    def clear_eval_state(self, p) -> None:
+        """Client side: back to training after load_eval_state."""
+
+    def restored(self, p) -> None:
+        """Client side, after --resume replayed the checkpoints into its own copy of its blocks."""
+
+    def round_metrics(self, p) -> dict:
+        """Extra metrics.csv columns of party p's row after the round's aggregation."""
+        return {}
+
+    def download(self, p, update: RoundUpdate) -> RoundUpdate:
+        """What the server ships to party p's client after the round (every transport sends this, the client
+        applies it: sim.apply(..., [p]) when it trained): the entries of its blocks and its own (hsplitlora
+        bounded: only its truncated download T, as factors, `download[p.adapter]`)."""
+        return update.for_client(p.adapter, p.split)
 
     def traffic(self, p, update: RoundUpdate) -> tuple[int, int]:
         """Bytes party p's client uploads and downloads for the aggregation: its client-side adapters up,
