@@ -452,7 +452,7 @@ def test_hsplit_plan_check_reports_the_sampled_rounds(tmp_path):
     res = CliRunner().invoke(app, ["plan", "--check", str(out), "--fleet", "example", "--format", "json"])
     assert res.exit_code == 0, res.output
     import json
-    got = json.loads(res.output)["sampling"]
+    got = json.loads(res.stdout)["sampling"]
     pr = Plan.load(out).predicted
     # the plan's per-client round_s are written to 3 decimals: 5 rounds differ by up to 5 x 5e-4
     assert got["clients_per_round"] == 2 and got["fleet_time_s"] == pytest.approx(pr["fleet_time_s"], abs=3e-3)
