@@ -10,10 +10,10 @@ time, held-out and test perplexity, BLEU/ROUGE-L, bytes up and down, paired diff
 Two regimes (--regime; docs/benchmarks.md has both):
   seeds (regime 1): the embedded example fleet (2 Jetson Orin Nano, 2 Raspberry Pi 5, 1 RTX 3060; A100
       server), E2E partitioned by restaurant name (by-source); few local steps, so little client drift.
-  drift (regime 2): bench/fleets/drift-12.yaml (5 Raspberry Pi 5, 4 Jetson Orin Nano, 2 laptops, 1 RTX
+  drift (regime 2): bench/fleets/drift-10.yaml (4 Raspberry Pi 5, 3 Jetson Orin Nano, 2 laptops, 1 RTX
       3060), hsplit's default of 10 local steps per round, every restaurant's references spread over the
-      12 clients by Dirichlet(0.5) shares (data.partition dirichlet, runtime/partition.py), 8 rounds,
-      3 seeds, batch 2 x 64 tokens: where client drift, and so aggregation noise, matters.
+      10 clients by Dirichlet(0.5) shares (data.partition dirichlet, runtime/partition.py), 8 rounds,
+      3 seeds, batch 1 x 64 tokens: where client drift, and so aggregation noise, matters.
 The fleet's round-time budgets are scaled by (batch x seq_len x local_steps) / (4 x 256 x 10), the
 settings they were written for, plus hsplitlora's merge download at the full-size plan's splits
 (which does not shrink with the tokens; runtime/demo.py, scaled_fleet), so that they bind at any size:
@@ -298,13 +298,15 @@ def load_results(out: Path) -> dict:
 # The two regimes (--regime sets these defaults; any flag given on the command line wins).
 #   seeds: regime 1, the example fleet of 5 clients (docs/benchmarks.md, "Strategies over seeds"); its documented
 #          command passes --local-steps 2 --batch-size 2 --seq-len 64 ... explicitly.
-#   drift: regime 2, where client drift matters: 12 clients of 4 device kinds with binding budgets
-#          (bench/fleets/drift-12.yaml), hsplit's default of 10 local steps per round, a Dirichlet(0.5)
-#          partition of every restaurant's references over the clients, sized for this 2-core CPU.
+#   drift: regime 2, where client drift matters: 10 clients of 4 device kinds with binding budgets
+#          (bench/fleets/drift-10.yaml), hsplit's default of 10 local steps per round, a Dirichlet(0.5)
+#          partition of every restaurant's references over the clients, sized for this 2-core CPU: batch 1 x 64
+#          tokens (an E2E MR alone is ~39 tokens, so 64 is the shortest that keeps part of every reference;
+#          at batch 2 and 12 clients one run took ~26 CPU-minutes, the table ~9 h).
 REGIMES = {
     "seeds": {"fleet": "example", "out": str(REPO / "bench" / "results" / "strategies")},
-    "drift": {"fleet": str(REPO / "bench" / "fleets" / "drift-12.yaml"), "partition": "dirichlet", "alpha": 0.5,
-              "local_steps": 10, "rounds": 8, "batch_size": 2, "seq_len": 64, "eval_seqs": 16, "test_mrs": 10,
+    "drift": {"fleet": str(REPO / "bench" / "fleets" / "drift-10.yaml"), "partition": "dirichlet", "alpha": 0.5,
+              "local_steps": 10, "rounds": 8, "batch_size": 1, "seq_len": 64, "eval_seqs": 16, "test_mrs": 10,
               "test_ppl_refs": 24, "max_new_tokens": 32, "seeds": "0,1,2",
               "out": str(REPO / "bench" / "results" / "strategies-drift")},
 }
