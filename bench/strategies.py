@@ -257,8 +257,8 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    most = max(len(by) for by in results.values())
-    results = {lab: by for lab, by in results.items() if len(by) == most}   # the runs of every seed
+    most = max(len(by) for by in results.values())   # a run with fewer finished seeds says so in its label
+    name = {lab: lab if len(by) == most else f"{lab} ({len(by)} of {most} seeds)" for lab, by in results.items()}
     colors = dict(zip([lab for lab in results if lab != "centralized"], plt.get_cmap("tab10").colors))
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for lab, by in results.items():
@@ -268,16 +268,15 @@ def _plot(results: dict, path: Path) -> None:
         lo, mid, hi = ppl.min(0), ppl.mean(0), ppl.max(0)
         if next(iter(by.values()))["strategy"] == "centralized":   # no fleet time: its final ppl as a line
             ax[0].axhline(mid[-1], color="k", ls=":", label=f"centralized (final, {n - 1} rounds)")
-            ax[1].plot(rounds, mid, color="k", ls=":", marker=".", label=lab)
+            ax[1].plot(rounds, mid, color="k", ls=":", marker=".", label=name[lab])
             ax[1].fill_between(rounds, lo, hi, color="k", alpha=0.1)
             continue
         fleet = [next(iter(by.values()))["curve"][i]["fleet_s"] or 0.0 for i in range(n)]
         for a, x in ((ax[0], fleet), (ax[1], rounds)):
-            a.plot(x, mid, marker="o", ms=3, color=colors.get(lab), label=lab)
+            a.plot(x, mid, marker="o", ms=3, color=colors.get(lab), label=name[lab])
             a.fill_between(x, lo, hi, color=colors.get(lab), alpha=0.15)
-    seeds = len(next(iter(results.values())))
     ax[0].set(xlabel="fleet time (s, predicted from device profiles)", ylabel="held-out perplexity", yscale="log",
-              title=f"mean over {seeds} seeds (band: min-max)")
+              title=f"mean over {most} seed{'s' if most != 1 else ''} (band: min-max)")
     ax[1].set(xlabel="round", ylabel="held-out perplexity", yscale="log", title="per round")
     ax[0].legend(fontsize=7)
     ax[1].legend(fontsize=7)
@@ -387,6 +386,9 @@ def main(argv=None) -> int:
                       f"{r['curve'][-1]['eval_ppl']:.2f}, BLEU {r['generation']['bleu']:.2f} "
                       f"({time.perf_counter() - t:.0f} s)", file=sys.stderr, flush=True)
     results = load_results(out)
+    if not results:
+        print(f"no finished run under {out / 'results'}", file=sys.stderr)
+        return 1
     print(summarise(results, args, out))
     print(f"command: python bench/strategies.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     return 0
