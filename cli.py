@@ -31,7 +31,7 @@ from hsplit.planner.strategies import DEFAULT as STRATEGY_DEFAULT
 from hsplit.planner.strategies import NAMES as STRATEGY_NAMES
 from hsplit.planner.strategies import traits
 from hsplit.planner.yamlio import output_problem
-from hsplit.runtime.options import DistOptions, RunOptions
+from hsplit.runtime.train.options import DistOptions, RunOptions
 
 app = typer.Typer(help="Plan and run heterogeneous split-federated LoRA fine-tuning.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
@@ -248,8 +248,8 @@ def run_cmd(
     Example: hsplit run plan.yaml --rounds 2 --name first   (then: hsplit run plan.yaml --name first --resume)
     """
     check_format(fmt)
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.rundir import RunFinished
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.outputs.rundir import RunFinished
 
     opts = options_from(RunOptions, options, progress=fmt == "text" and not distributed)
     given = [f for f, v in (("--min-clients", options["min_clients"]), ("--timeout", options["timeout_s"])) if v is not None]
@@ -313,7 +313,7 @@ def eval_cmd(
     (writes runs/demo/generate-testset_w_refs.csv-beam4.{jsonl,json}; --data test.jsonl: prompt/completion or chat)
     """
     check_format(fmt)
-    from hsplit.runtime.evaluate import evaluate_run
+    from hsplit.runtime.outputs.evaluate import evaluate_run
     from hsplit.runtime.common import pick_device
 
     with reported():
@@ -325,7 +325,7 @@ def eval_cmd(
         fail(f"{given[0]} applies to --generate: add --generate, or leave it out")
     with reported():
         if generate:
-            from hsplit.runtime.generate import generate_run
+            from hsplit.runtime.outputs.generate import generate_run
             rep = generate_run(run_dir, data, max_prompts=max_prompts, beams=beams, max_new_tokens=max_new_tokens,
                                device=device)
         else:
@@ -358,7 +358,7 @@ def export_cmd(
     Example: hsplit export runs/demo --adapter out/exact --exact --merged out/merged
     """
     check_format(fmt)
-    from hsplit.runtime.export import export_run
+    from hsplit.runtime.outputs.export import export_run
 
     with reported():
         rep = export_run(run_dir, adapter=adapter, merged=merged, rank=rank, exact=exact, base_model=base_model)
@@ -444,7 +444,7 @@ def importance_cmd(
     Example: hsplit importance --method rngwp --steps 16 -o importance.yaml
     """
     check_format(fmt)
-    from hsplit.runtime.importance import ImportanceSettings, compute_importance
+    from hsplit.runtime.measure.importance import ImportanceSettings, compute_importance
     set_threads(threads)
     mods = _modules(modules)
     smoothing = {"beta1": beta1, "beta2": beta2} if method != "rngwp" else {"gamma": gamma}
@@ -503,7 +503,7 @@ def profile_cmd(
     """
     check_format(fmt)
     from hsplit.planner.device import DTYPES
-    from hsplit.runtime.profiling import profile_device, save_profile
+    from hsplit.runtime.measure.profiling import profile_device, save_profile
     dts = tuple(d.strip() for d in dtypes.split(",") if d.strip())
     if not dts or any(d not in DTYPES for d in dts):
         fail(f"--dtypes: use some of {', '.join(DTYPES)}, got {dtypes!r}")
@@ -561,7 +561,7 @@ def calibrate_cmd(
     Example: hsplit calibrate --model smollm2-135m --profile profiles/devices/this-machine.yaml -o calibration
     """
     check_format(fmt)
-    from hsplit.runtime.calibrate import calibrate
+    from hsplit.runtime.measure.calibrate import calibrate
     profile = device_profile_path(profile)
     set_threads(threads)
     with reported(), Bar("calibrating", fmt == "text") as bar:

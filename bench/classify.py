@@ -43,7 +43,7 @@ def make_plan_for(args, strategy: str, seed: int, out: Path) -> Path:
 
     from hsplit.planner.api import make_plan
     from hsplit.planner.plan import DataSpec, Training
-    from hsplit.runtime.datasource import check_classification, split_data_ref
+    from hsplit.runtime.data.source import check_classification, split_data_ref
 
     training = Training(batch_size=args.batch_size, seq_len=args.seq_len, local_steps=args.local_steps,
                         rounds=args.rounds, learning_rate=args.lr, seed=seed, lr_schedule="cosine")
@@ -63,10 +63,10 @@ def make_plan_for(args, strategy: str, seed: int, out: Path) -> Path:
 
 def run_one(strategy: str, seed: int, args, out: Path) -> dict:
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.evaluate import evaluate_run
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
-    from hsplit.runtime.rundir import RunFinished, RunResult
+    from hsplit.runtime.outputs.evaluate import evaluate_run
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.train.options import RunOptions
+    from hsplit.runtime.outputs.rundir import RunFinished, RunResult
 
     plan_path = make_plan_for(args, strategy, seed, out)
     runs, name = out / "runs", plan_path.stem
@@ -116,7 +116,7 @@ def summarise(results: list[dict], args, command: str) -> list[str]:
     lines = [HEADING, "",
              f"E2E references labelled by the MR attribute `{args.label}` ({args.train}; "
              f"{', '.join(results[0]['labels']) if results else ''}), task classification (label-word head on the last "
-             f"token, runtime/task.py), Dirichlet over labels (alpha {args.alpha:g}), held-out split per label "
+             f"token, runtime/models/task.py), Dirichlet over labels (alpha {args.alpha:g}), held-out split per label "
              f"({args.eval_fraction:g}), {args.model}, {args.rounds} rounds x {args.local_steps} local steps, batch "
              f"{args.batch_size}, seq_len {args.seq_len}, lr {args.lr:g} (cosine), the scaled example fleet (5 clients), "
              f"seeds {', '.join(map(str, seeds))}. Mean ± sd over seeds; accuracy and macro-F1 of the saved held-out "

@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 _MEM = r"""
 import sys, torch, transformers
-from hsplit.runtime.partial_load import load_part, held_bytes
-from hsplit.runtime.model import load_lm
+from hsplit.runtime.models.partial_load import load_part, held_bytes
+from hsplit.runtime.models.causal_lm import load_lm
 def hwm():   # peak RSS of this process image in KiB (VmHWM resets on exec, unlike ru_maxrss)
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1])
 base = hwm()
@@ -63,10 +63,10 @@ def main() -> None:
     torch.set_num_threads(1)
     from hsplit.planner.plan import Plan
     from hsplit.runtime.distributed.launcher import launch_local
-    from hsplit.runtime.options import DistOptions
-    from hsplit.runtime.model import resolve_model_path
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.train.options import DistOptions
+    from hsplit.runtime.models.causal_lm import resolve_model_path
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.train.options import RunOptions
     from transformers import AutoConfig
 
     work = ROOT / "bench" / "results" / "distributed-work"

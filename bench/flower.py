@@ -100,7 +100,7 @@ def per_round(rounds: int) -> dict:
     from conftest import CORPUS_LINES
     from hsplit.planner.plan import Plan
     from hsplit.runtime.flower.fleet import LocalFleet, write_app
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
 
     root = Path(tempfile.mkdtemp(prefix="hsplit-bench-flower-"))
     model = save_tiny_model(root / "tiny", "llama", layers=4)

@@ -40,10 +40,10 @@ from hsplit.planner.frontier import FrontierTables
 from hsplit.planner.importance import Importance
 from hsplit.planner.instance import build_instance
 from hsplit.planner.plan import DataSpec, Training
-from hsplit.runtime.data import load_federated_data
-from hsplit.runtime.importance import ImportanceSettings, compute_importance
-from hsplit.runtime.lora import lora_config
-from hsplit.runtime.model import lm_loss, load_lm
+from hsplit.runtime.data.federated import load_federated_data
+from hsplit.runtime.measure.importance import ImportanceSettings, compute_importance
+from hsplit.runtime.models.lora import lora_config
+from hsplit.runtime.models.causal_lm import lm_loss, load_lm
 
 RANKS = (0, 2, 4, 8, 16)
 UNIFORM_RANK = 2

@@ -54,7 +54,7 @@ def _plan(model: str, clients: int, split: int, rank: int, batch: int, seq: int,
 def _model_ref(args) -> str:
     if args.model != "tiny":
         return args.model
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     path = Path(tempfile.gettempdir()) / "hsplit-bench-tiny"
     if not (path / "config.json").is_file():
         save_tiny_model(path, "llama", layers=8, hidden=64)
@@ -73,10 +73,10 @@ def throughput(args) -> dict:
     import torch
     from peft import get_peft_model
 
-    from hsplit.runtime.lora import lora_config
-    from hsplit.runtime.model import lm_loss, load_lm
-    from hsplit.runtime.simulation import build
-    from hsplit.runtime.step import LocalServer, ServerSide, client_step
+    from hsplit.runtime.models.lora import lora_config
+    from hsplit.runtime.models.causal_lm import lm_loss, load_lm
+    from hsplit.runtime.train.simulation import build
+    from hsplit.runtime.train.step import LocalServer, ServerSide, client_step
 
     model = _model_ref(args)
     lm0 = load_lm(model, progress=False)
@@ -135,9 +135,9 @@ def throughput(args) -> dict:
 
 def memory_child(args) -> dict:
     """One subprocess: build K clients, one round, exact aggregation; peak RSS."""
-    from hsplit.runtime.loop import InProcess, Silent
-    from hsplit.runtime.model import load_lm
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
+    from hsplit.runtime.models.causal_lm import load_lm
+    from hsplit.runtime.train.simulation import build
     from hsplit.runtime.strategies.splitlora import SplitLoRA
 
     model = _model_ref(args)
@@ -174,10 +174,10 @@ def sampling_child(args) -> dict:
     round loop of `hsplit run` (run folder, client store, checkpoints); peak RSS after loading."""
     from hsplit.planner.model import load_model_profile
     from hsplit.planner.sampling import Sampling
-    from hsplit.runtime.loop import InProcess, rounds_loop
-    from hsplit.runtime.options import RunOptions
-    from hsplit.runtime.rundir import prepare_run_dir
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.loop import InProcess, rounds_loop
+    from hsplit.runtime.train.options import RunOptions
+    from hsplit.runtime.outputs.rundir import prepare_run_dir
+    from hsplit.runtime.train.simulation import build
 
     model = _model_ref(args)
     profile = load_model_profile(model) if args.model != "tiny" else None
@@ -208,7 +208,7 @@ def sampling_child(args) -> dict:
 
 
 def _tiny_profile():
-    from hsplit.runtime.model import load_lm
+    from hsplit.runtime.models.causal_lm import load_lm
     return load_lm(_model_ref(argparse.Namespace(model="tiny")), progress=False).profile
 
 

@@ -12,7 +12,7 @@ Two regimes (--regime; docs/benchmarks.md has both):
       server), E2E partitioned by restaurant name (by-source); few local steps, so little client drift.
   drift (regime 2): bench/fleets/drift-10.yaml (4 Raspberry Pi 5, 3 Jetson Orin Nano, 2 laptops, 1 RTX
       3060), hsplit's default of 10 local steps per round, every restaurant's references spread over the
-      10 clients by Dirichlet(0.5) shares (data.partition dirichlet, runtime/partition.py), 8 rounds,
+      10 clients by Dirichlet(0.5) shares (data.partition dirichlet, runtime/data/partition.py), 8 rounds,
       3 seeds, batch 1 x 64 tokens: where client drift, and so aggregation noise, matters.
 The fleet's round-time budgets are scaled by (batch x seq_len x local_steps) / (4 x 256 x 10), the
 settings they were written for, plus hsplitlora's merge download at the full-size plan's splits
@@ -32,7 +32,7 @@ sensitivity|rngwp`) instead of uniform importance. Paired differences are agains
 (hsplitlora, else hsplitlora-warm when the default was not run).
 After every round the runtime evaluates held-out perplexity (a slice of the training file no client
 trains on); at the end each run is decoded on the test MRs (greedy unless --beams) and scored with
-BLEU / ROUGE-L against all references, plus perplexity on the test references (runtime/generate.py).
+BLEU / ROUGE-L against all references, plus perplexity on the test references (runtime/outputs/generate.py).
 Fleet time is the plan's predicted round time summed over rounds (no fleet time for centralized).
 Bytes come from metrics.csv's per-client rows (bytes_up, bytes_down): per run the mean per client per
 round up and down, the largest one client moved in one round, and every client's per-round counts.
@@ -127,10 +127,10 @@ def _fleet_file(args, out: Path) -> Path:
 
 def run_one(label: str, plan_path: Path, args, out: Path) -> dict:
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.generate import generate_file
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
-    from hsplit.runtime.rundir import RunFinished, RunResult, load_run
+    from hsplit.runtime.outputs.generate import generate_file
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.train.options import RunOptions
+    from hsplit.runtime.outputs.rundir import RunFinished, RunResult, load_run
 
     runs = out / "runs"
     name = plan_path.stem

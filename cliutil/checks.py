@@ -14,7 +14,7 @@ def checked_data(spec, output: Path, seq_len: int, seed: int = 0):
     check_plan_data(plan, output) then checks the records against the plan's clients. Imports `datasets`
     only for folders saved by it, dataset ids and Flower partitions; never torch."""
     from hsplit.planner.plan_refs import written_data_path
-    from hsplit.runtime.datasource import check_classification, check_data, split_data_ref
+    from hsplit.runtime.data.source import check_classification, check_data, split_data_ref
     if spec.format == "auto":
         spec.path, spec.format = split_data_ref(spec.path)
     for line in check_data(spec, seq_len):
@@ -81,8 +81,8 @@ def check_plan_data(plan, written_to: Path | None = None) -> None:
     from dataclasses import replace
 
     from hsplit.planner.plan_refs import resolve_data_path
-    from hsplit.runtime.datasource import check_data, check_records
-    from hsplit.runtime.datasummary import data_summary, summary_line
+    from hsplit.runtime.data.source import check_data, check_records
+    from hsplit.runtime.data.summary import data_summary, summary_line
     spec = plan.data if written_to is None else replace(plan.data, path=resolve_data_path(
         plan.data.path, Path(written_to).parent))
     weights = [c.data_weight for c in plan.clients]

@@ -48,13 +48,13 @@ _TYPES = {"int": int, "int | None": Optional[int], "float": float, "float | None
 
 
 def with_options(*fields_of):
-    """Give a command the flags of options dataclasses (runtime/options.py: declared once, for the CLI, the
+    """Give a command the flags of options dataclasses (runtime/train/options.py: declared once, for the CLI, the
     launcher and the worker). fields_of: (dataclass, names or None for all) pairs; the command gets each
     field as a keyword argument (its dataclass default, or None for fields listed as `unset`, so that the
     command can tell "not given"). Use `options_from(cls, kwargs)` to build the dataclass back."""
     import inspect
 
-    from hsplit.runtime.options import flag, flags
+    from hsplit.runtime.train.options import flag, flags
 
     def decorate(fn):
         sig = inspect.signature(fn)
@@ -76,7 +76,7 @@ def with_options(*fields_of):
 
 def options_from(cls, values: dict, **extra):
     """The options dataclass `cls` from a command's keyword arguments (None: the dataclass default)."""
-    from hsplit.runtime.options import flags
+    from hsplit.runtime.train.options import flags
     given = {f.name: values[f.name] for f in flags(cls) if values.get(f.name) is not None}
     return cls(**given, **extra)
 

@@ -251,7 +251,7 @@ def render_eval(run_dir, rep: dict) -> None:
 
 def render_calibration(res, batch_size: int, seq_len: int) -> None:
     """`hsplit calibrate`'s table and its error summary (predicted vs measured step times)."""
-    from hsplit.runtime.calibrate import planner_label
+    from hsplit.runtime.measure.calibrate import planner_label
     console.print(calibration_table(res, batch_size, seq_len))
     s = res.summary
     console.print(f"planner ({planner_label(res.settings)}): median |error| {s['median_abs_error']:.1%}, "

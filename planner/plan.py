@@ -41,7 +41,7 @@ DOWNLOAD_KEYS = ("floor_rank", "owed_rank")   # plan `download:` (aggregation bo
 DTYPES = ("fp32", "bf16", "fp16")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 DATA_FORMATS = ("auto", "shakespeare", "text", "jsonl", "csv", "parquet", "arrow", "e2e")
-TASKS = ("lm", "classification")     # data.task: next-token prediction | sequence classification (runtime/task.py)
+TASKS = ("lm", "classification")     # data.task: next-token prediction | sequence classification (runtime/models/task.py)
 TASK_FIELDS = ("task", "text_column", "label_column", "labels")   # data fields a next-token plan does not write
 # hsplit's own (by-source, iid, dirichlet) and Flower Datasets' partitioners (flower-*: docs/runtime.md, Data)
 PARTITIONS = ("by-source", "iid", "dirichlet", "flower-iid", "flower-dirichlet", "flower-natural-id",
@@ -127,7 +127,7 @@ class DataSpec:
     alpha: float = 0.5              # Dirichlet concentration (dirichlet, flower-dirichlet)
     sources_per_client: int = 2     # flower-pathological: sources (classes) per client
     eval_fraction: float = 0.05     # held-out share no client trains on
-    task: str = "lm"                # lm (next-token) | classification (runtime/classification.py)
+    task: str = "lm"                # lm (next-token) | classification (runtime/data/classification.py)
     text_column: str = "auto"       # classification: the text column (auto: the first of text, sentence, ...)
     label_column: str = "auto"      # classification: the label column, or an E2E MR attribute (e.g. eatType)
     labels: list[str] = field(default_factory=list)   # classification: the label set, in class-index order

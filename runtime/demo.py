@@ -65,9 +65,9 @@ def demo(runs_dir: str | Path = "runs", rounds: int = 2, local_steps: int = 2, t
          reporter=None) -> dict:
     """`reporter`: progress of the rounds (loop.Reporter; cliutil.RoundBars in `hsplit demo`); None = silent."""
     from hsplit.planner.api import make_plan
-    from hsplit.runtime.model import DEFAULT_MODEL
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.models.causal_lm import DEFAULT_MODEL
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.train.options import RunOptions
 
     say = say or (lambda _msg: None)
     t0 = time.perf_counter()

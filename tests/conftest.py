@@ -78,7 +78,7 @@ def tiny_runtime_env(tmp_path_factory, prefix: str, sources=("alpha", "beta", "g
     """For module-scoped runtime fixtures (`yield from tiny_runtime_env(...)`): a tiny Llama saved to
     disk, a text corpus with one file per data source, and HSPLIT_CACHE inside the temp folder
     (restored afterwards). Yields (root, model_dir, corpus_dir)."""
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     root = tmp_path_factory.mktemp(prefix)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HSPLIT_CACHE", str(root / "cache"))
@@ -93,7 +93,7 @@ def tiny_runtime_env(tmp_path_factory, prefix: str, sources=("alpha", "beta", "g
 def at_step(monkeypatch, hook):
     """Call hook(round, party index, step) before every local step of an in-process run (e.g. to kill it
     at a given step); use inside `monkeypatch.context()` to limit it to one run."""
-    from hsplit.runtime import loop
+    from hsplit.runtime.train import loop
     real = loop.client_round
 
     def client_round(sim, p, r, server, on_step=None):
@@ -113,7 +113,7 @@ def tiny_e2e_plan(root, rows: list[tuple[str, str]], *, seq_len: int = 32, local
     """A 2-layer tiny llama, an E2E CSV of (mr, ref) rows and a 2-client hetlora plan on them, under
     `root`. Returns (plan path, data path): what the eval/generate/export tests train for one round."""
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     model = save_tiny_model(root / "model", "llama", layers=2)
     data = root / "e2e.csv"
     data.write_text("\n".join(["mr,ref"] + [f'"{mr}","{ref}"' for mr, ref in rows]) + "\n")

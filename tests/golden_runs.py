@@ -21,7 +21,7 @@ LINES = ["To be, or not to be, that is the question.", "The Eagle is a coffee sh
 
 
 def make_env(root: Path):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     model = save_tiny_model(root / "tiny-llama", "llama", layers=4)
     text = root / "corpus"
     text.mkdir(exist_ok=True)
@@ -44,7 +44,7 @@ def make_plan(root: Path, model, text, strategy: str) -> Path:
 
 def record(run_dir: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     import csv
-    from hsplit.runtime import checkpoint
+    from hsplit.runtime.train import checkpoint
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     losses = {f"{r['round']}/{r['client']}": [r["train_loss"], r["eval_loss"]] for r in rows}
     last = checkpoint.complete_rounds(run_dir)[-1]
@@ -64,8 +64,8 @@ def runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
 
 
 def _runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.options import RunOptions
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.train.options import RunOptions
     model, text = make_env(root)
     out = {}
     paths = {s: make_plan(root, model, text, s) for s in STRATEGIES}
@@ -74,7 +74,7 @@ def _runs(root: Path, distributed: bool) -> dict[str, tuple[dict, dict]]:
         out[s] = record(res.run_dir)
     if distributed:
         from hsplit.runtime.distributed.launcher import launch_local
-        from hsplit.runtime.options import DistOptions
+        from hsplit.runtime.train.options import DistOptions
         split = [paths[s] for s in STRATEGIES if s != "centralized"]
         opts = RunOptions(runs_dir=root / "runs-dist", progress=False, threads=1, eval_max_seqs=8)
         code = launch_local(split, opts, DistOptions(timeout_s=60),

@@ -33,7 +33,7 @@ def imports(path: Path) -> set[str]:
 
 def test_sources_are_found():
     names = {module_name(p) for p in SOURCES}
-    assert {"hsplit.cli", "hsplit.planner.milp", "hsplit.runtime.loop", "hsplit.runtime.strategies.hafl",
+    assert {"hsplit.cli", "hsplit.planner.milp", "hsplit.runtime.train.loop", "hsplit.runtime.strategies.hafl",
             "hsplit.runtime.distributed.server"} <= names
 
 

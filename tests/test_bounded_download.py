@@ -11,10 +11,10 @@ import torch
 from conftest import tiny_runtime_env
 
 from hsplit.planner.plan import Plan
-from hsplit.runtime import checkpoint
-from hsplit.runtime.loop import InProcess, Silent, run
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.simulation import build
+from hsplit.runtime.train import checkpoint
+from hsplit.runtime.train.loop import InProcess, Silent, run
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.train.simulation import build
 from hsplit.runtime.strategies.base import on_blocks
 from hsplit.runtime.strategies.hsplitlora import truncated
 
@@ -139,7 +139,7 @@ def test_a_client_that_sat_rounds_out_keeps_its_base_and_owes_the_updates_it_mis
     """Sampling: a client drawn again after missing rounds keeps its base (what its copy holds), so it owes
     the merged updates it missed: its owed part grew by them (nothing dropped with owed_rank 64); the server's
     model goes on from every round's merge."""
-    from hsplit.runtime.partystore import PartyStore
+    from hsplit.runtime.train.partystore import PartyStore
     clients = [dict(c, id=f"{c['id']}{i}") for i in range(2) for c in CLIENTS]
     path = make_plan(env, "sampled.yaml", rounds=4, download={"floor_rank": 2, "owed_rank": 64}, clients=clients,
                      sampling={"clients_per_round": 2})
@@ -180,7 +180,7 @@ def test_a_sampled_run_resumes_exactly(env, tmp_path):
 
 
 def test_replanning_keeps_the_owed_part_and_does_not_change_the_model(env):
-    from hsplit.runtime.replan import apply_plan
+    from hsplit.runtime.train.replan import apply_plan
     sim = build(Plan.load(make_plan(env, "move.yaml")), progress=False, device="cpu")
     ex = InProcess(sim, None)
     update, _ = ex.aggregate(0, ex.train_round(0, Silent()))

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from hsplit.cli import app
 from hsplit.planner.plan import Plan
-from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.models.tiny import save_tiny_model
 
 runner = CliRunner()
 WORDS = {"pos": "good great fine", "neg": "bad awful poor", "mid": "so so okay"}
@@ -160,7 +160,7 @@ def test_tiny_classifier_trains_two_rounds_and_eval_reads_saved_predictions(env,
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.rundir import load_run
     base = AutoModelForSequenceClassification.from_pretrained(model, num_labels=3)
     reloaded = PeftModel.from_pretrained(base, str(d / "adapter")).eval()
     tok = AutoTokenizer.from_pretrained(model)

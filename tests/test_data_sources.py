@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from hsplit.cli import app
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec, Plan
-from hsplit.runtime.data import load_federated_data
-from hsplit.runtime.partition import partition
-from hsplit.runtime.tiny import save_tiny_model, tiny_tokenizer
-from hsplit.runtime.tokenise import chat_tokens
+from hsplit.runtime.data.federated import load_federated_data
+from hsplit.runtime.data.partition import partition
+from hsplit.runtime.models.tiny import save_tiny_model, tiny_tokenizer
+from hsplit.runtime.data.tokenise import chat_tokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 runner = CliRunner()
@@ -417,7 +417,7 @@ def test_eval_fraction_zero_is_said_by_plan_and_generate(model, tmp_path, monkey
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"plan": {"data": {"eval_fraction": 0.0}},
                                                     "data": {"format": "json", "eval_sequences": 0}}))
-    import hsplit.runtime.rundir as rd
+    import hsplit.runtime.outputs.rundir as rd
     monkeypatch.setattr(rd, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
     r = runner.invoke(app, ["eval", str(run), "--generate"])
     assert r.exit_code == 2, r.output

@@ -19,7 +19,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     root = tmp_path_factory.mktemp("walls")
     old = os.environ.get("HSPLIT_CACHE")
     os.environ["HSPLIT_CACHE"] = str(root / "cache")
@@ -85,7 +85,7 @@ def test_an_uncached_dataset_offline_names_the_config_in_the_download_hint(model
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     from hsplit.planner.plan import DataSpec
     from hsplit.planner.errors import ConfigError
-    from hsplit.runtime.datasource import check_data
+    from hsplit.runtime.data.source import check_data
     with pytest.raises(ConfigError) as e:
         check_data(DataSpec(path="nyu-mll/glue:sst2:validation"), 32)
     assert "load_dataset('nyu-mll/glue', 'sst2', split='validation').save_to_disk('glue_sst2_validation')" in str(e.value)
@@ -131,8 +131,8 @@ def test_plan_and_run_print_the_same_data_summary_for_text_files(model, tmp_path
 def test_the_plans_held_out_split_is_the_runs_per_source_hold_out(model, tmp_path):
     """Many small sources: the run holds out per source (pooling the small ones), not eval_fraction of the total."""
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.datasummary import data_summary
-    from hsplit.runtime.data import load_federated_data
+    from hsplit.runtime.data.summary import data_summary
+    from hsplit.runtime.data.federated import load_federated_data
     from transformers import AutoTokenizer
     folder = tmp_path / "txt"
     folder.mkdir()

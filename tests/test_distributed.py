@@ -18,14 +18,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)
 
 from hsplit.planner.plan import Plan
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.planner.strategies import NAMES as STRATEGIES
 from hsplit.runtime.distributed.launcher import launch_local
 from hsplit.runtime.distributed.wire import EXIT_FAULT, EXIT_REFUSED, decode_tree, encode_tree
-from hsplit.runtime.options import DistOptions
-from hsplit.runtime.partial_load import held_bytes, load_part
-from hsplit.runtime.loop import run
-from hsplit.runtime.options import RunOptions
+from hsplit.runtime.train.options import DistOptions
+from hsplit.runtime.models.partial_load import held_bytes, load_part
+from hsplit.runtime.train.loop import run
+from hsplit.runtime.train.options import RunOptions
 
 DEADLINE = 150
 
@@ -190,8 +190,8 @@ def test_a_killed_client_is_named_and_the_round_finishes_without_it(env, aggrega
 def test_lost_client_gets_the_global_adapter_for_every_strategy_that_keeps_one(env):
     """splitlora/hetlora/flexlora: a holder left out of the aggregation still receives the aggregate at its rank."""
     from hsplit.runtime.common import GLOBAL
-    from hsplit.runtime.loop import InProcess, Silent
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
+    from hsplit.runtime.train.simulation import build
     for strategy in ("splitlora", "hetlora", "flexlora"):
         sim = build(Plan.load(make_plan(env, f"lost-{strategy}.yaml", strategy)), progress=False, device="cpu")
         InProcess(sim, None).train_round(0, Silent())
@@ -214,7 +214,7 @@ def test_a_lost_client_below_min_clients_stops_with_the_resume_command(env):
     code, logs = dist_run(env, path, "stop", dopts=DistOptions(timeout_s=30), on_start=kill_client_1)
     assert code == EXIT_FAULT, logs
     assert "client a (rank 1, pi) was lost in round 1" in logs["rank0"]
-    assert "--resume" in logs["rank0"] and "hsplit.runtime.worker" in logs["rank0"]
+    assert "--resume" in logs["rank0"] and "hsplit.runtime.distributed.worker" in logs["rank0"]
     assert checkpoint.complete_rounds(env[0] / "runs" / "stop") == [0]
     assert "the server stopped the run" in logs["rank2"]
 
@@ -399,7 +399,7 @@ def test_the_readme_multi_machine_torchrun_commands_run_as_written(env):
     token_cmd = next(line for line in block.splitlines() if "run.token" in line and "secrets" in line)
     cmd = re.search(r"^HSPLIT_TOKEN=.*?torchrun .*?(?:\n(?! *#).*?)*$", block, re.M).group(0)
     cmd = cmd.replace("\\\n", " ")
-    assert "--node-rank i" in cmd and "-m hsplit.runtime.worker plan.yaml" in cmd, cmd
+    assert "--node-rank i" in cmd and "-m hsplit.runtime.distributed.worker plan.yaml" in cmd, cmd
     root = env[0] / "readme"
     root.mkdir()
     make_plan(env, "readme/plan.yaml", "hetlora", rounds=1)
@@ -492,7 +492,7 @@ def test_the_worker_checks_its_flags_and_its_launcher():
                       (["p.yaml", "--rounds", "0"], "argument --rounds: must be >= 1, got 0"),
                       (["p.yaml", "--min-clients", "x"], "argument --min-clients: not a number: 'x'"),
                       (["p.yaml"], "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set: start every process with torchrun")):
-        out = subprocess.run([sys.executable, "-m", "hsplit.runtime.worker", *args], env=e, capture_output=True,
+        out = subprocess.run([sys.executable, "-m", "hsplit.runtime.distributed.worker", *args], env=e, capture_output=True,
                              text=True, timeout=60)
         assert out.returncode == 2 and why in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = subprocess.run([sys.executable, "-m", "hsplit.cli", "run", "p.yaml", "--min-clients", "1"], env=e,
@@ -504,12 +504,12 @@ def test_the_printed_resume_command_fits_how_the_processes_were_started():
     from hsplit.runtime.distributed.launcher import resume_command
     argv = ["plan.yaml", "--name", "f1", "--bind", "10.0.0.1", "--timeout", "600"]
     one = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
-    assert resume_command(argv, one) == ("torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml "
+    assert resume_command(argv, one) == ("torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.distributed.worker plan.yaml "
                                          "--name f1 --bind 10.0.0.1 --timeout 600 --resume", "resume with")
     three = {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
     cmd, where = resume_command(argv + ["--resume"], three)
     assert cmd == ("torchrun --nnodes 3 --nproc-per-node 1 --node-rank <i> --master-addr 10.0.0.1 --master-port 29500 "
-                   "-m hsplit.runtime.worker plan.yaml --name f1 --bind <this machine's address> --timeout 600 --resume")
+                   "-m hsplit.runtime.distributed.worker plan.yaml --name f1 --bind <this machine's address> --timeout 600 --resume")
     assert where == "resume on every machine i (node rank i; --bind its own address) with"
 
 
@@ -569,7 +569,7 @@ def test_the_planned_merge_download_is_what_a_client_receives(env, aggregation):
     from hsplit.planner.evaluate import Config
     from hsplit.planner.instance import build_instance
     from hsplit.planner.model import load_model_profile
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.simulation import build
     root, model, text = env
     kw = random_instance(0, two_clients=True)
     inst = build_instance(kw["fleet"], load_model_profile(str(model)), ranks=(0, 2, 4, 8),

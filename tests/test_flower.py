@@ -23,12 +23,12 @@ torch.set_num_threads(1)
 
 from hsplit.planner.plan import Plan
 from hsplit.planner.strategies import NAMES as STRATEGIES
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.runtime.distributed.wire import Refused
 from hsplit.runtime.flower.certs import write_certs, write_node_key
 from hsplit.runtime.flower.fleet import LocalFleet, write_app
-from hsplit.runtime.loop import run
-from hsplit.runtime.options import RunOptions
+from hsplit.runtime.train.loop import run
+from hsplit.runtime.train.options import RunOptions
 
 SPLIT_STRATEGIES = [s for s in STRATEGIES if s != "centralized"]
 HANG_S = 900            # only against a hang: every wait below ends on an event

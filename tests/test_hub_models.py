@@ -15,7 +15,7 @@ from hsplit.planner.device import PROFILE_DIR
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import SHIPPED_MODELS, HUB_ID, load_model_profile, shipped_hub_id
 from hsplit.planner.plan import Plan
-from hsplit.runtime.tiny import save_tiny_model_in_hub_cache
+from hsplit.runtime.models.tiny import save_tiny_model_in_hub_cache
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,7 +38,7 @@ def hub_cache(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", SHIPPED_MODELS)
 def test_every_shipped_model_name_resolves_to_a_hub_id_whose_config_it_ships(name):
-    from hsplit.runtime.hub import hub_id_for
+    from hsplit.runtime.models.hub import hub_id_for
     hub_id = shipped_hub_id(name)
     assert hub_id and HUB_ID.match(hub_id) and hub_id_for(name) == hub_id
     raw = json.loads((PROFILE_DIR / "models" / f"{name}.json").read_text())
@@ -48,7 +48,7 @@ def test_every_shipped_model_name_resolves_to_a_hub_id_whose_config_it_ships(nam
 
 
 def test_a_shipped_name_loads_offline_from_the_hub_cache(hub_cache):
-    from hsplit.runtime.model import load_lm, resolve_model_path
+    from hsplit.runtime.models.causal_lm import load_lm, resolve_model_path
     snap = save_tiny_model_in_hub_cache(hub_cache, "Qwen/Qwen2.5-0.5B", family="qwen2", layers=2)
     lm = load_lm("qwen2.5-0.5b", progress=False)
     assert lm.hub_id == "Qwen/Qwen2.5-0.5B" and lm.origin == "cache"
@@ -59,7 +59,7 @@ def test_a_shipped_name_loads_offline_from_the_hub_cache(hub_cache):
 
 
 def test_offline_and_not_cached_is_one_error_naming_the_hub_id_and_how_to_fetch_it(hub_cache):
-    from hsplit.runtime.model import load_lm
+    from hsplit.runtime.models.causal_lm import load_lm
     with pytest.raises(ConfigError) as e:
         load_lm("llama-2-7b", progress=False)
     text = str(e.value)
@@ -135,7 +135,7 @@ def test_an_exported_adapter_names_the_hub_id_has_a_model_card_and_reloads_by_hu
     assert cut_rep["max_rank"] == 4 < cut_rep["exact_max_rank"] and 0 < cut_rep["relative_error"] < 1
     assert f"relative Frobenius error {cut_rep['relative_error']:.3g}" in (tmp_path / "cut" / "README.md").read_text()
 
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.rundir import load_run
     sim, _, _ = load_run(run_dir)
     ids, mask = sim.data.eval.input_ids[:2], sim.data.eval.attention_mask[:2]
     with torch.no_grad():

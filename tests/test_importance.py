@@ -17,8 +17,8 @@ from hsplit.planner.fleet import Fleet
 from hsplit.planner.importance import Importance, finetune_bytes
 from hsplit.planner.model import ModelProfile
 from hsplit.planner.plan import Training
-from hsplit.runtime.data import TokenSet
-from hsplit.runtime.importance import (ImportanceSettings, auto_blocks_per_pass, build_importance, normalise,
+from hsplit.runtime.data.federated import TokenSet
+from hsplit.runtime.measure.importance import (ImportanceSettings, auto_blocks_per_pass, build_importance, normalise,
                                        reference_scores, rngwp_scores, rngwp_step_score, sensitivity_scores)
 from hsplit.cli import app
 
@@ -128,7 +128,7 @@ def test_importance_file_loads_and_plan_accepts_it(tiny, tmp_path):
 
 
 def test_cli_importance_writes_a_file_for_every_matrix(tmp_path):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     folder = save_tiny_model(tmp_path / "tiny", layers=2)
     text = tmp_path / "data.txt"
     text.write_text(" ".join(f"To be or not to be, line {i}, that is the question." for i in range(200)))
@@ -251,7 +251,7 @@ def _saved(imp, path):
 
 
 def test_cli_importance_rngwp_writes_the_method_and_plan_reads_it(tmp_path):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     folder = save_tiny_model(tmp_path / "tiny", layers=2)
     text = tmp_path / "data.txt"
     text.write_text(" ".join(f"To be or not to be, line {i}, that is the question." for i in range(200)))

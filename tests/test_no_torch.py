@@ -31,14 +31,14 @@ def test_help_and_every_command_are_there_without_importing_torch():
 
 def test_command_line_code_lives_only_in_cli_and_cliutil():
     """typer, rich and argparse are imported by cli.py and cliutil/ only: the runtime and the planner are
-    libraries (progress through callbacks and loop.Reporter). One exception: runtime/worker.py's
-    argparse (torchrun's entry point `-m hsplit.runtime.worker`, parser built from runtime/options.py)."""
+    libraries (progress through callbacks and loop.Reporter). One exception: runtime/distributed/worker.py's
+    argparse (torchrun's entry point `-m hsplit.runtime.distributed.worker`, parser built from runtime/train/options.py)."""
     import ast
     from pathlib import Path
 
     import hsplit
     root = Path(hsplit.__file__).parent
-    allowed = {("runtime/worker.py", "argparse")}
+    allowed = {("runtime/distributed/worker.py", "argparse")}
     found = []
     for path in sorted([*(root / "runtime").rglob("*.py"), *(root / "planner").rglob("*.py")]):
         rel = path.relative_to(root).as_posix()

@@ -89,7 +89,7 @@ def test_a_warmup_as_long_as_the_run_is_a_note():
 def test_the_run_follows_the_flags_written_into_the_plan(tmp_path, monkeypatch):
     """--lr / --lr-schedule / --warmup: the learning rate the run logs each round is the schedule's;
     --partition iid / --eval-fraction / --seed: the data split the run reports."""
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     monkeypatch.setenv("HSPLIT_CACHE", str(tmp_path / "cache"))
     model = save_tiny_model(tmp_path / "model", "llama", layers=2)
     data = tmp_path / "data.jsonl"

@@ -20,7 +20,7 @@ runner = CliRunner()
 
 
 def _tiny(root):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     model = save_tiny_model(root / "models" / "tiny", "llama", layers=2)
     data = root / "data" / "pc.jsonl"
     data.parent.mkdir()
@@ -83,7 +83,7 @@ def test_absolute_model_paths_names_and_hub_ids_are_written_as_given(tmp_path, m
 
 def test_a_missing_model_folder_names_the_folder_and_the_fix(tmp_path, monkeypatch):
     from hsplit.planner.errors import ConfigError
-    from hsplit.runtime.model import locate_model
+    from hsplit.runtime.models.causal_lm import locate_model
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError) as e:
         locate_model("../no-such-model")

@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 from hsplit.planner.cost import block_backward_flops_frozen, block_forward_flops, head_flops
 from hsplit.planner.device import DeviceProfile
 from hsplit.planner.model import load_model_profile
-from hsplit.runtime.calibrate import predicted_times
+from hsplit.runtime.measure.calibrate import predicted_times
 from hsplit.cli import app as hsplit_app
-from hsplit.runtime.profiling import matmul_throughput, summary
+from hsplit.runtime.measure.profiling import matmul_throughput, summary
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,7 +24,7 @@ def app():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     return save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", layers=3)
 
 
@@ -104,7 +104,7 @@ def test_calibrate_writes_one_row_per_split_and_a_png(app, measured, tiny_dir, t
         # the FLOPs / throughput model alone is reported beside it (it is another prediction)
         assert r["flops_client_s"] > 0 and r["flops_client_s"] != pytest.approx(r["predicted_client_s"], rel=1e-3)
     assert info["settings"]["block_times_used"] is True
-    from hsplit.runtime.calibrate import planner_label
+    from hsplit.runtime.measure.calibrate import planner_label
     assert planner_label(info["settings"]) == "per-block profile times"
     assert planner_label({"block_times_used": False}) == "FLOPs / throughput"
     assert "flops_median_abs_error" in info["summary"]
@@ -143,7 +143,7 @@ def _rows(spreads, error=0.5):
 
 
 def test_default_splits_are_a_handful_spread_over_the_blocks():
-    from hsplit.runtime.calibrate import default_splits
+    from hsplit.runtime.measure.calibrate import default_splits
     assert default_splits(30) == [1, 8, 15, 22, 29]             # SmolLM2-135M: 5 of its 29 split points
     assert default_splits(12) == [1, 4, 6, 8, 11]
     assert default_splits(3) == [1, 2] and default_splits(6) == [1, 2, 3, 4, 5]
@@ -157,7 +157,7 @@ def test_default_splits_are_a_handful_spread_over_the_blocks():
     ([0.0, 0.0], 1, 0.30, False, "1 repetition per point cannot show"),
 ])
 def test_assess_says_when_the_spread_is_too_large_to_judge(spreads, reps, error, trusted, words):
-    from hsplit.runtime.calibrate import assess
+    from hsplit.runtime.measure.calibrate import assess
     a = assess(_rows(spreads), reps, error)
     assert a["trusted"] is trusted and a["worst_spread"] == max(spreads)
     if words is None:
@@ -173,7 +173,7 @@ def _fake_clock(monkeypatch, noisy: bool):
     every third step, which takes 10 times as long (a busy machine)."""
     import types
 
-    import hsplit.runtime.calibrate as cal
+    import hsplit.runtime.measure.calibrate as cal
     state = {"t": 0.0, "calls": 0}
 
     def perf_counter():
@@ -186,7 +186,7 @@ def _fake_clock(monkeypatch, noisy: bool):
 
 @pytest.fixture(scope="module")
 def tiny12_dir(tmp_path_factory):
-    from hsplit.runtime.tiny import save_tiny_model
+    from hsplit.runtime.models.tiny import save_tiny_model
     return save_tiny_model(tmp_path_factory.mktemp("m12") / "tiny12", layers=12)
 
 

@@ -1,4 +1,4 @@
-"""Re-planning during a run (runtime/replan.py): a forced importance drift re-plans, moves the
+"""Re-planning during a run (runtime/train/replan.py): a forced importance drift re-plans, moves the
 adapters, is recorded, training goes on, and resume after a re-plan is exact; a plan made from rngwp
 scores is re-scored with rngwp."""
 import csv
@@ -17,12 +17,12 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.importance import Importance
 from hsplit.planner.model import load_model_profile
 from hsplit.planner.plan import DataSpec, Plan, Training
-from hsplit.runtime import checkpoint
-from hsplit.runtime import replan as replanning
-from hsplit.runtime.evaluate import evaluate
-from hsplit.runtime.loop import run
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.rundir import load_run
+from hsplit.runtime.train import checkpoint
+from hsplit.runtime.train import replan as replanning
+from hsplit.runtime.outputs.evaluate import evaluate
+from hsplit.runtime.train.loop import run
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.outputs.rundir import load_run
 
 MODULES = ["q_proj", "v_proj", "down_proj"]
 
@@ -170,8 +170,8 @@ def test_a_hand_written_plan_without_a_fleet_is_refused_at_start(env):
 
 def test_splitlora_truncation_merges_the_cut_components_so_the_model_is_unchanged(env):
     from hsplit.runtime.strategies import RoundUpdate
-    from hsplit.runtime.simulation import build
-    from hsplit.runtime.loop import InProcess, Silent
+    from hsplit.runtime.train.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
     path, prof = plan_file(env, "trunc")
     plan = Plan.load(path)
     plan.strategy = "splitlora"
@@ -206,7 +206,7 @@ def test_a_distributed_run_refuses_a_plan_that_replans(env, tmp_path):
     the plan before anything is written, instead of ignoring `replan:`."""
     from hsplit.planner.errors import ConfigError
     from hsplit.runtime.distributed.server import Server
-    from hsplit.runtime.loop import rounds_loop
+    from hsplit.runtime.train.loop import rounds_loop
 
     class Executor:
         replans, sim = Server.replans, None

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from hsplit.cli import app
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
-from hsplit.runtime.loop import run
-from hsplit.runtime.options import RunOptions
+from hsplit.runtime.train.loop import run
+from hsplit.runtime.train.options import RunOptions
 
 runner = CliRunner()
 

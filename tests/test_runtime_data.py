@@ -8,9 +8,9 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec
-from hsplit.runtime.data import load_federated_data, partition, shakespeare_root
-from hsplit.runtime.datasource import inspect, resolve
-from hsplit.runtime.tiny import tiny_tokenizer
+from hsplit.runtime.data.federated import load_federated_data, partition, shakespeare_root
+from hsplit.runtime.data.source import inspect, resolve
+from hsplit.runtime.models.tiny import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

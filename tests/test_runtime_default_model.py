@@ -21,7 +21,7 @@ def test_default_model_resolves_to_cached_weights_matching_the_shipped_profile()
     import torch
 
     from hsplit.planner.model import load_model_profile
-    from hsplit.runtime.model import SplitLM, load_lm, resolve_model_path
+    from hsplit.runtime.models.causal_lm import SplitLM, load_lm, resolve_model_path
 
     path = Path(resolve_model_path("smollm2-135m", progress=False))
     assert (path / "config.json").is_file() and (path / "model.safetensors").is_file()

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from hsplit.cli import app
 from hsplit.planner.plan import Plan
-from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.models.tiny import save_tiny_model
 
 runner = CliRunner()
 
@@ -76,7 +76,7 @@ def test_plan_run_eval_export_and_peft_reload(tiny, family, strategy):
     # reload with plain PEFT in a fresh process-free way: base + adapter == the runtime's aggregated model
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.rundir import load_run
     sim, _, _ = load_run(run_dir)
     ids = sim.data.eval.input_ids[:2]
     mask = sim.data.eval.attention_mask[:2]

@@ -11,9 +11,9 @@ from hsplit.runtime.strategies import ClientFactors
 from hsplit.runtime.strategies.hsplitlora import HSplitLoRA as ExactMerge
 from hsplit.runtime.strategies.hsplitlora import update_delta
 from hsplit.runtime.strategies.splitlora import SplitLoRA as FedAvg
-from hsplit.runtime.lora import AdapterBank, rank_pattern_key
-from hsplit.runtime.model import SplitLM, check_model_hash, load_lm
-from hsplit.runtime.tiny import save_tiny_model
+from hsplit.runtime.models.lora import AdapterBank, rank_pattern_key
+from hsplit.runtime.models.causal_lm import SplitLM, check_model_hash, load_lm
+from hsplit.runtime.models.tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_merge_into_base_applies_the_exact_update(tiny_dir):
 
 def test_an_unknown_model_name_says_what_to_give_instead():
     from hsplit.planner.errors import ConfigError
-    from hsplit.runtime.model import load_lm
+    from hsplit.runtime.models.causal_lm import load_lm
     with pytest.raises(ConfigError) as e:
         load_lm("no-such-model-xyz", progress=False)
     assert "'no-such-model-xyz' is not a shipped model" in str(e.value)

@@ -11,13 +11,13 @@ torch.set_num_threads(1)
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
-from hsplit.runtime import checkpoint
-from hsplit.runtime.lora import lora_config
-from hsplit.runtime.model import lm_loss, load_lm
+from hsplit.runtime.train import checkpoint
+from hsplit.runtime.models.lora import lora_config
+from hsplit.runtime.models.causal_lm import lm_loss, load_lm
 from hsplit.runtime.common import lr_at
-from hsplit.runtime.loop import InProcess, Silent, run
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.simulation import build
+from hsplit.runtime.train.loop import InProcess, Silent, run
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.train.simulation import build
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +165,8 @@ def test_a_killed_run_resumes_to_the_same_adapters_as_an_uninterrupted_one(env, 
 def test_keep_checkpoints_prunes_old_rounds_and_resume_eval_export_still_work(env, monkeypatch):
     """--keep-checkpoints 1: only the newest round keeps adapters + optimizer state; a killed run still
     resumes to the uninterrupted run's state, and export/eval (which replay every merge) still work."""
-    from hsplit.runtime.evaluate import evaluate_run
-    from hsplit.runtime.export import total_update
+    from hsplit.runtime.outputs.evaluate import evaluate_run
+    from hsplit.runtime.outputs.export import total_update
 
     path = make_plan(env, "keep.yaml", rounds=3)
     full = run(path, opts(env, name="keep-full"))
@@ -274,7 +274,7 @@ def test_centralized_trains_one_model_on_pooled_data(env):
 
 def _no_model_loading(monkeypatch):
     """Make loading the model an immediate failure: the checks under test must come first."""
-    import hsplit.runtime.simulation as train
+    import hsplit.runtime.train.simulation as train
 
     def boom(*a, **k):
         raise AssertionError("the model was loaded before the check")
@@ -348,7 +348,7 @@ def test_run_tells_its_reporter_every_round_and_step_and_the_cli_draws_them_only
 
 def test_resume_of_a_finished_run_says_so_before_loading_and_rounds_below_done_is_an_error(env, monkeypatch, capsys):
     from typer.testing import CliRunner
-    from hsplit.runtime.rundir import RunFinished
+    from hsplit.runtime.outputs.rundir import RunFinished
     path = make_plan(env, "done.yaml", rounds=1)
     run(path, opts(env))
     run_dir = env[0] / "runs" / "done"
@@ -431,7 +431,7 @@ def test_ctrl_c_says_where_the_run_stopped_and_how_to_resume(env):
 
 def test_ctrl_c_right_after_a_checkpoint_says_after_that_round(monkeypatch, tmp_path):
     """Between round N's checkpoint and round N+1's start the run is not 'in round N' any more."""
-    from hsplit.runtime import rundir as train
+    from hsplit.runtime.outputs import rundir as train
     monkeypatch.setattr(train.checkpoint, "complete_rounds", lambda run_dir: [0, 1])
     opts = RunOptions(runs_dir=tmp_path, name="x")
     assert "interrupted after round 1; the last complete checkpoint is round 1" in \

@@ -15,10 +15,10 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
 from hsplit.planner.sampling import Sampling, sample_clients, sampled_round_times
 from hsplit.planner.strategies import NAMES as STRATEGIES
-from hsplit.runtime import checkpoint
-from hsplit.runtime.loop import run
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.partystore import PartyStore
+from hsplit.runtime.train import checkpoint
+from hsplit.runtime.train.loop import run
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.train.partystore import PartyStore
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SPLIT_STRATEGIES = [s for s in STRATEGIES if s != "centralized"]
@@ -133,8 +133,8 @@ def test_a_run_trains_only_the_sampled_clients_and_records_them(env):
 
 @pytest.mark.parametrize("strategy", ["hsplitlora", "hetlora"])
 def test_a_sampled_run_reloads_for_eval_and_export_with_its_last_eval_loss(env, strategy):
-    from hsplit.runtime.evaluate import evaluate
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.evaluate import evaluate
+    from hsplit.runtime.outputs.rundir import load_run
     res = run(make_plan(env, f"reload-{strategy}.yaml", strategy, sampling={"clients_per_round": 2}, rounds=2),
               opts(env, f"reload-{strategy}", keep_checkpoints=1))
     sim, _, r = load_run(res.run_dir)
@@ -189,7 +189,7 @@ def test_unsampled_clients_keep_their_state_exactly_hsplitlora_warm(env):
     v = max(r + 1 for r in range(2) if i in rounds[r])
     assert store.latest(f"k{i}", 3) == v          # nothing written while it sat out
     # drawn again, it starts from exactly what it left: factors, AdamW moments (its base offset reset to them)
-    from hsplit.runtime.simulation import build, optimizer_tensors
+    from hsplit.runtime.train.simulation import build, optimizer_tensors
     sim = build(plan, progress=False, device="cpu")
     sim.store = store
     p = sim.parties[i]
@@ -206,7 +206,7 @@ def test_unsampled_clients_keep_their_state_exactly_hsplitlora_warm(env):
 
 
 def test_aggregation_is_reweighted_over_the_sampled_clients(env):
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.simulation import build
     plan = Plan.load(make_plan(env, "weights.yaml", sampling={"clients_per_round": 2}))
     sim = build(plan, progress=False, device="cpu")
     parties = sim.round_parties(0)
@@ -266,7 +266,7 @@ DIST = SPLIT_STRATEGIES + ["hsplitlora-restart", "hsplitlora-bounded"]
 def dist_runs(env):
     """Every split strategy with 2 of 3 clients per round, distributed, in ONE launch of 4 processes."""
     from hsplit.runtime.distributed.launcher import launch_local
-    from hsplit.runtime.options import DistOptions
+    from hsplit.runtime.train.options import DistOptions
     paths = []
     for s in DIST:
         # seed 1 samples c0 c2 | c0 c1 | c1 c2: c1 joins late, c2 sits round 2 out and comes back
@@ -422,7 +422,7 @@ def test_a_resumed_distributed_run_with_sampling_equals_the_in_process_one(env):
     """Resume after round 2 (--rounds 3): c2 trained in round 1, sat round 2 out and trains in round 3 from
     the state the server sends it; the server's clients and checkpoints match the in-process run's."""
     from hsplit.runtime.distributed.launcher import launch_local
-    from hsplit.runtime.options import DistOptions
+    from hsplit.runtime.train.options import DistOptions
     root = env[0]
     paths = [make_plan(env, f"dres-{s}.yaml", s, sampling={"clients_per_round": 2}, clients=3, seed=1)
              for s in ("hsplitlora", "hafl-truncation")]

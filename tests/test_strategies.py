@@ -122,8 +122,8 @@ def env(tmp_path_factory):
 def test_hafl_freezing_leaves_frozen_components_untouched_even_with_weight_decay(env):
     import test_runtime_train as T
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.simulation import build
-    from hsplit.runtime.loop import InProcess, Silent
+    from hsplit.runtime.train.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
     sim = build(Plan.load(T.make_plan(env, "freeze.yaml", strategy="hafl-freezing", weight_decay=0.1)),
                 progress=False, device="cpu")
     a_party = sim.parties[0]              # planned q_proj rank 2 on its client block; global rank 8
@@ -145,18 +145,18 @@ def test_hafl_freezing_leaves_frozen_components_untouched_even_with_weight_decay
 @pytest.mark.parametrize("strategy", ["hetlora", "flexlora", "hafl-truncation", "hafl-freezing"])
 def test_every_strategy_trains_evaluates_and_exports(env, strategy):
     import test_runtime_train as T
-    from hsplit.runtime.export import total_update
-    from hsplit.runtime.loop import run
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.export import total_update
+    from hsplit.runtime.train.loop import run
+    from hsplit.runtime.outputs.rundir import load_run
     res = run(T.make_plan(env, f"run-{strategy}.yaml", strategy=strategy, learning_rate=2e-2), T.opts(env))
     assert res.eval_after < res.eval_before
     total, _, _ = total_update(res.run_dir)
     assert total and all(float((b @ a).abs().sum()) > 0 for b, a in total.values())
     sim, _, r = load_run(res.run_dir)                 # the global adapter comes back with the checkpoint
-    from hsplit.runtime.evaluate import evaluate
+    from hsplit.runtime.outputs.evaluate import evaluate
     assert r == 2 and evaluate(sim, sim.data.eval, 64) == pytest.approx(res.eval_after, rel=1e-5)
     if strategy == "hetlora":             # nothing scored (every target masked): no loss, not a perfect 0
-        from hsplit.runtime.data import TokenSet
+        from hsplit.runtime.data.federated import TokenSet
         e = sim.data.eval
         masked = TokenSet(e.input_ids[:2], e.attention_mask[:2], torch.full_like(e.labels[:2], -100))
         assert math.isnan(evaluate(sim, masked))

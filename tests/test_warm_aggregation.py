@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_runtime_env
 
 from hsplit.planner.plan import Plan
-from hsplit.runtime.loop import InProcess, Silent, run
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.simulation import build
+from hsplit.runtime.train.loop import InProcess, Silent, run
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.train.simulation import build
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -96,8 +96,8 @@ def test_round_one_equals_the_restart_aggregate_and_restart_stays_selectable(env
 
 def test_a_warm_run_trains_and_exports_its_global_model(env, tmp_path):
     """The exported merged model and the exported adapter (exact rank) are the run's global model."""
-    from hsplit.runtime.export import export_run
-    from hsplit.runtime.rundir import load_run
+    from hsplit.runtime.outputs.export import export_run
+    from hsplit.runtime.outputs.rundir import load_run
     res = run(make_plan(env, "export.yaml", rounds=3), RunOptions(runs_dir=env[0] / "runs", progress=False,
                                                                   eval_max_seqs=8))
     assert res.eval_after < res.eval_before
@@ -117,7 +117,7 @@ def test_a_warm_run_trains_and_exports_its_global_model(env, tmp_path):
 
 @pytest.mark.parametrize("move", ["rank-up", "rank-down", "dropped", "split-up", "split-down"])
 def test_replanning_moves_adapters_without_changing_the_model(env, move):
-    from hsplit.runtime.replan import apply_plan
+    from hsplit.runtime.train.replan import apply_plan
     sim = build(Plan.load(make_plan(env, f"move-{move}.yaml")), progress=False, device="cpu")
     ex = InProcess(sim, None)
     update, _ = ex.aggregate(0, ex.train_round(0, Silent()))

@@ -5,7 +5,7 @@
     server.py    rank 0: the round loop's executor           client.py    rank k: the plan's k-th client
     launcher.py  the torchrun worker and the local launcher (`hsplit run --distributed`)
 
-    torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml --name demo   # 2 clients
+    torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.distributed.worker plan.yaml --name demo   # 2 clients
     hsplit run plan.yaml --distributed --name demo          # the same, launched locally by hsplit
 
 Rank 0 is the server, rank k (1..K) runs the plan's k-th client. Each process loads only its own

@@ -26,10 +26,10 @@ from hsplit.runtime.distributed.groups import gather_bytes, scatter_bytes, subgr
 from hsplit.runtime.distributed.wire import (ABORT, ACT, AGG, EVAL, EVAL_H, EXIT_FAULT, EXIT_REFUSED, FINISH,
                                              GRAD, KIND_NAMES, NORM, RESTORE, ROUND, TOTAL, PeerLost, Refused,
                                              decode_tree, encode_tree, size, text)
-from hsplit.runtime.evaluate import client_activations
-from hsplit.runtime.rundir import restore
-from hsplit.runtime.simulation import build_part, optimizer_tensors
-from hsplit.runtime.step import client_round
+from hsplit.runtime.outputs.evaluate import client_activations
+from hsplit.runtime.outputs.rundir import restore
+from hsplit.runtime.train.simulation import build_part, optimizer_tensors
+from hsplit.runtime.train.step import client_round
 from hsplit.runtime.strategies import RoundUpdate
 
 

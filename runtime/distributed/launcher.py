@@ -1,7 +1,7 @@
 """Starting the processes of a distributed run: the torchrun worker (one process, any rank) and the local
 launcher behind `hsplit run plan.yaml --distributed` (every process on this machine, loopback).
 
-    torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml --name demo   # 2 clients
+    torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.distributed.worker plan.yaml --name demo   # 2 clients
     code, result = run_local_cli("plan.yaml", RunOptions(name="demo"), DistOptions(min_clients=1))
 
 Exit codes: 0 done, 2 refused / bad input, 3 a peer was lost (the server prints the --resume command).
@@ -24,7 +24,7 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.runtime.common import pick_device
 from hsplit.runtime.distributed.auth import TOKEN_ENV
 from hsplit.runtime.distributed.client import client_main
@@ -32,10 +32,10 @@ from hsplit.runtime.distributed.groups import connect
 from hsplit.runtime.distributed.link import Link
 from hsplit.runtime.distributed.server import Server, Stop, check_min_clients
 from hsplit.runtime.distributed.wire import ABORT, EXIT_FAULT, EXIT_REFUSED, Refused, text_tensor
-from hsplit.runtime.logs import wandb_project
-from hsplit.runtime.options import DistOptions, RunOptions, worker_flags
-from hsplit.runtime.rundir import RunResult, interrupted, prepare_run_dir, run_dir_of
-from hsplit.runtime.rundir import resume_command as run_resume_command
+from hsplit.runtime.outputs.logs import wandb_project
+from hsplit.runtime.train.options import DistOptions, RunOptions, worker_flags
+from hsplit.runtime.outputs.rundir import RunResult, interrupted, prepare_run_dir, run_dir_of
+from hsplit.runtime.outputs.rundir import resume_command as run_resume_command
 
 
 def resume_command(worker_argv: list[str], env=None) -> tuple[str, str]:
@@ -56,7 +56,7 @@ def resume_command(worker_argv: list[str], env=None) -> tuple[str, str]:
         args = ["<this machine's address>" if i and args[i - 1] == "--bind" else
                 "--bind=<this machine's address>" if a.startswith("--bind=") else a for i, a in enumerate(args)]
         where = "resume on every machine i (node rank i; --bind its own address) with"
-    quoted = [a if a.startswith("<") else shlex.quote(a) for a in head + ["-m", "hsplit.runtime.worker"] + args]
+    quoted = [a if a.startswith("<") else shlex.quote(a) for a in head + ["-m", "hsplit.runtime.distributed.worker"] + args]
     return " ".join(quoted), where
 
 
@@ -186,7 +186,7 @@ def launch_local(plan_paths, opts: RunOptions, dopts: DistOptions, nprocs: int |
             a = a + (["--quiet"] if rank else [])         # the server reports for everyone
             out = open(logs / f"rank{rank}.log", "w") if logs else None
             # own session: a terminal's Ctrl-C reaches this process only, which stops them all (finally)
-            procs.append(subprocess.Popen([sys.executable, "-m", "hsplit.runtime.worker", *a], env=e,
+            procs.append(subprocess.Popen([sys.executable, "-m", "hsplit.runtime.distributed.worker", *a], env=e,
                                           stdout=out, stderr=subprocess.STDOUT if out else None,
                                           start_new_session=True))
         if on_start:

@@ -25,16 +25,16 @@ import torch
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.runtime.distributed.auth import admit, plan_hash
 from hsplit.runtime.distributed.groups import gather_bytes, scatter_bytes, subgroup
 from hsplit.runtime.distributed.wire import (ACT, AGG, EVAL, EVAL_H, FINISH, GRAD, KIND_NAMES, NORM, RESTORE, ROUND,
                                              TOTAL, PeerLost, bytes_tensor, decode_tree, encode_tree)
-from hsplit.runtime.evaluate import eval_subset, evaluate
-from hsplit.runtime.loop import rounds_loop
-from hsplit.runtime.rundir import RunResult, prepare_run_dir, restore
-from hsplit.runtime.simulation import build_part, load_optimizer_tensors
-from hsplit.runtime.step import ServerSide, clips, count_update_traffic
+from hsplit.runtime.outputs.evaluate import eval_subset, evaluate
+from hsplit.runtime.train.loop import rounds_loop
+from hsplit.runtime.outputs.rundir import RunResult, prepare_run_dir, restore
+from hsplit.runtime.train.simulation import build_part, load_optimizer_tensors
+from hsplit.runtime.train.step import ServerSide, clips, count_update_traffic
 
 
 class Stop(Exception):

@@ -27,7 +27,7 @@ def _say(s: str) -> None:
 
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
-    from hsplit.runtime import checkpoint
+    from hsplit.runtime.train import checkpoint
     from hsplit.runtime.distributed.server import Stop
     from hsplit.runtime.flower.config import FlowerOptions
     from hsplit.runtime.flower.server import FlowerServer

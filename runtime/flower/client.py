@@ -6,7 +6,7 @@ part of the model, its state kept in a local folder between messages.
 A ClientApp process lives for one message, so every message:
     1. loads the device's part of the model (embeddings + blocks [0, split); partial_load) and the plan
        (the copy the server sent, or the node's own `plan=` copy, whose sha256 must match);
-    2. restores its state from the store folder (runtime/partystore.py's format:
+    2. restores its state from the store folder (runtime/train/partystore.py's format:
        STORE/<run>/<client>/round-NNNN.safetensors, NNNN = messages handled): its adapter factors, AdamW
        moments (never uploaded), the strategy's per-client and global state, the base weights of its
        adapted modules (merges move them) and how far it has applied the server's updates;
@@ -32,10 +32,10 @@ from hsplit.runtime.distributed.auth import plan_hash
 from hsplit.runtime.distributed.client import RemoteServer
 from hsplit.runtime.distributed.wire import decode_tree, encode_tree
 from hsplit.runtime.flower.stream import Stream
-from hsplit.runtime.partial_load import is_placeholder
-from hsplit.runtime.partystore import PartyStore
-from hsplit.runtime.simulation import build_part
-from hsplit.runtime.step import client_round
+from hsplit.runtime.models.partial_load import is_placeholder
+from hsplit.runtime.train.partystore import PartyStore
+from hsplit.runtime.train.simulation import build_part
+from hsplit.runtime.train.step import client_round
 from hsplit.runtime.strategies import RoundUpdate
 
 KEEP_VERSIONS = 2

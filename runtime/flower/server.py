@@ -35,14 +35,14 @@ from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text
 from hsplit.runtime.distributed.server import Server, Serving, check_min_clients
 from hsplit.runtime.distributed.wire import PeerLost, decode_tree, encode_tree, text
-from hsplit.runtime.evaluate import evaluate
+from hsplit.runtime.outputs.evaluate import evaluate
 from hsplit.runtime.flower.config import FlowerOptions
 from hsplit.runtime.flower.stream import Hub, serve
-from hsplit.runtime.loop import rounds_loop
-from hsplit.runtime.options import DistOptions, RunOptions
-from hsplit.runtime.rundir import RunResult, prepare_run_dir
-from hsplit.runtime.simulation import build
-from hsplit.runtime.step import ServerSide
+from hsplit.runtime.train.loop import rounds_loop
+from hsplit.runtime.train.options import DistOptions, RunOptions
+from hsplit.runtime.outputs.rundir import RunResult, prepare_run_dir
+from hsplit.runtime.train.simulation import build
+from hsplit.runtime.train.step import ServerSide
 
 POLL_S = 0.2          # how often the ServerApp asks the SuperLink for replies
 
@@ -327,7 +327,7 @@ class FlowerServer(Server):
         update = sim.strategy.combine(parties)      # over the live clients (re-weighted)
         applied = self.current if sim.sampling else list(sim.active)
         sim.apply(update, r, self.current if sim.sampling else None)
-        from hsplit.runtime.step import count_update_traffic
+        from hsplit.runtime.train.step import count_update_traffic
         count_update_traffic(sim.strategy, parties, rows, update)
         self.updates.append((r, update, {p.index for p in applied}))
         if sim.sampling:

@@ -22,7 +22,7 @@ import torch
 from hsplit.planner.plan import block_of
 from hsplit.planner.strategies import traits
 from hsplit.runtime.common import GLOBAL
-from hsplit.runtime.party import client_parties
+from hsplit.runtime.train.party import client_parties
 
 
 @dataclass

@@ -4,8 +4,8 @@ the plan's modules when it has none) and trains local_steps x clients steps a ro
 from __future__ import annotations
 
 from hsplit.planner.plan import ClientPlan
-from hsplit.runtime.data import TokenSet
-from hsplit.runtime.party import Party
+from hsplit.runtime.data.federated import TokenSet
+from hsplit.runtime.train.party import Party
 from hsplit.runtime.strategies.base import ClientFactors, RoundUpdate, Strategy
 
 

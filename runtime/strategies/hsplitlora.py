@@ -286,7 +286,7 @@ class HSplitLoRA(Strategy):
             return self.history[i]
         if self.sim.store is None:
             return {}
-        from hsplit.runtime import checkpoint
+        from hsplit.runtime.train import checkpoint
         _, t = checkpoint.load(self.sim.store.root.parent, i + 1, ("merged.safetensors",))
         merged = t["merged.safetensors"]
         return {m: (merged[f"{m}.B"], merged[f"{m}.A"]) for m in {k[:-2] for k in merged}}

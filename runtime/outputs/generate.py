@@ -11,7 +11,7 @@ Data that can be generated from (anything else, e.g. plain text or Shakespeare, 
 - prompt/completion: JSONL `{"prompt", "completion"}` or CSV columns `prompt`, `completion`.
 - chat JSONL `{"messages": [{"role", "content"}, ...]}`: prompt = the tokenizer's chat template over every
   turn before the last assistant turn, with the generation prompt; reference = that turn's content.
-  ShareGPT `conversations` ({from, value}) alike, roles mapped as training maps them (runtime/tokenise.py);
+  ShareGPT `conversations` ({from, value}) alike, roles mapped as training maps them (runtime/data/tokenise.py);
   TRL conversational prompt/completion (lists of messages): prompt = the template over the prompt's turns,
   reference = the completion's first assistant turn.
 Without --data, the run's own held-out split is used, from its token sequences exactly as trained: the
@@ -39,10 +39,10 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.yamlio import atomic_write_text, read_yaml
-from hsplit.runtime import rundir
+from hsplit.runtime.outputs import rundir
 from hsplit.planner.plan_refs import looks_like_hub_id
-from hsplit.runtime.data import TokenSet, check_data_ref
-from hsplit.runtime.datasource import NO_HELD_OUT
+from hsplit.runtime.data.federated import TokenSet, check_data_ref
+from hsplit.runtime.data.source import NO_HELD_OUT
 
 KINDS = ("E2E CSV (mr, ref), prompt/completion JSONL or CSV, chat JSONL (messages, conversations, or TRL "
          "prompt/completion message lists); Parquet, Arrow, `datasets` folders and dataset ids with those columns")
@@ -87,9 +87,9 @@ def read_mr_groups(path: str | Path) -> list[tuple[str, list[str]]]:
 
 def _record(obj, where: str, problems: list[str]) -> Example | None:
     """A JSONL object or CSV row as an Example (None and a problem when it has nothing to generate from).
-    Chat records are read as training reads them (runtime/tokenise.py): `messages`, ShareGPT `conversations`
+    Chat records are read as training reads them (runtime/data/tokenise.py): `messages`, ShareGPT `conversations`
     ({from, value}; human/gpt as user/assistant) and TRL's conversational prompt/completion (lists of messages)."""
-    from hsplit.runtime.tokenise import _messages
+    from hsplit.runtime.data.tokenise import _messages
     if not isinstance(obj, dict):
         problems.append(f"{where}: expected an object with prompt/completion or messages")
         return None
@@ -137,9 +137,9 @@ def _plain_text(data: str) -> ConfigError:
 
 def _dataset_examples(data: str, path: str, fmt: str) -> list[Example]:
     """Records of a Parquet/Arrow file, a folder (data files, or saved by `datasets`) or a dataset id, read by
-    the training data loader (runtime/datasource.py): E2E columns, prompt/completion or messages."""
+    the training data loader (runtime/data/source.py): E2E columns, prompt/completion or messages."""
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.datasource import open_dataset, resolve
+    from hsplit.runtime.data.source import open_dataset, resolve
     spec = DataSpec(path=path, format=fmt)
     src = resolve(spec)
     if src.reader in ("text", "shakespeare"):
@@ -277,7 +277,7 @@ def heldout_prompts(sim, data: dict) -> tuple[list[Prompt], int]:
     seq_len cut their reference and the data file does not give it whole). data: config.yaml's `data`."""
     tok, ev = sim.lm.tokenizer, sim.data.eval
     fmt, width = str(data.get("format", "")), ev.input_ids.shape[1]
-    recorded = str(data.get("kind", ""))     # the record kind the run's data summary names (runtime/data.py)
+    recorded = str(data.get("kind", ""))     # the record kind the run's data summary names (runtime/data/federated.py)
     special = set(tok.all_special_ids)
     groups: dict[tuple, Prompt] = {}
     whole: dict | None = None
@@ -401,7 +401,7 @@ def generate_on(sim, prompts: list[Prompt], *, beams: int = 1, max_new_tokens: i
                 batch_size: int = 16, heldout: bool = False, ppl_max_refs: int | None = None) -> tuple[dict, list[dict]]:
     """(report, one row per prompt) of the simulation's aggregated model on `prompts` (perplexity over all
     their references, or `ppl_max_refs` evenly spread)."""
-    from hsplit.runtime.evaluate import evaluate
+    from hsplit.runtime.outputs.evaluate import evaluate
 
     tok = sim.lm.tokenizer
     end = chat_end_ids(tok) if any(g.kind == "chat" for g in prompts) else []

@@ -3,7 +3,7 @@
     opts = RunOptions(rounds=2, name="demo")
     dopts = DistOptions(timeout_s=120, min_clients=1)
 
-Every field's `help` is the flag's help text; the worker's argument parser (runtime/worker.py) is
+Every field's `help` is the flag's help text; the worker's argument parser (runtime/distributed/worker.py) is
 built from these fields, and the launcher turns options back into worker flags with `worker_flags`.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The one data-summary line `hsplit plan` and `hsplit run` print; torch-free (`hsplit plan` computes it).
 
     s = data_summary(spec, seq_len=256, weights=[1, 1, 2], seed=0, model="smollm2-135m")   # plan time
-    print(summary_line(s))          # also of FederatedData.summary (runtime/data.py), at run time
+    print(summary_line(s))          # also of FederatedData.summary (runtime/data/federated.py), at run time
 
 data: PATH (format F, record kind K): N records; training S sequences / T tokens, held out S' sequences /
 T' tokens; per client A-B sequences. At plan time the hold-out and the partition are the run's own
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from hsplit.planner.plan import DataSpec
-from hsplit.runtime.datasource import (FULL_READ_BYTES, _cache, _document_tokens, _read_records, inspect,
+from hsplit.runtime.data.source import (FULL_READ_BYTES, _cache, _document_tokens, _read_records, inspect,
                                        open_dataset, resolve)
 
 
@@ -54,7 +54,7 @@ def data_summary(spec: DataSpec, seq_len: int, weights: list[float], seed: int, 
     token: `estimated`), or one sequence per record (tokens estimated unless classification with the
     tokenizer). Sequences are None when the data is not read whole here (hub ids, saved folders, files over
     FULL_READ_BYTES)."""
-    from hsplit.runtime.partition import holdout, partition
+    from hsplit.runtime.data.partition import holdout, partition
     src = resolve(spec)
     info = inspect(src, spec)
     out = {"path": spec.path, "format": src.reader, "kind": info.kind, "records": info.rows, "estimated": True,
@@ -64,13 +64,13 @@ def data_summary(spec: DataSpec, seq_len: int, weights: list[float], seed: int, 
         items = {s: [seq_len] * int(t // seq_len) for s, t in _document_tokens(src, tok).items()}
         out["estimated"] = tok is None
     elif spec.task == "classification":
-        from hsplit.runtime.classification import grouped, read_records
+        from hsplit.runtime.data.classification import grouped, read_records
         recs = read_records(open_dataset(src, spec), spec, spec.path)
         lens = [min(seq_len, len(tok.encode(t).ids) if tok is not None else len(t) // 4 + 1) for t in recs.texts]
         items = {s: [lens[i] for i in ix] for s, ix in grouped(recs).items()}
         out["estimated"] = tok is None
     elif src.where in ("file", "folder") and sum(f.stat().st_size for f in src.files) <= FULL_READ_BYTES:
-        from hsplit.runtime.tokenise import _source_of
+        from hsplit.runtime.data.tokenise import _source_of
         found: dict[str, list[int]] = {}
         for f in src.files:
             rs = _read_records(f, src.reader)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from hsplit.runtime.common import predicted_round
-from hsplit.runtime.data import TokenSet
+from hsplit.runtime.data.federated import TokenSet
 
 
 @dataclass

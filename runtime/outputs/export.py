@@ -16,7 +16,7 @@ of many rounds and clients has rank up to their sum; `exact`: R per module); the
 error of the cut is reported per module and overall. The adapter uses lora_alpha = r (scaling 1),
 per-module ranks as anchored rank_pattern keys, and base_model_name_or_path = the model's hub id
 (shipped names and hub-cache folders know theirs; `base_model` overrides, else the model folder).
-A model card (README.md, runtime/modelcard.py) says how the adapter was trained.
+A model card (README.md, runtime/outputs/modelcard.py) says how the adapter was trained.
 `--merged` adds the exact dense updates to the base weights and saves a plain HF model.
 """
 from __future__ import annotations
@@ -34,12 +34,12 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import is_hub_id
 from hsplit.planner.yamlio import output_problem
 from hsplit.planner.strategies import traits
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.runtime.common import GLOBAL
-from hsplit.runtime.lora import rank_pattern_key
-from hsplit.runtime.hub import hub_id_of_folder
-from hsplit.runtime.model import load_lm
-from hsplit.runtime.modelcard import model_card
+from hsplit.runtime.models.lora import rank_pattern_key
+from hsplit.runtime.models.hub import hub_id_of_folder
+from hsplit.runtime.models.causal_lm import load_lm
+from hsplit.runtime.outputs.modelcard import model_card
 
 
 def total_update(run_dir: str | Path) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict, int]:
@@ -234,10 +234,10 @@ def _rows(run_dir: str | Path, last: int) -> list[dict]:
 
 def _seq_cls_model(lm, model_path: str, labels: list[str]):
     """`AutoModelForSequenceClassification` of the base model whose `score` is the run's label-word head
-    (runtime/task.py), and that head: what a classification run's adapter is saved against."""
+    (runtime/models/task.py), and that head: what a classification run's adapter is saved against."""
     from transformers import AutoModelForSequenceClassification
 
-    from hsplit.runtime.task import Classification, label_word_head
+    from hsplit.runtime.models.task import Classification, label_word_head
     head = label_word_head(lm.model.get_output_embeddings().weight, Classification(labels, lm.tokenizer).tokens)
     from transformers.utils import logging as hf_logging
     level = hf_logging.get_verbosity()
@@ -258,7 +258,7 @@ def _write_adapter(path: Path, factors, ranks, model_path: str, base_name: str, 
     and carries the head as the saved `score` module (modules_to_save)."""
     from peft import LoraConfig
 
-    from hsplit.runtime.lora import get_peft_model
+    from hsplit.runtime.models.lora import get_peft_model
 
     tmp = _fresh_target(path)
     try:

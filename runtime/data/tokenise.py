@@ -3,7 +3,7 @@
     enc = encode_dataset(ds, kind, tokenizer, spec, key)   # Dataset: source, ids, loss (0/1 per token)
     ids, loss = chat_tokens(tokenizer, messages)           # chat template; loss on assistant turns only
 
-Per record kind (runtime/datasource.py):
+Per record kind (runtime/data/source.py):
 - documents (text files, Shakespeare): the text's tokens + EOS, loss on every token (data.py joins a
   source's documents and cuts them into seq_len chunks);
 - text: the text's tokens + EOS, loss on every token (a record without text: its prompt and completion,

@@ -59,10 +59,10 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.importance import Importance, shift
 from hsplit.planner.plan import Plan
 from hsplit.planner.strategies import STRATEGIES, traits
-from hsplit.runtime import checkpoint
+from hsplit.runtime.train import checkpoint
 from hsplit.runtime.common import GLOBAL, derive_seed
-from hsplit.runtime.importance import rngwp_step_score
-from hsplit.runtime.party import move_party
+from hsplit.runtime.measure.importance import rngwp_step_score
+from hsplit.runtime.train.party import move_party
 
 BETA = 0.5
 RNGWP_METHODS = ("rngwp", "runtime-rngwp")     # importance methods whose plans are re-scored with rngwp

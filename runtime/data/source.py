@@ -166,8 +166,8 @@ def _hub_split(splits, ref: str, split: str | None) -> str | None:
 
 def record_kind(columns: list[str], sample: dict | None, spec: DataSpec, where: str) -> str:
     """The record kind of a table with `columns` (sample: its first record, to tell chat prompt lists)."""
-    if spec.task == "classification":       # text + label columns: runtime/classification.py reads them
-        from hsplit.runtime.classification import pick_columns
+    if spec.task == "classification":       # text + label columns: runtime/data/classification.py reads them
+        from hsplit.runtime.data.classification import pick_columns
         pick_columns(list(columns), spec, where)
         return "classification"
     cols = set(columns)
@@ -336,7 +336,7 @@ def open_dataset(src: Source, spec: DataSpec):
     import datasets
     _quiet(datasets)
     if src.reader in ("shakespeare", "text"):
-        from hsplit.runtime.tokenise import clean_markdown
+        from hsplit.runtime.data.tokenise import clean_markdown
         texts, names = [], []
         for f in src.files:
             t = read_utf8(f)
@@ -399,7 +399,7 @@ def check_data(spec: DataSpec, seq_len: int) -> list[str]:
     if info.rows is None:
         return []
     if info.kind == "documents":     # the run's hold-out per source, of about 4 characters per token
-        from hsplit.runtime.partition import holdout
+        from hsplit.runtime.data.partition import holdout
         per_source = {s: int(t // seq_len) for s, t in _document_tokens(src, None).items()}
         items = sum(per_source.values())
         held = sum(len(i) for _, i in holdout(per_source, spec.eval_fraction, 0)[1])
@@ -420,7 +420,7 @@ FULL_READ_BYTES = 64 * 2 ** 20      # check_records reads local data files up to
 def _document_tokens(src: Source, tok) -> dict[str, int]:
     """{source: tokens} of text documents as the run encodes them (each document's tokens + EOS, joined per
     source); without a tokenizer, about 4 characters per token."""
-    from hsplit.runtime.tokenise import clean_markdown
+    from hsplit.runtime.data.tokenise import clean_markdown
     out: dict[str, int] = {}
     for f in src.files:
         text = read_utf8(f)
@@ -448,8 +448,8 @@ def check_records(spec: DataSpec, seq_len: int, weights: list[float], seed: int)
     sources (flower-natural-id, flower-pathological) or leaves a client without data, or an empty held-out
     split; the hold-out and the partition are the run's own (partition.holdout, partition.partition). Raises
     the run's ConfigError; returns notes (sources on no client)."""
-    from hsplit.runtime.partition import holdout, partition, partition_problem, split_problems, unassigned_note
-    from hsplit.runtime.tokenise import _source_of, chat_record, no_assistant_problem, record_problem
+    from hsplit.runtime.data.partition import holdout, partition, partition_problem, split_problems, unassigned_note
+    from hsplit.runtime.data.tokenise import _source_of, chat_record, no_assistant_problem, record_problem
     if spec.task == "classification":
         check_classification(spec, seed, weights, seq_len)
         return []
@@ -498,7 +498,7 @@ def check_classification(spec: DataSpec, seed: int, weights: list[float] | None,
     """The label set of classification data, read whole (any source the loader reads), after the checks of
     classification.check_plan: labels present and known, two classes or more, every class held out, and
     (weights given) the partition over the plan's clients. Raises ConfigError naming data.path."""
-    from hsplit.runtime.classification import check_plan
+    from hsplit.runtime.data.classification import check_plan
     ds = open_dataset(resolve(spec), spec)
     if len(ds) == 0:
         raise ConfigError("data.path", [f"{spec.path}: no records"])

@@ -1,6 +1,6 @@
-"""One process of a distributed run: `torchrun ... -m hsplit.runtime.worker plan.yaml [options]`.
+"""One process of a distributed run: `torchrun ... -m hsplit.runtime.distributed.worker plan.yaml [options]`.
 
-    HSPLIT_TOKEN=$(cat run.token) torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.worker plan.yaml \\
+    HSPLIT_TOKEN=$(cat run.token) torchrun --nnodes 1 --nproc-per-node 3 -m hsplit.runtime.distributed.worker plan.yaml \\
         --name demo --timeout 120
     # rank 0: the server (writes runs/demo/); rank k: the plan's k-th client
 
@@ -31,12 +31,12 @@ def _at_least(lo: float, kind=int):
 
 
 def parser() -> argparse.ArgumentParser:
-    """The worker's flags, built from the fields of RunOptions and DistOptions (runtime/options.py)."""
+    """The worker's flags, built from the fields of RunOptions and DistOptions (runtime/train/options.py)."""
     from dataclasses import MISSING
 
-    from hsplit.runtime.options import DistOptions, RunOptions, flag, flags
+    from hsplit.runtime.train.options import DistOptions, RunOptions, flag, flags
 
-    ap = argparse.ArgumentParser(prog="python -m hsplit.runtime.worker",
+    ap = argparse.ArgumentParser(prog="python -m hsplit.runtime.distributed.worker",
                                  description="One process (server = rank 0, client k = rank k) of a distributed run; "
                                              "start every process with torchrun (docs/runtime.md, Distributed).")
     ap.add_argument("plan", nargs="+", help="plan.yaml (several: run one after the other, each in runs/<stem>/)")
@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
     missing = [v for v in TORCHRUN_ENV if not os.environ.get(v)]
     if missing:
         print(f"error: {', '.join(missing)} not set: start every process with torchrun (e.g. torchrun --nnodes 1 "
-              f"--nproc-per-node K+1 -m hsplit.runtime.worker {' '.join(argv)}), or use `hsplit run PLAN "
+              f"--nproc-per-node K+1 -m hsplit.runtime.distributed.worker {' '.join(argv)}), or use `hsplit run PLAN "
               f"--distributed` on one machine", file=sys.stderr)
         return 2
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from hsplit.runtime.distributed.launcher import worker
-    from hsplit.runtime.options import DistOptions, RunOptions, flags
+    from hsplit.runtime.train.options import DistOptions, RunOptions, flags
 
     values = vars(a)
     opts = RunOptions(progress=False, **{f.name: values[f.name] for f in flags(RunOptions)})

@@ -58,8 +58,8 @@ from torch.utils.checkpoint import checkpoint
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.importance import Importance, finetune_bytes
 from hsplit.planner.model import ModelProfile
-from hsplit.runtime.data import TokenSet
-from hsplit.runtime.model import SplitLM, lm_loss
+from hsplit.runtime.data.federated import TokenSet
+from hsplit.runtime.models.causal_lm import SplitLM, lm_loss
 
 METHODS = ("sensitivity", "rngwp")
 NORMALIZATIONS = ("raw", "per-parameter")          # of sensitivity scores; rngwp's is always per-byte
@@ -399,7 +399,7 @@ def training_batches(data: str, tokenizer, settings: ImportanceSettings, data_fo
     """`steps` batches of the training split (the held-out split of a run with the same seed and
     eval_fraction is never scored on)."""
     from hsplit.planner.plan import DataSpec
-    from hsplit.runtime.data import load_federated_data
+    from hsplit.runtime.data.federated import load_federated_data
 
     spec = DataSpec(path=data, format=data_format, partition="iid", eval_fraction=eval_fraction)
     fed = load_federated_data(spec, tokenizer, settings.seq_len, weights=[1.0], seed=settings.seed)
@@ -474,7 +474,7 @@ def compute_importance(model_ref: str, settings: ImportanceSettings, data: str =
                        data_format: str = "auto", progress: bool = True,
                        on_step: Callable[[int, int], None] | None = None) -> tuple[Importance, dict]:
     """Load the model and data, score, and return (Importance, info with timings and peak memory)."""
-    from hsplit.runtime.model import load_lm
+    from hsplit.runtime.models.causal_lm import load_lm
 
     settings.check()
     base_rss = PeakRSS.rss()

@@ -4,7 +4,7 @@
     loss, n = task.loss(split, h, mask, s, labels)     # server part from block s on, then the task's loss
     logits, targets = task.scores(split, h, mask, s, labels)   # classification: per labelled sequence
 
-The split step (runtime/step.py) and evaluation (runtime/evaluate.py) call only this, so a task changes
+The split step (runtime/train/step.py) and evaluation (runtime/outputs/evaluate.py) call only this, so a task changes
 the server's loss and nothing else: the client half, the wire format and every strategy stay as they are.
 
 - lm: blocks [s, L) + final norm + LM head, next-token cross-entropy over labelled tokens (n = tokens).
@@ -16,14 +16,14 @@ the server's loss and nothing else: the client half, the wire format and every s
   next-token scores restricted to the label words (generative classification with label words, scored
   over the labels only). Nothing new is trained or aggregated beyond the adapters, which is why every
   strategy, checkpoint, resume and transport works unchanged; the export writes this head as the
-  `score` weight of a `*ForSequenceClassification` model (runtime/export.py).
+  `score` weight of a `*ForSequenceClassification` model (runtime/outputs/export.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from hsplit.runtime.model import lm_loss
+from hsplit.runtime.models.causal_lm import lm_loss
 
 
 class LanguageModelling:

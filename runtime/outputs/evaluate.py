@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hsplit.runtime.data import TokenSet, check_data_ref, load_eval_data
-from hsplit.runtime import classification, rundir
+from hsplit.runtime.data.federated import TokenSet, check_data_ref, load_eval_data
+from hsplit.runtime.data import classification
+from hsplit.runtime.outputs import rundir
 
 
 def eval_subset(data: TokenSet, max_seqs: int | None) -> TokenSet:

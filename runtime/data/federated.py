@@ -5,15 +5,15 @@
     data.eval             # TokenSet no client trains on
     batch = data.clients[k].batch(batch_size, seed, round_idx, client_idx, step)   # stateless
 
-Where data comes from and its record kinds: runtime/datasource.py (`shakespeare`, local files and
+Where data comes from and its record kinds: runtime/data/source.py (`shakespeare`, local files and
 folders read with Hugging Face `datasets`, `save_to_disk` folders, hub ids; chat, text,
-prompt/completion, E2E, documents); token ids and loss masks: runtime/tokenise.py (chat template,
+prompt/completion, E2E, documents); token ids and loss masks: runtime/data/tokenise.py (chat template,
 cached by `datasets`). Here: documents (text files) are joined with EOS per source and cut into
 seq_len chunks; other records are one example each, truncated or padded (mask 0, label -100).
 
 Hold-out: eval_fraction of each source's items (chunks or examples), chosen with the seed; sources too
 small for their own share (eval_fraction x items < 0.5) are pooled and hold out the pool's share.
-The remaining items are partitioned across clients by runtime/partition.py (hsplit's by-source,
+The remaining items are partitioned across clients by runtime/data/partition.py (hsplit's by-source,
 iid, dirichlet; Flower Datasets' flower-iid, flower-dirichlet, flower-natural-id, flower-pathological).
 """
 from __future__ import annotations
@@ -25,12 +25,12 @@ import torch
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.plan import DataSpec
-from hsplit.runtime.datasource import (check_data_ref, open_dataset, record_kind, resolve, shakespeare_root,  # noqa: F401
+from hsplit.runtime.data.source import (check_data_ref, open_dataset, record_kind, resolve, shakespeare_root,  # noqa: F401
                                        split_data_ref)
-from hsplit.runtime import classification
-from hsplit.runtime.model import cache_dir
-from hsplit.runtime.partition import holdout, partition, split_problems, unassigned_note
-from hsplit.runtime.tokenise import cache_key, chat_record, encode_dataset, no_assistant_problem
+from hsplit.runtime.data import classification
+from hsplit.runtime.models.causal_lm import cache_dir
+from hsplit.runtime.data.partition import holdout, partition, split_problems, unassigned_note
+from hsplit.runtime.data.tokenise import cache_key, chat_record, encode_dataset, no_assistant_problem
 
 
 @dataclass
@@ -148,7 +148,7 @@ def _tokenised(spec: DataSpec, tokenizer, seq_len: int, use_cache: bool = True) 
     ds = open_dataset(src, spec)
     if len(ds) == 0:
         raise ConfigError("data.path", [f"{spec.path}: no records"])
-    if spec.task == "classification":       # text + label records (runtime/classification.py)
+    if spec.task == "classification":       # text + label records (runtime/data/classification.py)
         recs = classification.read_records(ds, spec, spec.path)
         if not spec.labels:                 # a hand-written plan without data.labels: read them now
             spec.labels = classification.check_labels(recs, spec, spec.path)

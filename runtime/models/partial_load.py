@@ -25,7 +25,7 @@ from torch import nn
 
 from hsplit.planner.errors import ConfigError
 from hsplit.planner.model import ModelProfile
-from hsplit.runtime.model import LoadedLM, locate_model
+from hsplit.runtime.models.causal_lm import LoadedLM, locate_model
 
 
 def is_placeholder(t: torch.Tensor) -> bool:

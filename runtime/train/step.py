@@ -99,7 +99,7 @@ class ServerSide:
         st.lr = set_lr(sim, [p.opt_server], r, s)
         sim.bank.activate(p.adapter, sim.strategy.offset(p))
         h_server = h.detach().requires_grad_(needs_grad)
-        with sim.autocast():        # the task's loss (runtime/task.py): next-token or classification
+        with sim.autocast():        # the task's loss (runtime/models/task.py): next-token or classification
             loss, n_tok = sim.task.loss(sim.split, h_server, mask, p.split, labels)
         loss.backward()
         st.losses.append(float(loss.detach()))

@@ -1,0 +1,1 @@
+"""runtime/measure/: Measuring: device profiles, calibration of predicted step times, importance scores."""

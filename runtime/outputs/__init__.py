@@ -1,0 +1,1 @@
+"""runtime/outputs/: What a run leaves: its folder and metrics, logs, held-out evaluation, generation metrics, export, model card."""

@@ -1,0 +1,1 @@
+"""runtime/train/: The recipe: run options, the one round loop, the one split step, parties, checkpoints, re-planning."""
