@@ -13,7 +13,7 @@ label` (per label, client shares ~ Dirichlet(alpha): the standard non-IID classi
 held-out split taken per label. The fleet is bench/strategies.py's: the example fleet with its round
 budgets scaled to the benchmark's tokens per round, so that the planner gives clients different splits
 and ranks. Every strategy gets the same model, data, partition, seeds, schedule, rounds and local steps.
-After training, `hsplit eval`'s evaluation (runtime/evaluate.evaluate_run: predictions saved in the run
+After training, `hsplit eval`'s evaluation (runtime/outputs/evaluate.py evaluate_run: predictions saved in the run
 folder, accuracy and macro-F1 by scikit-learn) scores the held-out split. Each finished run is written to
 results/<run>.json at once; the same command again skips finished runs and resumes an interrupted one
 from its last checkpoint; `--summarise-only` rewrites the summary (and, with --docs, docs/benchmarks.md).
