@@ -37,6 +37,9 @@ MAX_SERVERS = 1_000_000     # server.count and server.concurrency
 MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
 
+_CLIENTS_JSON: dict[int, tuple[tuple, str]] = {}   # id(groups) -> (groups, canonical JSON of their resolved entries)
+
+
 @dataclass(frozen=True)
 class Budget:
     round_s: float | None = None
@@ -130,7 +133,18 @@ class Fleet:
     def sha256(self) -> str:
         """Hash of the resolved fleet (device profiles included), stable across formatting (and across YAML
         and table inventories of the same clients): canonical JSON, fast for 100,000 clients."""
-        return sha256_text(json.dumps(self._resolved(), sort_keys=True, separators=(",", ":"), default=str))
+        def canonical(x) -> str:
+            return json.dumps(x, sort_keys=True, separators=(",", ":"), default=str)
+        # The clients' part is kept per groups tuple: what-if scenarios that vary only the server share it.
+        # "clients" sorts first among the keys, so the text is the same as canonical(self._resolved()).
+        kept = _CLIENTS_JSON.get(id(self.groups))
+        if kept is None or kept[0] is not self.groups:
+            if len(_CLIENTS_JSON) >= 8:
+                _CLIENTS_JSON.clear()
+            kept = _CLIENTS_JSON[id(self.groups)] = (self.groups, canonical(self._resolved()["clients"]))
+        rest = replace(self, groups=())._resolved()
+        del rest["clients"]
+        return sha256_text('{"clients":' + kept[1] + "," + canonical(rest)[1:])
 
     def sha256_before_22(self) -> str:
         """The hash plans written before issue 22 carry in inputs.fleet_sha256 (YAML text of the same data)."""
