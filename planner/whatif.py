@@ -167,6 +167,11 @@ def _apply(fleet_dict: dict, fleet_path: Path, vary: Vary, value: str, problems:
     sel, key = parts[1], ".".join(parts[2:])
     all_groups = [g for g in fleet_dict.get("clients") or [] if isinstance(g, dict) and "device" in g]
     groups = [g for g in all_groups if sel == "*" or sel in _device_names(g["device"], base_dir)]
+    tables = [str(g["table"]) for g in fleet_dict.get("clients") or [] if isinstance(g, dict) and "table" in g]
+    if tables and (sel == "*" or not groups):    # a table's rows are not groups of the fleet file
+        problems.append(f"{vary.path}: fleet {fleet_path.name} lists clients in {', '.join(tables)}, whose rows "
+                        f"--vary clients.* does not reach; vary server.* or the plan settings, or edit the table")
+        return
     if not groups:
         names = sorted({_device_names(g["device"], base_dir)[0] for g in all_groups})
         problems.append(f"{vary.path}: no client group with device {sel!r} in fleet {fleet_path.name}; "
