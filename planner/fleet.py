@@ -37,6 +37,9 @@ MAX_SERVERS = 1_000_000     # server.count and server.concurrency
 MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
 
+_CLIENTS_JSON: dict[int, tuple[tuple, str]] = {}   # id(groups) -> (groups, canonical JSON of their resolved entries)
+
+
 @dataclass(frozen=True)
 class Budget:
     round_s: float | None = None
@@ -130,7 +133,18 @@ class Fleet:
     def sha256(self) -> str:
         """Hash of the resolved fleet (device profiles included), stable across formatting (and across YAML
         and table inventories of the same clients): canonical JSON, fast for 100,000 clients."""
-        return sha256_text(json.dumps(self._resolved(), sort_keys=True, separators=(",", ":"), default=str))
+        def canonical(x) -> str:
+            return json.dumps(x, sort_keys=True, separators=(",", ":"), default=str)
+        # The clients' part is kept per groups tuple: what-if scenarios that vary only the server share it.
+        # "clients" sorts first among the keys, so the text is the same as canonical(self._resolved()).
+        kept = _CLIENTS_JSON.get(id(self.groups))
+        if kept is None or kept[0] is not self.groups:
+            if len(_CLIENTS_JSON) >= 8:
+                _CLIENTS_JSON.clear()
+            kept = _CLIENTS_JSON[id(self.groups)] = (self.groups, canonical(self._resolved()["clients"]))
+        rest = replace(self, groups=())._resolved()
+        del rest["clients"]
+        return sha256_text('{"clients":' + kept[1] + "," + canonical(rest)[1:])
 
     def sha256_before_22(self) -> str:
         """The hash plans written before issue 22 carry in inputs.fleet_sha256 (YAML text of the same data)."""
@@ -155,25 +169,7 @@ class Fleet:
         if description is not None and not isinstance(description, str):
             p.add("description", f"must be text, found {kind(description)}")
             description = None
-        server = None
-        raw_server = data.get("server")
-        if raw_server is None:
-            p.add("server", "missing: add `server: {device: a100-80gb}`")
-        elif not isinstance(raw_server, dict):
-            p.add("server", f"must be a mapping such as `server: {{device: a100-80gb}}`, found {kind(raw_server)}")
-        elif "device" not in raw_server:
-            p.add("server.device", "missing: add `device: a100-80gb` (a shipped name, a path or an inline profile)")
-        else:
-            dev = _device(raw_server["device"], "server.device", p, source, base_dir)
-            count = whole(raw_server.get("count"), "server.count", p, minimum=1, maximum=MAX_SERVERS,
-                          required=False, default=1)
-            conc = whole(raw_server.get("concurrency"), "server.concurrency", p, minimum=1, maximum=MAX_SERVERS,
-                         required=False, default=1)
-            for key in raw_server:
-                if key not in ("device", "count", "concurrency"):
-                    p.add(f"server.{key}", "unknown field; expected device, count, concurrency")
-            if dev and count and conc:
-                server = Server(dev, count, conc, raw_server["device"])
+        server = server_from_entry(data.get("server"), p, source, base_dir)
         groups = []
         raw_clients = data.get("clients")
         example = "e.g. `clients: [{device: raspberry-pi-5-8gb, count: 4}]`, or one `- device: ...` line per group"
@@ -231,6 +227,30 @@ def resolve_fleet_path(ref: str | Path) -> Path:
         return shipped
     names = ", ".join(sorted(q.stem for q in (PROFILE_DIR / "fleets").glob("*.yaml")))
     raise ConfigError(cut(str(ref)), [f"fleet file not found; give a path or a shipped fleet name ({names})"])
+
+
+def server_from_entry(raw_server, p: Problems, source: str, base_dir) -> Server | None:
+    """A fleet's `server:` mapping checked field by field into `p`; None when it is missing or has a problem
+    (also used by what-if to vary the server of an already loaded fleet)."""
+    server = None
+    if raw_server is None:
+        p.add("server", "missing: add `server: {device: a100-80gb}`")
+    elif not isinstance(raw_server, dict):
+        p.add("server", f"must be a mapping such as `server: {{device: a100-80gb}}`, found {kind(raw_server)}")
+    elif "device" not in raw_server:
+        p.add("server.device", "missing: add `device: a100-80gb` (a shipped name, a path or an inline profile)")
+    else:
+        dev = _device(raw_server["device"], "server.device", p, source, base_dir)
+        count = whole(raw_server.get("count"), "server.count", p, minimum=1, maximum=MAX_SERVERS,
+                      required=False, default=1)
+        conc = whole(raw_server.get("concurrency"), "server.concurrency", p, minimum=1, maximum=MAX_SERVERS,
+                     required=False, default=1)
+        for key in raw_server:
+            if key not in ("device", "count", "concurrency"):
+                p.add(f"server.{key}", "unknown field; expected device, count, concurrency")
+        if dev and count and conc:
+            server = Server(dev, count, conc, raw_server["device"])
+    return server
 
 
 def _device(ref, field_name, p, source, base_dir) -> DeviceProfile | None:

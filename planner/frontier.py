@@ -42,6 +42,7 @@ class FrontierTables:
             raise ValueError(f"the rank lattice has {size:,} points (ranks {list(inst.ranks)} share a small "
                              "common factor); use --method full, or ranks that are multiples of 2")
         self.tables: dict[tuple[int, int], np.ndarray] = {}
+        self._ranks: dict[tuple[int, int, int], np.ndarray] = {}   # ranks_many's answers (shared tables re-use them)
         for s in sorted(set(splits)):
             for m, G in self._pass(s):
                 self.tables[(s, m)] = np.maximum.accumulate(G)
@@ -86,11 +87,13 @@ class FrontierTables:
 
     def ranks_many(self, wanted) -> dict[tuple[int, int, int], np.ndarray]:
         """ranks(s, m, p) for every (s, m, p) in `wanted`, with one pass of the programme per split s (the
-        choices recorded for blocks s-1 .. m do not depend on where the pass stops)."""
+        choices recorded for blocks s-1 .. m do not depend on where the pass stops). Answers are kept: a
+        what-if sweep sharing these tables asks again for most of them."""
         inst = self.inst
-        out: dict[tuple[int, int, int], np.ndarray] = {}
+        wanted = set(wanted)
+        out = {key: self._ranks[key] for key in wanted if key in self._ranks}
         by_split: dict[int, list] = {}
-        for s, m, p in set(wanted):
+        for s, m, p in wanted - out.keys():
             by_split.setdefault(s, []).append((m, p))
         for s, todo in by_split.items():
             record: list = []
@@ -104,7 +107,8 @@ class FrontierTables:
                     ranks[l, j] = inst.ranks[qi]
                     left -= self.cost[j][qi]
                 assert left == 0, "backtracking did not return to cost 0"
-                out[(s, m, p)] = ranks
+                ranks.setflags(write=False)     # shared by every plan that picks (s, m, p)
+                out[(s, m, p)] = self._ranks[(s, m, p)] = ranks
         return out
 
 

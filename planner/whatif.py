@@ -37,8 +37,8 @@ import pandas as pd
 from hsplit.planner.api import load_inputs, make_plan
 from hsplit.planner.curve import Curve, read_curve, setup_warning
 from hsplit.planner.device import resolve_device
-from hsplit.planner.errors import ConfigError, InfeasibleError
-from hsplit.planner.fleet import Fleet, resolve_fleet_path
+from hsplit.planner.errors import ConfigError, InfeasibleError, Problems
+from hsplit.planner.fleet import Fleet, resolve_fleet_path, server_from_entry
 from hsplit.planner.instance import build_instance, dtype_problem, infeasible_classes
 from hsplit.planner.model import ModelProfile, load_model_profile
 from hsplit.planner.plan import Training
@@ -167,6 +167,11 @@ def _apply(fleet_dict: dict, fleet_path: Path, vary: Vary, value: str, problems:
     sel, key = parts[1], ".".join(parts[2:])
     all_groups = [g for g in fleet_dict.get("clients") or [] if isinstance(g, dict) and "device" in g]
     groups = [g for g in all_groups if sel == "*" or sel in _device_names(g["device"], base_dir)]
+    tables = [str(g["table"]) for g in fleet_dict.get("clients") or [] if isinstance(g, dict) and "table" in g]
+    if tables and (sel == "*" or not groups):    # a table's rows are not groups of the fleet file
+        problems.append(f"{vary.path}: fleet {fleet_path.name} lists clients in {', '.join(tables)}, whose rows "
+                        f"--vary clients.* does not reach; vary server.* or the plan settings, or edit the table")
+        return
     if not groups:
         names = sorted({_device_names(g["device"], base_dir)[0] for g in all_groups})
         problems.append(f"{vary.path}: no client group with device {sel!r} in fleet {fleet_path.name}; "
@@ -243,8 +248,11 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
             problems.extend(f"{ref}: {p}" for p in e.problems)
             continue
         fleet_name = str(base.get("name") or path.stem)
+        # Only the server or the plan settings vary: read and check the clients once (a 10,000-row inventory
+        # takes seconds) and give each scenario the loaded clients with its own server.
+        loaded = _loaded_clients(base, path) if not any(v.path.startswith("clients.") for v in varies) else None
         for combo in combos:
-            data = copy.deepcopy(base)
+            data = {**base, "server": copy.deepcopy(base.get("server"))} if loaded else copy.deepcopy(base)
             settings, kwargs = {}, {}
             for v, value in zip(varies, combo):
                 settings[v.path] = value
@@ -255,7 +263,8 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
             label = " ".join(f"{k}={val}" for k, val in settings.items())
             name = _unique(f"{fleet_name} {label}".strip(), seen_names)
             try:
-                fleet = Fleet.from_dict(data, f"{path} {label}".strip(), path.parent)
+                fleet = (_with_server(loaded, data, f"{path} {label}".strip(), path.parent) if loaded
+                         else Fleet.from_dict(data, f"{path} {label}".strip(), path.parent))
             except ConfigError as e:
                 problems.extend(f"scenario {name}: {p}" for p in e.problems)
                 continue
@@ -270,6 +279,24 @@ def build_scenarios(fleets: list[str], vary: list[str | Vary], zip_vary: bool = 
     if problems:
         raise ConfigError("hsplit whatif", sorted(set(problems), key=problems.index))
     return scenarios
+
+
+def _loaded_clients(base: dict, path: Path) -> Fleet | None:
+    """The fleet file loaded once, for scenarios that vary only its server; None when it has a problem (each
+    scenario then loads it and reports the problem as `hsplit plan` would)."""
+    try:
+        return Fleet.from_dict(base, str(path), path.parent)
+    except ConfigError:
+        return None
+
+
+def _with_server(loaded: Fleet, data: dict, source: str, base_dir: Path) -> Fleet:
+    """`loaded` with the scenario's (varied) `server:` mapping, checked by the fleet loader's rules."""
+    p = Problems(source)
+    server = server_from_entry(data.get("server"), p, source, base_dir)
+    p.raise_if_any()
+    # the name as Fleet.from_dict gives it (a fleet without `name:` is named after its source)
+    return replace(loaded, server=server, source=source, name=str(data.get("name") or Path(source).stem))
 
 
 def _unique(name: str, seen: dict[str, int]) -> str:
