@@ -37,9 +37,6 @@ MAX_SERVERS = 1_000_000     # server.count and server.concurrency
 MAX_NAME = 100              # characters in a fleet name (used in what-if scenario names and file names)
 
 
-_CLIENTS_JSON: dict[int, tuple[tuple, str]] = {}   # id(groups) -> (groups, canonical JSON of their resolved entries)
-
-
 @dataclass(frozen=True)
 class Budget:
     round_s: float | None = None
@@ -84,6 +81,9 @@ class Fleet:
     groups: tuple[ClientGroup, ...]
     description: str = ""
     source: str = "<fleet>"
+    # (groups, canonical JSON of their resolved entries): kept for sha256, shared by the fleets replace() makes
+    # from this one (what-if scenarios that vary only the server); checked by identity, so new groups recompute
+    clients_json: list = field(default_factory=list, compare=False, repr=False)
 
     def clients(self) -> list[Client]:
         out, i = [], 0
@@ -137,12 +137,10 @@ class Fleet:
             return json.dumps(x, sort_keys=True, separators=(",", ":"), default=str)
         # The clients' part is kept per groups tuple: what-if scenarios that vary only the server share it.
         # "clients" sorts first among the keys, so the text is the same as canonical(self._resolved()).
-        kept = _CLIENTS_JSON.get(id(self.groups))
-        if kept is None or kept[0] is not self.groups:
-            if len(_CLIENTS_JSON) >= 8:
-                _CLIENTS_JSON.clear()
-            kept = _CLIENTS_JSON[id(self.groups)] = (self.groups, canonical(self._resolved()["clients"]))
-        rest = replace(self, groups=())._resolved()
+        if not self.clients_json or self.clients_json[0] is not self.groups:
+            self.clients_json[:] = [self.groups, canonical(self._resolved()["clients"])]
+        kept = self.clients_json
+        rest = replace(self, groups=(), clients_json=[])._resolved()
         del rest["clients"]
         return sha256_text('{"clients":' + kept[1] + "," + canonical(rest)[1:])
 
