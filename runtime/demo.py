@@ -27,7 +27,9 @@ def scaled_fleet(ref: str, training: Training, model: str | None = None):
     """The fleet with every round budget scaled by (tokens per round now) / (at hsplit plan's defaults).
     With `model`, each group's budget also keeps the merge download hsplitlora charges at the split the
     full-size plan gives it (docs/formulation.md, "Merge download"): that download does not shrink with
-    the tokens, so scaling it too would leave the small rounds no time to compute."""
+    the tokens, so scaling it too would leave the small rounds no time to compute. The download kept is warm
+    aggregation's (the whole update of its blocks, the larger one), whatever the plan's aggregation: the scaled
+    fleets stay the ones the benchmarks in docs/benchmarks.md were run on, and every aggregation fits them."""
     from dataclasses import replace
 
     from hsplit.planner.fleet import Fleet
@@ -41,8 +43,8 @@ def scaled_fleet(ref: str, training: Training, model: str | None = None):
         from hsplit.planner.instance import build_instance
         from hsplit.planner.model import load_model_profile
         profile = load_model_profile(model)
-        inst = build_instance(fleet, profile, training=full)
-        at_full = make_plan(fleet, profile, training=full)
+        inst = build_instance(fleet, profile, training=full, aggregation="warm")
+        at_full = make_plan(fleet, profile, training=full, aggregation="warm")
         for c in inst.classes:
             for k in c.members:
                 g = inst.clients[k].group
