@@ -54,7 +54,7 @@ def test_plan_charges_the_merge_download_in_the_round_times(tmp_path):
     assert plan.predicted["round_s_exact_merge"] <= plan.predicted["round_s"]
     r = runner.invoke(app, ["plan", "--check", str(out), "--fleet", "example", "--format", "json"])
     assert r.exit_code == 0, r.output
-    for c, row in zip(plan.clients, json.loads(r.output)["clients"]):
+    for c, row in zip(plan.clients, json.loads(r.stdout)["clients"]):
         assert round(row["merge_download_mb"], 6) == c.predicted["merge_download_mb"]
         assert round(row["merge_download_charged_s"], 3) == c.predicted["merge_download_charged_s"]
 
@@ -64,7 +64,7 @@ def test_plan_json_output(tmp_path):
     r = runner.invoke(app, ["plan", "--fleet", "example", "--ranks", "0,4,8", "--modules", "q_proj,v_proj",
                             "--solver", "highs", "--format", "json", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    data = json.loads(r.output)
+    data = json.loads(r.stdout)
     assert data["plan"] == str(out)
     assert data["modules"] == ["self_attn.q_proj", "self_attn.v_proj"]
     assert set(data["ranks_allowed"]) == {0, 4, 8}
@@ -78,7 +78,7 @@ def test_full_milp_method_agrees_with_decomposed(tmp_path):
     b = runner.invoke(app, args + ["-o", str(tmp_path / "b.yaml"), "--format", "json", "--method", "full",
                                    "--solver", "highs"])
     assert a.exit_code == 0 and b.exit_code == 0, a.output + b.output
-    oa, ob = json.loads(a.output)["solver"]["objective"], json.loads(b.output)["solver"]["objective"]
+    oa, ob = json.loads(a.stdout)["solver"]["objective"], json.loads(b.stdout)["solver"]["objective"]
     assert abs(oa["utility"] - ob["utility"]) < 1e-6
     assert abs(oa["round_s"] - ob["round_s"]) <= 1e-6 * oa["round_s"]
 
@@ -104,7 +104,7 @@ def test_check_reports_every_violated_constraint(tmp_path):
     _splitlora_plan(path, 29)
     r = runner.invoke(app, ["plan", "--check", str(path), "--fleet", "example", "--format", "json"])
     assert r.exit_code == 1
-    report = json.loads(r.output)
+    report = json.loads(r.stdout)
     assert not report["valid"]
     text = "\n".join(report["violations"])
     assert "c2 (raspberry-pi-5-8gb): round time" in text and "exceeds budget 25.0 s" in text
@@ -255,7 +255,7 @@ def test_check_counts_adapted_matrices_like_plan(tmp_path):
     _splitlora_plan(path, 3)
     r = runner.invoke(app, ["plan", "--check", str(path), "--fleet", "example", "--format", "json"])
     assert r.exit_code == 0, r.output
-    assert [c["matrices"] for c in json.loads(r.output)["clients"]] == [6] * 5
+    assert [c["matrices"] for c in json.loads(r.stdout)["clients"]] == [6] * 5
     r = runner.invoke(app, ["plan", "--check", str(path), "--fleet", "example"])
     row = next(line for line in r.output.splitlines() if "c0" in line and "jetson" in line)
     assert [x.strip() for x in row.split("│") if x.strip()][2:4] == ["3", "6"]

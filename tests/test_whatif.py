@@ -91,7 +91,7 @@ def test_cli_json_and_bad_vary(tmp_path):
     r = runner.invoke(app, ["whatif", "example", "--vary", "seq_len=128", "-o", str(tmp_path / "w"),
                             "--format", "json"])
     assert r.exit_code == 0
-    assert json.loads(r.output)["scenarios"][0]["seq_len"] == "128"
+    assert json.loads(r.stdout)["scenarios"][0]["seq_len"] == "128"
     r = runner.invoke(app, ["whatif", "example", "--vary", "seq_len", "-o", str(tmp_path / "w2")])
     assert r.exit_code == 2 and "PATH=V1,V2" in r.output
     assert not (tmp_path / "w2").exists()
@@ -253,7 +253,7 @@ def test_a_group_link_override_is_planned_and_varied_end_to_end(tmp_path):
     r = runner.invoke(app, ["whatif", str(path), "--vary", "clients.jetson-orin-nano-8gb.uplink_mbps=2,200",
                             "--format", "json", "-o", str(out)])
     assert r.exit_code == 0, r.output
-    rows = {row["clients.jetson-orin-nano-8gb.uplink_mbps"]: row for row in json.loads(r.output)["scenarios"]}
+    rows = {row["clients.jetson-orin-nano-8gb.uplink_mbps"]: row for row in json.loads(r.stdout)["scenarios"]}
     assert all(row["status"] == "optimal" for row in rows.values()), rows
     assert rows["200"]["round_s"] < rows["2"]["round_s"]
     assert rows["2"]["straggler"].split()[0] in ("c0", "c1")      # the jetsons, on their 2 Mbit/s uplink

@@ -140,7 +140,7 @@ def test_groups_that_cannot_take_part_are_left_out_and_counted(tmp_path):
     r = runner.invoke(app, ["whatif", "example", "--vary", "clients.raspberry-pi-5-8gb.budget.memory_gib=0.1,2",
                             "-o", str(out), "--format", "json"])
     assert r.exit_code == 0, r.output
-    rows = json.loads(r.output)["scenarios"]
+    rows = json.loads(r.stdout)["scenarios"]
     partial, whole = rows
     assert partial["status"] == "optimal" and partial["participating"] == 3 and partial["fleet_share"] == 0.6
     assert "c2, c3 (raspberry-pi-5-8gb): memory: even the smallest split" in partial["excluded"]
