@@ -39,7 +39,7 @@ def env(tmp_path_factory):
     yield from tiny_runtime_env(tmp_path_factory, "flower")
 
 
-def make_plan(env, name, strategy="hsplitlora", clients=None, sampling=None, **training):
+def make_plan(env, name, strategy="hsplitlora", clients=None, sampling=None, extra=None, **training):
     root, model, text = env
     t = {"batch_size": 2, "seq_len": 32, "local_steps": 2, "rounds": 2, "dtype": "fp32", "learning_rate": 5e-3,
          "lr_schedule": "cosine", "warmup_steps": 1, "seed": 0, "lora_dropout": 0.1, "max_grad_norm": 0.5}
@@ -57,6 +57,7 @@ def make_plan(env, name, strategy="hsplitlora", clients=None, sampling=None, **t
                                  "eval_fraction": 0.1}, "clients": cs}
     if sampling:
         d["sampling"] = sampling
+    d.update(extra or {})
     path = root / name
     Plan.from_dict(d, name).save(path)
     return path
@@ -95,13 +96,13 @@ def rows_of(run_dir):
         return list(csv.DictReader(fh))
 
 
-def assert_equals_in_process(env, plan, run_dir, name, tol=1e-5):
+def assert_equals_in_process(env, plan, run_dir, name, tol=1e-5, rounds=2):
     """Adapters (both sides), merges, server-side moments and metrics as the in-process run's. Client-side
     AdamW moments stay on the devices (never uploaded): the server's checkpoint has none."""
     ref = run(plan, RunOptions(runs_dir=env[0] / "runs-ref", name=name, progress=False, eval_max_seqs=8))
-    assert checkpoint.complete_rounds(run_dir) == [0, 1, 2]
-    _, a = checkpoint.load(ref.run_dir, 2)
-    _, b = checkpoint.load(run_dir, 2)
+    assert checkpoint.complete_rounds(run_dir) == list(range(rounds + 1))
+    _, a = checkpoint.load(ref.run_dir, rounds)
+    _, b = checkpoint.load(run_dir, rounds)
     for f in checkpoint.FILES:
         want = {k: v for k, v in a[f].items() if "/client/" not in k} if f == "optimizer.safetensors" else a[f]
         assert want.keys() == b[f].keys(), f
@@ -110,7 +111,7 @@ def assert_equals_in_process(env, plan, run_dir, name, tol=1e-5):
     got = rows_of(run_dir)
     assert [(r["round"], r["client"]) for r in got] == [(str(r["round"]), r["client"]) for r in ref.rows]
     for g, w in zip(got, ref.rows):
-        for key in ("train_loss", "eval_loss", "tokens", "bytes_up", "bytes_down"):
+        for key in ("train_loss", "eval_loss", "tokens", "bytes_up", "bytes_down", "owed_dropped"):
             if w.get(key) is not None:
                 assert float(g[key]) == pytest.approx(float(w[key]), rel=1e-5, abs=1e-6), (key, g, w)
 
@@ -118,11 +119,18 @@ def assert_equals_in_process(env, plan, run_dir, name, tol=1e-5):
 @pytest.fixture(scope="module")
 def fleet_runs(env):
     """Every run of this module on one fleet, started together: each split strategy (a, b), client sampling
-    2 of 4 (a, b, c, d), and the fault run (ka, kb: kb is killed in round 1 and restarted)."""
+    2 of 4 (a, b, c, d), hsplitlora's bounded download with sampling 2 of 3 (a, b, c), and the fault run
+    (ka, kb: kb is killed in round 1 and restarted)."""
     root = env[0]
     plans = {s: make_plan(env, f"fl-{s}.yaml", s) for s in SPLIT_STRATEGIES}
     plans["sampled"] = make_plan(env, "fl-sampled.yaml", "hsplitlora", clients=["a", "b", "c", "d"],
                                  sampling={"clients_per_round": 2})
+    # bounded (the hand-written plans above have no aggregation: warm): seed 1 samples a c | a b | b c, so b
+    # joins late (it owes round 1's merge) and c sits round 2 out and comes back; owed_rank 64 drops nothing on
+    # the tiny matrices, so the devices' own copies of their blocks can equal the in-process run exactly
+    plans["bounded"] = make_plan(env, "fl-bounded.yaml", "hsplitlora", clients=["a", "b", "c"],
+                                 sampling={"clients_per_round": 2}, rounds=3, seed=1,
+                                 extra={"aggregation": "bounded", "download": {"floor_rank": 2, "owed_rank": 64}})
     plans["kill"] = make_plan(env, "fl-kill.yaml", "hsplitlora", clients=["ka", "kb"], local_steps=300)
     with LocalFleet(root / "fleet") as fleet:
         fleet.start_link()
@@ -156,6 +164,23 @@ def test_flower_sampling_2_of_4_equals_the_in_process_sampled_run(env, fleet_run
     assert_equals_in_process(env, plans["sampled"], run_dir, "ref-sampled")
     sampled = (run_dir / "sampled.csv").read_text().splitlines()[1:]
     assert all(len(line.split(",")[1].split()) == 2 for line in sampled)
+
+
+def test_flower_bounded_download_with_sampling_equals_the_in_process_run(env, fleet_runs):
+    """hsplitlora `aggregation: bounded`: each device is sent only its truncated download (strategy.download) and
+    applies it to its own copy of its blocks, kept in its store between messages; a device that joins late or
+    sat a round out trains on its own copy while the server tracks what it owes. Any error in a device's copy
+    shows in its losses and uploaded factors; the server evaluates the exact global model itself."""
+    codes, plans, _ = fleet_runs
+    code, out = codes["bounded"]
+    assert code == 0 and "done: 3 rounds" in out, out[-4000:]
+    run_dir = env[0] / "runs-flower" / "fl-bounded"
+    assert Plan.load(plans["bounded"]).aggregation == "bounded"
+    assert (run_dir / "sampled.csv").read_text().split() == ["round,clients", "1,a", "c", "2,a", "b", "3,b", "c"]
+    assert_equals_in_process(env, plans["bounded"], run_dir, "ref-bounded", rounds=3)
+    shipped = json.loads((run_dir / "traffic.json").read_text())["train_messages"]
+    assert len(shipped) == 6 and {(m["round"], m["updates_bytes"] > 0) for m in shipped} == {
+        (1, False), (2, True), (3, True)}        # round 1: nothing to apply yet
 
 
 def test_a_device_killed_mid_round_is_named_and_rejoins_the_next_round(env, fleet_runs):

@@ -10,7 +10,7 @@ A ClientApp process lives for one message, so every message:
        STORE/<run>/<client>/round-NNNN.safetensors, NNNN = messages handled): its adapter factors, AdamW
        moments (never uploaded), the strategy's per-client and global state, the base weights of its
        adapted modules (merges move them) and how far it has applied the server's updates;
-    3. applies the round updates it has not applied yet (each the client's part, RoundUpdate.for_client;
+    3. applies the round updates it has not applied yet (each what the server ships it, strategy.download:
        a device that sat rounds out or came back after a fault catches up here, then strategy.enter);
     4. opens the activation stream (stream.py) with the round's token and runs the round's split steps
        (step.client_round with distributed.client.RemoteServer: the same split step as every transport);

@@ -6,7 +6,9 @@ Control plane (Flower's Message API, through the Grid): a `query` message asks e
 plan client it is (node config `client=c3`) or which device kind it has (`device=jetson`: it takes a free
 plan slot of that kind); each round a `train` message goes to the round's clients (the plan's sample, or
 all): round, plan and its sha256, a per-round token, the activation stream's address (and its CA), and
-the round updates the device has not applied yet. The reply carries the device's upload (client-side
+what the device has not applied yet of the rounds' updates: for each, `strategy.download(party, update)`,
+exactly what torchrun's server scatters (its blocks' entries; hsplitlora bounded: only its truncated
+download T, the rest stays owed at the server). The reply carries the device's upload (client-side
 factors + the strategy's upload; optimizer moments stay on the device). The server holds the whole
 base model and every holder's adapters, as the in-process simulation does, so it evaluates the
 aggregated model itself (no message: a ClientApp process per message costs seconds).
@@ -76,6 +78,7 @@ class FlowerServer(Server):
         self.streaming = False                # the round's loop waits on the activation streams
         self.round_overhead: list[dict] = []  # per train message: its seconds, push to reply, and the device's parts
         self.pushed: dict[int, float] = {}
+        self.shipped: dict[int, int] = {}     # rank -> bytes of round updates its last message carried
         self.ca_pem = Path(fopts.ssl_ca_certfile).read_bytes() if fopts.tls else b""
         self.address = ""
 
@@ -107,12 +110,13 @@ class FlowerServer(Server):
         from flwr.app import ConfigRecord, Message, RecordDict
         p = self._party(k)
         last = self.delivered.get(k, -1)
-        pending = [(r, p.index in applied, u.for_client(p.adapter, p.split)) for r, u, applied in self.updates
-                   if r > last]
+        download = self.sim.strategy.download      # what its device applies (as every transport ships it)
+        pending = [(r, p.index in applied, download(p, u)) for r, u, applied in self.updates if r > last]
         cfg = {"run": self.run_key, "client": p.id, "plan": self.plan_text, "plan_sha256": self.phash,
                "rounds": int(self.sim.total_rounds), "address": self.address, "ca": self.ca_pem,
                "timeout": float(self.fopts.timeout), "eval_max_seqs": int(self.opts.eval_max_seqs or 0),
                "updates": bytes(encode_tree(pending).numpy().tobytes()) if pending else b"", **fields}
+        self.shipped[k] = len(cfg["updates"])
         msg = Message(RecordDict({"hsplit": ConfigRecord(cfg)}), dst_node_id=self.node[k], message_type=kind)
         mid = list(self.grid.push_messages([msg]))[0]
         self.forget(k)                    # an earlier message's late reply (e.g. Flower's "Node Unavailable")
@@ -145,6 +149,7 @@ class FlowerServer(Server):
             content = reply.content["hsplit"]
             self.round_overhead.append({"round": self.round + 1, "client": self._party(k).id,
                                         "message_s": time.perf_counter() - self.pushed[k],
+                                        "updates_bytes": self.shipped.get(k, 0),
                                         **{key: float(content.get(key, 0.0)) for key in ("steps_s", "load_s",
                                                                                           "save_s")}})
 
@@ -346,5 +351,7 @@ class FlowerServer(Server):
 
     def evaluate(self) -> float:
         """Held-out loss of the aggregated model, on the server: it holds the whole base model and every
-        holder's adapters (as in-process), so evaluating needs no device and no message."""
+        holder's adapters (as in-process), so evaluating needs no device and no message. Its base weights are the
+        exact global model (sim.holds_global; hsplitlora bounded: what the devices still owe is in their offsets
+        here, never in the base), so no eval_state is shipped."""
         return evaluate(self.sim, self.sim.data.eval, self.opts.eval_max_seqs)
