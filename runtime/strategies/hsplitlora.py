@@ -18,8 +18,8 @@ bounded (the bounded download): a client's base on its own blocks [0, split) is 
 the round what its blocks lack is
     D = W' - s B' A' - base = (W' - W) - s B' A' + s B^0 A^0 + owed
 (the server's copies for it, blocks >= split, need nothing: exact as in warm). The server sends the rank-R
-truncation T of D (exact SVD of D's stacked factors: QR of both, SVD of the small core) with
-R = max(q, floor_rank) on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
+truncation T of D (exact SVD of D's stacked factors: QR of both, the merge's part once per matrix, SVD of
+the small core) with R = max(q, floor_rank) on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
 that only others adapt (a matrix nobody adapted this round: nothing); the client adds T to its copy; owed' = D - T (error feedback: the next round's
 D contains it again). owed is kept as factors of rank owed_rank (R_o); components of D beyond R + R_o
 are dropped from what the server tracks (their Frobenius norm is metrics.csv `owed_dropped`; in-process
