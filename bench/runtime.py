@@ -329,9 +329,10 @@ def write_section(result: dict, command: str) -> None:
              "allowed rank); restart: the aggregation every strategy but hsplitlora warm/bounded runs (the split "
              "step alone).", "",
              "**Peak memory vs simulated clients** (fresh process: build + one round of 1 local step per "
-             "client + hsplitlora aggregation; one copy of the base weights). warm (the default) keeps every "
+             "client + hsplitlora aggregation; one copy of the base weights). warm keeps every "
              "holder's factors, AdamW moments and frozen base offset (4x its adapter's fp32 bytes) between "
-             "rounds; restart drops the moments and re-initialises:", "",
+             "rounds; bounded (what `hsplit plan` writes) keeps in addition each client's owed part (rank "
+             "owed_rank factors on every matrix of its blocks); restart drops the moments and re-initialises:", "",
              "| aggregation | clients | peak RSS (GiB) | vs 1 client (target 10 <= 1.3x) | training-phase peak (GiB) "
              "| vs 1 client | round (s) | exact aggregation (s) | FedAvg (s) | checkpoint per round (MB) |",
              "|---|---|---|---|---|---|---|---|---|---|"]

@@ -16,7 +16,7 @@ from hsplit.runtime.train.loop import InProcess, Silent, run
 from hsplit.runtime.train.options import RunOptions
 from hsplit.runtime.train.simulation import build
 from hsplit.runtime.strategies.base import on_blocks
-from hsplit.runtime.strategies.hsplitlora import truncated
+from hsplit.runtime.strategies.hsplitlora import basis, truncated
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,6 +109,21 @@ def test_the_download_is_the_best_rank_r_truncation_and_the_rest_is_owed():
     (tb, ta), _, rest = truncated(b[:, :2], a[:2], 5, 0)      # fewer components than asked: zero-padded
     assert tb.shape == (40, 5) and ta.shape == (5, 30) and rest == pytest.approx(0, abs=1e-9)
     torch.testing.assert_close(tb @ ta, b[:, :2] @ a[:2], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("d_out, d_in, k", [(40, 30, 5), (16, 12, 10)])     # (16, 12): the merge spans it all
+def test_extending_the_merges_shared_basis_truncates_exactly_as_the_whole_stack(d_out, d_in, k):
+    """settle factors the round's merge once (basis) and extends it by each client's own columns: the same
+    T, owed part and dropped norm as truncating the whole stack, including columns already in the merge's span."""
+    g = torch.Generator().manual_seed(1)
+    mb, ma = torch.randn(d_out, 12, generator=g), torch.randn(12, d_in, generator=g)
+    xb, xa = torch.randn(d_out, k, generator=g), torch.randn(k, d_in, generator=g)
+    xb[:, 0], xa[0] = mb[:, 3], ma[3]              # a client column that is also in the merge (its own B^0)
+    whole = truncated(torch.cat([mb, xb], 1), torch.cat([ma, xa], 0), 3, 4)
+    shared = truncated(xb.double(), xa.double(), 3, 4, basis(mb, ma))
+    for (wb, wa), (sb, sa) in zip(whole[:2], shared[:2]):
+        torch.testing.assert_close(sb @ sa, wb @ wa, rtol=0, atol=1e-4)
+    assert shared[2] == pytest.approx(whole[2], rel=1e-6, abs=1e-9)
 
 
 def test_a_small_owed_rank_drops_the_tail_and_reports_it(env, tmp_path):

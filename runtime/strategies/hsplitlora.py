@@ -18,8 +18,8 @@ bounded (the bounded download): a client's base on its own blocks [0, split) is 
 the round what its blocks lack is
     D = W' - s B' A' - base = (W' - W) - s B' A' + s B^0 A^0 + owed
 (the server's copies for it, blocks >= split, need nothing: exact as in warm). The server sends the rank-R
-truncation T of D (exact SVD of D's stacked factors: QR of both, SVD of the small core) with
-R = max(q, floor_rank) on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
+truncation T of D (exact SVD of D's stacked factors: QR of both, the merge's part once per matrix, SVD of
+the small core) with R = max(q, floor_rank) on a matrix the client adapts at rank q and R = floor_rank on a matrix of its blocks
 that only others adapt (a matrix nobody adapted this round: nothing); the client adds T to its copy; owed' = D - T (error feedback: the next round's
 D contains it again). owed is kept as factors of rank owed_rank (R_o); components of D beyond R + R_o
 are dropped from what the server tracks (their Frobenius norm is metrics.csv `owed_dropped`; in-process
@@ -50,27 +50,58 @@ OWED_RANK_FACTOR = 4      # default owed_rank: 4 x the largest rank of ranks_all
 TINY = 1e-7               # singular values below TINY x the largest are zero (their vectors are arbitrary)
 
 
-def truncated(bs: torch.Tensor, as_: torch.Tensor, keep: int, owed: int):
+def basis(bs: torch.Tensor, as_: torch.Tensor):
+    """D = bs @ as_ as orthonormal bases and coefficients, in float64: bs = QB RB, as_.T = QA RA, so that
+    D = QB (RB RA^T) QA^T. The round's merge has the same basis for every client: settle computes it once per
+    matrix and truncated() extends it with each client's own columns."""
+    qb, rb = torch.linalg.qr(bs.double())
+    qa, ra = torch.linalg.qr(as_.double().T)
+    return qb, rb, qa, ra
+
+
+def _extend(q: torch.Tensor, r: torch.Tensor, x: torch.Tensor):
+    """[q r | x] = [q qz] [[r, p], [0, rz]]: q (d, n) orthonormal, x (d, k) new columns (block Gram-Schmidt, two
+    passes, then a QR of the small remainder); costs O(d n k + d k^2), not a QR of all n + k columns."""
+    if not x.shape[1]:
+        return q, r
+    p = q.T @ x
+    if q.shape[1] >= q.shape[0]:                # q already spans the whole space
+        return q, torch.cat([r, p], 1)
+    z = x - q @ p
+    p2 = q.T @ z
+    z -= q @ p2
+    qz, rz = torch.linalg.qr(z)
+    top = torch.cat([r, p + p2], 1)
+    bottom = torch.cat([rz.new_zeros(rz.shape[0], r.shape[1]), rz], 1)
+    return torch.cat([q, qz], 1), torch.cat([top, bottom], 0)
+
+
+def truncated(bs: torch.Tensor, as_: torch.Tensor, keep: int, owed: int, shared=None):
     """D = bs @ as_ ((d_out, K) @ (K, d_in)) split by its SVD into T (components [0, keep)), O ([keep, keep + owed))
     and the rest: returns (B_T (d_out, keep), A_T (keep, d_in)), (B_O, A_O) and the rest's squared Frobenius norm.
     Exact SVD of the stacked form (QR of both factors, SVD of the K x K core), in float64; fewer components than
-    asked are padded with zeros (what is sent has exactly `keep` columns)."""
-    b, a = bs.double(), as_.double()
-    qb, rb = torch.linalg.qr(b)
-    qa, ra = torch.linalg.qr(a.T)
+    asked are padded with zeros (what is sent has exactly `keep` columns). shared: basis() of further leading
+    factors (B0, A0), D = B0 A0 + bs @ as_ (the round's merge, factored once for every client)."""
+    if shared is None:
+        qb, rb, qa, ra = basis(bs, as_)
+    else:
+        qb, rb = _extend(shared[0], shared[1], bs.double())
+        qa, ra = _extend(shared[2], shared[3], as_.double().T)
     u, sv, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
-    left, right = qb @ u, vh @ qa.T
+    n = min(keep + owed, len(sv))                # only the components kept are formed (d x n, not d x K)
+    left, right = qb @ u[:, :n], vh[:n] @ qa.T
     if len(sv):
         sv = torch.where(sv > TINY * sv[0], sv, torch.zeros_like(sv))
+    if n:
         # a sign per component (the largest entry of its right vector positive): the same factors every time
         idx = right.abs().argmax(dim=1)
-        sign = torch.sign(right[torch.arange(len(sv)), idx])
+        sign = torch.sign(right[torch.arange(n), idx])
         sign[sign == 0] = 1
         left, right = left * sign, right * sign[:, None]
 
-    def part(lo, n):
-        pb, pa = b.new_zeros(b.shape[0], n), a.new_zeros(n, a.shape[1])
-        c = max(0, min(n, len(sv) - lo))
+    def part(lo, k):
+        pb, pa = qb.new_zeros(qb.shape[0], k), qa.new_zeros(k, qa.shape[0])
+        c = max(0, min(k, n - lo))
         live = sv[lo:lo + c] > 0
         pb[:, :c] = left[:, lo:lo + c] * sv[lo:lo + c]
         pa[:c] = right[lo:lo + c] * live[:, None]
@@ -205,9 +236,10 @@ class HSplitLoRA(Strategy):
             self.history[r] = {m: (b.detach().clone(), a.detach().clone()) for m, (b, a) in update.merge.items()}
             if sim.store is not None:
                 self.history = {r: self.history[r]}
+        bases = {}          # bounded: module -> basis() of the round's merge, shared by every party
         for p in parties:
             if self.bounded:
-                self.settle(p, update, r)
+                self.settle(p, update, r, bases)
             elif self.warm:
                 self.reset_offset(p)
             elif update.reinit:
@@ -217,9 +249,10 @@ class HSplitLoRA(Strategy):
             self.prune_history()
 
     @torch.no_grad()
-    def settle(self, p, update: RoundUpdate, r: int) -> None:
+    def settle(self, p, update: RoundUpdate, r: int, bases: dict | None = None) -> None:
         """bounded, at the server: party p's download T (into update.download[p], when it was aggregated) and its
-        new offset: own rows (A', -B'), owed rows the truncation of D - T (module by module)."""
+        new offset: own rows (A', -B'), owed rows the truncation of D - T (module by module). bases: module ->
+        basis() of the merge, filled on first use (the same for every party of the round)."""
         s = self.sim.training.lora_alpha_over_rank
         own = self.sim.bank.factors(p.adapter)
         sends = update.download.get(p.adapter)
@@ -233,14 +266,18 @@ class HSplitLoRA(Strategy):
                         oa[:q].copy_(a)
                         ob[:, :q].copy_(-b)
                 continue
-            db, da = update.merge[m]
-            bs = [db.double(), -s * ob.double()]
-            as_ = [da.double(), oa.double()]
+            if bases is None:
+                bases = {}
+            if m not in bases:
+                bases[m] = basis(*update.merge[m])
+            bs = [-s * ob.double()]
+            as_ = [oa.double()]
             if q > 0:
                 bs.append(-s * b.double())
                 as_.append(a.double())
             keep = max(q, self.floor_rank) if sends is not None else 0
-            (tb, ta), (wb, wa), rest = truncated(torch.cat(bs, 1), torch.cat(as_, 0), keep, oa.shape[0] - q)
+            (tb, ta), (wb, wa), rest = truncated(torch.cat(bs, 1), torch.cat(as_, 0), keep, oa.shape[0] - q,
+                                                 bases[m])
             if keep:
                 sends[m] = (tb, ta)
             if q > 0:
