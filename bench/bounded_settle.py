@@ -31,8 +31,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from hsplit.planner.model import load_model_profile
-    from hsplit.runtime.loop import InProcess, Silent
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
+    from hsplit.runtime.train.simulation import build
     from hsplit.runtime.strategies import hsplitlora as hs
 
     model = _model_ref(args)

@@ -29,8 +29,8 @@ def sq(b: torch.Tensor, a: torch.Tensor) -> float:
 def one(args, owed: int) -> dict:
     from hsplit.planner.model import load_model_profile
     from hsplit.planner.plan import Plan
-    from hsplit.runtime.loop import InProcess, Silent
-    from hsplit.runtime.simulation import build
+    from hsplit.runtime.train.loop import InProcess, Silent
+    from hsplit.runtime.train.simulation import build
 
     model = _model_ref(args)
     profile = load_model_profile(model)
