@@ -184,6 +184,32 @@ class Server:
         self._each(send)
         return rows
 
+    def serve_steps(self, source, active: set, state: dict, last: dict, timeout_s: float, r: int) -> None:
+        """Serve the round's step messages (`source.next(deadline, ranks)`: a Link or Flower's stream hub) until
+        every party in `active` has finished its steps or is lost: silence past `timeout_s` since its last message
+        (`last`: rank -> time.monotonic()) or a broken link names it (self.lose). Every transport's server loop."""
+        while active:
+            deadline = min(last[k] for k in active) + timeout_s
+            try:
+                m = source.next(deadline, active)
+            except TimeoutError:
+                k = min(active, key=lambda j: last[j])
+                active.discard(k)
+                self.lose(k, f"no answer within {timeout_s:g} s (round {r + 1}, step "
+                             f"{state[k].step + 1} of {self.sim.steps_per_round})")
+                continue
+            except PeerLost as e:
+                active.discard(e.rank)
+                self.lose(e.rank, e.reason)
+                continue
+            try:
+                if self.serve(state[m.src], m, r):
+                    active.discard(m.src)
+                last[m.src] = time.monotonic()
+            except PeerLost as e:
+                active.discard(e.rank)
+                self.lose(e.rank, e.reason)
+
     def train_round(self, r: int, reporter=None, on_step=None) -> list[dict]:
         sim, link = self.sim, self.link
         self.round = r
@@ -199,28 +225,7 @@ class Server:
             except PeerLost as e:
                 self.lose(e.rank, e.reason)
         active = {k for k in self.live if k in sampled}
-        last = {k: time.monotonic() for k in active}
-        while active:
-            deadline = min(last[k] for k in active) + self.dopts.timeout_s
-            try:
-                m = link.next(deadline, active)
-            except TimeoutError:
-                k = min(active, key=lambda j: last[j])
-                active.discard(k)
-                self.lose(k, f"no answer within {self.dopts.timeout_s:g} s (round {r + 1}, step "
-                             f"{state[k].step + 1} of {sim.steps_per_round})")
-                continue
-            except PeerLost as e:
-                active.discard(e.rank)
-                self.lose(e.rank, e.reason)
-                continue
-            try:
-                if self.serve(state[m.src], m, r):
-                    active.discard(m.src)
-                last[m.src] = time.monotonic()
-            except PeerLost as e:
-                active.discard(e.rank)
-                self.lose(e.rank, e.reason)
+        self.serve_steps(link, active, state, {k: time.monotonic() for k in active}, self.dopts.timeout_s, r)
         sim.lm.model.eval()
         sim.bank.activate(None)
         return self.side.rows(r, [self._party(k) for k in self.live if k in sampled])

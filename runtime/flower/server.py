@@ -289,27 +289,7 @@ class FlowerServer(Server):
             last[k] = time.monotonic()
         active = set(ks)
         self.streaming = True
-        while active:
-            deadline = min(last[k] for k in active) + self.fopts.timeout
-            try:
-                m = self.hub.next(deadline, active)
-            except TimeoutError:
-                k = min(active, key=lambda j: last[j])
-                active.discard(k)
-                self.lose(k, f"no answer within {self.fopts.timeout:g} s (round {r + 1}, step "
-                             f"{state[k].step + 1} of {sim.steps_per_round})")
-                continue
-            except PeerLost as e:
-                active.discard(e.rank)
-                self.lose(e.rank, e.reason)
-                continue
-            try:
-                if self.serve(state[m.src], m, r):
-                    active.discard(m.src)
-                last[m.src] = time.monotonic()
-            except PeerLost as e:
-                active.discard(e.rank)
-                self.lose(e.rank, e.reason)
+        self.serve_steps(self.hub, active, state, last, self.fopts.timeout, r)
         self.streaming = False
         sim.lm.model.eval()
         sim.bank.activate(None)
