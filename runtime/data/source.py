@@ -21,6 +21,7 @@ Relative paths in a plan are read from the plan file's folder (planner.plan_refs
 from __future__ import annotations
 
 import csv
+import hashlib
 import importlib.util
 import json
 import os
@@ -422,13 +423,36 @@ def _document_tokens(src: Source, tok) -> dict[str, int]:
     source); without a tokenizer, about 4 characters per token."""
     from hsplit.runtime.data.tokenise import clean_markdown
     out: dict[str, int] = {}
+    tok_id = hashlib.sha256(tok.to_str().encode()).hexdigest()[:16] if tok is not None else None
     for f in src.files:
-        text = read_utf8(f)
-        text = clean_markdown(text) if src.reader == "shakespeare" else text
         name = f.parent.name if src.reader == "shakespeare" else f.stem
-        n = len(tok.encode(text, add_special_tokens=False).ids) + 1 if tok is not None else len(text) / 4
+        n = _cached_count(f, src.reader, tok_id) if tok is not None else None
+        if n is None:
+            text = read_utf8(f)
+            text = clean_markdown(text) if src.reader == "shakespeare" else text
+            n = len(tok.encode(text, add_special_tokens=False).ids) + 1 if tok is not None else len(text) / 4
+            if tok is not None:
+                _cached_count(f, src.reader, tok_id, n)
         out[name] = out.get(name, 0) + n
     return dict(sorted(out.items()))
+
+
+def _cached_count(f: Path, reader: str, tok_id: str, n: int | None = None) -> int | None:
+    """A document's token count, kept under $HSPLIT_CACHE/token-counts/ by (file, size, mtime, reader, tokenizer):
+    `hsplit plan` counts a data set with the model's tokenizer once, not at every plan. With `n`: store it."""
+    st = f.stat()
+    key = hashlib.sha256(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|{reader}|{tok_id}".encode()).hexdigest()[:32]
+    path = Path(_cache("token-counts")) / f"{key}.json"
+    if n is None:
+        try:
+            return int(json.loads(path.read_text())["tokens"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"tokens": int(n), "file": str(f)}))
+    os.replace(tmp, path)
+    return n
 
 
 def _read_records(f: Path, reader: str) -> list[dict]:
